@@ -1,0 +1,59 @@
+"""nx: run LLM inference from Hugging Face checkpoints as compiled XLA programs.
+
+``import nx`` is cheap: jax, torch and transformers load only when a model is loaded.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from nx.errors import (
+    BucketError,
+    CheckpointError,
+    ConfigError,
+    InputError,
+    NxError,
+    PluginError,
+    ShapeMismatchError,
+    UnknownFamilyError,
+    WeightKeyError,
+)
+from nx.hookspecs import hookimpl
+
+try:
+    __version__ = version("nx-core")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"
+
+if TYPE_CHECKING:
+    from nx.loader import load
+    from nx.model import NxModel
+
+__all__ = [
+    "BucketError",
+    "CheckpointError",
+    "ConfigError",
+    "InputError",
+    "NxError",
+    "NxModel",
+    "PluginError",
+    "ShapeMismatchError",
+    "UnknownFamilyError",
+    "WeightKeyError",
+    "__version__",
+    "hookimpl",
+    "load",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load":
+        from nx.loader import load
+
+        return load
+    if name == "NxModel":
+        from nx.model import NxModel
+
+        return NxModel
+    raise AttributeError(f"module 'nx' has no attribute {name!r}")

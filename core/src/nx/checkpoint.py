@@ -1,0 +1,252 @@
+"""Checkpoint readers: HF directories (safetensors, sharded safetensors, pytorch_model.bin) and
+llama.cpp GGUF files. Each yields the HF config and a lazy name -> numpy tensor source.
+
+Pickled ``.bin`` files are opened with ``torch.load(weights_only=True)``, which refuses arbitrary
+code; nx never unpickles untrusted data any other way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from nx.errors import CheckpointError
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class TensorSource(Mapping[str, np.ndarray]):
+    """Read-only mapping of checkpoint tensor names to f32 numpy arrays, loaded on access."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray]) -> None:
+        self.shapes = shapes
+        self._read = read
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.shapes:
+            raise KeyError(key)
+        return self._read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint on disk: its HF config, tensors, and where to find the tokenizer."""
+
+    path: Path
+    config: Any  # transformers.PretrainedConfig
+    tensors: TensorSource
+    format: str
+    gguf_file: str | None = None
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    def load_tokenizer(self):
+        """The checkpoint's tokenizer via transformers, or None if it ships none."""
+        from transformers import AutoTokenizer
+
+        try:
+            if self.gguf_file:
+                return AutoTokenizer.from_pretrained(str(self.path), gguf_file=self.gguf_file)
+            return AutoTokenizer.from_pretrained(str(self.path))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    if t.dtype in (torch.bfloat16, torch.float16, torch.float64):
+        t = t.float()
+    return t.numpy()
+
+
+def resolve(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """Split a user path into (directory, gguf file name or None); fail clearly if unusable."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist; pass a model directory or a .gguf file")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise CheckpointError(
+                f"{str(p)!r} is a file but not a .gguf; pass the directory holding config.json and the weights"
+            )
+        return p.parent, p.name
+    ggufs = sorted(f.name for f in p.glob("*.gguf"))
+    if not (p / "config.json").exists() and len(ggufs) == 1:
+        return p, ggufs[0]
+    return p, None
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open an HF model directory or a .gguf file (config first; tensors load lazily)."""
+    directory, gguf_file = resolve(path)
+    if gguf_file:
+        return _open_gguf(directory, gguf_file)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(
+            f"{str(directory)!r} has no config.json (nor a single .gguf file); "
+            "save the model with save_pretrained() or point at the .gguf file"
+        )
+    config = _read_config(cfg_path)
+    for name, opener in (
+        (SAFETENSORS_INDEX, _open_safetensors_index),
+        (SAFETENSORS, _open_safetensors),
+        (TORCH_BIN_INDEX, _open_torch_index),
+        (TORCH_BIN, _open_torch_bin),
+    ):
+        if (directory / name).exists():
+            return Checkpoint(directory, config, opener(directory / name), name)
+    raise CheckpointError(
+        f"no weights in {str(directory)!r}: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN} "
+        f"or {TORCH_BIN_INDEX} next to config.json"
+    )
+
+
+def _read_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc}); re-save the checkpoint") from exc
+    if "model_type" not in raw:
+        raise CheckpointError(f"{str(path)!r} has no 'model_type'; it is not a Hugging Face model config")
+    try:
+        return AutoConfig.from_pretrained(str(path.parent))
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"transformers cannot read {str(path)!r}: {exc}") from exc
+
+
+def _open_safetensors(file: Path) -> TensorSource:
+    return _safetensors_files({None: file})
+
+
+def _open_safetensors_index(index: Path) -> TensorSource:
+    weight_map = _read_index(index)
+    files = {name: index.parent / fname for name, fname in weight_map.items()}
+    return _safetensors_files(files)
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{str(index)!r} is not a valid index file ({exc!r}); re-save the checkpoint") from exc
+    for fname in sorted(set(weight_map.values())):
+        if not (index.parent / fname).exists():
+            raise CheckpointError(f"shard {fname!r} named in {index.name} is missing from {str(index.parent)!r}")
+    return weight_map
+
+
+def _safetensors_files(files: dict[str | None, Path]) -> TensorSource:
+    """`files` maps tensor name -> file (or None -> the single file)."""
+    from safetensors import safe_open
+
+    handles: dict[Path, Any] = {}
+
+    def handle(f: Path):
+        if f not in handles:
+            try:
+                handles[f] = safe_open(str(f), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"cannot read {str(f)!r}: {exc}; the file is corrupt or truncated") from exc
+        return handles[f]
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    where: dict[str, Path] = {}
+    for f in sorted(set(files.values())):
+        h = handle(f)
+        for key in h.keys():
+            shapes[key] = tuple(h.get_slice(key).get_shape())
+            where[key] = f
+
+    def read(key: str) -> np.ndarray:
+        try:
+            return _to_numpy(handle(where[key]).get_tensor(key))
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor {key!r} from {str(where[key])!r}: {exc}") from exc
+
+    return TensorSource(shapes, read)
+
+
+def _torch_load(file: Path) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{str(file)!r} contains objects other than tensors and was not loaded (nx only loads "
+            f"weights_only pickles); convert it to safetensors: {exc}"
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {str(file)!r}: {exc}; the file is corrupt or truncated") from exc
+
+
+def _torch_state(states: list[dict]) -> TensorSource:
+    merged: dict[str, Any] = {}
+    for s in states:
+        merged.update(s)
+    return TensorSource({k: tuple(v.shape) for k, v in merged.items()}, lambda k: _to_numpy(merged[k]))
+
+
+def _open_torch_bin(file: Path) -> TensorSource:
+    return _torch_state([_torch_load(file)])
+
+
+def _open_torch_index(index: Path) -> TensorSource:
+    weight_map = _read_index(index)
+    return _torch_state([_torch_load(index.parent / f) for f in sorted(set(weight_map.values()))])
+
+
+def unpermute_gguf_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (its converter interleaves each head's halves)."""
+    dim = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _open_gguf(directory: Path, fname: str) -> Checkpoint:
+    import gguf
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    file = directory / fname
+    try:
+        reader = gguf.GGUFReader(str(file))
+        info = load_gguf_checkpoint(str(file), return_tensors=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read GGUF file {str(file)!r}: {exc}; it is corrupt or truncated") from exc
+    cfg = dict(info["config"])
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise CheckpointError(f"GGUF file {str(file)!r} does not say its architecture")
+    cfg.pop("_model_name_or_path", None)
+    config = AutoConfig.for_model(model_type, **cfg)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def read(name: str) -> np.ndarray:
+        t = tensors[name]
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        return np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+
+    source = TensorSource({n: tuple(int(d) for d in reversed(t.shape)) for n, t in tensors.items()}, read)
+    return Checkpoint(directory, config, source, "gguf", gguf_file=fname)

@@ -1,0 +1,105 @@
+"""`Family`: what a plugin registers, plus the declarative weight recipes families use.
+
+Kept free of jax and torch so that plugin discovery and ``nx list-models`` stay fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from nx.spec import ModelSpec
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class Weight:
+    """How to build one nx parameter from checkpoint tensors.
+
+    `keys` are checkpoint tensor names; `build` receives their arrays in that order and returns the
+    nx array; `shape` is what the result must be (checked, so a wrong config fails clearly).
+    """
+
+    keys: tuple[str, ...]
+    build: Callable[..., Array]
+    shape: tuple[int, ...]
+
+
+def _transpose(a: Array) -> Array:
+    return np.ascontiguousarray(a.T)
+
+
+def _identity(a: Array) -> Array:
+    return a
+
+
+def tensor(key: str, shape: tuple[int, ...]) -> Weight:
+    """A tensor used as stored (norm weights, biases, embedding tables)."""
+    return Weight((key,), _identity, shape)
+
+
+def linear(key: str, shape: tuple[int, ...]) -> Weight:
+    """A torch ``nn.Linear`` weight ``[out, in]`` stored as nx's ``[in, out]``."""
+    return Weight((key,), _transpose, shape)
+
+
+def fused_linear(keys: tuple[str, ...], shape: tuple[int, ...]) -> Weight:
+    """Several ``nn.Linear`` weights (q, k, v or gate, up) fused into one ``[in, sum(out)]``."""
+    return Weight(tuple(keys), lambda *ws: np.concatenate([w.T for w in ws], axis=1), shape)
+
+
+def fused_vector(keys: tuple[str, ...], shape: tuple[int, ...]) -> Weight:
+    """Biases of fused linears, concatenated in the same order."""
+    return Weight(tuple(keys), lambda *bs: np.concatenate(bs), shape)
+
+
+def split_heads_qkv(n_heads: int, head_dim: int, layout: str = "hqd") -> Callable[[Array], Array]:
+    """Turn a per-head interleaved fused ``query_key_value`` into nx's ``[q | k | v]`` order.
+
+    BLOOM and GPT-NeoX store the fused output rows as ``[heads, 3, head_dim]`` ("hqd"); the
+    returned function reorders the leading (output) axis of a weight ``[out, ...]`` or bias ``[out]``.
+    """
+    if layout != "hqd":
+        raise ValueError(f"unknown fused qkv layout {layout!r}")
+
+    def reorder(a: Array) -> Array:
+        rest = a.shape[1:]
+        a = a.reshape(n_heads, 3, head_dim, *rest)
+        return np.concatenate([a[:, j].reshape(n_heads * head_dim, *rest) for j in range(3)])
+
+    return reorder
+
+
+WeightMap = Mapping[str, Weight]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family registered by a plugin.
+
+    - `spec_from_config` turns an HF ``PretrainedConfig`` into a `ModelSpec` (raise
+      `nx.ConfigError` for unsupported options).
+    - `weights` maps every nx parameter name (``embed.w``, ``layers.3.qkv.w`` ...) to a `Weight`.
+    - `ignore` lists regexes of checkpoint keys that are known and deliberately unused (buffers,
+      a duplicate tied lm head); any other unused key is reported as unexpected.
+    - `from_gguf(gguf_name, hf_config)` gives the HF name of a llama.cpp tensor and a function
+      fixing its layout (or None to drop it), for families that load GGUF files.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    spec_from_config: Callable[[Any], ModelSpec]
+    weights: Callable[[ModelSpec], WeightMap]
+    architectures: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    from_gguf: Callable[[str, Any], tuple[str, Callable[[Array], Array]] | None] | None = None
+    description: str = ""
+    plugin: str = field(default="", compare=False)
+    distribution: str = field(default="", compare=False)
+    version: str = field(default="", compare=False)
+
+    def with_origin(self, plugin: str, distribution: str, version: str) -> "Family":
+        return replace(self, plugin=plugin, distribution=distribution, version=version)

@@ -1,0 +1,25 @@
+"""Shared block builders: pure jax functions over fixed-shape arrays, reused by every family."""
+
+from nx.ops.activations import activation
+from nx.ops.alibi import alibi_slopes
+from nx.ops.attention import attend, causal_padding_mask, update_cache
+from nx.ops.linear import linear, lm_head
+from nx.ops.mlp import mlp
+from nx.ops.norms import layer_norm, norm, rms_norm
+from nx.ops.rotary import apply_rotary, rope_inv_freq
+
+__all__ = [
+    "activation",
+    "alibi_slopes",
+    "apply_rotary",
+    "attend",
+    "causal_padding_mask",
+    "layer_norm",
+    "linear",
+    "lm_head",
+    "mlp",
+    "norm",
+    "rms_norm",
+    "rope_inv_freq",
+    "update_cache",
+]

@@ -1,0 +1,19 @@
+"""Feed-forward blocks: plain ``act(x W1) W2`` and gated ``(act(x Wg) * x Wu) W2`` (SwiGLU)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from nx.ops.activations import activation
+from nx.ops.linear import linear
+
+
+def mlp(x: jnp.ndarray, p: dict, act: str, gated: bool) -> jnp.ndarray:
+    """`p` holds ``up`` (for gated MLPs gate and up fused as ``[in, 2*inter]``) and ``down``."""
+    h = linear(x, p["up"])
+    if gated:
+        gate, up = jnp.split(h, 2, axis=-1)
+        h = activation(act)(gate) * up
+    else:
+        h = activation(act)(h)
+    return linear(h, p["down"])

@@ -1,0 +1,52 @@
+"""Rotary position embeddings: half-split (LLaMA, NeoX) and interleaved (GPT-J) styles,
+partial rotation of the leading `rotary_dim` dims, and llama3 / linear frequency scaling."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from nx.spec import RopeSpec
+
+
+def rope_inv_freq(rope: RopeSpec) -> np.ndarray:
+    """Inverse frequencies ``[rotary_dim // 2]`` (f32), with HF's rope scaling rules applied."""
+    dim = rope.rotary_dim
+    inv = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    sc = rope.scaling_dict
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        inv = inv / float(sc["factor"])
+    elif kind == "llama3":
+        factor = float(sc["factor"])
+        low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        old_len = float(sc["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rotary(x: jnp.ndarray, positions: jnp.ndarray, rope: RopeSpec) -> jnp.ndarray:
+    """Rotate ``x [batch, tokens, heads, head_dim]`` by ``positions [batch, tokens]``."""
+    inv = jnp.asarray(rope_inv_freq(rope))
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, rd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    rd = rope.rotary_dim
+    xr, rest = x[..., :rd].astype(jnp.float32), x[..., rd:]
+    if rope.style == "interleaved":
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(xr.shape)
+    else:
+        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = out.astype(x.dtype)
+    return out if rd == x.shape[-1] else jnp.concatenate([out, rest], axis=-1)
