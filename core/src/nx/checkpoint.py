@@ -224,23 +224,39 @@ def unpermute_gguf_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_config(reader) -> dict:
+    """HF config fields from GGUF metadata, using transformers' own key tables.
+
+    Faster than ``transformers``' ``load_gguf_checkpoint``, which also parses the whole vocabulary.
+    """
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    fields = reader.fields
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    if arch not in GGUF_CONFIG_MAPPING:
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported; nx reads {sorted(GGUF_CONFIG_MAPPING)}")
+    cfg: dict = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(arch, {}))
+    for prefix, table in ((arch, GGUF_CONFIG_MAPPING[arch]), ("tokenizer", GGUF_CONFIG_MAPPING["tokenizer"])):
+        for key, hf_key in table.items():
+            f = fields.get(f"{prefix}.{key}")
+            if f is not None and hf_key is not None and hf_key != -1:
+                cfg[hf_key] = f.contents()
+    cfg["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
+    cfg["model_type"] = arch
+    return cfg
+
+
 def _open_gguf(directory: Path, fname: str) -> Checkpoint:
     import gguf
     from transformers import AutoConfig
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     file = directory / fname
     try:
         reader = gguf.GGUFReader(str(file))
-        info = load_gguf_checkpoint(str(file), return_tensors=False)
     except Exception as exc:
         raise CheckpointError(f"cannot read GGUF file {str(file)!r}: {exc}; it is corrupt or truncated") from exc
-    cfg = dict(info["config"])
-    model_type = cfg.pop("model_type", None)
-    if not model_type:
-        raise CheckpointError(f"GGUF file {str(file)!r} does not say its architecture")
-    cfg.pop("_model_name_or_path", None)
-    config = AutoConfig.for_model(model_type, **cfg)
+    cfg = gguf_config(reader)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     tensors = {t.name: t for t in reader.tensors}
 
     def read(name: str) -> np.ndarray:

@@ -62,9 +62,11 @@ def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: "_Co
         a, cache = _attention(spec, p, x, cache, ctx)
         x = n("attn_norm", x + a)
         return n("mlp_norm", x + ffn(x)), cache
-    a, cache = _attention(spec, p, n("attn_norm", x), cache, ctx)
-    x = x + a
-    return x + ffn(n("mlp_norm", x)), cache
+    h = n("attn_norm", x)
+    a, cache = _attention(spec, p, h, cache, ctx)
+    x = (h if spec.residual_from_norm else x) + a
+    h = n("mlp_norm", x)
+    return (h if spec.residual_from_norm else x) + ffn(h), cache
 
 
 class _Context(NamedTuple):
@@ -81,12 +83,12 @@ def step(spec: ModelSpec, params: dict, caches: list[LayerCache], inp: StepInput
     slot = inp.slot
     positions = jnp.maximum(slot + jnp.arange(t, dtype=jnp.int32)[None, :] - inp.pad[:, None], 0)
     x = jnp.take(params["embed"]["w"], inp.tokens, axis=0)
+    if spec.project_dim:  # before the positions: a learned position table has the hidden width
+        x = ops.linear(x, params["project_in"])
     if spec.positions == "learned":
         x = x + jnp.take(params["pos"]["w"], positions + spec.position_offset, axis=0)
     if spec.embed_norm:
         x = ops.norm(spec.norm, x, params["embed_norm"], spec.norm_eps)
-    if spec.project_dim:
-        x = ops.linear(x, params["project_in"])
     bias = None
     if spec.positions == "alibi":
         key_pos = (jnp.arange(window, dtype=jnp.int32)[None, :] - inp.pad[:, None]).astype(jnp.float32)

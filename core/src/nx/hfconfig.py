@@ -50,6 +50,16 @@ def rope_parameters(cfg: Any, default_theta: float = 10000.0, theta_attr: str = 
     return float(theta), tuple(sorted(scaling.items()))
 
 
+def partial_rotary_factor(cfg: Any, default: float = 1.0) -> float:
+    """Fraction of each head's dims that rotary rotates, from transformers 5's ``rope_parameters``
+    (``partial_rotary_factor``) or transformers 4's ``partial_rotary_factor`` / ``rotary_pct``."""
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    value = params.get("partial_rotary_factor")
+    if value is None:
+        value = get(cfg, "partial_rotary_factor", "rotary_pct", default=default)
+    return float(value)
+
+
 def get(cfg: Any, *names: str, default: Any = None) -> Any:
     """The first attribute of `cfg` among `names` that is set (configs rename fields over time)."""
     for n in names:

@@ -56,6 +56,7 @@ class ModelSpec:
     parallel_residual: bool = False  # x + attn(ln(x)) + mlp(ln'(x))
     shared_norm: bool = False  # parallel residual with one norm for both branches (GPT-J)
     post_norm: bool = False  # norm after the residual add (OPT-350m)
+    residual_from_norm: bool = False  # pre-norm block whose residual is the normed input (BLOOM option)
     embed_norm: bool = False  # norm right after the embedding (BLOOM)
     final_norm: bool = True
     tied_lm_head: bool = True
@@ -89,5 +90,7 @@ class ModelSpec:
                 f"{self.model_type}: num_attention_heads={self.n_heads} is not a multiple of "
                 f"num_key_value_heads={self.kv_heads}; fix the checkpoint's config.json."
             )
+        if self.residual_from_norm and (self.parallel_residual or self.post_norm):
+            raise ConfigError(f"{self.model_type}: residual_from_norm applies to sequential pre-norm blocks only")
         if self.positions == "rope" and self.rope is None:
             raise ConfigError(f"{self.model_type}: rotary positions need a RopeSpec")

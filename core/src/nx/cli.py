@@ -1,0 +1,129 @@
+"""The ``nx`` command line: ``nx list-models`` and ``nx generate``.
+
+Heavy libraries (jax, torch, transformers) are imported inside commands that need them, so
+``nx list-models`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from nx.errors import NxError
+
+
+def _int_list(value: str | None) -> list[int] | int | None:
+    if value is None:
+        return None
+    parts = [int(p) for p in value.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
+class _NxGroup(click.Group):
+    """Turns `NxError`s into one clear line and exit code 2 instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except NxError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_NxGroup)
+@click.version_option(package_name="nx-core", prog_name="nx")
+def main() -> None:
+    """nx: LLM inference from Hugging Face checkpoints, compiled with XLA."""
+
+
+@main.command("list-models")
+def list_models() -> None:
+    """List installed model families and the plugins that provide them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from nx.registry import default_registry
+
+    reg = default_registry()
+    table = Table(title="nx model families")
+    for col in ("family", "plugin", "version", "HF model types", "description"):
+        table.add_column(col)
+    for fam in sorted(reg.families().values(), key=lambda f: f.name):
+        table.add_row(fam.name, fam.distribution, fam.version, ", ".join(fam.model_types), fam.description)
+    console = Console()
+    console.print(table)
+    for f in reg.failures:
+        console.print(f"[yellow]skipped plugin {f.name} ({f.distribution}): {f.error}[/yellow]")
+    if not reg.families():
+        console.print("no families installed: pip install nx-plugin-llama (or another nx-plugin-*)")
+
+
+@main.command()
+@click.argument("target")
+@click.argument("path", required=False)
+@click.option("--prompt", "-p", required=True, help="Text to continue (or the user message with --chat).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=int)
+@click.option("--n-positions", default="1024", show_default=True, help="Position buckets: an int or a comma list.")
+@click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list.")
+@click.option("--amp", default="f32", show_default=True, type=click.Choice(["f32", "bf16", "f16"]))
+@click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron.")
+def generate(
+    target: str,
+    path: str | None,
+    prompt: str,
+    chat: bool,
+    max_new_tokens: int,
+    n_positions: str,
+    context_length_estimate: str | None,
+    amp: str,
+    backend: str,
+) -> None:
+    """Generate text: ``nx generate [FAMILY] PATH --prompt ...`` (FAMILY inferred when omitted).
+
+    Text streams to stdout as it is produced; timing goes to stderr.
+    """
+    import time
+
+    from transformers import TextStreamer
+
+    import nx
+
+    t0 = time.perf_counter()
+    args = (target, path) if path else (target,)
+    model = nx.load(
+        *args,
+        n_positions=_int_list(n_positions),
+        context_length_estimate=_int_list(context_length_estimate),
+        amp=amp,
+        backend=backend,
+    )
+    load_s = time.perf_counter() - t0
+    tok = model.tokenizer
+    if tok is None:
+        raise nx.CheckpointError("the checkpoint ships no tokenizer; nx generate needs one to encode --prompt")
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise nx.InputError("--chat: this tokenizer has no chat template; drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True)
+        ids = ids["input_ids"]
+    else:
+        ids = tok(prompt)["input_ids"]
+    if not ids:
+        raise nx.InputError("the prompt is empty; pass some text with --prompt")
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    out = model.generate([ids], max_new_tokens=max_new_tokens, streamer=streamer, return_dict=True)
+    click.echo()
+    t = out.timings
+    decode_s = t["total_s"] - t["first_token_s"]
+    rate = (t["new_tokens"] - 1) / decode_s if t["new_tokens"] > 1 and decode_s > 0 else float("nan")
+    click.echo(
+        f"[load+compile {load_s:.1f}s | prompt {t['prompt_tokens']} tokens | new {t['new_tokens']} tokens | "
+        f"first token {t['first_token_s'] * 1000:.0f} ms | decode {rate:.1f} tokens/s]",
+        err=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

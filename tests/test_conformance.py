@@ -1,0 +1,120 @@
+"""The family conformance suite: every registered family against Hugging Face transformers.
+
+Tolerance: nx and HF both compute in f32 but sum in different orders, so last-token logits may
+differ by float rounding; we require |nx - hf| <= 1e-4 * max(1, max|hf|) (measured: ~1e-6 relative).
+Greedy tokens must be identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import nx
+from nx.registry import families
+from tests.cases import Case, all_cases
+from tests.conftest import hf_greedy, hf_last_logits, left_padded
+
+CASES = all_cases()
+NEW_TOKENS = 28
+LOGIT_RTOL = 1e-4
+
+# context buckets 8/16, position buckets 32/64: prompts sit at and across bucket edges and
+# generation crosses from the 32 into the 64 position bucket.
+BUCKETS = dict(n_positions=[32, 64], context_length_estimate=[8, 16])
+
+
+def test_every_family_has_conformance_cases():
+    covered = {c.family for c in CASES}
+    missing = set(families()) - covered
+    assert not missing, f"families without conformance cases in tests/cases/: {missing}"
+
+
+@pytest.fixture(scope="module")
+def loaded(saved_case):
+    cache = {}
+
+    def get(case: Case, batch_size: int, fmt: str = "safetensors"):
+        key = (case.id, batch_size, fmt)
+        if key not in cache:
+            hf, path = saved_case(case, fmt)
+            cache[key] = (hf, nx.load(case.family, path, batch_size=batch_size, progress=False, **BUCKETS))
+        return cache[key]
+
+    return get
+
+
+def _assert_same_greedy(hf, model, ids, mask, new=NEW_TOKENS):
+    ref = hf_greedy(hf, ids, mask, new)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+    assert out.dtype == torch.long and out.shape == ref.shape
+    gen = ref[:, ids.shape[1] :]
+    assert all(len(set(row.tolist())) >= 4 for row in gen), f"degenerate tiny model: {gen.tolist()}"
+    mismatch = (out != ref).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch at {mismatch[0].tolist()}:\nnx={out.tolist()}\nhf={ref.tolist()}"
+
+
+def _assert_close_logits(hf, model, ids, mask):
+    ref = hf_last_logits(hf, ids, mask)
+    got = model.logits(ids, mask)
+    tol = LOGIT_RTOL * max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("length", [5, 8, 13, 16], ids=lambda n: f"prompt{n}")
+def test_greedy_batch1(case, length, loaded):
+    """Prompt inside, exactly at (8, 16) and across context buckets; decode crosses 32 -> 64."""
+    hf, model = loaded(case, 1)
+    ids, mask = left_padded([length], case.vocab, seed=length)
+    _assert_same_greedy(hf, model, ids, mask)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_greedy_batch3_left_padded(case, loaded):
+    hf, model = loaded(case, 3)
+    ids, mask = left_padded([16, 9, 3], case.vocab, seed=3)
+    _assert_same_greedy(hf, model, ids, mask, new=40)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_last_token_logits(case, loaded):
+    hf, model = loaded(case, 3)
+    ids, mask = left_padded([11, 4, 7], case.vocab, seed=7)
+    _assert_close_logits(hf, model, ids, mask)
+
+
+@pytest.mark.parametrize("fmt", ["sharded", "bin"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.id == c.family or c.id.endswith("-default")] or CASES, ids=str)
+def test_checkpoint_formats(case, fmt, saved_case):
+    """Sharded safetensors (with index) and pytorch_model.bin load to the same model."""
+    hf, path = saved_case(case, fmt)
+    model = nx.load(case.family, path, batch_size=1, progress=False, compile=False, **BUCKETS)
+    ids, mask = left_padded([6], case.vocab, seed=1)
+    _assert_close_logits(hf, model, ids, mask)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_wrong_family_is_rejected(case, saved_case):
+    _, path = saved_case(case)
+    other = next(f for f in sorted(families()) if f != case.family)
+    with pytest.raises(nx.CheckpointError, match=f"family '{other}' accepts"):
+        nx.load(other, path, compile=False, progress=False)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_missing_keys_are_reported(case, saved_case, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved_case(case)
+    import shutil
+
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    state = load_file(f"{tmp_path}/model.safetensors")
+    dropped = sorted(state)[len(state) // 2]
+    del state[dropped]
+    save_file(state, f"{tmp_path}/model.safetensors")
+    with pytest.raises(nx.WeightKeyError, match="missing") as err:
+        nx.load(case.family, tmp_path, compile=False, progress=False)
+    assert dropped in str(err.value)

@@ -1,0 +1,103 @@
+"""generate(): EOS handling per row, early stop, input types and streaming, against HF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import nx
+from tests.cases.llama import CASES
+from tests.conftest import left_padded
+
+CASE = CASES[0]
+
+
+@pytest.fixture(scope="module")
+def pair(saved_case):
+    hf, path = saved_case(CASE)
+    model = nx.load("llama", path, batch_size=2, n_positions=[32, 64], context_length_estimate=[16], progress=False)
+    return hf, model
+
+
+def _hf(hf, ids, mask, new, eos):
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0)
+
+
+def test_eos_stops_each_row_and_pads_like_hf(pair):
+    hf, model = pair
+    ids, mask = left_padded([7, 4], CASE.vocab, seed=11)
+    free = _hf(hf, ids, mask, 20, eos=None)
+    eos = int(free[0, ids.shape[1] + 5])  # a token row 0 emits at step 5 and row 1 does not emit first
+    ref = _hf(hf, ids, mask, 20, eos=eos)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert (out[0, ids.shape[1] + 6 :] == 0).all()
+
+
+def test_stops_early_when_all_rows_finish(pair):
+    hf, model = pair
+    ids, mask = left_padded([7, 4], CASE.vocab, seed=12)
+    free = _hf(hf, ids, mask, 20, eos=None)
+    gen = free[:, ids.shape[1] :]
+    eos = [int(gen[0, 2]), int(gen[1, 3])]
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, _hf(hf, ids, mask, 20, eos=eos))
+    assert out.shape[1] < ids.shape[1] + 20
+
+
+def test_input_types_agree(pair):
+    _, model = pair
+    ids, mask = left_padded([5, 5], CASE.vocab, seed=13)
+    a = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    b = model.generate(ids.numpy(), max_new_tokens=6, eos_token_id=[])
+    c = model.generate(ids.tolist(), max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_streamer_receives_prompt_then_each_token(pair):
+    _, model = pair
+    ids, mask = left_padded([6, 3], CASE.vocab, seed=14)
+
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    s = Collect()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[], streamer=s)
+    assert s.ended and torch.equal(s.chunks[0], ids)
+    assert torch.equal(torch.stack(s.chunks[1:], 1), out[:, ids.shape[1] :])
+
+
+def test_scores_match_logits(pair):
+    _, model = pair
+    ids, mask = left_padded([6, 3], CASE.vocab, seed=15)
+    res = model.generate(ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[], output_scores=True, return_dict=True)
+    assert len(res.scores) == 3
+    np.testing.assert_array_equal(res.scores[0], model.logits(ids, mask))
+    assert (res.scores[1].argmax(-1) == res.sequences[:, -2].numpy()).all()
+    assert res.timings["new_tokens"] == 3
+
+
+def test_reusing_the_cache_across_calls_is_clean(pair):
+    """A long request followed by a short one: stale cache entries must never leak in."""
+    _, model = pair
+    ids, mask = left_padded([14, 14], CASE.vocab, seed=16)
+    short, smask = left_padded([3, 2], CASE.vocab, seed=17)
+    first = model.generate(short, attention_mask=smask, max_new_tokens=10, eos_token_id=[])
+    model.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    again = model.generate(short, attention_mask=smask, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(first, again)
+
+
+def test_nx_load_infers_family(saved_case):
+    _, path = saved_case(CASE)
+    model = nx.load(path, compile=False, progress=False, n_positions=32)
+    assert model.family.name == "llama"
