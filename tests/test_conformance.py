@@ -63,9 +63,10 @@ def _assert_close_logits(hf, model, ids, mask):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("length", [5, 8, 13, 16], ids=lambda n: f"prompt{n}")
+@pytest.mark.parametrize("length", [5, 8, 16, 21], ids=lambda n: f"prompt{n}")
 def test_greedy_batch1(case, length, loaded):
-    """Prompt inside, exactly at (8, 16) and across context buckets; decode crosses 32 -> 64."""
+    """Prompt inside, exactly at (8, 16) and beyond the largest context bucket (21: encoded in
+    chunks of 16 + 8); decode crosses the 32 -> 64 position bucket edge."""
     hf, model = loaded(case, 1)
     ids, mask = left_padded([length], case.vocab, seed=length)
     _assert_same_greedy(hf, model, ids, mask)

@@ -138,8 +138,9 @@ def test_bad_load_options(ckpt, kw, match):
 
 
 def test_prompt_longer_than_largest_bucket(small_model):
-    with pytest.raises(nx.BucketError, match=r"prompt of 17 tokens.*largest bucket is 16.*context_length_estimate"):
-        small_model.generate(torch.ones(2, 17, dtype=torch.long), max_new_tokens=2)
+    """Prompts beyond the largest prompt bucket are chunked; beyond n_positions they cannot fit."""
+    with pytest.raises(nx.BucketError, match=r"prompt of 65 tokens.*largest n_positions bucket 64.*larger n_positions"):
+        small_model.generate(torch.ones(2, 65, dtype=torch.long), max_new_tokens=2)
 
 
 def test_max_new_tokens_beyond_n_positions(small_model):

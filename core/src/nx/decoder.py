@@ -27,7 +27,7 @@ class StepInputs(NamedTuple):
     last: jnp.ndarray  # [] int32: index in T whose logits are returned
 
 
-def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx: "_Context"):
+def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx: _Context):
     b, t, _ = h.shape
     qkv = ops.linear(h, p["qkv"])
     nq, nkv = spec.n_heads * spec.head_dim, spec.kv_heads * spec.head_dim
@@ -37,14 +37,17 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
     if spec.positions == "rope":
         q = ops.apply_rotary(q, ctx.positions, spec.rope)
         k = ops.apply_rotary(k, ctx.positions, spec.rope)
+    rep = cache[0].shape[0] // b  # > 1 when one prompt row fills several cache rows (broadcast)
+    if rep > 1:
+        k, v = jnp.repeat(k, rep, axis=0), jnp.repeat(v, rep, axis=0)
     k_cache = ops.update_cache(cache[0], k, ctx.slot)
     v_cache = ops.update_cache(cache[1], v, ctx.slot)
     w = ctx.window
-    o = ops.attend(q, k_cache[:, :w], v_cache[:, :w], ctx.mask, spec.scale, ctx.bias)
+    o = ops.attend(q, k_cache[::rep, :w], v_cache[::rep, :w], ctx.mask, spec.scale, ctx.bias)
     return ops.linear(o, p["o"]), (k_cache, v_cache)
 
 
-def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: "_Context"):
+def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: _Context):
     """One transformer block; residual wiring (sequential, parallel, post-norm) from the spec."""
 
     def n(name: str, y: jnp.ndarray) -> jnp.ndarray:
@@ -78,7 +81,11 @@ class _Context(NamedTuple):
 
 
 def step(spec: ModelSpec, params: dict, caches: list[LayerCache], inp: StepInputs, window: int):
-    """Run the decoder on ``inp.tokens``; return (logits ``[B, vocab]`` f32, updated caches)."""
+    """Run the decoder on ``inp.tokens``; return (logits ``[B, vocab]`` f32, updated caches).
+
+    With fewer token rows than cache rows (context broadcasting), prompt row ``i`` fills cache
+    rows ``i*rep .. i*rep+rep-1`` and the logits are repeated the same way.
+    """
     b, t = inp.tokens.shape
     slot = inp.slot
     positions = jnp.maximum(slot + jnp.arange(t, dtype=jnp.int32)[None, :] - inp.pad[:, None], 0)
@@ -105,4 +112,6 @@ def step(spec: ModelSpec, params: dict, caches: list[LayerCache], inp: StepInput
         x = ops.linear(x, params["project_out"])
     head = params.get("lm_head", {})
     table = params["embed"]["w"] if spec.tied_lm_head else head["w"]
-    return ops.lm_head(x, table, head.get("b")), new_caches
+    logits = ops.lm_head(x, table, head.get("b"))
+    rep = caches[0][0].shape[0] // b
+    return (jnp.repeat(logits, rep, axis=0) if rep > 1 else logits), new_caches

@@ -5,8 +5,9 @@ Kept free of jax and torch so that plugin discovery and ``nx list-models`` stay 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -101,5 +102,5 @@ class Family:
     distribution: str = field(default="", compare=False)
     version: str = field(default="", compare=False)
 
-    def with_origin(self, plugin: str, distribution: str, version: str) -> "Family":
+    def with_origin(self, plugin: str, distribution: str, version: str) -> Family:
         return replace(self, plugin=plugin, distribution=distribution, version=version)

@@ -12,7 +12,8 @@ several things and the registry can tell exactly which plugin registered what.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -26,7 +27,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def nx_register_families(register: Callable[["Family"], None]) -> None:
+def nx_register_families(register: Callable[[Family], None]) -> None:
     """Register model families: call ``register(Family(...))`` once per family.
 
     A `nx.family.Family` names the family, the Hugging Face ``model_type`` values and

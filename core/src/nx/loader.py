@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from nx.checkpoint import Checkpoint, TensorSource, open_checkpoint
 from nx.errors import CheckpointError
@@ -18,6 +19,7 @@ def load(
     path: str | os.PathLike | None = None,
     *,
     batch_size: int = 1,
+    prompt_batch_size: int | None = None,
     n_positions: int | Sequence[int] = 1024,
     context_length_estimate: int | Sequence[int] | None = None,
     amp: str = "f32",
@@ -31,11 +33,13 @@ def load(
     ``nx.load("llama", path)`` uses the named family; ``nx.load(path)`` infers it from the
     checkpoint's ``model_type``. `path` is an HF model directory (safetensors, sharded safetensors
     or pytorch_model.bin) or a ``.gguf`` file. `n_positions` and `context_length_estimate` are the
-    position and prompt buckets (an int means powers of two up to it). With ``compile=False``
+    position and prompt buckets (an int means powers of two up to it); longer prompts are encoded
+    in chunks of the largest prompt bucket. `prompt_batch_size` < `batch_size` encodes each prompt
+    once and broadcasts it to ``batch_size // prompt_batch_size`` output rows. With ``compile=False``
     each program compiles on first use instead of now.
     """
     registry = registry or default_registry()
-    config = RuntimeConfig.build(batch_size, n_positions, context_length_estimate, amp, backend)
+    config = RuntimeConfig.build(batch_size, n_positions, context_length_estimate, amp, backend, prompt_batch_size)
     if path is None:
         ckpt = open_checkpoint(family_or_path)
         family = registry.for_model_type(ckpt.model_type)

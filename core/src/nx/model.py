@@ -1,17 +1,18 @@
-"""`NxModel`: a loaded model with its compiled programs, KV cache and `generate` loop.
+"""`NxModel`: a loaded model with its compiled programs, KV cache and generation loop.
 
 Two kinds of program per model, each compiled once per bucket: context encoding (prefill of up
-to C prompt tokens) and token generation (one token per row, attending over P cache positions).
-Both take ``(params, caches, inputs)`` and return ``(next_tokens, logits, caches)`` with the caches
-donated, so XLA updates them in place. Only token ids cross back to the host each step.
+to C prompt tokens, chunked for longer prompts) and token generation (one token per row over P
+cache positions). Both take ``(params, caches, inputs, sampling)`` and return
+``(next_tokens, logits, caches, seen)`` with the caches donated, so XLA updates them in place.
+Token choice (greedy or sampling) happens inside the program; only token ids cross to the host.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,9 @@ import numpy as np
 from nx import buckets, decoder
 from nx.errors import BucketError, ConfigError, InputError
 from nx.family import Family
+from nx.generation import SamplingParams, hits_stop, normalize_stop
 from nx.progress import track
+from nx.sampling import SamplingInputs, choose
 from nx.spec import ModelSpec
 
 AMP_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
@@ -28,13 +31,14 @@ AMP_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How a model is compiled: batch size, buckets, compute dtype and backend."""
+    """How a model is compiled: batch sizes, buckets, compute dtype and backend."""
 
     batch_size: int = 1
     n_positions: tuple[int, ...] = (128, 256, 512, 1024)
     context_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
     amp: str = "f32"
     backend: str = "cpu"
+    prompt_batch_size: int = 1
 
     @classmethod
     def build(
@@ -44,35 +48,58 @@ class RuntimeConfig:
         context_length_estimate: int | Sequence[int] | None = None,
         amp: str = "f32",
         backend: str = "cpu",
-    ) -> "RuntimeConfig":
+        prompt_batch_size: int | None = None,
+    ) -> RuntimeConfig:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+        pbs = batch_size if prompt_batch_size is None else prompt_batch_size
+        if not isinstance(pbs, int) or pbs < 1 or batch_size % pbs:
+            raise ConfigError(
+                f"prompt_batch_size={prompt_batch_size!r} must be a positive divisor of batch_size={batch_size}"
+            )
         if amp not in AMP_DTYPES:
             raise ConfigError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
         pos = buckets.position_buckets(n_positions)
         ctx = buckets.context_buckets(context_length_estimate, pos)
-        return cls(batch_size, tuple(pos), tuple(ctx), amp, backend)
+        return cls(batch_size, tuple(pos), tuple(ctx), amp, backend, pbs)
 
     @property
     def max_positions(self) -> int:
         return self.n_positions[-1]
 
+    @property
+    def broadcast(self) -> int:
+        """Output rows per prompt row (context broadcasting)."""
+        return self.batch_size // self.prompt_batch_size
+
 
 @dataclass
 class GenerateOutput:
-    """`sequences` ``[batch, prompt + new]`` (torch.long) and, if asked, per-step `scores`."""
+    """`sequences` ``[batch, prompt + new]`` (torch.long), raw per-step `scores` if asked, timings."""
 
     sequences: Any
     scores: list[np.ndarray] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _program(spec: ModelSpec, window: int):
-    def run(params, caches, inp: decoder.StepInputs):
+def _program(spec: ModelSpec, window: int, sample: bool):
+    def run(params, caches, inp: decoder.StepInputs, smp: SamplingInputs):
         logits, caches = decoder.step(spec, params, caches, inp, window)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, caches
+        key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(smp.key), inp.slot))
+        tokens, seen = choose(logits, smp._replace(key=key), sample)
+        return tokens, logits, caches, seen
 
     return jax.jit(run, donate_argnums=(1,))
+
+
+@dataclass
+class _Run:
+    """Device-side state of one in-flight batch between program calls."""
+
+    slot: int  # cache position the next fed token is written to
+    pad: jax.Array  # [batch] leading padding of each row
+    sampling: SamplingInputs
+    sample: bool
 
 
 class NxModel:
@@ -100,7 +127,7 @@ class NxModel:
             raise ConfigError(f"backend {config.backend!r} is not available here ({exc}); use backend='cpu'") from exc
         self.params = jax.device_put(jax.tree.map(self._cast, params), self.device)
         self.caches = self._new_caches()
-        self._executables: dict[tuple[int, int], Any] = {}
+        self._executables: dict[tuple[int, int, int, bool], Any] = {}
 
     def _cast(self, a: np.ndarray):
         return a.astype(self.dtype) if np.issubdtype(a.dtype, np.floating) else a
@@ -114,87 +141,205 @@ class NxModel:
         ]
 
     # ---- compilation -------------------------------------------------------------------------
-    def program_shapes(self) -> list[tuple[int, int]]:
-        """(tokens, window) of every program: one prefill per context bucket, one decode per position bucket."""
-        return [(c, c) for c in self.config.context_buckets] + [(1, p) for p in self.config.n_positions]
+    def program_shapes(self) -> list[tuple[int, int, int, bool]]:
+        """(rows, tokens, window, sample) of the programs `compile()` builds: greedy prefill per
+        context bucket and greedy decode per position bucket. Sampling variants and chunked
+        prefill of over-long prompts compile on first use."""
+        pb, b = self.config.prompt_batch_size, self.config.batch_size
+        return [(pb, c, c, False) for c in self.config.context_buckets] + [
+            (b, 1, p, False) for p in self.config.n_positions
+        ]
 
-    def _inputs_spec(self, n_tokens: int) -> decoder.StepInputs:
-        b = self.config.batch_size
-        i32 = jnp.int32
-        return decoder.StepInputs(
-            jax.ShapeDtypeStruct((b, n_tokens), i32),
-            jax.ShapeDtypeStruct((), i32),
-            jax.ShapeDtypeStruct((b,), i32),
-            jax.ShapeDtypeStruct((), i32),
+    def _abstract_inputs(self, rows: int, n_tokens: int) -> tuple[decoder.StepInputs, SamplingInputs]:
+        b, v = self.config.batch_size, self.spec.vocab_size
+        sds = jax.ShapeDtypeStruct
+        i32, f32 = jnp.int32, jnp.float32
+        inp = decoder.StepInputs(sds((rows, n_tokens), i32), sds((), i32), sds((rows,), i32), sds((), i32))
+        key = jax.random.key_data(jax.random.key(0))
+        smp = SamplingInputs(
+            sds((b,), f32), sds((b,), i32), sds((b,), f32), sds((), f32), sds((b, v), jnp.bool_), sds((v,), jnp.bool_),
+            sds(key.shape, key.dtype),
         )
+        return inp, smp
 
-    def lower(self, n_tokens: int, window: int):
-        """The lowered (not yet compiled) program for `n_tokens` tokens over `window` positions."""
-        fn = _program(self.spec, window)
-        return fn.lower(self.params, self.caches, self._inputs_spec(n_tokens))
+    def lower(self, rows: int, n_tokens: int, window: int, sample: bool = False):
+        """The lowered (not yet compiled) program: `rows` x `n_tokens` tokens over `window` positions."""
+        fn = _program(self.spec, window, sample)
+        return fn.lower(self.params, self.caches, *self._abstract_inputs(rows, n_tokens))
 
-    def executable(self, n_tokens: int, window: int):
-        key = (n_tokens, window)
+    def executable(self, rows: int, n_tokens: int, window: int, sample: bool = False):
+        key = (rows, n_tokens, window, sample)
         if key not in self._executables:
-            self._executables[key] = self.lower(n_tokens, window).compile()
+            self._executables[key] = self.lower(*key).compile()
         return self._executables[key]
 
-    def compile(self, progress: bool | None = None) -> "NxModel":
+    def compile(self, progress: bool | None = None) -> NxModel:
         """Compile every bucket's program now (otherwise each compiles on first use)."""
         shapes = self.program_shapes()
-        for t, w in track(shapes, f"compiling {len(shapes)} programs", total=len(shapes), enabled=progress):
-            self.executable(t, w)
+        for shape in track(shapes, f"compiling {len(shapes)} programs", total=len(shapes), enabled=progress):
+            self.executable(*shape)
         return self
 
-    # ---- running -----------------------------------------------------------------------------
-    def _run(self, tokens: np.ndarray | jax.Array, window: int, slot: int, pad: jax.Array, last: int):
-        exe = self.executable(tokens.shape[1], window)
+    # ---- one batch, step by step -------------------------------------------------------------
+    def _call(self, run: _Run, tokens, window: int, slot: int, pad, last: int, suppress=None):
+        rows, n = tokens.shape
+        exe = self.executable(rows, n, window, run.sample)
         inp = decoder.StepInputs(jnp.asarray(tokens, jnp.int32), jnp.int32(slot), pad, jnp.int32(last))
-        next_tokens, logits, self.caches = exe(self.params, self.caches, inp)
-        return next_tokens, logits
+        smp = run.sampling if suppress is None else run.sampling._replace(suppress=suppress)
+        tokens, logits, self.caches, seen = exe(self.params, self.caches, inp, smp)
+        return tokens, logits, seen
 
-    def _prefill(self, ids: np.ndarray, pad: np.ndarray):
-        b, length = ids.shape
-        c = buckets.pick(
-            list(self.config.context_buckets),
-            length,
-            f"a prompt of {length} tokens",
-            "raise context_length_estimate (and n_positions) when loading the model, or shorten the prompt",
+    def _start(self, ids: np.ndarray, pad: np.ndarray, sp: SamplingParams, suppress=None):
+        """Encode the prompts (chunked when longer than the largest context bucket) and choose
+        the first new token. Returns (run state, first tokens, logits)."""
+        rows, length = ids.shape
+        cfg = self.config
+        self._check_prompt_fits(length)
+        run = self._new_run(ids, pad, sp)
+        pad_dev = jnp.asarray(pad, jnp.int32)
+        start = 0
+        while True:
+            remaining = length - start
+            c = min(buckets.pick(list(cfg.context_buckets), min(remaining, cfg.context_buckets[-1]), "", ""),
+                    cfg.max_positions)
+            start = min(start, cfg.max_positions - c)  # re-encode a little rather than overflow the cache
+            chunk = np.zeros((rows, c), np.int32)
+            n = min(c, length - start)
+            chunk[:, :n] = ids[:, start : start + n]
+            window = buckets.pick(list(cfg.n_positions), start + c, "", "")
+            final = start + c >= length
+            tokens, logits, seen = self._call(
+                run, chunk, window, start, pad_dev, (length - 1 - start) if final else c - 1, suppress
+            )
+            if final:
+                break
+            start += c
+        run.sampling = run.sampling._replace(seen=seen)
+        run.slot = length
+        return run, tokens, logits
+
+    def _check_prompt_fits(self, length: int) -> None:
+        if length > self.config.max_positions:
+            raise BucketError(
+                f"a prompt of {length} tokens is longer than the largest n_positions bucket "
+                f"{self.config.max_positions}; load the model with a larger n_positions"
+            )
+
+    def _new_run(self, ids: np.ndarray, pad: np.ndarray, sp: SamplingParams) -> _Run:
+        b, v, rep = self.config.batch_size, self.spec.vocab_size, self.config.broadcast
+        seen = np.zeros((b, v), bool)
+        rows = np.repeat(np.arange(ids.shape[0]), rep)
+        real = np.arange(ids.shape[1])[None, :] >= np.repeat(pad, rep)[:, None]
+        r, c = np.nonzero(real)
+        seen[r, ids[rows[r], c]] = True
+        key = jax.random.key_data(jax.random.key(sp.seed_or_random()))
+        smp = SamplingInputs(
+            jnp.full((b,), sp.temperature, jnp.float32),
+            jnp.full((b,), sp.top_k or 0, jnp.int32),
+            jnp.full((b,), sp.top_p, jnp.float32),
+            jnp.float32(sp.repetition_penalty),
+            jnp.asarray(seen),
+            jnp.zeros((v,), bool),
+            key,
         )
-        tokens = np.zeros((b, c), np.int32)
-        tokens[:, :length] = ids
-        return self._run(tokens, c, 0, jnp.asarray(pad, jnp.int32), length - 1)
+        return _Run(0, jnp.asarray(np.repeat(pad, rep), jnp.int32), smp, sp.do_sample)
 
+    def _next(self, run: _Run, tokens: jax.Array, suppress=None):
+        """Feed one token per row; returns (next tokens, logits)."""
+        window = buckets.pick(
+            list(self.config.n_positions), run.slot + 1, "generation", "load the model with a larger n_positions"
+        )
+        tokens, logits, seen = self._call(run, tokens[:, None], window, run.slot, run.pad, 0, suppress)
+        run.sampling = run.sampling._replace(seen=seen)
+        run.slot += 1
+        return tokens, logits
+
+    # ---- public API --------------------------------------------------------------------------
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """Next-token logits ``[batch, vocab]`` (f32) after the prompt: one prefill, no generation."""
         ids, pad = self._prepare(input_ids, attention_mask)
-        _, logits = self._prefill(ids, pad)
+        _, _, logits = self._start(ids, pad, SamplingParams())
         return np.asarray(logits)
+
+    def stream(self, input_ids: Any, attention_mask: Any = None, **kwargs) -> Iterator[np.ndarray]:
+        """Like `generate`, but yields each step's new tokens ``[batch]`` as soon as it exists."""
+        for host, _ in self._generate_steps(input_ids, attention_mask, **kwargs):
+            yield host
 
     def generate(
         self,
         input_ids: Any,
         attention_mask: Any = None,
         max_new_tokens: int = 32,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
+        *,
         streamer: Any = None,
         output_scores: bool = False,
         return_dict: bool = False,
+        **kwargs: Any,
     ):
-        """Greedy generation, HF style: returns a ``torch.LongTensor [batch, prompt + new]``.
+        """Generate HF style; returns a ``torch.LongTensor [batch, prompt + new]``.
 
-        Prompts in a batch are left-padded (``attention_mask`` 0 on padding). A row stops at its
-        EOS and is filled with `pad_token_id` afterwards; the loop stops when every row is done.
+        Knobs use Hugging Face's names: `do_sample`, `temperature`, `top_k`, `top_p`,
+        `repetition_penalty`, `min_new_tokens`, `max_new_tokens`, `eos_token_id`, `pad_token_id`,
+        plus `seed` (same seed, same tokens) and `stop` (token-id sequences that end a row).
+        Prompts in a batch are left-padded (``attention_mask`` 0 on padding). A row stops at EOS
+        or a stop sequence and is padded afterwards; the loop ends when every row is done.
         `streamer` takes HF streamer objects (``put``/``end``). With `return_dict` the result is a
-        `GenerateOutput` (with per-step `scores` if `output_scores`).
+        `GenerateOutput` (raw per-step logits in `scores` if `output_scores`).
         """
         import torch
 
+        prompt = _as_int_array(input_ids, "input_ids")
+        rep = self.config.broadcast
+        if streamer is not None:
+            streamer.put(torch.as_tensor(np.repeat(prompt, rep, axis=0)))
+        t0 = time.perf_counter()
+        new, scores, t_first = [], [], None
+        for host, logits in self._generate_steps(input_ids, attention_mask, max_new_tokens, **kwargs):
+            t_first = t_first or time.perf_counter()
+            new.append(host)
+            if output_scores:
+                scores.append(np.asarray(logits))
+            if streamer is not None:
+                streamer.put(torch.as_tensor(host, dtype=torch.long))
+        t_end = time.perf_counter()
+        if streamer is not None:
+            streamer.end()
+        seq = torch.as_tensor(np.concatenate([np.repeat(prompt, rep, axis=0), np.stack(new, 1)], 1), dtype=torch.long)
+        if not return_dict:
+            return seq
+        timings = {
+            "first_token_s": t_first - t0,
+            "total_s": t_end - t0,
+            "new_tokens": len(new),
+            "prompt_tokens": prompt.shape[1],
+        }
+        return GenerateOutput(seq, scores if output_scores else None, timings)
+
+    def _generate_steps(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        max_new_tokens: int = 32,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        stop: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    ) -> Iterator[tuple[np.ndarray, jax.Array]]:
+        sp = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed).validated()
         ids, pad = self._prepare(input_ids, attention_mask)
-        b, length = ids.shape
+        length = ids.shape[1]
+        self._check_prompt_fits(length)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
+            raise InputError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
         if length + max_new_tokens > self.config.max_positions:
             raise BucketError(
                 f"a prompt of {length} tokens plus max_new_tokens={max_new_tokens} needs "
@@ -203,52 +348,39 @@ class NxModel:
             )
         eos = self._eos_ids(eos_token_id)
         pad_id = self._pad_id(pad_token_id, eos)
-        if streamer is not None:
-            streamer.put(torch.as_tensor(ids, dtype=torch.long))
+        stops = normalize_stop(stop)
+        ban = np.zeros(self.spec.vocab_size, bool)
+        ban[eos[(eos >= 0) & (eos < self.spec.vocab_size)]] = True
+        ban_eos, no_ban = jnp.asarray(ban), jnp.zeros_like(jnp.asarray(ban))
 
-        t0 = time.perf_counter()
-        pad_dev = jnp.asarray(pad, jnp.int32)
-        next_tok, logits = self._prefill(ids, pad)
-        new: list[np.ndarray] = []
-        scores: list[np.ndarray] = []
+        b = self.config.batch_size
         done = np.zeros(b, bool)
-        t_first = None
+        rows: list[list[int]] = [[] for _ in range(b)]
+        run, tokens, logits = self._start(ids, pad, sp, ban_eos if min_new_tokens > 0 else None)
         for t in range(max_new_tokens):
             if t > 0:
-                slot = length + t - 1
-                window = buckets.pick(list(self.config.n_positions), slot + 1, "generation", "")
-                next_tok, logits = self._run(next_tok[:, None], window, slot, pad_dev, 0)
-            host = np.asarray(next_tok)
-            if t_first is None:
-                t_first = time.perf_counter()
-            if output_scores:
-                scores.append(np.asarray(logits))
-            host = np.where(done, pad_id, host)
-            new.append(host)
-            if streamer is not None:
-                streamer.put(torch.as_tensor(host, dtype=torch.long))
+                tokens, logits = self._next(run, tokens, ban_eos if t < min_new_tokens else no_ban)
+            host = np.where(done, pad_id, np.asarray(tokens))
+            yield host, logits
             done |= np.isin(host, eos)
+            if stops:
+                for r in range(b):
+                    rows[r].append(int(host[r]))
+                    done[r] |= hits_stop(rows[r], stops)
             if done.all():
-                break
-        t_end = time.perf_counter()
-        if streamer is not None:
-            streamer.end()
-        prompt = _as_int_array(input_ids, "input_ids")  # the caller's ids, padding included, like HF
-        seq = torch.as_tensor(np.concatenate([prompt, np.stack(new, 1)], 1), dtype=torch.long)
-        if not return_dict:
-            return seq
-        timings = {"first_token_s": t_first - t0, "total_s": t_end - t0, "new_tokens": len(new), "prompt_tokens": length}
-        return GenerateOutput(seq, scores if output_scores else None, timings)
+                return
 
     # ---- input checking ----------------------------------------------------------------------
     def _prepare(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
         ids = _as_int_array(input_ids, "input_ids")
         if ids.shape[1] == 0:
             raise InputError("input_ids is empty; give at least one prompt token")
-        if ids.shape[0] != self.config.batch_size:
+        want = self.config.prompt_batch_size
+        if ids.shape[0] != want:
+            knob = "prompt_batch_size" if self.config.broadcast > 1 else "batch_size"
             raise InputError(
-                f"got a batch of {ids.shape[0]} prompt(s) but the model was compiled for batch_size="
-                f"{self.config.batch_size}; pass exactly that many rows or reload with batch_size={ids.shape[0]}"
+                f"got a batch of {ids.shape[0]} prompt(s) but the model was compiled for {knob}={want}; "
+                f"pass exactly that many rows or reload with batch_size={ids.shape[0]}"
             )
         if attention_mask is None:
             mask = np.ones_like(ids)

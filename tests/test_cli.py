@@ -1,0 +1,73 @@
+"""`nx generate` on a tiny checkpoint with a character tokenizer: streaming, sampling flags, errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from nx.cli import main
+from tests.cases.llama import CASES
+from tests.conftest import char_tokenizer
+
+CASE = CASES[0]
+FAST = ["--n-positions", "64", "--context-length-estimate", "32", "-n", "8"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(saved_case, tmp_path_factory):
+    _, path = saved_case(CASE)
+    d = tmp_path_factory.mktemp("cli-llama")
+    shutil.copytree(path, d, dirs_exist_ok=True)
+    char_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+def _run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_generate_streams_text_and_reports(ckpt):
+    res = _run("generate", "llama", ckpt, "-p", "Hello", *FAST)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip(), "expected generated text on stdout"
+    assert "prompt 5 tokens" in res.stderr and "tokens/s" in res.stderr and "first token" in res.stderr
+
+
+def test_family_is_inferred_and_chat_template_applied(ckpt):
+    res = _run("generate", ckpt, "-p", "Hi", "--chat", *FAST)
+    assert res.exit_code == 0, res.output
+    assert "prompt 19 tokens" in res.stderr  # "<user>Hi<assistant>" in characters
+
+
+def test_sampling_flags_are_reproducible(ckpt):
+    a = _run("generate", "llama", ckpt, "-p", "Hello", "--temperature", "1.5", "--top-k", "20", "--seed", "3", *FAST)
+    b = _run("generate", "llama", ckpt, "-p", "Hello", "--temperature", "1.5", "--top-k", "20", "--seed", "3", *FAST)
+    assert a.exit_code == 0 and a.stdout == b.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-p", ""], "prompt is empty"),
+        (["-p", "Hi", "--temperature", "0"], "temperature must be > 0"),
+        (["-p", "Hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["-p", "Hi", "--top-k", "0"], "top_k must be an int >= 1"),
+    ],
+)
+def test_bad_input_is_one_clear_line(ckpt, args, message):
+    res = _run("generate", "llama", ckpt, *args, *FAST)
+    assert res.exit_code == 2
+    assert message in res.stderr and "Traceback" not in res.output
+
+
+def test_unknown_family_is_one_clear_line(ckpt):
+    res = _run("generate", "mamba", ckpt, "-p", "x")
+    assert res.exit_code == 2 and "pip install nx-plugin-mamba" in res.stderr
+
+
+def test_checkpoint_without_tokenizer(saved_case):
+    _, path = saved_case(CASE)
+    res = _run("generate", "llama", path, "-p", "x", *FAST)
+    assert res.exit_code == 2 and "ships no tokenizer" in res.stderr
