@@ -6,6 +6,8 @@ import inspect
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Four host devices for the tensor-parallel tests; must be set before jax starts.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 
 import numpy as np
 import pytest

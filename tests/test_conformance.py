@@ -119,3 +119,39 @@ def test_missing_keys_are_reported(case, saved_case, tmp_path):
     with pytest.raises(nx.WeightKeyError, match="missing") as err:
         nx.load(case.family, tmp_path, compile=False, progress=False)
     assert dropped in str(err.value)
+
+
+FIRST_OF_FAMILY = {c.family: c for c in reversed(CASES)}
+
+
+def _tp_model(case, path, tp, batch_size):
+    return nx.load(case.family, path, batch_size=batch_size, tp_degree=tp, progress=False, **BUCKETS)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_tensor_parallel_matches_reference(case, tp, saved_case):
+    """Weights and KV cache sharded over `tp` host devices: greedy tokens identical to HF (and so
+    to tp=1) and logits within tolerance, batch 3 with left padding. Degrees the model's head
+    counts do not allow must fail with the list of valid ones."""
+    hf, path = saved_case(case)
+    from nx.sharding import valid_degrees
+
+    spec = nx.registry.get_family(case.family).spec_from_config(hf.config)
+    if tp not in valid_degrees(spec):
+        with pytest.raises(nx.ConfigError, match=r"Valid tp degrees: \[1, "):
+            _tp_model(case, path, tp, 3)
+        return
+    model = _tp_model(case, path, tp, 3)
+    ids, mask = left_padded([16, 9, 3], case.vocab, seed=3)
+    _assert_same_greedy(hf, model, ids, mask, new=30)
+    ids, mask = left_padded([11, 4, 7], case.vocab, seed=7)
+    _assert_close_logits(hf, model, ids, mask)
+
+
+@pytest.mark.parametrize("case", list(FIRST_OF_FAMILY.values()), ids=str)
+def test_tensor_parallel_batch1_long_prompt(case, saved_case):
+    hf, path = saved_case(case)
+    model = _tp_model(case, path, 2, 1)
+    ids, mask = left_padded([21], case.vocab, seed=21)
+    _assert_same_greedy(hf, model, ids, mask)

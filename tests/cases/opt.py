@@ -1,9 +1,21 @@
+import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 from tests.cases import Case, seeded
 
 
-def _opt(**kw):
+def _randomize_norms_and_biases(model, std=0.1):
+    """HF initializes LayerNorms to (1, 0) and biases to 0, which would leave their mapping untested."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, std)
+            elif p.ndim == 1:  # LayerNorm gains
+                p.normal_(1.0, 3 * std)
+    return model
+
+
+def _opt(seed=0, **kw):
     base = dict(
         vocab_size=256,
         hidden_size=64,
@@ -11,16 +23,19 @@ def _opt(**kw):
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=256,
-        init_std=0.2,  # OPT's name for initializer_range
+        init_std=0.3,  # OPT's name for initializer_range
     )
     base.update(kw)
-    return seeded(lambda: OPTForCausalLM(OPTConfig(**base)))
+    return seeded(lambda: _randomize_norms_and_biases(OPTForCausalLM(OPTConfig(**base))), seed)
 
 
+# Seeds and init scales are chosen so that greedy decoding of each tiny random model is not degenerate.
 CASES = [
-    Case("opt", "opt", _opt()),  # pre-LayerNorm, final LayerNorm, tied head (opt-125m style)
+    Case("opt", "opt", _opt()),  # pre-LayerNorm with a final LayerNorm, tied head (opt-125m style)
     Case("opt", "opt-post-norm", _opt(do_layer_norm_before=False)),  # no final LayerNorm
     Case("opt", "opt-proj", _opt(word_embed_proj_dim=32)),  # project_in / project_out
-    Case("opt", "opt-350m-style", _opt(do_layer_norm_before=False, word_embed_proj_dim=48, num_hidden_layers=3)),
-    Case("opt", "opt-nobias-untied-gelu", _opt(enable_bias=False, tie_word_embeddings=False, activation_function="gelu")),
+    Case("opt", "opt-350m-style", _opt(1, do_layer_norm_before=False, word_embed_proj_dim=48, init_std=0.5)),
+    Case(
+        "opt", "opt-nobias-untied-gelu", _opt(enable_bias=False, tie_word_embeddings=False, activation_function="gelu")
+    ),
 ]

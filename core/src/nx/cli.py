@@ -74,6 +74,14 @@ def list_models() -> None:
 @click.option("--top-p", type=float, default=None, help="Sample from the smallest set with this probability mass.")
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--tp", "tp_degree", type=int, default=1, show_default=True, help="Tensor-parallel degree.")
+@click.option(
+    "--num-processes",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Run as this many cooperating local processes (jax.distributed, gloo on CPU); use with --tp.",
+)
 def generate(
     target: str,
     path: str | None,
@@ -89,6 +97,8 @@ def generate(
     top_p: float | None,
     repetition_penalty: float,
     seed: int | None,
+    tp_degree: int,
+    num_processes: int,
 ) -> None:
     """Generate text: ``nx generate [FAMILY] PATH --prompt ...`` (FAMILY inferred when omitted).
 
@@ -99,7 +109,11 @@ def generate(
     from transformers import TextStreamer
 
     import nx
+    from nx import distributed
 
+    if num_processes > 1 and distributed.num_processes() == 1:
+        sys.exit(distributed.launch(sys.argv[1:], num_processes))
+    leader = distributed.is_leader()
     t0 = time.perf_counter()
     args = (target, path) if path else (target,)
     model = nx.load(
@@ -108,6 +122,7 @@ def generate(
         context_length_estimate=_int_list(context_length_estimate),
         amp=amp,
         backend=backend,
+        tp_degree=tp_degree,
     )
     load_s = time.perf_counter() - t0
     tok = model.tokenizer
@@ -122,7 +137,7 @@ def generate(
         ids = tok(prompt)["input_ids"]
     if not ids:
         raise nx.InputError("the prompt is empty; pass some text with --prompt")
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if leader else None
     sampling = temperature is not None or top_k is not None or top_p is not None
     out = model.generate(
         [ids],
@@ -136,6 +151,8 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
+    if not leader:
+        return
     click.echo()
     t = out.timings
     decode_s = t["total_s"] - t["first_token_s"]
@@ -145,6 +162,70 @@ def generate(
         f"first token {t['first_token_s'] * 1000:.0f} ms | decode {rate:.1f} tokens/s]",
         err=True,
     )
+
+
+@main.command()
+@click.argument("target")
+@click.argument("path", required=False)
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma list; one model load per batch size.")
+@click.option("--prompt-lengths", default="16,128,512", show_default=True, help="Comma list of prompt lengths (random ids).")
+@click.option("--new-tokens", default=128, show_default=True, type=int, help="Tokens generated per run (EOS banned).")
+@click.option("--amp", default="f32", show_default=True, type=click.Choice(["f32", "bf16", "f16"]))
+@click.option("--n-positions", default="1024", show_default=True, help="Position buckets: an int or a comma list.")
+@click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list.")
+@click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron.")
+@click.option("--tp-degree", default=1, show_default=True, type=int, help="Tensor-parallel degree.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random prompt ids.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def bench(
+    target: str,
+    path: str | None,
+    batch_sizes: str,
+    prompt_lengths: str,
+    new_tokens: int,
+    amp: str,
+    n_positions: str,
+    context_length_estimate: str | None,
+    backend: str,
+    tp_degree: int,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Measure compile time, time to first token, decode tokens/s, latency, memory and bandwidth.
+
+    ``nx bench [FAMILY] PATH``: prompts are random token ids, so no tokenizer is needed. Progress
+    goes to stderr; the report (or JSON with --json) to stdout.
+    """
+    import json
+
+    from nx import bench as nx_bench
+
+    def ints(value: str, name: str) -> list[int]:
+        try:
+            out = [int(p) for p in value.split(",") if p.strip()]
+        except ValueError:
+            out = []
+        if not out:
+            raise click.BadParameter(f"expected a comma list of ints, got {value!r}", param_hint=name)
+        return out
+
+    options = {"tp_degree": tp_degree} if tp_degree != 1 else {}
+    result = nx_bench.run(
+        target,
+        path,
+        batch_sizes=ints(batch_sizes, "--batch-sizes"),
+        prompt_lengths=ints(prompt_lengths, "--prompt-lengths"),
+        new_tokens=new_tokens,
+        amp=amp,
+        n_positions=_int_list(n_positions),
+        context_length_estimate=_int_list(context_length_estimate),
+        backend=backend,
+        seed=seed,
+        progress=False,
+        log=lambda msg: click.echo(msg, err=True),
+        **options,
+    )
+    click.echo(json.dumps(result, indent=2) if as_json else nx_bench.format_table(result))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from jax import lax
 
 from nx import ops
 from nx.spec import ModelSpec
@@ -44,7 +45,7 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
     v_cache = ops.update_cache(cache[1], v, ctx.slot)
     w = ctx.window
     o = ops.attend(q, k_cache[::rep, :w], v_cache[::rep, :w], ctx.mask, spec.scale, ctx.bias)
-    return ops.linear(o, p["o"]), (k_cache, v_cache)
+    return ops.row_parallel_linear(o, p["o"], ctx.tp_axis), (k_cache, v_cache)
 
 
 def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: _Context):
@@ -54,7 +55,7 @@ def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: _Con
         return ops.norm(spec.norm, y, p[name], spec.norm_eps)
 
     def ffn(y: jnp.ndarray) -> jnp.ndarray:
-        return ops.mlp(y, p, spec.activation, spec.gated_mlp)
+        return ops.mlp(y, p, spec.activation, spec.gated_mlp, ctx.tp_axis)
 
     if spec.parallel_residual:
         h = n("attn_norm", x)
@@ -78,29 +79,41 @@ class _Context(NamedTuple):
     mask: jnp.ndarray  # [B, T, W]
     bias: jnp.ndarray | None  # [B, H, W] ALiBi
     window: int
+    tp_axis: str | None  # mesh axis name when running one tensor-parallel shard
 
 
-def step(spec: ModelSpec, params: dict, caches: list[LayerCache], inp: StepInputs, window: int):
+def step(
+    spec: ModelSpec,
+    params: dict,
+    caches: list[LayerCache],
+    inp: StepInputs,
+    window: int,
+    tp_axis: str | None = None,
+    vocab_size: int | None = None,
+):
     """Run the decoder on ``inp.tokens``; return (logits ``[B, vocab]`` f32, updated caches).
 
     With fewer token rows than cache rows (context broadcasting), prompt row ``i`` fills cache
     rows ``i*rep .. i*rep+rep-1`` and the logits are repeated the same way.
+
+    Under tensor parallelism (inside ``shard_map`` over `tp_axis`) `spec` is the shard's local spec
+    (its share of heads and MLP width) and `vocab_size` the model's full vocabulary.
     """
     b, t = inp.tokens.shape
     slot = inp.slot
     positions = jnp.maximum(slot + jnp.arange(t, dtype=jnp.int32)[None, :] - inp.pad[:, None], 0)
-    x = jnp.take(params["embed"]["w"], inp.tokens, axis=0)
+    x = ops.embed(inp.tokens, params["embed"]["w"], tp_axis)
     if spec.project_dim:  # before the positions: a learned position table has the hidden width
         x = ops.linear(x, params["project_in"])
     if spec.positions == "learned":
-        x = x + jnp.take(params["pos"]["w"], positions + spec.position_offset, axis=0)
+        x = x + ops.embed(positions + spec.position_offset, params["pos"]["w"])  # the table may be int8
     if spec.embed_norm:
         x = ops.norm(spec.norm, x, params["embed_norm"], spec.norm_eps)
     bias = None
     if spec.positions == "alibi":
         key_pos = (jnp.arange(window, dtype=jnp.int32)[None, :] - inp.pad[:, None]).astype(jnp.float32)
-        bias = jnp.asarray(ops.alibi_slopes(spec.n_heads))[None, :, None] * key_pos[:, None, :]
-    ctx = _Context(slot, positions, ops.causal_padding_mask(slot, inp.pad, t, window), bias, window)
+        bias = _local_alibi_slopes(spec, tp_axis)[None, :, None] * key_pos[:, None, :]
+    ctx = _Context(slot, positions, ops.causal_padding_mask(slot, inp.pad, t, window), bias, window, tp_axis)
     new_caches = []
     for p, cache in zip(params["layers"], caches):
         x, cache = layer(spec, p, x, cache, ctx)
@@ -112,6 +125,15 @@ def step(spec: ModelSpec, params: dict, caches: list[LayerCache], inp: StepInput
         x = ops.linear(x, params["project_out"])
     head = params.get("lm_head", {})
     table = params["embed"]["w"] if spec.tied_lm_head else head["w"]
-    logits = ops.lm_head(x, table, head.get("b"))
+    logits = ops.logits(x, table, head.get("b"), vocab_size or spec.vocab_size, tp_axis)
     rep = caches[0][0].shape[0] // b
     return (jnp.repeat(logits, rep, axis=0) if rep > 1 else logits), new_caches
+
+
+def _local_alibi_slopes(spec: ModelSpec, tp_axis: str | None) -> jnp.ndarray:
+    """ALiBi slopes of this shard's heads (all heads without tensor parallelism)."""
+    if tp_axis is None:
+        return jnp.asarray(ops.alibi_slopes(spec.n_heads))
+    tp = lax.psum(1, tp_axis)
+    slopes = jnp.asarray(ops.alibi_slopes(spec.n_heads * tp))
+    return lax.dynamic_slice_in_dim(slopes, lax.axis_index(tp_axis) * spec.n_heads, spec.n_heads)

@@ -40,3 +40,7 @@ class InputError(NxError, ValueError):
 
 class BucketError(InputError):
     """A request does not fit any compiled shape bucket."""
+
+
+class ResourceError(NxError):
+    """The model does not fit the memory of the devices it was asked to run on."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
@@ -60,7 +59,7 @@ class HuggingFaceGenerationModelAdapter(PreTrainedModel, GenerationMixin):
             and ids.shape[1] == prev.shape[1] + 1
             and np.array_equal(ids[:, :-1], prev)
         ):
-            _, logits = m._next(self._run, jnp.asarray(ids[:, -1], jnp.int32))
+            _, logits = m._next(self._run, m._put(ids[:, -1].astype(np.int32)))
         else:
             clean, pad = m._prepare(ids, None if attention_mask is None else attention_mask.cpu().numpy())
             self._run, _, logits = m._start(clean, pad, SamplingParams())

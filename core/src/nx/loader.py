@@ -6,11 +6,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from nx import distributed, memory, sharding
 from nx.checkpoint import Checkpoint, TensorSource, open_checkpoint
 from nx.errors import CheckpointError
 from nx.family import Family
-from nx.model import NxModel, RuntimeConfig
+from nx.model import AMP_DTYPES, NxModel, RuntimeConfig, select_devices
 from nx.params import build_params
+from nx.quant import as_config as as_quant_config
+from nx.quant import weight_bytes as quant_weight_bytes
 from nx.registry import Registry, default_registry
 
 
@@ -24,6 +27,10 @@ def load(
     context_length_estimate: int | Sequence[int] | None = None,
     amp: str = "f32",
     backend: str = "cpu",
+    tp_degree: int = 1,
+    devices: Sequence[int] | None = None,
+    device_memory: int | None = None,
+    quant: Any = None,
     compile: bool = True,
     progress: bool | None = None,
     registry: Registry | None = None,
@@ -37,9 +44,21 @@ def load(
     in chunks of the largest prompt bucket. `prompt_batch_size` < `batch_size` encodes each prompt
     once and broadcasts it to ``batch_size // prompt_batch_size`` output rows. With ``compile=False``
     each program compiles on first use instead of now.
+
+    `tp_degree` shards weights and KV cache over that many devices (on CPU nx creates the host
+    devices itself if jax has not started yet); `devices` picks device ids (e.g. to run several
+    models side by side on disjoint devices); `device_memory` overrides the bytes per device used
+    by the fit check (weights + KV cache must fit in ``device_memory * tp_degree``).
+
+    `quant` (``nx.QuantizationConfig(...)`` or ``"s8"``) stores 2-D weights as int8 with
+    per-output-channel scales, dequantized inside the compiled programs.
     """
     registry = registry or default_registry()
-    config = RuntimeConfig.build(batch_size, n_positions, context_length_estimate, amp, backend, prompt_batch_size)
+    config = RuntimeConfig.build(
+        batch_size, n_positions, context_length_estimate, amp, backend, prompt_batch_size, tp_degree, devices
+    )
+    distributed.initialize_from_env()
+    ensure_cpu_devices(config)
     if path is None:
         ckpt = open_checkpoint(family_or_path)
         family = registry.for_model_type(ckpt.model_type)
@@ -52,9 +71,39 @@ def load(
                 f"{', '.join(family.model_types)}; use nx.load({str(path)!r}) to pick the family automatically"
             )
     spec = family.spec_from_config(ckpt.config)
+    quant = as_quant_config(quant)
+    check_memory(family, spec, config, device_memory, quant)
     params = build_params(family, spec, hf_tensors(family, ckpt), progress=progress)
-    model = NxModel(family, spec, params, config, ckpt.config, ckpt.load_tokenizer)
+    model = NxModel(family, spec, params, config, ckpt.config, ckpt.load_tokenizer, quant=quant)
     return model.compile(progress) if compile else model
+
+
+def ensure_cpu_devices(config: RuntimeConfig) -> None:
+    """Make enough host devices for tensor parallelism on CPU, if jax has not started yet."""
+    import jax
+    from jax._src import xla_bridge
+
+    if config.backend != "cpu" or xla_bridge.backends_are_initialized() or distributed.num_processes() > 1:
+        return
+    need = max(config.tp_degree, 1 + max(config.devices or (0,)))
+    if need > 1 and need > jax.config.jax_num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", need)
+
+
+def check_memory(family: Family, spec, config: RuntimeConfig, per_device: int | None, quant: Any = None) -> None:
+    """Fail before reading weights if weights + KV cache cannot fit the chosen devices."""
+    import jax.numpy as jnp
+
+    sharding.check_degree(spec, config.tp_degree)
+    devs = select_devices(config)
+    itemsize = jnp.dtype(AMP_DTYPES[config.amp]).itemsize
+    weights, cache = memory.estimate_bytes(
+        spec, family.weights(spec), config.batch_size, config.max_positions, itemsize
+    )
+    if quant is not None:
+        weights = quant_weight_bytes(family.weights(spec), quant, itemsize)
+    per_device = per_device or memory.device_memory(devs[0])
+    memory.check_fits(weights, cache, per_device, config.tp_degree, sharding.valid_degrees(spec), len(devs[0].client.devices()))
 
 
 def hf_tensors(family: Family, ckpt: Checkpoint) -> TensorSource:

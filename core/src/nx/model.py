@@ -18,11 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nx import buckets, decoder
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nx import buckets, decoder, sharding
 from nx.errors import BucketError, ConfigError, InputError
 from nx.family import Family
 from nx.generation import SamplingParams, hits_stop, normalize_stop
+from nx.ops.quant import is_quantized
 from nx.progress import track
+from nx.quant import quantize_params
 from nx.sampling import SamplingInputs, choose
 from nx.spec import ModelSpec
 
@@ -39,6 +44,8 @@ class RuntimeConfig:
     amp: str = "f32"
     backend: str = "cpu"
     prompt_batch_size: int = 1
+    tp_degree: int = 1
+    devices: tuple[int, ...] | None = None  # device ids to run on (default: the first tp_degree)
 
     @classmethod
     def build(
@@ -49,6 +56,8 @@ class RuntimeConfig:
         amp: str = "f32",
         backend: str = "cpu",
         prompt_batch_size: int | None = None,
+        tp_degree: int = 1,
+        devices: Sequence[int] | None = None,
     ) -> RuntimeConfig:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -59,9 +68,15 @@ class RuntimeConfig:
             )
         if amp not in AMP_DTYPES:
             raise ConfigError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        if not isinstance(tp_degree, int) or tp_degree < 1:
+            raise ConfigError(f"tp_degree must be a positive int, got {tp_degree!r}")
+        if devices is not None:
+            devices = tuple(int(d) for d in devices)
+            if len(devices) != tp_degree or len(set(devices)) != len(devices):
+                raise ConfigError(f"devices={list(devices)} must name tp_degree={tp_degree} distinct device ids")
         pos = buckets.position_buckets(n_positions)
         ctx = buckets.context_buckets(context_length_estimate, pos)
-        return cls(batch_size, tuple(pos), tuple(ctx), amp, backend, pbs)
+        return cls(batch_size, tuple(pos), tuple(ctx), amp, backend, pbs, tp_degree, devices)
 
     @property
     def max_positions(self) -> int:
@@ -82,9 +97,24 @@ class GenerateOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _program(spec: ModelSpec, window: int, sample: bool):
+def _program(model: "NxModel", window: int, sample: bool):
+    spec, local, tp = model.spec, model.local_spec, model.config.tp_degree
+
+    def forward(params, caches, inp):
+        return decoder.step(local, params, caches, inp, window, sharding.AXIS if tp > 1 else None, spec.vocab_size)
+
+    if tp > 1:
+        cache_specs = [(model.cache_spec, model.cache_spec)] * spec.n_layers
+        forward = jax.shard_map(
+            forward,
+            mesh=model.mesh,
+            in_specs=(model.param_specs, cache_specs, P()),
+            out_specs=(P(), cache_specs),
+            check_vma=False,  # logits are all-gathered, hence identical on every shard
+        )
+
     def run(params, caches, inp: decoder.StepInputs, smp: SamplingInputs):
-        logits, caches = decoder.step(spec, params, caches, inp, window)
+        logits, caches = forward(params, caches, inp)
         key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(smp.key), inp.slot))
         tokens, seen = choose(logits, smp._replace(key=key), sample)
         return tokens, logits, caches, seen
@@ -113,32 +143,63 @@ class NxModel:
         config: RuntimeConfig,
         hf_config: Any = None,
         tokenizer_loader: Callable[[], Any] | None = None,
+        quant: Any = None,
+        prepared: bool = False,
     ) -> None:
+        """`quant` (an `nx.QuantizationConfig`) stores 2-D weights as int8 (quantized here, after the
+        tensor-parallel re-layout); ``prepared=True`` means `params` are already re-laid out and
+        quantized (restoring a saved artifact), so they are only placed on the devices."""
         self.family = family
+        self.quant = quant
         self.spec = spec
         self.config = config
         self.hf_config = hf_config
         self._tokenizer_loader = tokenizer_loader
         self._tokenizer: Any = None
         self.dtype = AMP_DTYPES[config.amp]
-        try:
-            self.device = jax.devices(config.backend)[0]
-        except RuntimeError as exc:
-            raise ConfigError(f"backend {config.backend!r} is not available here ({exc}); use backend='cpu'") from exc
-        self.params = jax.device_put(jax.tree.map(self._cast, params), self.device)
+        tp = config.tp_degree
+        sharding.check_degree(spec, tp)
+        self.local_spec = sharding.local_spec(spec, tp)
+        self.mesh = Mesh(np.array(select_devices(config)), (sharding.AXIS,))
+        self.device = self.mesh.devices.flat[0]
+        self._replicated = NamedSharding(self.mesh, P())
+        self.cache_spec = P(None, None, sharding.AXIS, None)
+        if not prepared:
+            params = sharding.relayout(params, spec, tp)
+            if quant is not None:
+                params = quantize_params(params, quant, config.amp)
+        params = jax.tree.map(self._cast, params, is_leaf=is_quantized)
+        names = sharding.tree_names(params)
+        self.param_specs = jax.tree.map(lambda n, a: sharding.partition_spec(n, a.ndim), names, params)
+        self.params = jax.tree.map(lambda a, ps: self._place(a, NamedSharding(self.mesh, ps)), params, self.param_specs)
         self.caches = self._new_caches()
         self._executables: dict[tuple[int, int, int, bool], Any] = {}
 
     def _cast(self, a: np.ndarray):
+        if is_quantized(a):  # int8 values and f32 scales stay as they are
+            return a
         return a.astype(self.dtype) if np.issubdtype(a.dtype, np.floating) else a
 
+    @staticmethod
+    def _place(a: np.ndarray, where: NamedSharding) -> jax.Array:
+        """Put a host array on the mesh; each process supplies only the shards it holds."""
+        return jax.make_array_from_callback(a.shape, where, lambda idx: a[idx])
+
+    def _put(self, a: Any) -> jax.Array:
+        """A small host value, replicated over the mesh (the program inputs)."""
+        return self._place(np.asarray(a), self._replicated)
+
+    @staticmethod
+    def _host(a: jax.Array) -> np.ndarray:
+        """A replicated device value on the host (works across processes too)."""
+        return np.asarray(a.addressable_data(0))
+
     def _new_caches(self) -> list[tuple[jax.Array, jax.Array]]:
-        s = self.spec
-        shape = (self.config.batch_size, self.config.max_positions, s.kv_heads, s.head_dim)
-        return [
-            (jnp.zeros(shape, self.dtype, device=self.device), jnp.zeros(shape, self.dtype, device=self.device))
-            for _ in range(s.n_layers)
-        ]
+        s, tp = self.spec, self.config.tp_degree
+        shape = (self.config.batch_size, self.config.max_positions, sharding.cache_kv_heads(s, tp), s.head_dim)
+        where = NamedSharding(self.mesh, self.cache_spec)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=where)
+        return [(zeros(), zeros()) for _ in range(s.n_layers)]
 
     # ---- compilation -------------------------------------------------------------------------
     def program_shapes(self) -> list[tuple[int, int, int, bool]]:
@@ -146,13 +207,19 @@ class NxModel:
         context bucket and greedy decode per position bucket. Sampling variants and chunked
         prefill of over-long prompts compile on first use."""
         pb, b = self.config.prompt_batch_size, self.config.batch_size
-        return [(pb, c, c, False) for c in self.config.context_buckets] + [
+        pos = list(self.config.n_positions)
+        # a prompt chunk of c tokens runs over the smallest position bucket holding it (as `_start` picks)
+        return [(pb, c, buckets.pick(pos, c, "", ""), False) for c in self.config.context_buckets] + [
             (b, 1, p, False) for p in self.config.n_positions
         ]
 
     def _abstract_inputs(self, rows: int, n_tokens: int) -> tuple[decoder.StepInputs, SamplingInputs]:
         b, v = self.config.batch_size, self.spec.vocab_size
-        sds = jax.ShapeDtypeStruct
+        rep = self._replicated
+
+        def sds(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+
         i32, f32 = jnp.int32, jnp.float32
         inp = decoder.StepInputs(sds((rows, n_tokens), i32), sds((), i32), sds((rows,), i32), sds((), i32))
         key = jax.random.key_data(jax.random.key(0))
@@ -164,7 +231,7 @@ class NxModel:
 
     def lower(self, rows: int, n_tokens: int, window: int, sample: bool = False):
         """The lowered (not yet compiled) program: `rows` x `n_tokens` tokens over `window` positions."""
-        fn = _program(self.spec, window, sample)
+        fn = _program(self, window, sample)
         return fn.lower(self.params, self.caches, *self._abstract_inputs(rows, n_tokens))
 
     def executable(self, rows: int, n_tokens: int, window: int, sample: bool = False):
@@ -184,7 +251,9 @@ class NxModel:
     def _call(self, run: _Run, tokens, window: int, slot: int, pad, last: int, suppress=None):
         rows, n = tokens.shape
         exe = self.executable(rows, n, window, run.sample)
-        inp = decoder.StepInputs(jnp.asarray(tokens, jnp.int32), jnp.int32(slot), pad, jnp.int32(last))
+        if isinstance(tokens, np.ndarray):
+            tokens = self._put(tokens.astype(np.int32))
+        inp = decoder.StepInputs(tokens, self._put(np.int32(slot)), pad, self._put(np.int32(last)))
         smp = run.sampling if suppress is None else run.sampling._replace(suppress=suppress)
         tokens, logits, self.caches, seen = exe(self.params, self.caches, inp, smp)
         return tokens, logits, seen
@@ -196,7 +265,7 @@ class NxModel:
         cfg = self.config
         self._check_prompt_fits(length)
         run = self._new_run(ids, pad, sp)
-        pad_dev = jnp.asarray(pad, jnp.int32)
+        pad_dev = self._put(pad.astype(np.int32))
         start = 0
         while True:
             remaining = length - start
@@ -232,17 +301,17 @@ class NxModel:
         real = np.arange(ids.shape[1])[None, :] >= np.repeat(pad, rep)[:, None]
         r, c = np.nonzero(real)
         seen[r, ids[rows[r], c]] = True
-        key = jax.random.key_data(jax.random.key(sp.seed_or_random()))
+        key = np.asarray(jax.random.key_data(jax.random.key(sp.seed_or_random())))
         smp = SamplingInputs(
-            jnp.full((b,), sp.temperature, jnp.float32),
-            jnp.full((b,), sp.top_k or 0, jnp.int32),
-            jnp.full((b,), sp.top_p, jnp.float32),
-            jnp.float32(sp.repetition_penalty),
-            jnp.asarray(seen),
-            jnp.zeros((v,), bool),
-            key,
+            self._put(np.full((b,), sp.temperature, np.float32)),
+            self._put(np.full((b,), sp.top_k or 0, np.int32)),
+            self._put(np.full((b,), sp.top_p, np.float32)),
+            self._put(np.float32(sp.repetition_penalty)),
+            self._put(seen),
+            self._put(np.zeros((v,), bool)),
+            self._put(key),
         )
-        return _Run(0, jnp.asarray(np.repeat(pad, rep), jnp.int32), smp, sp.do_sample)
+        return _Run(0, self._put(np.repeat(pad, rep).astype(np.int32)), smp, sp.do_sample)
 
     def _next(self, run: _Run, tokens: jax.Array, suppress=None):
         """Feed one token per row; returns (next tokens, logits)."""
@@ -259,7 +328,27 @@ class NxModel:
         """Next-token logits ``[batch, vocab]`` (f32) after the prompt: one prefill, no generation."""
         ids, pad = self._prepare(input_ids, attention_mask)
         _, _, logits = self._start(ids, pad, SamplingParams())
-        return np.asarray(logits)
+        return self._host(logits)
+
+    def forced_logits(self, input_ids: Any, continuation: Any, attention_mask: Any = None) -> np.ndarray:
+        """Teacher forcing: logits ``[batch, n + 1, vocab]`` (f32) after the prompt and after each of
+        the `n` tokens of `continuation` ``[batch, n]``, fed one decode step at a time (whatever
+        the model itself would have chosen). Compares models position by position cheaply."""
+        ids, pad = self._prepare(input_ids, attention_mask)
+        cont = _as_int_array(continuation, "continuation")
+        if cont.shape[0] != self.config.batch_size:
+            raise InputError(f"continuation has {cont.shape[0]} rows but the model decodes batch_size={self.config.batch_size}")
+        if ids.shape[1] + cont.shape[1] > self.config.max_positions:
+            raise BucketError(
+                f"prompt ({ids.shape[1]}) plus continuation ({cont.shape[1]}) exceed the largest n_positions "
+                f"bucket {self.config.max_positions}; load the model with a larger n_positions"
+            )
+        run, _, logits = self._start(ids, pad, SamplingParams())
+        out = [self._host(logits)]
+        for t in range(cont.shape[1]):
+            _, logits = self._next(run, cont[:, t].astype(np.int32))
+            out.append(self._host(logits))
+        return np.stack(out, axis=1)
 
     def stream(self, input_ids: Any, attention_mask: Any = None, **kwargs) -> Iterator[np.ndarray]:
         """Like `generate`, but yields each step's new tokens ``[batch]`` as soon as it exists."""
@@ -299,7 +388,7 @@ class NxModel:
             t_first = t_first or time.perf_counter()
             new.append(host)
             if output_scores:
-                scores.append(np.asarray(logits))
+                scores.append(self._host(logits))
             if streamer is not None:
                 streamer.put(torch.as_tensor(host, dtype=torch.long))
         t_end = time.perf_counter()
@@ -351,7 +440,7 @@ class NxModel:
         stops = normalize_stop(stop)
         ban = np.zeros(self.spec.vocab_size, bool)
         ban[eos[(eos >= 0) & (eos < self.spec.vocab_size)]] = True
-        ban_eos, no_ban = jnp.asarray(ban), jnp.zeros_like(jnp.asarray(ban))
+        ban_eos, no_ban = self._put(ban), self._put(np.zeros_like(ban))
 
         b = self.config.batch_size
         done = np.zeros(b, bool)
@@ -360,7 +449,7 @@ class NxModel:
         for t in range(max_new_tokens):
             if t > 0:
                 tokens, logits = self._next(run, tokens, ban_eos if t < min_new_tokens else no_ban)
-            host = np.where(done, pad_id, np.asarray(tokens))
+            host = np.where(done, pad_id, self._host(tokens))
             yield host, logits
             done |= np.isin(host, eos)
             if stops:
@@ -430,8 +519,30 @@ class NxModel:
         s, c = self.spec, self.config
         return (
             f"NxModel(family={self.family.name!r}, layers={s.n_layers}, hidden={s.hidden_size}, "
-            f"batch_size={c.batch_size}, n_positions={list(c.n_positions)}, amp={c.amp!r}, backend={c.backend!r})"
+            f"batch_size={c.batch_size}, n_positions={list(c.n_positions)}, amp={c.amp!r}, backend={c.backend!r}, "
+            f"tp_degree={c.tp_degree})"
         )
+
+
+def select_devices(config: RuntimeConfig) -> list:
+    """The devices a model runs on: `config.devices` by id, else the first `tp_degree` ones."""
+    try:
+        available = jax.devices(config.backend)
+    except RuntimeError as exc:
+        raise ConfigError(f"backend {config.backend!r} is not available here ({exc}); use backend='cpu'") from exc
+    by_id = {d.id: d for d in available}
+    if config.devices is not None:
+        missing = [i for i in config.devices if i not in by_id]
+        if missing:
+            raise ConfigError(f"devices {missing} do not exist on backend {config.backend!r}; available ids: {sorted(by_id)}")
+        return [by_id[i] for i in config.devices]
+    if len(available) < config.tp_degree:
+        raise ConfigError(
+            f"tp_degree={config.tp_degree} needs {config.tp_degree} {config.backend} devices but only "
+            f"{len(available)} exist. On CPU, load the model before any other jax work so nx can create "
+            f"them, or start Python with JAX_NUM_CPU_DEVICES={config.tp_degree}"
+        )
+    return available[: config.tp_degree]
 
 
 def _as_int_array(x: Any, name: str) -> np.ndarray:

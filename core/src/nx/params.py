@@ -29,9 +29,14 @@ ROLES: dict[str, str] = {
 
 
 def role(name: str) -> str:
-    """The sharding role of a parameter name such as ``layers.3.qkv.w`` ("replicated" if none)."""
-    short = ".".join(name.split(".")[-2:])
-    return ROLES.get(short, "replicated")
+    """The sharding role of a parameter name such as ``layers.3.qkv.w`` ("replicated" if none).
+
+    Leaves below a weight (e.g. ``qkv.w.q`` / ``qkv.w.scale`` of a quantized weight) share its role.
+    """
+    parts = name.split(".")
+    if parts[0] == "layers":
+        parts = parts[2:]
+    return ROLES.get(".".join(parts[:2]), "replicated")
 
 
 def _few(keys: set[str], n: int = 6) -> str:

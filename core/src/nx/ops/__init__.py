@@ -3,7 +3,8 @@
 from nx.ops.activations import activation
 from nx.ops.alibi import alibi_slopes
 from nx.ops.attention import attend, causal_padding_mask, update_cache
-from nx.ops.linear import linear, lm_head
+from nx.ops.embedding import embed, logits
+from nx.ops.linear import linear, lm_head, row_parallel_linear
 from nx.ops.mlp import mlp
 from nx.ops.norms import layer_norm, norm, rms_norm
 from nx.ops.rotary import apply_rotary, rope_inv_freq
@@ -14,6 +15,8 @@ __all__ = [
     "apply_rotary",
     "attend",
     "causal_padding_mask",
+    "embed",
+    "logits",
     "layer_norm",
     "linear",
     "lm_head",
@@ -21,5 +24,6 @@ __all__ = [
     "norm",
     "rms_norm",
     "rope_inv_freq",
+    "row_parallel_linear",
     "update_cache",
 ]

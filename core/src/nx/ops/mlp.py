@@ -5,15 +5,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from nx.ops.activations import activation
-from nx.ops.linear import linear
+from nx.ops.linear import linear, row_parallel_linear
 
 
-def mlp(x: jnp.ndarray, p: dict, act: str, gated: bool) -> jnp.ndarray:
-    """`p` holds ``up`` (for gated MLPs gate and up fused as ``[in, 2*inter]``) and ``down``."""
+def mlp(x: jnp.ndarray, p: dict, act: str, gated: bool, axis: str | None = None) -> jnp.ndarray:
+    """`p` holds ``up`` (for gated MLPs gate and up fused as ``[in, 2*inter]``) and ``down``.
+    With tensor-parallel `axis`, ``up`` is column-split and ``down`` row-split (one all-reduce)."""
     h = linear(x, p["up"])
     if gated:
         gate, up = jnp.split(h, 2, axis=-1)
         h = activation(act)(gate) * up
     else:
         h = activation(act)(h)
-    return linear(h, p["down"])
+    return row_parallel_linear(h, p["down"], axis)

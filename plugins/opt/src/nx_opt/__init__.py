@@ -20,7 +20,9 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         raise ConfigError("opt: layer_norm_elementwise_affine=False (LayerNorms without weights) is not supported")
     hidden = cfg.hidden_size
     if hidden % cfg.num_attention_heads:
-        raise ConfigError(f"opt: hidden_size={hidden} is not a multiple of num_attention_heads={cfg.num_attention_heads}")
+        raise ConfigError(
+            f"opt: hidden_size={hidden} is not a multiple of num_attention_heads={cfg.num_attention_heads}"
+        )
     proj = getattr(cfg, "word_embed_proj_dim", None) or hidden
     pre_norm = bool(getattr(cfg, "do_layer_norm_before", True))
     return ModelSpec(

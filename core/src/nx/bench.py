@@ -1,0 +1,300 @@
+"""`nx bench`: how fast one model compiles, answers and decodes, and how close it runs to the
+memory-bandwidth bound.
+
+For each batch size the model is loaded (``compile=False``), its default programs are compiled
+and timed (cold compile), then for each prompt length a prompt of random token ids is generated
+greedily for exactly `new_tokens` tokens (EOS is banned through ``min_new_tokens``, so every run
+does the same work). `NxModel.stream` yields each step's tokens once they reach the host; the
+timestamps give time to first token (prefill + first token), the per-step decode latencies and
+the aggregate decode rate. Random ids mean no tokenizer is needed: the programs do the same work
+whatever the ids are.
+
+Bytes per decode step are the parameter bytes (every leaf of the parameter tree; a decode step
+reads every weight once for the whole batch, except that an untied embedding table is only
+gathered from, so for such models this is an upper bound) plus the KV cache bytes the step
+attends to (its position bucket's share of the cache: padding slots are masked, not skipped).
+Achieved bandwidth is those bytes times the decode steps over the decode time.
+
+Peak resident memory is the process's ``ru_maxrss``: with several batch sizes in one run, later
+ones include the peaks of earlier ones; run one batch size per invocation for a clean figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nx import buckets
+from nx.errors import ConfigError
+
+DEFAULT_BATCH_SIZES = (1, 8)
+DEFAULT_PROMPT_LENGTHS = (16, 128, 512)
+DEFAULT_NEW_TOKENS = 128
+
+
+@dataclass
+class StepTimes:
+    """Timestamps of one greedy run: `ttft_s` from the call to the first token on the host, then
+    the gap before each following step's tokens (`steps_s`, one per decode step)."""
+
+    rows: int
+    ttft_s: float
+    steps_s: list[float]
+
+    @property
+    def decode_s(self) -> float:
+        return float(sum(self.steps_s))
+
+    def summary(self) -> dict[str, float]:
+        """TTFT, aggregate decode tokens/s (all rows) and per-step latency percentiles in ms."""
+        steps = np.asarray(self.steps_s, np.float64)
+        out = {
+            "ttft_s": self.ttft_s,
+            "new_tokens": len(self.steps_s) + 1,
+            "decode_steps": len(self.steps_s),
+            "decode_s": self.decode_s,
+            "decode_tokens_per_s": float("nan"),
+            "latency_p50_ms": float("nan"),
+            "latency_p99_ms": float("nan"),
+        }
+        if steps.size and self.decode_s > 0:
+            out["decode_tokens_per_s"] = self.rows * steps.size / self.decode_s
+            out["latency_p50_ms"] = float(np.percentile(steps, 50) * 1e3)
+            out["latency_p99_ms"] = float(np.percentile(steps, 99) * 1e3)
+        return out
+
+
+def time_steps(steps: Callable[[], Any], rows: int) -> StepTimes:
+    """Timestamp every item `steps()` yields (each must already be on the host when yielded)."""
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for _ in steps()]
+    if not stamps:
+        raise ConfigError("the run produced no tokens; ask for at least one new token")
+    return StepTimes(rows, stamps[0] - t0, list(np.diff(stamps)))
+
+
+def time_stream(model: Any, ids: np.ndarray, new_tokens: int) -> StepTimes:
+    """Greedy `model.stream` of exactly `new_tokens` tokens (EOS banned), timestamped per step."""
+    rows = model.config.batch_size
+    return time_steps(lambda: model.stream(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens), rows)
+
+
+def tree_nbytes(tree: Any) -> int:
+    import jax
+
+    return int(sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(tree)))
+
+
+def decode_windows(model: Any, prompt_tokens: int, new_tokens: int) -> list[int]:
+    """The position bucket each decode step runs in (step t feeds the token at slot prompt + t - 1)."""
+    pos = list(model.config.n_positions)
+    return [buckets.pick(pos, prompt_tokens + t, "", "") for t in range(1, new_tokens)]
+
+
+def bytes_per_step(model: Any, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
+    """Weight bytes and mean KV-cache bytes one decode step reads (see the module docstring)."""
+    weights = tree_nbytes(model.params)
+    cache = tree_nbytes(model.caches)
+    windows = decode_windows(model, prompt_tokens, new_tokens) or [model.config.n_positions[0]]
+    kv = float(np.mean([cache * w / model.config.max_positions for w in windows]))
+    return {"weight_bytes_per_step": weights, "kv_bytes_per_step": kv, "bytes_per_step": weights + kv}
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM, load average and library versions, for the record."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for dist in ("nx-core", "jax", "jaxlib", "numpy", "torch", "transformers", "llama-cpp-python"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[dist] = version(dist)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = None
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_bytes": ram,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "versions": versions,
+    }
+
+
+def random_prompt(vocab: int, rows: int, length: int, seed: int) -> np.ndarray:
+    """Random token ids ``[rows, length]`` (no tokenizer needed; the work does not depend on ids)."""
+    return np.random.default_rng(seed).integers(0, vocab, (rows, length), dtype=np.int64)
+
+
+def bench_model(model: Any, prompt_lengths: Sequence[int], new_tokens: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Measure an already compiled model at each prompt length (one warm-up run per length first)."""
+    results = []
+    rows = model.config.prompt_batch_size
+    for i, length in enumerate(prompt_lengths):
+        ids = random_prompt(model.spec.vocab_size, rows, length, seed + i)
+        time_stream(model, ids, min(2, new_tokens))  # warm-up: chunked prefill compiles on first use
+        timing = time_stream(model, ids, new_tokens)
+        row: dict[str, Any] = {"prompt_tokens": length, **timing.summary()}
+        row.update(bytes_per_step(model, length, new_tokens))
+        row["bytes_per_token"] = row["bytes_per_step"] / model.config.batch_size
+        row["bandwidth_gbs"] = (
+            row["bytes_per_step"] * row["decode_steps"] / row["decode_s"] / 1e9 if row["decode_s"] > 0 else float("nan")
+        )
+        results.append(row)
+    return results
+
+
+def _check_fits(n_positions: int | Sequence[int], prompt_lengths: Sequence[int], new_tokens: int) -> None:
+    largest = buckets.position_buckets(n_positions)[-1]
+    need = max(prompt_lengths) + new_tokens
+    if need > largest:
+        raise ConfigError(
+            f"a {max(prompt_lengths)}-token prompt plus {new_tokens} new tokens needs {need} positions but the "
+            f"largest n_positions bucket is {largest}; pass --n-positions {need} or lower --prompt-lengths/--new-tokens"
+        )
+
+
+def run(
+    target: str,
+    path: str | None = None,
+    *,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    prompt_lengths: Sequence[int] = DEFAULT_PROMPT_LENGTHS,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    amp: str = "f32",
+    n_positions: int | Sequence[int] = 1024,
+    context_length_estimate: int | Sequence[int] | None = None,
+    backend: str = "cpu",
+    seed: int = 0,
+    progress: bool | None = False,
+    log: Callable[[str], None] | None = None,
+    **load_options: Any,
+) -> dict[str, Any]:
+    """Benchmark `target` (a family, with `path`; or a path alone) at each batch size; returns a
+    JSON-ready dict (see the module docstring for what each figure means)."""
+    import nx
+
+    if not batch_sizes or not prompt_lengths:
+        raise ConfigError("give at least one batch size and one prompt length")
+    if any(b < 1 for b in batch_sizes) or any(n < 1 for n in prompt_lengths):
+        raise ConfigError("batch sizes and prompt lengths must be positive")
+    if new_tokens < 2:
+        raise ConfigError(f"new_tokens must be >= 2 (one prefill token plus decode steps), got {new_tokens}")
+    _check_fits(n_positions, prompt_lengths, new_tokens)
+    say = log or (lambda _msg: None)
+    args = (target, path) if path else (target,)
+    result: dict[str, Any] = {
+        "tool": "nx bench",
+        "target": str(target),
+        "path": str(path) if path else None,
+        "amp": amp,
+        "backend": backend,
+        "new_tokens": new_tokens,
+        "prompt_lengths": list(prompt_lengths),
+        "load_options": dict(load_options),
+        "machine": machine_info(),
+        "runs": [],
+    }
+    for b in batch_sizes:
+        gc.collect()
+        rss_before = peak_rss_bytes()
+        say(f"batch {b}: loading")
+        t0 = time.perf_counter()
+        model = nx.load(
+            *args,
+            batch_size=b,
+            n_positions=n_positions,
+            context_length_estimate=context_length_estimate,
+            amp=amp,
+            backend=backend,
+            compile=False,
+            progress=progress,
+            **load_options,
+        )
+        load_s = time.perf_counter() - t0
+        shapes = model.program_shapes()
+        say(f"batch {b}: compiling {len(shapes)} programs")
+        t0 = time.perf_counter()
+        model.compile(progress)
+        compile_s = time.perf_counter() - t0
+        say(f"batch {b}: measuring prompt lengths {list(prompt_lengths)} x {new_tokens} new tokens")
+        prompts = bench_model(model, prompt_lengths, new_tokens, seed)
+        weights, cache = tree_nbytes(model.params), tree_nbytes(model.caches)
+        peak = peak_rss_bytes()
+        result["runs"].append(
+            {
+                "batch_size": b,
+                "n_positions": list(model.config.n_positions),
+                "context_buckets": list(model.config.context_buckets),
+                "n_programs": len(shapes),
+                "load_s": load_s,
+                "compile_s": compile_s,
+                "weight_bytes": weights,
+                "kv_cache_bytes": cache,
+                "peak_rss_bytes": peak,
+                "peak_rss_before_load_bytes": rss_before,
+                "peak_rss_ratio": peak / (weights + cache),
+                "prompts": prompts,
+            }
+        )
+        del model
+    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text report of `run`'s result."""
+    mb = 1e6
+    lines = [
+        f"nx bench {result['target']} {result['path'] or ''}  amp={result['amp']}  new_tokens={result['new_tokens']}",
+        f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+        f"load average {', '.join(f'{x:.2f}' for x in result['machine']['load_average'] or [])}",
+    ]
+    for r in result["runs"]:
+        lines.append(
+            f"\nbatch {r['batch_size']}: load {r['load_s']:.2f} s, cold compile {r['compile_s']:.2f} s "
+            f"({r['n_programs']} programs; positions {r['n_positions']}, prompts {r['context_buckets']}), "
+            f"weights {r['weight_bytes'] / mb:.1f} MB, KV cache {r['kv_cache_bytes'] / mb:.1f} MB, "
+            f"peak RSS {r['peak_rss_bytes'] / mb:.0f} MB ({r['peak_rss_ratio']:.2f}x weights+cache)"
+        )
+        lines.append(
+            f"  {'prompt':>6} {'TTFT ms':>9} {'decode tok/s':>12} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'MB/token':>9} {'GB/s':>7}"
+        )
+        for p in r["prompts"]:
+            lines.append(
+                f"  {p['prompt_tokens']:>6} {p['ttft_s'] * 1e3:>9.1f} {p['decode_tokens_per_s']:>12.1f} "
+                f"{p['latency_p50_ms']:>8.2f} {p['latency_p99_ms']:>8.2f} {p['bytes_per_token'] / mb:>9.1f} "
+                f"{p['bandwidth_gbs']:>7.2f}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""`nx bench` on a tiny checkpoint without a tokenizer: the JSON report is complete and consistent.
+
+This checks the harness (keys, positive figures, bytes/time arithmetic), never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from nx.cli import main
+from tests.cases.llama import CASES
+
+CASE = CASES[0]
+PROMPTS = [8, 40]  # 40 > the largest prompt bucket (32): exercises chunked prefill
+NEW = 6
+
+RUN_KEYS = {
+    "batch_size", "n_positions", "context_buckets", "n_programs", "load_s", "compile_s", "weight_bytes",
+    "kv_cache_bytes", "peak_rss_bytes", "peak_rss_before_load_bytes", "peak_rss_ratio", "prompts",
+}
+PROMPT_KEYS = {
+    "prompt_tokens", "ttft_s", "new_tokens", "decode_steps", "decode_s", "decode_tokens_per_s", "latency_p50_ms",
+    "latency_p99_ms", "weight_bytes_per_step", "kv_bytes_per_step", "bytes_per_step", "bytes_per_token",
+    "bandwidth_gbs",
+}
+
+
+@pytest.fixture(scope="module")
+def report(saved_case):
+    _, path = saved_case(CASE)
+    args = ["bench", "llama", path, "--batch-sizes", "1,2", "--prompt-lengths", ",".join(map(str, PROMPTS)),
+            "--new-tokens", str(NEW), "--n-positions", "64", "--context-length-estimate", "16,32", "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_report_has_every_figure(report):
+    assert report["new_tokens"] == NEW and report["prompt_lengths"] == PROMPTS
+    assert report["machine"]["cores"] >= 1 and "nx-core" in report["machine"]["versions"]
+    assert [r["batch_size"] for r in report["runs"]] == [1, 2]
+    for run in report["runs"]:
+        assert set(run) >= RUN_KEYS
+        assert run["n_positions"] == [64] and run["context_buckets"] == [16, 32]
+        assert run["n_programs"] == 3
+        assert [p["prompt_tokens"] for p in run["prompts"]] == PROMPTS
+        for p in run["prompts"]:
+            assert set(p) >= PROMPT_KEYS
+
+
+def test_figures_are_positive_and_consistent(report, saved_case):
+    hf, _ = saved_case(CASE)
+    n_params = sum(t.numel() for t in hf.parameters())
+    cfg = hf.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for run in report["runs"]:
+        b = run["batch_size"]
+        for key in ("load_s", "compile_s", "peak_rss_bytes", "peak_rss_ratio"):
+            assert run[key] > 0, key
+        # f32 weights: 4 bytes per HF parameter (tied or fused layouts change names, not bytes)
+        assert run["weight_bytes"] == 4 * n_params
+        assert run["kv_cache_bytes"] == 2 * cfg.num_hidden_layers * b * 64 * cfg.num_key_value_heads * head_dim * 4
+        assert run["peak_rss_bytes"] >= run["peak_rss_before_load_bytes"]
+        for p in run["prompts"]:
+            assert p["new_tokens"] == NEW and p["decode_steps"] == NEW - 1
+            for key in ("ttft_s", "decode_s", "decode_tokens_per_s", "latency_p50_ms", "latency_p99_ms",
+                        "bytes_per_step", "bandwidth_gbs"):
+                assert p[key] > 0 and math.isfinite(p[key]), key
+            assert p["latency_p50_ms"] <= p["latency_p99_ms"]
+            assert math.isclose(p["decode_tokens_per_s"], b * (NEW - 1) / p["decode_s"], rel_tol=1e-9)
+            # one 64-position bucket: every decode step attends to the whole cache
+            assert p["kv_bytes_per_step"] == run["kv_cache_bytes"]
+            assert p["bytes_per_step"] == run["weight_bytes"] + run["kv_cache_bytes"]
+            assert math.isclose(p["bytes_per_token"], p["bytes_per_step"] / b, rel_tol=1e-9)
+            gbs = p["bytes_per_step"] * p["decode_steps"] / p["decode_s"] / 1e9
+            assert math.isclose(p["bandwidth_gbs"], gbs, rel_tol=1e-9)
+
+
+def test_table_report(saved_case):
+    _, path = saved_case(CASE)
+    res = CliRunner().invoke(main, ["bench", "llama", path, "--batch-sizes", "1", "--prompt-lengths", "8",
+                                    "--new-tokens", "3", "--n-positions", "64", "--context-length-estimate", "16"])
+    assert res.exit_code == 0, res.output
+    assert "cold compile" in res.stdout and "decode tok/s" in res.stdout and "GB/s" in res.stdout
+
+
+def test_too_long_is_one_clear_line(saved_case):
+    _, path = saved_case(CASE)
+    res = CliRunner().invoke(main, ["bench", "llama", path, "--prompt-lengths", "60", "--new-tokens", "8",
+                                    "--n-positions", "64"])
+    assert res.exit_code == 2 and "--n-positions 68" in res.stderr and "Traceback" not in res.output
