@@ -155,3 +155,23 @@ def test_tensor_parallel_batch1_long_prompt(case, saved_case):
     model = _tp_model(case, path, 2, 1)
     ids, mask = left_padded([21], case.vocab, seed=21)
     _assert_same_greedy(hf, model, ids, mask)
+
+
+@pytest.mark.parametrize("case", list(FIRST_OF_FAMILY.values()), ids=str)
+def test_base_model_checkpoint_without_prefix(case, saved_case, tmp_path):
+    """Checkpoints saved from the bare base model (keys without ``transformer.``/``model.``, as many
+    hub originals are) load too; for tied heads the logits match the full HF model."""
+    hf, _ = saved_case(case)
+    hf.base_model.save_pretrained(tmp_path)
+    fam = nx.registry.get_family(case.family)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+        assert not any(k.startswith(fam.base_prefix) for k in f.keys())  # noqa: SIM118
+    if not hf.config.tie_word_embeddings:
+        with pytest.raises(nx.WeightKeyError, match="missing"):
+            nx.load(case.family, tmp_path, compile=False, progress=False, **BUCKETS)
+        return
+    model = nx.load(case.family, tmp_path, batch_size=1, compile=False, progress=False, **BUCKETS)
+    ids, mask = left_padded([7], case.vocab, seed=2)
+    _assert_close_logits(hf, model, ids, mask)

@@ -77,6 +77,42 @@ def split_heads_qkv(n_heads: int, head_dim: int, layout: str = "hqd") -> Callabl
 WeightMap = Mapping[str, Weight]
 
 
+def norm(src: str, dst: str, size: int, bias: bool = True) -> dict[str, Weight]:
+    """A norm's ``src.weight`` (and ``src.bias``) as nx's ``dst.w`` (and ``dst.b``)."""
+    out = {f"{dst}.w": tensor(f"{src}.weight", (size,))}
+    if bias:
+        out[f"{dst}.b"] = tensor(f"{src}.bias", (size,))
+    return out
+
+
+def dense(src: str, dst: str, shape: tuple[int, int], bias: bool = True, conv1d: bool = False) -> dict[str, Weight]:
+    """A torch ``nn.Linear`` (or GPT-2 ``Conv1D``, already ``[in, out]``) named `src` as nx's
+    ``dst.w`` ``[in, out]`` plus ``dst.b`` if it has a bias."""
+    out = {f"{dst}.w": (tensor if conv1d else linear)(f"{src}.weight", shape)}
+    if bias:
+        out[f"{dst}.b"] = tensor(f"{src}.bias", shape[1:])
+    return out
+
+
+def fused_dense(srcs: tuple[str, ...], dst: str, shape: tuple[int, int], bias: bool = True) -> dict[str, Weight]:
+    """Several ``nn.Linear`` (q, k, v or gate, up) fused into nx's ``dst.w`` ``[in, sum(out)]``."""
+    out = {f"{dst}.w": fused_linear(tuple(f"{s}.weight" for s in srcs), shape)}
+    if bias:
+        out[f"{dst}.b"] = fused_vector(tuple(f"{s}.bias" for s in srcs), shape[1:])
+    return out
+
+
+def per_head_qkv(src: str, dst: str, n_heads: int, head_dim: int, hidden: int, bias: bool = True) -> dict[str, Weight]:
+    """A fused ``query_key_value`` whose output rows are laid out ``[heads, 3, head_dim]`` (BLOOM,
+    GPT-NeoX) as nx's ``[q | k | v]`` ``dst.w`` ``[hidden, 3 * heads * head_dim]`` (+ ``dst.b``)."""
+    reorder = split_heads_qkv(n_heads, head_dim)
+    width = 3 * n_heads * head_dim
+    out = {f"{dst}.w": Weight((f"{src}.weight",), lambda a: np.ascontiguousarray(reorder(a).T), (hidden, width))}
+    if bias:
+        out[f"{dst}.b"] = Weight((f"{src}.bias",), reorder, (width,))
+    return out
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family registered by a plugin.
@@ -86,6 +122,9 @@ class Family:
     - `weights` maps every nx parameter name (``embed.w``, ``layers.3.qkv.w`` ...) to a `Weight`.
     - `ignore` lists regexes of checkpoint keys that are known and deliberately unused (buffers,
       a duplicate tied lm head); any other unused key is reported as unexpected.
+    - `base_prefix` is the HF ``base_model_prefix`` plus a dot (``"transformer."``, ``"model."``):
+      checkpoints saved from the bare base model (as many hub originals are) lack it, and nx adds
+      it back, like ``transformers`` does.
     - `from_gguf(gguf_name, hf_config)` gives the HF name of a llama.cpp tensor and a function
       fixing its layout (or None to drop it), for families that load GGUF files.
     """
@@ -96,6 +135,7 @@ class Family:
     weights: Callable[[ModelSpec], WeightMap]
     architectures: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    base_prefix: str = ""
     from_gguf: Callable[[str, Any], tuple[str, Callable[[Array], Array]] | None] | None = None
     description: str = ""
     plugin: str = field(default="", compare=False)

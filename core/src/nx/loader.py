@@ -106,10 +106,18 @@ def check_memory(family: Family, spec, config: RuntimeConfig, per_device: int | 
     memory.check_fits(weights, cache, per_device, config.tp_degree, sharding.valid_degrees(spec), len(devs[0].client.devices()))
 
 
+def with_base_prefix(tensors: TensorSource, prefix: str) -> TensorSource:
+    """A view adding `prefix` to every key, if no key has it yet (a bare base-model checkpoint)."""
+    if not prefix or any(k.startswith(prefix) for k in tensors):
+        return tensors
+    return TensorSource({prefix + k: v for k, v in tensors.shapes.items()}, lambda k: tensors[k[len(prefix) :]])
+
+
 def hf_tensors(family: Family, ckpt: Checkpoint) -> TensorSource:
-    """The checkpoint's tensors under HF names (GGUF files are renamed through the family)."""
+    """The checkpoint's tensors under the HF names the family expects: GGUF files are renamed
+    through the family; base-model checkpoints get the family's `base_prefix` added."""
     if ckpt.format != "gguf":
-        return ckpt.tensors
+        return with_base_prefix(ckpt.tensors, family.base_prefix)
     if family.from_gguf is None:
         raise CheckpointError(f"the {family.name} family cannot load GGUF files; use an HF checkpoint directory")
     renamed: dict[str, tuple[str, Any]] = {}

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 import nx
 from nx.errors import ConfigError
-from nx.family import Family, Weight, WeightMap, linear, split_heads_qkv, tensor
+from nx.family import Family, WeightMap, dense, norm, per_head_qkv, tensor
 from nx.spec import ModelSpec
 
 
@@ -37,39 +35,24 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     )
 
 
-def _qkv(spec: ModelSpec, key: str, shape: tuple[int, ...]) -> Weight:
-    """``query_key_value`` rows ``[heads, 3, head_dim]`` -> nx's ``[q | k | v]``; weights then to ``[in, out]``."""
-    reorder = split_heads_qkv(spec.n_heads, spec.head_dim)
-    if len(shape) == 1:
-        return Weight((key,), reorder, shape)
-    return Weight((key,), lambda a: np.ascontiguousarray(reorder(a).T), shape)
-
-
 def weights(spec: ModelSpec) -> WeightMap:
     h, v, inter = spec.hidden_size, spec.vocab_size, spec.intermediate_size
     top = "transformer."
     w = {
         "embed.w": tensor(top + "word_embeddings.weight", (v, h)),
-        "embed_norm.w": tensor(top + "word_embeddings_layernorm.weight", (h,)),
-        "embed_norm.b": tensor(top + "word_embeddings_layernorm.bias", (h,)),
-        "final_norm.w": tensor(top + "ln_f.weight", (h,)),
-        "final_norm.b": tensor(top + "ln_f.bias", (h,)),
+        **norm(top + "word_embeddings_layernorm", "embed_norm", h),
+        **norm(top + "ln_f", "final_norm", h),
     }
     if not spec.tied_lm_head:
         w["lm_head.w"] = tensor("lm_head.weight", (v, h))  # [vocab, hidden], like a tied table
     for i in range(spec.n_layers):
         src, dst = f"{top}h.{i}.", f"layers.{i}."
-        for ln, nxname in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")):
-            w[f"{dst}{nxname}.w"] = tensor(f"{src}{ln}.weight", (h,))
-            w[f"{dst}{nxname}.b"] = tensor(f"{src}{ln}.bias", (h,))
-        w[dst + "qkv.w"] = _qkv(spec, src + "self_attention.query_key_value.weight", (h, spec.qkv_dim))
-        w[dst + "qkv.b"] = _qkv(spec, src + "self_attention.query_key_value.bias", (spec.qkv_dim,))
-        w[dst + "o.w"] = linear(src + "self_attention.dense.weight", (h, h))
-        w[dst + "o.b"] = tensor(src + "self_attention.dense.bias", (h,))
-        w[dst + "up.w"] = linear(src + "mlp.dense_h_to_4h.weight", (h, inter))
-        w[dst + "up.b"] = tensor(src + "mlp.dense_h_to_4h.bias", (inter,))
-        w[dst + "down.w"] = linear(src + "mlp.dense_4h_to_h.weight", (inter, h))
-        w[dst + "down.b"] = tensor(src + "mlp.dense_4h_to_h.bias", (h,))
+        w |= norm(src + "input_layernorm", dst + "attn_norm", h)
+        w |= norm(src + "post_attention_layernorm", dst + "mlp_norm", h)
+        w |= per_head_qkv(src + "self_attention.query_key_value", dst + "qkv", spec.n_heads, spec.head_dim, h)
+        w |= dense(src + "self_attention.dense", dst + "o", (h, h))
+        w |= dense(src + "mlp.dense_h_to_4h", dst + "up", (h, inter))
+        w |= dense(src + "mlp.dense_4h_to_h", dst + "down", (inter, h))
     return w
 
 
@@ -79,6 +62,7 @@ FAMILY = Family(
     architectures=("BloomForCausalLM",),
     spec_from_config=spec_from_config,
     weights=weights,
+    base_prefix="transformer.",
     ignore=(r"lm_head\.weight",),
     description="BLOOM: ALiBi, embedding LayerNorm, interleaved fused query_key_value, GELU (tanh)",
 )

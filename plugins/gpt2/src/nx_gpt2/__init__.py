@@ -6,7 +6,7 @@ from typing import Any
 
 import nx
 from nx.errors import ConfigError
-from nx.family import Family, WeightMap, tensor
+from nx.family import Family, WeightMap, dense, norm, tensor
 from nx.hfconfig import activation_name
 from nx.spec import ModelSpec
 
@@ -38,21 +38,18 @@ def weights(spec: ModelSpec) -> WeightMap:
     w = {
         "embed.w": tensor("transformer.wte.weight", (v, h)),
         "pos.w": tensor("transformer.wpe.weight", (spec.max_positions, h)),
-        "final_norm.w": tensor("transformer.ln_f.weight", (h,)),
-        "final_norm.b": tensor("transformer.ln_f.bias", (h,)),
+        **norm("transformer.ln_f", "final_norm", h),
     }
     if not spec.tied_lm_head:
         w["lm_head.w"] = tensor("lm_head.weight", (v, h))  # kept [vocab, hidden] like a tied table
-    shapes = {"attn.c_attn": (h, 3 * h), "attn.c_proj": (h, h), "mlp.c_fc": (h, inter), "mlp.c_proj": (inter, h)}
-    names = {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "up", "mlp.c_proj": "down"}
     for i in range(spec.n_layers):
         src, dst = f"transformer.h.{i}.", f"layers.{i}."
-        for ln, nxname in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
-            w[f"{dst}{nxname}.w"] = tensor(f"{src}{ln}.weight", (h,))
-            w[f"{dst}{nxname}.b"] = tensor(f"{src}{ln}.bias", (h,))
-        for hf, shape in shapes.items():  # Conv1D weights are already [in, out]
-            w[f"{dst}{names[hf]}.w"] = tensor(f"{src}{hf}.weight", shape)
-            w[f"{dst}{names[hf]}.b"] = tensor(f"{src}{hf}.bias", shape[1:])
+        w |= norm(src + "ln_1", dst + "attn_norm", h) | norm(src + "ln_2", dst + "mlp_norm", h)
+        # Conv1D weights are already [in, out]
+        w |= dense(src + "attn.c_attn", dst + "qkv", (h, 3 * h), conv1d=True)
+        w |= dense(src + "attn.c_proj", dst + "o", (h, h), conv1d=True)
+        w |= dense(src + "mlp.c_fc", dst + "up", (h, inter), conv1d=True)
+        w |= dense(src + "mlp.c_proj", dst + "down", (inter, h), conv1d=True)
     return w
 
 
@@ -62,6 +59,7 @@ FAMILY = Family(
     architectures=("GPT2LMHeadModel",),
     spec_from_config=spec_from_config,
     weights=weights,
+    base_prefix="transformer.",
     ignore=(r"transformer\.h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
     description="GPT-2: learned positions, LayerNorm, GELU, fused c_attn",
 )

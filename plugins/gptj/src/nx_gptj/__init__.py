@@ -7,7 +7,7 @@ from typing import Any
 
 import nx
 from nx.errors import ConfigError
-from nx.family import Family, WeightMap, fused_linear, linear, tensor
+from nx.family import Family, WeightMap, dense, fused_dense, norm, tensor
 from nx.hfconfig import activation_name
 from nx.spec import ModelSpec, RopeSpec
 
@@ -59,23 +59,18 @@ def weights(spec: ModelSpec) -> WeightMap:
     h, v, inter = spec.hidden_size, spec.vocab_size, spec.intermediate_size
     w = {
         "embed.w": tensor("transformer.wte.weight", (v, h)),
-        "final_norm.w": tensor("transformer.ln_f.weight", (h,)),
-        "final_norm.b": tensor("transformer.ln_f.bias", (h,)),
+        **norm("transformer.ln_f", "final_norm", h),
         "lm_head.b": tensor("lm_head.bias", (v,)),
     }
     if not spec.tied_lm_head:
         w["lm_head.w"] = tensor("lm_head.weight", (v, h))  # [vocab, hidden], like the embedding
     for i in range(spec.n_layers):
         src, dst = f"transformer.h.{i}.", f"layers.{i}."
-        w[dst + "attn_norm.w"] = tensor(src + "ln_1.weight", (h,))
-        w[dst + "attn_norm.b"] = tensor(src + "ln_1.bias", (h,))
-        qkv = tuple(f"{src}attn.{n}_proj.weight" for n in "qkv")
-        w[dst + "qkv.w"] = fused_linear(qkv, (h, spec.qkv_dim))
-        w[dst + "o.w"] = linear(src + "attn.out_proj.weight", (h, h))
-        w[dst + "up.w"] = linear(src + "mlp.fc_in.weight", (h, inter))
-        w[dst + "up.b"] = tensor(src + "mlp.fc_in.bias", (inter,))
-        w[dst + "down.w"] = linear(src + "mlp.fc_out.weight", (inter, h))
-        w[dst + "down.b"] = tensor(src + "mlp.fc_out.bias", (h,))
+        w |= norm(src + "ln_1", dst + "attn_norm", h)
+        w |= fused_dense(tuple(f"{src}attn.{n}_proj" for n in "qkv"), dst + "qkv", (h, spec.qkv_dim), bias=False)
+        w |= dense(src + "attn.out_proj", dst + "o", (h, h), bias=False)
+        w |= dense(src + "mlp.fc_in", dst + "up", (h, inter))
+        w |= dense(src + "mlp.fc_out", dst + "down", (inter, h))
     return w
 
 
@@ -85,6 +80,7 @@ FAMILY = Family(
     architectures=("GPTJForCausalLM",),
     spec_from_config=spec_from_config,
     weights=weights,
+    base_prefix="transformer.",
     ignore=(r"transformer\.h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"),
     description="GPT-J: interleaved partial rotary, parallel attention + MLP from one LayerNorm",
 )

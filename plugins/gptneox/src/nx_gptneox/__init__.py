@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 import nx
 from nx.errors import ConfigError
-from nx.family import Family, Weight, WeightMap, linear, split_heads_qkv, tensor
+from nx.family import Family, WeightMap, dense, norm, per_head_qkv, tensor
 from nx.hfconfig import activation_name, partial_rotary_factor, rope_parameters
 from nx.spec import ModelSpec, RopeSpec
 
@@ -49,38 +47,20 @@ def spec_from_config(cfg: Any) -> ModelSpec:
     )
 
 
-def _fused_qkv(key: str, spec: ModelSpec, shape: tuple[int, ...]) -> Weight:
-    """``query_key_value`` rows ``[heads, 3, head_dim]`` -> nx ``[q | k | v]`` (weights transposed to [in, out])."""
-    reorder = split_heads_qkv(spec.n_heads, spec.head_dim)
-    if len(shape) == 1:
-        return Weight((key,), reorder, shape)
-    return Weight((key,), lambda a: np.ascontiguousarray(reorder(a).T), shape)
-
-
 def weights(spec: ModelSpec) -> WeightMap:
     h, v, inter = spec.hidden_size, spec.vocab_size, spec.intermediate_size
     bias = spec.extras.get("attention_bias", True)
-    w = {
-        "embed.w": tensor("gpt_neox.embed_in.weight", (v, h)),
-        "final_norm.w": tensor("gpt_neox.final_layer_norm.weight", (h,)),
-        "final_norm.b": tensor("gpt_neox.final_layer_norm.bias", (h,)),
-    }
+    w = {"embed.w": tensor("gpt_neox.embed_in.weight", (v, h)), **norm("gpt_neox.final_layer_norm", "final_norm", h)}
     if not spec.tied_lm_head:
         w["lm_head.w"] = tensor("embed_out.weight", (v, h))  # [vocab, hidden], like the embedding
     for i in range(spec.n_layers):
         src, dst = f"gpt_neox.layers.{i}.", f"layers.{i}."
-        for ln, nxname in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")):
-            w[f"{dst}{nxname}.w"] = tensor(f"{src}{ln}.weight", (h,))
-            w[f"{dst}{nxname}.b"] = tensor(f"{src}{ln}.bias", (h,))
-        w[dst + "qkv.w"] = _fused_qkv(src + "attention.query_key_value.weight", spec, (h, 3 * h))
-        w[dst + "o.w"] = linear(src + "attention.dense.weight", (h, h))
-        if bias:
-            w[dst + "qkv.b"] = _fused_qkv(src + "attention.query_key_value.bias", spec, (3 * h,))
-            w[dst + "o.b"] = tensor(src + "attention.dense.bias", (h,))
-        w[dst + "up.w"] = linear(src + "mlp.dense_h_to_4h.weight", (h, inter))
-        w[dst + "up.b"] = tensor(src + "mlp.dense_h_to_4h.bias", (inter,))
-        w[dst + "down.w"] = linear(src + "mlp.dense_4h_to_h.weight", (inter, h))
-        w[dst + "down.b"] = tensor(src + "mlp.dense_4h_to_h.bias", (h,))
+        w |= norm(src + "input_layernorm", dst + "attn_norm", h)
+        w |= norm(src + "post_attention_layernorm", dst + "mlp_norm", h)
+        w |= per_head_qkv(src + "attention.query_key_value", dst + "qkv", spec.n_heads, spec.head_dim, h, bias)
+        w |= dense(src + "attention.dense", dst + "o", (h, h), bias)
+        w |= dense(src + "mlp.dense_h_to_4h", dst + "up", (h, inter))
+        w |= dense(src + "mlp.dense_4h_to_h", dst + "down", (inter, h))
     return w
 
 
@@ -90,6 +70,7 @@ FAMILY = Family(
     architectures=("GPTNeoXForCausalLM",),
     spec_from_config=spec_from_config,
     weights=weights,
+    base_prefix="gpt_neox.",
     ignore=(
         r"gpt_neox\.layers\.\d+\.attention\.(masked_)?bias",
         r"gpt_neox\.layers\.\d+\.attention\.rotary_emb\.inv_freq",

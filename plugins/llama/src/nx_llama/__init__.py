@@ -10,7 +10,7 @@ import numpy as np
 
 import nx
 from nx.checkpoint import unpermute_gguf_rotary
-from nx.family import Family, WeightMap, fused_linear, fused_vector, linear, tensor
+from nx.family import Family, WeightMap, dense, fused_dense, norm, tensor
 from nx.hfconfig import activation_name, rope_parameters
 from nx.spec import ModelSpec, RopeSpec
 
@@ -45,25 +45,19 @@ def spec_from_config(cfg: Any) -> ModelSpec:
 def weights(spec: ModelSpec) -> WeightMap:
     h, v, d = spec.hidden_size, spec.vocab_size, spec.head_dim
     inter = spec.intermediate_size
-    w = {"embed.w": tensor("model.embed_tokens.weight", (v, h)), "final_norm.w": tensor("model.norm.weight", (h,))}
+    attn_bias, mlp_bias = spec.extras.get("attention_bias", False), spec.extras.get("mlp_bias", False)
+    w = {"embed.w": tensor("model.embed_tokens.weight", (v, h)), **norm("model.norm", "final_norm", h, bias=False)}
     if not spec.tied_lm_head:
         w["lm_head.w"] = tensor("lm_head.weight", (v, h))  # [vocab, hidden], like the embedding
     for i in range(spec.n_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
+        w |= norm(src + "input_layernorm", dst + "attn_norm", h, bias=False)
+        w |= norm(src + "post_attention_layernorm", dst + "mlp_norm", h, bias=False)
         qkv = tuple(f"{src}self_attn.{n}_proj" for n in "qkv")
-        gate_up = (f"{src}mlp.gate_proj", f"{src}mlp.up_proj")
-        w[dst + "attn_norm.w"] = tensor(src + "input_layernorm.weight", (h,))
-        w[dst + "qkv.w"] = fused_linear(tuple(k + ".weight" for k in qkv), (h, spec.qkv_dim))
-        w[dst + "o.w"] = linear(src + "self_attn.o_proj.weight", (spec.n_heads * d, h))
-        w[dst + "mlp_norm.w"] = tensor(src + "post_attention_layernorm.weight", (h,))
-        w[dst + "up.w"] = fused_linear(tuple(k + ".weight" for k in gate_up), (h, 2 * inter))
-        w[dst + "down.w"] = linear(src + "mlp.down_proj.weight", (inter, h))
-        if spec.extras.get("attention_bias"):
-            w[dst + "qkv.b"] = fused_vector(tuple(k + ".bias" for k in qkv), (spec.qkv_dim,))
-            w[dst + "o.b"] = tensor(src + "self_attn.o_proj.bias", (h,))
-        if spec.extras.get("mlp_bias"):
-            w[dst + "up.b"] = fused_vector(tuple(k + ".bias" for k in gate_up), (2 * inter,))
-            w[dst + "down.b"] = tensor(src + "mlp.down_proj.bias", (h,))
+        w |= fused_dense(qkv, dst + "qkv", (h, spec.qkv_dim), attn_bias)
+        w |= dense(src + "self_attn.o_proj", dst + "o", (spec.n_heads * d, h), attn_bias)
+        w |= fused_dense((src + "mlp.gate_proj", src + "mlp.up_proj"), dst + "up", (h, 2 * inter), mlp_bias)
+        w |= dense(src + "mlp.down_proj", dst + "down", (inter, h), mlp_bias)
     return w
 
 
@@ -108,6 +102,7 @@ FAMILY = Family(
     architectures=("LlamaForCausalLM",),
     spec_from_config=spec_from_config,
     weights=weights,
+    base_prefix="model.",
     ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"lm_head\.weight"),
     from_gguf=from_gguf,
     description="LLaMA 1/2/3, SmolLM2, TinyLlama: RMSNorm, RoPE, SwiGLU, GQA",

@@ -7,7 +7,7 @@ from typing import Any
 
 import nx
 from nx.errors import ConfigError
-from nx.family import Family, WeightMap, fused_linear, fused_vector, linear, tensor
+from nx.family import Family, WeightMap, dense, fused_dense, norm, tensor
 from nx.hfconfig import activation_name
 from nx.spec import ModelSpec
 
@@ -56,29 +56,21 @@ def weights(spec: ModelSpec) -> WeightMap:
         "pos.w": tensor(top + "embed_positions.weight", (spec.max_positions + spec.position_offset, h)),
     }
     if spec.final_norm:
-        w["final_norm.w"] = tensor(top + "final_layer_norm.weight", (h,))
-        w["final_norm.b"] = tensor(top + "final_layer_norm.bias", (h,))
+        w |= norm(top + "final_layer_norm", "final_norm", h)
     if spec.project_dim:
-        w["project_in.w"] = linear(top + "project_in.weight", (e, h))
-        w["project_out.w"] = linear(top + "project_out.weight", (h, e))
+        w |= dense(top + "project_in", "project_in", (e, h), bias=False)
+        w |= dense(top + "project_out", "project_out", (h, e), bias=False)
     if not spec.tied_lm_head:
         w["lm_head.w"] = tensor("lm_head.weight", (v, e))  # [vocab, embed], like a tied table
     bias = spec.extras.get("bias", True)
     for i in range(spec.n_layers):
         src, dst = f"{top}layers.{i}.", f"layers.{i}."
-        qkv = tuple(f"{src}self_attn.{n}_proj" for n in "qkv")
-        for ln, nxname in (("self_attn_layer_norm", "attn_norm"), ("final_layer_norm", "mlp_norm")):
-            w[f"{dst}{nxname}.w"] = tensor(f"{src}{ln}.weight", (h,))
-            w[f"{dst}{nxname}.b"] = tensor(f"{src}{ln}.bias", (h,))
-        w[dst + "qkv.w"] = fused_linear(tuple(k + ".weight" for k in qkv), (h, spec.qkv_dim))
-        w[dst + "o.w"] = linear(src + "self_attn.out_proj.weight", (h, h))
-        w[dst + "up.w"] = linear(src + "fc1.weight", (h, inter))
-        w[dst + "down.w"] = linear(src + "fc2.weight", (inter, h))
-        if bias:
-            w[dst + "qkv.b"] = fused_vector(tuple(k + ".bias" for k in qkv), (spec.qkv_dim,))
-            w[dst + "o.b"] = tensor(src + "self_attn.out_proj.bias", (h,))
-            w[dst + "up.b"] = tensor(src + "fc1.bias", (inter,))
-            w[dst + "down.b"] = tensor(src + "fc2.bias", (h,))
+        w |= norm(src + "self_attn_layer_norm", dst + "attn_norm", h)
+        w |= norm(src + "final_layer_norm", dst + "mlp_norm", h)
+        w |= fused_dense(tuple(f"{src}self_attn.{n}_proj" for n in "qkv"), dst + "qkv", (h, spec.qkv_dim), bias)
+        w |= dense(src + "self_attn.out_proj", dst + "o", (h, h), bias)
+        w |= dense(src + "fc1", dst + "up", (h, inter), bias)
+        w |= dense(src + "fc2", dst + "down", (inter, h), bias)
     return w
 
 
@@ -88,6 +80,7 @@ FAMILY = Family(
     architectures=("OPTForCausalLM",),
     spec_from_config=spec_from_config,
     weights=weights,
+    base_prefix="model.",
     ignore=(r"lm_head\.weight",),
     description="OPT: learned positions (offset 2), pre/post LayerNorm, ReLU, word_embed_proj_dim projections",
 )
