@@ -112,3 +112,24 @@ def test_long_prompts_are_encoded_in_chunks(pair):
     assert torch.equal(out, ref)
     chunk_programs = {k for k in model._executables if k[1] == 16 and k[2] > 16}
     assert chunk_programs, "expected prefill programs attending past their own chunk"
+
+
+@pytest.mark.parametrize("amp", ["bf16", "f16"])
+def test_reduced_precision_amp(saved_case, amp):
+    """amp casts weights, activations and KV cache; logits stay close to f32 (loose: 16-bit floats
+    keep 8-11 mantissa bits) and the top token is among the f32 model's three most likely."""
+    hf, path = saved_case(CASE)
+    m = nx.load("llama", path, batch_size=2, amp=amp, n_positions=[32], context_length_estimate=[16], progress=False)
+    leaf = m.params["layers"][0]["qkv"]["w"]
+    assert str(leaf.dtype) == {"bf16": "bfloat16", "f16": "float16"}[amp]
+    ids, mask = left_padded([7, 4], CASE.vocab, seed=19)
+    ref = m.logits(ids, mask)
+    from tests.conftest import hf_last_logits
+
+    want = hf_last_logits(hf, ids, mask)
+    scale = float(np.abs(want).max())
+    assert np.abs(ref - want).max() < 0.05 * scale
+    top3 = np.argsort(-want, axis=-1)[:, :3]
+    assert all(ref[r].argmax() in top3[r] for r in range(2))
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[])
+    assert out.shape == (2, 12)
