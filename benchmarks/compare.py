@@ -29,6 +29,7 @@ an error with the install command; leave it out with ``--engines`` instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import importlib.util
 import json
@@ -134,9 +135,13 @@ def pick_median(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 
 def measure(run_once, repeats: int) -> dict[str, Any]:
-    """Warm up once, then `repeats` timed runs; the median run by decode rate."""
+    """Warm up once, then `repeats` timed runs; the median run by decode rate. Records the 1-minute
+    load average before and after, so a row measured while other jobs ran can be spotted."""
     run_once(warmup=True)
-    return pick_median([run_once(warmup=False).summary() for _ in range(repeats)], "decode_tokens_per_s")
+    before = os.getloadavg()[0]
+    out = pick_median([run_once(warmup=False).summary() for _ in range(repeats)], "decode_tokens_per_s")
+    out["load_average_1m"] = [before, os.getloadavg()[0]]
+    return out
 
 
 def measure_ttft(first_token, repeats: int) -> dict[str, Any]:
@@ -262,13 +267,15 @@ def run_llama_cpp(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
         path = convert_gguf(gguf, precision, args.cache_dir, args.threads)
         log(f"llama.cpp {precision}: load")
         t0 = time.perf_counter()
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=args.threads,
-                              n_threads_batch=args.threads, verbose=False)
+        with _extra_bufts(args.llama_cpp_extra_bufts):
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=args.threads,
+                                  n_threads_batch=args.threads, verbose=False)
         load_s = time.perf_counter() - t0
-        eos = llm.token_eos()
+        eos, vocab = llm.token_eos(), llm.n_vocab()
 
-        def next_token(llm=llm, eos=eos) -> int:
-            logits = np.array(llm.scores[llm.n_tokens - 1], copy=True)
+        def next_token(llm=llm, eos=eos, vocab=vocab) -> int:
+            # the last evaluated token's logits (llama-cpp-python keeps no copy without logits_all)
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,)).copy()
             logits[eos] = -np.inf  # like min_new_tokens: EOS cannot end the run
             return int(np.argmax(logits))
 
@@ -290,12 +297,44 @@ def run_llama_cpp(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
         log(f"llama.cpp {precision}: time to first token")
         row.update(measure_ttft(first, args.repeats))
         row.update(engine="llama.cpp", precision=precision, batch=1, load_s=load_s, gguf=str(path),
-                   weight_bytes=path.stat().st_size, bytes_per_token=path.stat().st_size, n_threads=args.threads)
+                   weight_bytes=path.stat().st_size, bytes_per_token=path.stat().st_size, n_threads=args.threads,
+                   extra_bufts=args.llama_cpp_extra_bufts)
         rows_out.append(row)
         if hasattr(llm, "close"):
             llm.close()
         del llm
     return rows_out
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _extra_bufts(enabled: bool):
+    """Build llama.cpp models with ``use_extra_bufts`` = `enabled` (llama-cpp-python has no argument
+    for it, so its default-params function is wrapped while the model loads). The extra buffer types
+    are llama.cpp's AMX and repacked-weight kernels for quantized tensors; on the AMX Xeon this
+    harness was written on they crash (SIGSEGV in llama_decode) for Q4_1 and Q8_0 files."""
+    import llama_cpp.llama as llama_module
+
+    lib = llama_module.llama_cpp
+    original = lib.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = enabled
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
 
 
 def _llama_steps(llm, ids: list[int], new: int, next_token):
@@ -384,14 +423,15 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"bandwidth probe: {bw['single_thread_gbs']:.1f} GB/s (1 thread), {bw['multi_thread_gbs']:.1f} GB/s "
               f"({bw['threads']} threads)")
     head = (f"{'engine':<10} {'prec':<5} {'batch':>5} {'decode tok/s':>12} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'TTFT ms':>8} {'TTFT128 ms':>10} {'MB/token':>9} {'GB/s':>6} {'roofline tok/s':>14}")
+            f"{'TTFT ms':>8} {'TTFT128 ms':>10} {'MB/token':>9} {'GB/s':>6} {'roofline tok/s':>14} {'load 1m':>10}")
     print(head)
     for r in result["rows"]:
         ttft128 = f"{r['ttft128_s'] * 1e3:>10.1f}" if "ttft128_s" in r else f"{'':>10}"
         roof = f"{r['roofline_tokens_per_s']:>14.1f}" if "roofline_tokens_per_s" in r else f"{'':>14}"
         print(f"{r['engine']:<10} {r['precision']:<5} {r['batch']:>5} {r['decode_tokens_per_s']:>12.1f} "
               f"{r['latency_p50_ms']:>8.2f} {r['latency_p99_ms']:>8.2f} {r['ttft_s'] * 1e3:>8.1f} {ttft128} "
-              f"{r['bytes_per_token'] / 1e6:>9.1f} {r['achieved_gbs']:>6.2f} {roof}")
+              f"{r['bytes_per_token'] / 1e6:>9.1f} {r['achieved_gbs']:>6.2f} {roof} "
+              f"{'/'.join(f'{x:.1f}' for x in r.get('load_average_1m', [])):>10}")
     print("\nratios (nx / peer; > 1 is better for tok/s, < 1 is better for times):")
     for q in result["ratios"]:
         print(f"  {q['metric']:<20} batch {q['batch']:<2} nx / {q['peer']:<14} {q['ratio']:>7.2f}x")
@@ -399,7 +439,12 @@ def print_report(result: dict[str, Any]) -> None:
         run = result["nx_bench"]["runs"][0]
         print(f"\nnx bench (fresh process, default buckets {run['n_positions']} / {run['context_buckets']}): "
               f"cold compile {run['compile_s']:.1f} s for {run['n_programs']} programs, load {run['load_s']:.1f} s, "
-              f"peak RSS {run['peak_rss_bytes'] / 1e6:.0f} MB = {run['peak_rss_ratio']:.2f}x weights+KV")
+              f"peak RSS {run['peak_rss_bytes'] / 1e6:.0f} MB = {run['peak_rss_ratio']:.2f}x weights+KV "
+              f"(growth from {(run['rss_before_load_bytes'] or 0) / 1e6:.0f} MB before loading: "
+              f"{run['peak_rss_growth_ratio'] or float('nan'):.2f}x)")
+        if "cached_load_s" in run:
+            print(f"  saved artifact: nx.load(dir) {run['cached_load_s']:.1f} s, first token after it "
+                  f"{run['cached_first_token_s'] * 1e3:.0f} ms ({run['artifact_bytes'] / 1e6:.0f} MB, save {run['save_s']:.1f} s)")
     print("\ntargets:")
     for t in result["targets"]:
         verdict = "not measured" if t["pass"] is None else ("PASS" if t["pass"] else "MISS")
@@ -419,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median), after one warm-up")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp / torch / probe threads")
     ap.add_argument("--bandwidth-gb", type=float, default=1.0, help="size of the bandwidth probe's array")
+    ap.add_argument("--llama-cpp-extra-bufts", choices=("auto", "on", "off"), default="auto",
+                    help="llama.cpp AMX/repacked kernels for quantized weights (auto: off on CPUs with AMX, "
+                    "where they crash)")
     ap.add_argument("--no-nx-bench", action="store_true", help="skip the fresh-process nx bench (compile, RSS)")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nx-bench", help="converted GGUFs")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "compare.json")
@@ -430,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad or args.new_tokens < 2 or args.repeats < 1:
         ap.error(f"unknown engine/precision {bad} (engines: {ENGINES}, precisions: {LLAMA_CPP_PRECISIONS}), "
                  "or --new-tokens < 2, or --repeats < 1")
+    args.llama_cpp_extra_bufts = {"on": True, "off": False}.get(args.llama_cpp_extra_bufts, not cpu_has_amx())
     require_peers(args.engines)
     gguf = args.gguf or smollm2_gguf()
     if gguf is None or not Path(gguf).exists():
@@ -438,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     result: dict[str, Any] = {
         "machine": nx_bench.machine_info(),

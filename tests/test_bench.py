@@ -20,7 +20,8 @@ NEW = 6
 
 RUN_KEYS = {
     "batch_size", "n_positions", "context_buckets", "n_programs", "load_s", "compile_s", "weight_bytes",
-    "kv_cache_bytes", "peak_rss_bytes", "peak_rss_before_load_bytes", "peak_rss_ratio", "prompts",
+    "kv_cache_bytes", "peak_rss_bytes", "peak_rss_reset", "rss_before_load_bytes", "peak_rss_ratio",
+    "peak_rss_growth_ratio", "prompts", "save_s", "artifact_bytes", "cached_load_s", "cached_first_token_s",
 }
 PROMPT_KEYS = {
     "prompt_tokens", "ttft_s", "new_tokens", "decode_steps", "decode_s", "decode_tokens_per_s", "latency_p50_ms",
@@ -59,12 +60,16 @@ def test_figures_are_positive_and_consistent(report, saved_case):
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     for run in report["runs"]:
         b = run["batch_size"]
-        for key in ("load_s", "compile_s", "peak_rss_bytes", "peak_rss_ratio"):
+        for key in ("load_s", "compile_s", "peak_rss_bytes", "peak_rss_ratio", "save_s", "cached_load_s",
+                    "cached_first_token_s"):
             assert run[key] > 0, key
         # f32 weights: 4 bytes per HF parameter (tied or fused layouts change names, not bytes)
         assert run["weight_bytes"] == 4 * n_params
+        assert run["artifact_bytes"] > run["weight_bytes"]  # weights + compiled programs + manifest
         assert run["kv_cache_bytes"] == 2 * cfg.num_hidden_layers * b * 64 * cfg.num_key_value_heads * head_dim * 4
-        assert run["peak_rss_bytes"] >= run["peak_rss_before_load_bytes"]
+        if run["rss_before_load_bytes"] is not None:  # Linux
+            assert run["peak_rss_bytes"] >= run["rss_before_load_bytes"] > 0
+            assert run["peak_rss_growth_ratio"] < run["peak_rss_ratio"]
         for p in run["prompts"]:
             assert p["new_tokens"] == NEW and p["decode_steps"] == NEW - 1
             for key in ("ttft_s", "decode_s", "decode_tokens_per_s", "latency_p50_ms", "latency_p99_ms",
@@ -80,12 +85,22 @@ def test_figures_are_positive_and_consistent(report, saved_case):
             assert math.isclose(p["bandwidth_gbs"], gbs, rel_tol=1e-9)
 
 
-def test_table_report(saved_case):
+def test_table_report_int8_without_artifact(saved_case):
     _, path = saved_case(CASE)
-    res = CliRunner().invoke(main, ["bench", "llama", path, "--batch-sizes", "1", "--prompt-lengths", "8",
-                                    "--new-tokens", "3", "--n-positions", "64", "--context-length-estimate", "16"])
+    args = ["bench", "llama", path, "--batch-sizes", "1", "--prompt-lengths", "8", "--new-tokens", "3",
+            "--n-positions", "64", "--context-length-estimate", "16", "--quant", "s8", "--no-cached-load"]
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "cold compile" in res.stdout and "decode tok/s" in res.stdout and "GB/s" in res.stdout
+    assert "artifact" not in res.stdout
+    res = CliRunner().invoke(main, [*args, "--json"])
+    report = json.loads(res.stdout)
+    assert report["quant"]["quant_dtype"] == "s8"
+    run = report["runs"][0]
+    assert "cached_load_s" not in run
+    # int8 weights with f32 scales: well under the f32 bytes (norms stay f32)
+    hf, _ = saved_case(CASE)
+    assert run["weight_bytes"] < 0.5 * 4 * sum(t.numel() for t in hf.parameters())
 
 
 def test_too_long_is_one_clear_line(saved_case):

@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from nx.errors import (
+    ArtifactError,
     BucketError,
     CheckpointError,
     ConfigError,
@@ -28,10 +29,13 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
 if TYPE_CHECKING:
+    from nx.convert import save_pretrained_split
     from nx.loader import load
     from nx.model import NxModel
+    from nx.quant import QuantizationConfig
 
 __all__ = [
+    "ArtifactError",
     "BucketError",
     "CheckpointError",
     "ConfigError",
@@ -39,6 +43,7 @@ __all__ = [
     "NxError",
     "NxModel",
     "PluginError",
+    "QuantizationConfig",
     "ResourceError",
     "ShapeMismatchError",
     "UnknownFamilyError",
@@ -46,6 +51,7 @@ __all__ = [
     "__version__",
     "hookimpl",
     "load",
+    "save_pretrained_split",
 ]
 
 
@@ -58,4 +64,12 @@ def __getattr__(name: str) -> Any:
         from nx.model import NxModel
 
         return NxModel
+    if name == "QuantizationConfig":
+        from nx.quant import QuantizationConfig
+
+        return QuantizationConfig
+    if name == "save_pretrained_split":
+        from nx.convert import save_pretrained_split
+
+        return save_pretrained_split
     raise AttributeError(f"module 'nx' has no attribute {name!r}")

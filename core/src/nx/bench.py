@@ -15,8 +15,15 @@ gathered from, so for such models this is an upper bound) plus the KV cache byte
 attends to (its position bucket's share of the cache: padding slots are masked, not skipped).
 Achieved bandwidth is those bytes times the decode steps over the decode time.
 
-Peak resident memory is the process's ``ru_maxrss``: with several batch sizes in one run, later
-ones include the peaks of earlier ones; run one batch size per invocation for a clean figure.
+With ``cached_load`` the compiled model is also saved as an artifact (`NxModel.save`) to a
+temporary directory, released, and loaded back with ``nx.load(dir)`` (no compile): save time,
+artifact size, load time and the first token after it are reported.
+
+Peak resident memory is the whole process's (Python, jax, torch included) high-water mark from
+just before the batch size's load (Linux: VmHWM, reset through ``/proc/self/clear_refs``; elsewhere
+``ru_maxrss`` over the whole process, so with several batch sizes later ones include earlier peaks).
+`peak_rss_ratio` divides it by weights + KV cache; `peak_rss_growth_ratio` divides only the growth
+from the RSS before loading.
 """
 
 from __future__ import annotations
@@ -27,15 +34,17 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nx import buckets
-from nx.errors import ConfigError
+from nx.errors import ConfigError, NxError
 
 DEFAULT_BATCH_SIZES = (1, 8)
 DEFAULT_PROMPT_LENGTHS = (16, 128, 512)
@@ -110,10 +119,42 @@ def bytes_per_step(model: Any, prompt_tokens: int, new_tokens: int) -> dict[str,
     return {"weight_bytes_per_step": weights, "kv_bytes_per_step": kv, "bytes_per_step": weights + kv}
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
-    """The process's peak resident set (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """The process's peak resident set: Linux's VmHWM (this process image only; ``ru_maxrss``
+    survives exec, so a child of a big process would report its parent's size), else ru_maxrss
+    (KiB on Linux, bytes on macOS)."""
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def rss_bytes() -> int | None:
+    """The current resident set (Linux), else None."""
+    return _proc_status_bytes("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count from the current RSS (Linux ``/proc/self/clear_refs``); False
+    where that is not possible, and the peak then covers the whole process so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def cpu_model() -> str:
@@ -196,12 +237,19 @@ def run(
     context_length_estimate: int | Sequence[int] | None = None,
     backend: str = "cpu",
     seed: int = 0,
+    quant: Any = None,
+    cached_load: bool = True,
     progress: bool | None = False,
     log: Callable[[str], None] | None = None,
     **load_options: Any,
 ) -> dict[str, Any]:
     """Benchmark `target` (a family, with `path`; or a path alone) at each batch size; returns a
-    JSON-ready dict (see the module docstring for what each figure means)."""
+    JSON-ready dict (see the module docstring for what each figure means).
+
+    `quant` (``"s8"`` or an `nx.QuantizationConfig`) is passed to `nx.load`. With `cached_load`
+    the model is also saved as a compiled artifact (`NxModel.save`) to a temporary directory and
+    loaded back: save time, load time from the artifact and its first token are reported.
+    """
     import nx
 
     if not batch_sizes or not prompt_lengths:
@@ -213,6 +261,8 @@ def run(
     _check_fits(n_positions, prompt_lengths, new_tokens)
     say = log or (lambda _msg: None)
     args = (target, path) if path else (target,)
+    if quant is not None:
+        load_options["quant"] = quant
     result: dict[str, Any] = {
         "tool": "nx bench",
         "target": str(target),
@@ -221,13 +271,15 @@ def run(
         "backend": backend,
         "new_tokens": new_tokens,
         "prompt_lengths": list(prompt_lengths),
-        "load_options": dict(load_options),
+        "load_options": {k: v for k, v in load_options.items() if k != "quant"},
+        "quant": quant.to_dict() if hasattr(quant, "to_dict") else quant,
         "machine": machine_info(),
         "runs": [],
     }
     for b in batch_sizes:
         gc.collect()
-        rss_before = peak_rss_bytes()
+        peak_reset = reset_peak_rss()
+        rss_before = rss_bytes()
         say(f"batch {b}: loading")
         t0 = time.perf_counter()
         model = nx.load(
@@ -251,25 +303,52 @@ def run(
         prompts = bench_model(model, prompt_lengths, new_tokens, seed)
         weights, cache = tree_nbytes(model.params), tree_nbytes(model.caches)
         peak = peak_rss_bytes()
-        result["runs"].append(
-            {
-                "batch_size": b,
-                "n_positions": list(model.config.n_positions),
-                "context_buckets": list(model.config.context_buckets),
-                "n_programs": len(shapes),
-                "load_s": load_s,
-                "compile_s": compile_s,
-                "weight_bytes": weights,
-                "kv_cache_bytes": cache,
-                "peak_rss_bytes": peak,
-                "peak_rss_before_load_bytes": rss_before,
-                "peak_rss_ratio": peak / (weights + cache),
-                "prompts": prompts,
-            }
-        )
+        entry: dict[str, Any] = {
+            "batch_size": b,
+            "n_positions": list(model.config.n_positions),
+            "context_buckets": list(model.config.context_buckets),
+            "n_programs": len(shapes),
+            "load_s": load_s,
+            "compile_s": compile_s,
+            "weight_bytes": weights,
+            "kv_cache_bytes": cache,
+            "peak_rss_bytes": peak,
+            "peak_rss_reset": peak_reset,
+            "rss_before_load_bytes": rss_before,
+            "peak_rss_ratio": peak / (weights + cache),
+            "peak_rss_growth_ratio": None if rss_before is None else (peak - rss_before) / (weights + cache),
+            "prompts": prompts,
+        }
+        if cached_load:
+            say(f"batch {b}: saving a compiled artifact and loading it back")
+            rows, vocab = model.config.prompt_batch_size, model.spec.vocab_size
+            with tempfile.TemporaryDirectory(prefix="nx-bench-") as d:
+                try:
+                    t0 = time.perf_counter()
+                    model.save(d)
+                    entry["save_s"] = time.perf_counter() - t0
+                except NxError as exc:  # e.g. a backend that cannot serialize compiled programs
+                    entry["cached_load_error"] = str(exc)
+                else:
+                    model = None  # only the artifact's copy is resident while it loads
+                    gc.collect()
+                    entry.update(_load_artifact(d, rows, vocab, prompt_lengths[0], seed))
+        result["runs"].append(entry)
         del model
     result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return result
+
+
+def _load_artifact(directory: str, rows: int, vocab: int, prompt_tokens: int, seed: int) -> dict[str, Any]:
+    """Load time from a saved artifact (`nx.load(dir)`, no compile) and its first token after."""
+    import nx
+
+    size = sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+    t0 = time.perf_counter()
+    model = nx.load(directory)
+    load_s = time.perf_counter() - t0
+    first = time_stream(model, random_prompt(vocab, rows, prompt_tokens, seed), 2).ttft_s
+    return {"artifact_bytes": size, "cached_load_s": load_s, "cached_first_token_s": first}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -281,12 +360,21 @@ def format_table(result: dict[str, Any]) -> str:
         f"load average {', '.join(f'{x:.2f}' for x in result['machine']['load_average'] or [])}",
     ]
     for r in result["runs"]:
+        rss = f"peak RSS {r['peak_rss_bytes'] / mb:.0f} MB ({r['peak_rss_ratio']:.2f}x weights+cache"
+        if r["rss_before_load_bytes"] is not None:
+            rss += f"; {r['rss_before_load_bytes'] / mb:.0f} MB before loading, growth {r['peak_rss_growth_ratio']:.2f}x"
         lines.append(
             f"\nbatch {r['batch_size']}: load {r['load_s']:.2f} s, cold compile {r['compile_s']:.2f} s "
             f"({r['n_programs']} programs; positions {r['n_positions']}, prompts {r['context_buckets']}), "
-            f"weights {r['weight_bytes'] / mb:.1f} MB, KV cache {r['kv_cache_bytes'] / mb:.1f} MB, "
-            f"peak RSS {r['peak_rss_bytes'] / mb:.0f} MB ({r['peak_rss_ratio']:.2f}x weights+cache)"
+            f"weights {r['weight_bytes'] / mb:.1f} MB, KV cache {r['kv_cache_bytes'] / mb:.1f} MB, {rss})"
         )
+        if "cached_load_s" in r:
+            lines.append(
+                f"  artifact (model.save): save {r['save_s']:.2f} s, {r['artifact_bytes'] / mb:.0f} MB; "
+                f"nx.load(dir) {r['cached_load_s']:.2f} s, then first token {r['cached_first_token_s'] * 1e3:.0f} ms"
+            )
+        elif "cached_load_error" in r:
+            lines.append(f"  artifact: {r['cached_load_error']}")
         lines.append(
             f"  {'prompt':>6} {'TTFT ms':>9} {'decode tok/s':>12} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'MB/token':>9} {'GB/s':>7}"

@@ -175,6 +175,10 @@ def generate(
 @click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list.")
 @click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron.")
 @click.option("--tp-degree", default=1, show_default=True, type=int, help="Tensor-parallel degree.")
+@click.option("--quant", default=None, type=click.Choice(["s8"]), help="Store 2-D weights as int8.")
+@click.option("--dequant-dtype", default=None, type=click.Choice(["f32", "bf16", "f16"]), help="int8 dequantizes to this (default: --amp).")
+@click.option("--cached-load/--no-cached-load", default=True, show_default=True,
+              help="Also save a compiled artifact (model.save) to a temporary directory and time nx.load from it.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random prompt ids.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def bench(
@@ -188,6 +192,9 @@ def bench(
     context_length_estimate: str | None,
     backend: str,
     tp_degree: int,
+    quant: str | None,
+    dequant_dtype: str | None,
+    cached_load: bool,
     seed: int,
     as_json: bool,
 ) -> None:
@@ -209,7 +216,13 @@ def bench(
             raise click.BadParameter(f"expected a comma list of ints, got {value!r}", param_hint=name)
         return out
 
+    if dequant_dtype and not quant:
+        raise click.BadParameter("needs --quant s8", param_hint="--dequant-dtype")
     options = {"tp_degree": tp_degree} if tp_degree != 1 else {}
+    if quant:
+        from nx.quant import QuantizationConfig
+
+        options["quant"] = QuantizationConfig(quant, dequant_dtype)
     result = nx_bench.run(
         target,
         path,
@@ -221,11 +234,91 @@ def bench(
         context_length_estimate=_int_list(context_length_estimate),
         backend=backend,
         seed=seed,
+        cached_load=cached_load,
         progress=False,
         log=lambda msg: click.echo(msg, err=True),
         **options,
     )
     click.echo(json.dumps(result, indent=2) if as_json else nx_bench.format_table(result))
+
+
+@main.command("compile")
+@click.argument("target")
+@click.argument("path", required=False)
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
+@click.option("--batch-size", default=1, show_default=True, type=int)
+@click.option("--prompt-batch-size", default=None, type=int, help="Prompt rows encoded once and broadcast (default: batch size).")
+@click.option("--n-positions", default="1024", show_default=True, help="Position buckets: an int or a comma list.")
+@click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list.")
+@click.option("--amp", default="f32", show_default=True, type=click.Choice(["f32", "bf16", "f16"]))
+@click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron.")
+@click.option("--tp", "tp_degree", default=1, show_default=True, type=int, help="Tensor-parallel degree.")
+@click.option("--quant", default=None, type=click.Choice(["s8"]), help="Store 2-D weights as int8.")
+@click.option("--dequant-dtype", default=None, type=click.Choice(["f32", "bf16", "f16"]), help="int8 dequantizes to this (default: --amp).")
+@click.option("--no-quantize", default=None, help="Comma list of parameter-name patterns kept in floating point.")
+@click.option("--sampling", is_flag=True, help="Also compile the sampling variant of every program.")
+@click.option("--dump-hlo", default=None, type=click.Path(file_okay=False), help="Also write each program's HLO (text + .pb) here.")
+@click.option("--workers", default=None, type=int, help="Programs compiled in parallel threads (default: min(4, CPUs)).")
+def compile_cmd(
+    target: str,
+    path: str | None,
+    out: str,
+    batch_size: int,
+    prompt_batch_size: int | None,
+    n_positions: str,
+    context_length_estimate: str | None,
+    amp: str,
+    backend: str,
+    tp_degree: int,
+    quant: str | None,
+    dequant_dtype: str | None,
+    no_quantize: str | None,
+    sampling: bool,
+    dump_hlo: str | None,
+    workers: int | None,
+) -> None:
+    """Compile every bucket and save a servable artifact: ``nx compile [FAMILY] PATH --out DIR``.
+
+    ``nx generate DIR`` (or ``nx.load(DIR)``) then starts without the checkpoint and without compiling.
+    """
+    import os
+    import time
+    from pathlib import Path
+
+    import nx
+    from nx import artifacts
+    from nx.quant import QuantizationConfig, patterns
+
+    if quant is None and (dequant_dtype or no_quantize):
+        raise nx.ConfigError("--dequant-dtype / --no-quantize need --quant s8")
+    qc = QuantizationConfig(quant, dequant_dtype, patterns(no_quantize)) if quant else None
+    t0 = time.perf_counter()
+    args = (target, path) if path else (target,)
+    model = nx.load(
+        *args,
+        batch_size=batch_size,
+        prompt_batch_size=prompt_batch_size,
+        n_positions=_int_list(n_positions),
+        context_length_estimate=_int_list(context_length_estimate),
+        amp=amp,
+        backend=backend,
+        tp_degree=tp_degree,
+        quant=qc,
+        compile=False,
+    )
+    if dump_hlo:
+        model.dump_to = dump_hlo
+    t1 = time.perf_counter()
+    n_workers = workers or min(4, os.cpu_count() or 1)
+    artifacts.save(model, out, sampling=sampling, workers=n_workers)
+    t2 = time.perf_counter()
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    click.echo(
+        f"compiled {len(model._executables)} programs into {out} ({size / 2**20:.1f} MiB) | load {t1 - t0:.1f}s | "
+        f"compile+save {t2 - t1:.1f}s ({n_workers} workers)" + (f" | HLO in {dump_hlo}" if dump_hlo else ""),
+        err=True,
+    )
+    click.echo(out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ class ShapeMismatchError(CheckpointError):
     """A weight's shape disagrees with the model config."""
 
 
+class ArtifactError(CheckpointError):
+    """A saved compiled artifact (``model.save`` / ``nx compile``) is corrupt, truncated, or was
+    built by another nx / jax version, platform or device setup: recompile it."""
+
+
 class ConfigError(NxError, ValueError):
     """An invalid option passed to `nx.load` or found in a model config."""
 

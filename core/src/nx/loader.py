@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from nx import distributed, memory, sharding
+from nx import artifacts, distributed, memory, sharding
 from nx.checkpoint import Checkpoint, TensorSource, open_checkpoint
 from nx.errors import CheckpointError
 from nx.family import Family
@@ -52,7 +52,19 @@ def load(
 
     `quant` (``nx.QuantizationConfig(...)`` or ``"s8"``) stores 2-D weights as int8 with
     per-output-channel scales, dequantized inside the compiled programs.
+
+    A directory written by ``model.save`` / ``nx compile`` (it holds ``nx-artifact.json``) is
+    restored with its compiled programs and no XLA compile; its buckets, amp, tp and quantization
+    are fixed, so only options equal to the artifact's (or left at their defaults) are accepted.
     """
+    if artifacts.is_artifact(family_or_path if path is None else path):  # a saved compiled model
+        options = {k: v for k, v in locals().items() if k not in ("family_or_path", "path", "registry")}
+        return artifacts.load(
+            family_or_path if path is None else path,
+            family=None if path is None else str(family_or_path),
+            options=options,
+            registry=registry,
+        )
     registry = registry or default_registry()
     config = RuntimeConfig.build(
         batch_size, n_positions, context_length_estimate, amp, backend, prompt_batch_size, tp_degree, devices

@@ -9,6 +9,7 @@ Token choice (greedy or sampling) happens inside the program; only token ids cro
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nx import buckets, decoder, sharding
+from nx import buckets, decoder, dump, sharding
 from nx.errors import BucketError, ConfigError, InputError
 from nx.family import Family
 from nx.generation import SamplingParams, hits_stop, normalize_stop
@@ -174,11 +175,13 @@ class NxModel:
         self.params = jax.tree.map(lambda a, ps: self._place(a, NamedSharding(self.mesh, ps)), params, self.param_specs)
         self.caches = self._new_caches()
         self._executables: dict[tuple[int, int, int, bool], Any] = {}
+        #: Directory receiving each program's HLO (text and HloModuleProto) when it compiles.
+        self.dump_to: str | None = os.environ.get(dump.ENV) or None
 
     def _cast(self, a: np.ndarray):
         if is_quantized(a):  # int8 values and f32 scales stay as they are
             return a
-        return a.astype(self.dtype) if np.issubdtype(a.dtype, np.floating) else a
+        return a.astype(self.dtype, copy=False) if np.issubdtype(a.dtype, np.floating) else a
 
     @staticmethod
     def _place(a: np.ndarray, where: NamedSharding) -> jax.Array:
@@ -237,7 +240,10 @@ class NxModel:
     def executable(self, rows: int, n_tokens: int, window: int, sample: bool = False):
         key = (rows, n_tokens, window, sample)
         if key not in self._executables:
-            self._executables[key] = self.lower(*key).compile()
+            lowered = self.lower(*key)
+            if self.dump_to:
+                dump.dump_lowered(lowered, self.dump_to, dump.program_name(*key))
+            self._executables[key] = lowered.compile()
         return self._executables[key]
 
     def compile(self, progress: bool | None = None) -> NxModel:
@@ -514,6 +520,14 @@ class NxModel:
         if self._tokenizer is None and self._tokenizer_loader is not None:
             self._tokenizer = self._tokenizer_loader()
         return self._tokenizer
+
+    def save(self, directory: Any, *, sampling: bool = False, progress: bool | None = None, workers: int = 1):
+        """Save weights (as the programs take them), compiled programs, tokenizer, HF config and a
+        manifest to `directory`; ``nx.load(directory)`` then serves without the checkpoint and
+        without compiling. See `nx.artifacts.save`."""
+        from nx import artifacts
+
+        return artifacts.save(self, directory, sampling=sampling, progress=progress, workers=workers)
 
     def __repr__(self) -> str:
         s, c = self.spec, self.config

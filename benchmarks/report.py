@@ -1,0 +1,184 @@
+"""Render `compare.py`'s JSON into BENCHMARKS.md (tables, targets, machine, versions, commands).
+
+    python benchmarks/report.py [benchmarks/results/compare.json] [--out BENCHMARKS.md] [--note TEXT]
+
+Only the block between the BEGIN/END markers below is rewritten; anything else in the file (other
+benchmarks' sections) is kept. A file without the markers gets the block after its title. A run
+whose 1-minute load average exceeded half the core count is marked as contended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+BEGIN = "<!-- BEGIN benchmarks/report.py: generated from benchmarks/results/compare.json; edit outside -->"
+END = "<!-- END benchmarks/report.py -->"
+COMMANDS = """\
+```bash
+. .venv/bin/activate
+pip install -c constraints.txt -e './core[bench]'   # llama-cpp-python (builds llama.cpp) + matplotlib
+python benchmarks/compare.py          # nx, HF eager, llama.cpp f32/bf16/q8_0 + bandwidth probe + nx bench
+python benchmarks/chart.py            # benchmarks/results/decode.png
+python benchmarks/report.py           # this file
+```"""
+
+
+def fmt(x, spec=".1f", scale=1.0) -> str:
+    return "-" if x is None else format(x * scale, spec)
+
+
+def loadavg(values) -> str:
+    return "-" if not values else " / ".join(f"{x:.2f}" for x in values)
+
+
+def render(data: dict, note: str | None) -> str:
+    m = data["machine"]
+    cores = m["cores"] or 1
+    loads = [m.get("load_average"), m.get("load_average_end")]
+    worst = max((la[0] for la in loads if la), default=0.0)
+    contended = worst > cores / 2
+    s = data["settings"]
+    out = ["## SmolLM2-135M-Instruct: nx against HF eager and llama.cpp", ""]
+    if contended or note:
+        out += [
+            f"> **Preliminary{' / contended' if contended else ''}.** "
+            + (note + " " if note else "")
+            + (f"The 1-minute load average reached {worst:.2f} on {cores} cores during this run (other jobs were "
+               "running), so every timing below is unreliable; re-run on a quiet machine." if contended else ""),
+            "",
+        ]
+    out += [
+        f"SmolLM2-135M-Instruct, greedy, exactly {s['new_tokens']} new tokens per row (EOS banned), decode prompt "
+        f"{s['prompt_tokens']} tokens, TTFT prompt {s['ttft_prompt_tokens']} tokens, median of {s['repeats']} runs "
+        "after one warm-up.",
+        "",
+        data["note"],
+        "",
+        "### Results",
+        "",
+        "| engine | precision | batch | decode tok/s | p50 ms/step | p99 ms/step | TTFT ms "
+        f"({s['prompt_tokens']} tok) | TTFT ms ({s['ttft_prompt_tokens']} tok) | MB/token | GB/s | % roofline | "
+        "nx / this (decode) | nx / this (TTFT 128) | load 1m |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows = data["rows"]
+    for r in rows:
+        mine = next((x for x in rows if x["engine"] == "nx" and x["batch"] == r["batch"]), None)
+        dec = mine["decode_tokens_per_s"] / r["decode_tokens_per_s"] if mine and r is not mine else None
+        ttft = (mine["ttft128_s"] / r["ttft128_s"]
+                if mine and r is not mine and "ttft128_s" in mine and "ttft128_s" in r else None)
+        out.append(
+            f"| {r['engine']} | {r['precision']} | {r['batch']} | {fmt(r['decode_tokens_per_s'])} | "
+            f"{fmt(r['latency_p50_ms'])} | {fmt(r['latency_p99_ms'])} | {fmt(r['ttft_s'], '.0f', 1e3)} | "
+            f"{fmt(r.get('ttft128_s'), '.0f', 1e3)} | {fmt(r['bytes_per_token'], '.0f', 1e-6)} | "
+            f"{fmt(r['achieved_gbs'])} | {fmt(r['fraction_of_roofline'], '.0f', 100)} | "
+            f"{fmt(dec, '.2f')}{'x' if dec else ''} | {fmt(ttft, '.2f')}{'x' if ttft else ''} | "
+            f"{loadavg(r.get('load_average_1m'))} |"
+        )
+    out += [
+        "",
+        "MB/token: bytes a decode step reads per generated token (weights / batch; nx adds the KV cache its "
+        "position bucket attends; llama.cpp: the GGUF file size). Roofline: probe bandwidth / MB per token. "
+        "load 1m: the 1-minute load average before / after the row's timed runs (above the core count, other "
+        "jobs shared the cores: torch's and llama.cpp's OpenMP threads collapse under that, XLA's degrade less).",
+        "",
+        "![decode tokens/s](benchmarks/results/decode.png)",
+        "",
+    ]
+    bw = data.get("bandwidth")
+    if bw:
+        out += [
+            f"Machine bandwidth probe (numpy sum streaming a {bw['array_bytes'] / 1e9:.1f} GB array, best of "
+            f"{bw['reps']}): {bw['single_thread_gbs']:.1f} GB/s on 1 thread, {bw['multi_thread_gbs']:.1f} GB/s on "
+            f"{bw['threads']} threads.",
+            "",
+        ]
+    bench = data.get("nx_bench")
+    if bench:
+        run = bench["runs"][0]
+        p = run["prompts"][0]
+        out += [
+            "### nx bench (fresh process, batch 1, default buckets)",
+            "",
+            f"Position buckets {run['n_positions']}, prompt buckets {run['context_buckets']} "
+            f"({run['n_programs']} programs): load {run['load_s']:.1f} s, cold compile {run['compile_s']:.1f} s; "
+            f"weights {run['weight_bytes'] / 1e6:.0f} MB + KV cache {run['kv_cache_bytes'] / 1e6:.0f} MB, peak RSS "
+            f"{run['peak_rss_bytes'] / 1e6:.0f} MB ({run['peak_rss_ratio']:.2f}x; the whole process, Python and "
+            f"jax included: it held {(run.get('rss_before_load_bytes') or 0) / 1e6:.0f} MB before loading, growth "
+            f"{run.get('peak_rss_growth_ratio') or float('nan'):.2f}x). Prompt {p['prompt_tokens']} "
+            f"tokens: TTFT {p['ttft_s'] * 1e3:.0f} ms, decode {p['decode_tokens_per_s']:.1f} tok/s, p50 "
+            f"{p['latency_p50_ms']:.1f} ms, p99 {p['latency_p99_ms']:.1f} ms, {p['bandwidth_gbs']:.1f} GB/s.",
+            "",
+        ]
+        if "cached_load_s" in run:
+            out += [
+                f"Saved as a compiled artifact (`model.save`, {run['artifact_bytes'] / 1e6:.0f} MB, {run['save_s']:.1f} s), "
+                f"`nx.load(dir)` takes {run['cached_load_s']:.1f} s (against load {run['load_s']:.1f} s + compile "
+                f"{run['compile_s']:.1f} s from the checkpoint), first token after it {run['cached_first_token_s'] * 1e3:.0f} ms.",
+                "",
+            ]
+    out += ["### Targets (issue #7)", "", "| target | measured | bound | result |", "| --- | ---: | ---: | --- |"]
+    for t in data["targets"]:
+        verdict = "not measured" if t["pass"] is None else ("pass" if t["pass"] else "**miss**")
+        out.append(f"| {t['target']} | {fmt(t['value'], '.2f')} | {t['op']} {t['bound']} | {verdict} |")
+    v = m["versions"]
+    ram = f"{m['ram_bytes'] / 2**30:.0f} GiB" if m.get("ram_bytes") else "?"
+    out += [
+        "",
+        "### Machine and versions",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores, {ram} RAM; {m['platform']}, Python {m['python']}",
+        f"- date: {m['date']}; load average (1, 5, 15 min) at start {loadavg(m.get('load_average'))}, "
+        f"at end {loadavg(m.get('load_average_end'))}",
+        "- " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- threads: llama.cpp, torch and the probe {s['threads']}"
+        + ("" if "llama.cpp" not in s["engines"] else "; llama.cpp extra buffer types (AMX/repacked kernels) "
+           + ("on" if s.get("llama_cpp_extra_bufts") else "off (they crash on CPUs with AMX)")),
+        "",
+        "### Re-run",
+        "",
+        COMMANDS,
+        "",
+        "`nx bench` alone (any checkpoint; random prompt ids, no tokenizer needed):",
+        "",
+        "```bash",
+        "nx bench llama path/to/model.gguf --batch-sizes 1,8 --prompt-lengths 16,128,512 --new-tokens 128",
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def merge(existing: str | None, block: str) -> str:
+    """`existing` with its generated block replaced by `block` (inserted after the title if absent)."""
+    if not existing:
+        return f"# Benchmarks\n\n{block}\n"
+    if BEGIN in existing and END in existing:
+        head, rest = existing.split(BEGIN, 1)
+        return head + block + rest.split(END, 1)[1]
+    lines = existing.splitlines(keepends=True)
+    if lines and lines[0].startswith("# "):
+        return lines[0] + "\n" + block + "\n\n" + "".join(lines[1:]).lstrip("\n")
+    return block + "\n\n" + existing
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="render BENCHMARKS.md from compare.py's JSON")
+    ap.add_argument("results", nargs="?", type=Path, default=ROOT / "results" / "compare.json")
+    ap.add_argument("--out", type=Path, default=ROOT.parent / "BENCHMARKS.md")
+    ap.add_argument("--note", default=None, help="a sentence to put at the top (e.g. why a run is preliminary)")
+    args = ap.parse_args(argv)
+    if not args.results.exists():
+        sys.exit(f"error: {args.results} does not exist; run python benchmarks/compare.py first")
+    block = f"{BEGIN}\n{render(json.loads(args.results.read_text()), args.note).rstrip()}\n{END}"
+    args.out.write_text(merge(args.out.read_text() if args.out.exists() else None, block))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

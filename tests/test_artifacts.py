@@ -1,0 +1,259 @@
+"""Compiled artifacts (``model.save`` / ``nx.load(dir)`` / ``nx compile``), HLO dumps, and
+``nx.save_pretrained_split``, on a tiny llama checkpoint with a character tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from jax import monitoring
+
+import nx
+from nx import artifacts, decoder, dump
+from nx.cli import main
+from nx.generation import SamplingParams
+from tests.cases.llama import CASES
+from tests.conftest import char_tokenizer, hf_greedy, left_padded
+
+CASE = CASES[0]
+OPTS = dict(n_positions=[32, 64], context_length_estimate=[16], progress=False)
+PROMPT = [[5, 9, 77, 31, 2, 140, 66, 12, 201]]
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture(scope="module")
+def ckpt(saved_case, tmp_path_factory):
+    _, path = saved_case(CASE)
+    d = tmp_path_factory.mktemp("art-ckpt")
+    shutil.copytree(path, d, dirs_exist_ok=True)
+    char_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def saved(ckpt, tmp_path_factory):
+    """(int8 model, its greedy tokens for PROMPT, artifact directory)."""
+    model = nx.load("llama", ckpt, quant="s8", **OPTS)
+    ref = model.generate(PROMPT, max_new_tokens=20, eos_token_id=[]).tolist()
+    out = tmp_path_factory.mktemp("art") / "model"
+    model.save(out)
+    return model, ref, out
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    """A scratch copy of the artifact to damage."""
+    dst = tmp_path / "copy"
+    shutil.copytree(saved[2], dst)
+    return dst
+
+
+def _python(script: str, **env) -> dict:
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True, text=True, timeout=600, cwd=os.getcwd(), env=dict(os.environ, **env),
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_manifest_describes_the_artifact(saved):
+    model, _, out = saved
+    m = artifacts.read_manifest(out)
+    assert m["family"] == "llama" and m["quant"]["quant_dtype"] == "s8"
+    assert m["environment"]["jax_version"] == jax.__version__ and m["environment"]["device_count"] == 1
+    assert m["buckets"] == {"n_positions": [32, 64], "context_length_estimate": [16]}
+    assert {p["file"] for p in m["programs"]} == {
+        "programs/prefill_b1_t16_w32.xla", "programs/decode_b1_w32.xla", "programs/decode_b1_w64.xla"
+    }
+    assert "layers.0.qkv.w" in m["quantized"] and m["spec"]["n_layers"] == model.spec.n_layers
+    for rel in ("weights.safetensors", "config.json", "tokenizer.json", *(p["file"] for p in m["programs"])):
+        assert len(m["files"][rel]) == 64
+
+
+def test_fresh_process_loads_without_compiling_and_generates_the_same(saved):
+    _, ref, out = saved
+    r = _python(
+        f"""
+        import json
+        from jax import monitoring
+        compiles = []
+        monitoring.register_event_duration_secs_listener(
+            lambda event, secs, **kw: compiles.append(kw.get("fun_name")) if event == {COMPILE_EVENT!r} else None)
+        import nx
+        model = nx.load({str(out)!r})
+        at_load = list(compiles)
+        tokens = model.generate({PROMPT!r}, max_new_tokens=20, eos_token_id=[]).tolist()
+        after_generate = list(compiles)
+        text = model.tokenizer.decode([40, 41, 42])
+        model.executable(1, 1, 64, True)  # a program the artifact lacks: the signal must see it compile
+        print(json.dumps(dict(at_load=at_load, after_generate=after_generate, after_new=compiles,
+                              tokens=tokens, text=text)))
+        """
+    )
+    assert r["tokens"] == ref
+    assert "jit(run)" not in r["at_load"] and "jit(run)" not in r["after_generate"]
+    assert len(r["at_load"]) <= 1  # at most the KV-cache zero fill, never an nx program
+    assert r["after_new"].count("jit(run)") == 1  # ... while compiling an nx program is counted
+    assert r["text"] == char_tokenizer().decode([40, 41, 42])
+
+
+def test_bf16_artifact_round_trips_in_process(ckpt, tmp_path):
+    model = nx.load("llama", ckpt, amp="bf16", **OPTS)
+    ref = model.generate(PROMPT, max_new_tokens=8, eos_token_id=[])
+    model.save(tmp_path / "bf16")
+    back = nx.load(tmp_path / "bf16")
+    assert back.params["layers"][0]["qkv"]["w"].dtype == jax.numpy.bfloat16
+    assert torch.equal(back.generate(PROMPT, max_new_tokens=8, eos_token_id=[]), ref)
+
+
+def test_load_options_must_match_the_artifact(saved):
+    out = saved[2]
+    with pytest.raises(nx.ConfigError, match="n_positions"):
+        nx.load(out, n_positions=[128])
+    with pytest.raises(nx.ConfigError, match="not 'gpt2'"):
+        nx.load("gpt2", out)
+    same = nx.load("llama", out, n_positions=[32, 64], quant="s8")  # restating what it was built with is fine
+    assert same.config.n_positions == (32, 64)
+
+
+@pytest.mark.parametrize("target", ["weights.safetensors", "programs/decode_b1_w32.xla"])
+def test_corrupt_or_truncated_file_is_an_artifact_error(copy, target):
+    f = copy / target
+    data = bytearray(f.read_bytes())
+    if target.endswith(".xla"):
+        f.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    else:
+        data[len(data) // 2] ^= 0xFF  # one flipped byte
+        f.write_bytes(bytes(data))
+    with pytest.raises(nx.ArtifactError, match="corrupt or truncated"):
+        nx.load(copy)
+
+
+def test_missing_file_is_an_artifact_error(copy):
+    (copy / "programs" / "decode_b1_w64.xla").unlink()
+    with pytest.raises(nx.ArtifactError, match="missing"):
+        nx.load(copy)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("jax_version", "0.0.1", "compiled with jax 0.0.1"),
+        ("jaxlib_version", "0.0.1", "compiled with jaxlib 0.0.1"),
+        ("nx_version", "0.0.0-other", "compiled with nx 0.0.0-other"),
+        ("platform_version", "some other cpu runtime", "compiled for cpu"),
+        ("device_count", 64, "compiled for 64 cpu devices"),
+        ("cpu_features", ["avx512f", "made_up_feature"], "made_up_feature"),
+    ],
+)
+def test_foreign_manifest_asks_to_recompile(copy, key, value, message):
+    mf = copy / artifacts.MANIFEST
+    m = json.loads(mf.read_text())
+    m["environment"][key] = value
+    mf.write_text(json.dumps(m))
+    with pytest.raises(nx.ArtifactError, match=message) as err:
+        nx.load(copy)
+    assert "recompile" in str(err.value) or "JAX_NUM_CPU_DEVICES" in str(err.value)
+
+
+def test_unreadable_manifest_is_an_artifact_error(copy):
+    (copy / artifacts.MANIFEST).write_text("{not json")
+    with pytest.raises(nx.ArtifactError, match="recompile"):
+        nx.load(copy)
+
+
+def test_save_refuses_a_directory_that_is_not_an_artifact(saved, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(nx.ArtifactError, match="not an nx artifact"):
+        saved[0].save(tmp_path)
+
+
+def test_save_pretrained_split_writes_a_checkpoint_nx_loads(tmp_path):
+    hf = CASES[1].build()  # tied embeddings: stored once
+    out = nx.save_pretrained_split(hf, tmp_path / "split", max_shard_size="40KB", tokenizer=char_tokenizer())
+    assert (out / "config.json").exists() and (out / "model.safetensors.index.json").exists()
+    model = nx.load(out, **OPTS)
+    ids, mask = left_padded([9], CASE.vocab, seed=8)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, eos_token_id=[]), hf_greedy(hf, ids, mask, 12))
+    assert model.tokenizer is not None
+    with pytest.raises(nx.CheckpointError, match="PreTrainedModel"):
+        nx.save_pretrained_split(object(), tmp_path / "bad")
+
+
+def test_dumped_hlo_proto_compiles_and_runs_like_the_nx_program(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv(dump.ENV, str(tmp_path / "hlo"))
+    model = nx.load("llama", ckpt, quant="s8", **OPTS)  # compiles every bucket, dumping each
+    names = sorted(p.name for p in (tmp_path / "hlo").iterdir())
+    for stem in ("prefill_b1_t16_w32", "decode_b1_w32", "decode_b1_w64"):
+        assert {f"{stem}.hlo.txt", f"{stem}.hlo.pb", f"{stem}.json"} <= set(names)
+
+    key = (1, 16, 32, False)
+    proto = tmp_path / "hlo" / f"{dump.program_name(*key)}.hlo.pb"
+    text = (tmp_path / "hlo" / f"{dump.program_name(*key)}.hlo.txt").read_text()
+    assert dump.load_proto(proto).as_hlo_text() == text  # parses back to the same module
+    meta = json.loads(proto.with_suffix("").with_suffix(".json").read_text())
+    assert meta["parameters"][0]["name"].startswith("params.") and any(p["donated"] for p in meta["parameters"])
+
+    ids = np.random.default_rng(0).integers(3, CASE.vocab, (1, 16)).astype(np.int32)
+    run = model._new_run(ids, np.zeros(1, np.int32), SamplingParams())
+    inp = decoder.StepInputs(model._put(ids), model._put(np.int32(0)), model._put(np.zeros(1, np.int32)),
+                             model._put(np.int32(15)))
+    flat = jax.tree.leaves((model.params, model._new_caches(), inp, run.sampling))
+    kept = dump.kept_inputs(model.lower(*key))
+    assert len(kept) == len(meta["parameters"])
+    got = dump.compile_proto(proto).execute([flat[i] for i in kept])
+    want = jax.tree.leaves(model.executable(*key)(model.params, model._new_caches(), inp, run.sampling))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_cli_compile_then_generate_from_the_artifact(ckpt, tmp_path):
+    out, hlo = tmp_path / "art", tmp_path / "hlo"
+    res = CliRunner().invoke(main, [
+        "compile", "llama", ckpt, "--out", str(out), "--quant", "s8", "--n-positions", "32,64",
+        "--context-length-estimate", "16", "--dump-hlo", str(hlo), "--workers", "2",
+    ])
+    assert res.exit_code == 0, res.output
+    assert "compiled 3 programs" in res.stderr
+    assert artifacts.is_artifact(out) and (hlo / "decode_b1_w64.hlo.pb").exists()
+
+    compiles: list[str] = []
+
+    def listen(event, secs, **kw):
+        if event == COMPILE_EVENT:
+            compiles.append(kw.get("fun_name"))
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        res = CliRunner().invoke(main, ["generate", str(out), "-p", "Hello", "-n", "8"])
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert res.exit_code == 0, res.output
+    assert "jit(run)" not in compiles
+    ref = nx.load("llama", ckpt, quant="s8", **OPTS)
+    tok = ref.tokenizer
+    ids = tok("Hello")["input_ids"]
+    text = tok.decode(ref.generate([ids], max_new_tokens=8)[0, len(ids):], skip_special_tokens=True)
+    assert res.stdout.strip() == text.strip()
+
+
+def test_cli_compile_rejects_quant_options_without_quant(ckpt, tmp_path):
+    res = CliRunner().invoke(main, ["compile", "llama", ckpt, "--out", str(tmp_path / "x"), "--no-quantize", "embed.w"])
+    assert res.exit_code == 2 and "--quant s8" in res.stderr
+
+
+def test_is_artifact_only_for_manifest_directories(saved, ckpt):
+    assert artifacts.is_artifact(saved[2]) and not artifacts.is_artifact(ckpt)
+    assert not artifacts.is_artifact(Path(ckpt) / "config.json")
