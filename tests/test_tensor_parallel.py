@@ -15,8 +15,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import nx
-from tests.cases.bloom import CASES as BLOOM_CASES
 from tests.cases import Case
+from tests.cases.bloom import CASES as BLOOM_CASES
 from tests.cases.llama import CASES, _llama
 from tests.conftest import char_tokenizer, left_padded
 

@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -102,7 +101,7 @@ class GenerateOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _program(model: "NxModel", window: int, sample: bool):
+def _program(model: NxModel, window: int, sample: bool):
     spec, local, tp = model.spec, model.local_spec, model.config.tp_degree
 
     def forward(params, caches, inp):
