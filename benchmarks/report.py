@@ -39,7 +39,8 @@ def render(data: dict, note: str | None) -> str:
     m = data["machine"]
     cores = m["cores"] or 1
     loads = [m.get("load_average"), m.get("load_average_end")]
-    worst = max((la[0] for la in loads if la), default=0.0)
+    worst = max([la[0] for la in loads if la] + [x for r in data["rows"] for x in r.get("load_average_1m", [])],
+                default=0.0)
     contended = worst > cores / 2
     s = data["settings"]
     out = ["## SmolLM2-135M-Instruct: nx against HF eager and llama.cpp", ""]
