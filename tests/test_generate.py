@@ -133,16 +133,3 @@ def test_reduced_precision_amp(saved_case, amp):
     assert all(ref[r].argmax() in top3[r] for r in range(2))
     out = m.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[])
     assert out.shape == (2, 12)
-
-
-def test_matmul_chunks_give_the_same_model(saved_case):
-    """Weights stored as column / vocabulary blocks (nx.chunks) compute the same logits and tokens."""
-    hf, path = saved_case(CASES[1])  # tied embedding: the table is both lookup and lm head
-    ids, mask = left_padded([7, 4], CASE.vocab, seed=20)
-    kw = dict(batch_size=2, n_positions=[32], context_length_estimate=[16], progress=False)
-    one = nx.load("llama", path, matmul_chunks=1, **kw)
-    three = nx.load("llama", path, matmul_chunks=3, **kw)
-    assert isinstance(three.params["layers"][0]["qkv"]["w"], tuple) and isinstance(three.params["embed"]["w"], tuple)
-    np.testing.assert_allclose(three.logits(ids, mask), one.logits(ids, mask), atol=1e-4)
-    a = one.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
-    assert torch.equal(a, three.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]))

@@ -30,7 +30,6 @@ def load(
     tp_degree: int = 1,
     devices: Sequence[int] | None = None,
     device_memory: int | None = None,
-    matmul_chunks: int | None = None,
     quant: Any = None,
     compile: bool = True,
     progress: bool | None = None,
@@ -50,7 +49,6 @@ def load(
     devices itself if jax has not started yet); `devices` picks device ids (e.g. to run several
     models side by side on disjoint devices); `device_memory` overrides the bytes per device used
     by the fit check (weights + KV cache must fit in ``device_memory * tp_degree``).
-    `matmul_chunks` stores big weights as that many column blocks (experimental, see `nx.chunks`).
 
     `quant` (``nx.QuantizationConfig(...)`` or ``"s8"``) stores 2-D weights as int8 with
     per-output-channel scales, dequantized inside the compiled programs.
@@ -69,8 +67,7 @@ def load(
         )
     registry = registry or default_registry()
     config = RuntimeConfig.build(
-        batch_size, n_positions, context_length_estimate, amp, backend, prompt_batch_size, tp_degree, devices,
-        matmul_chunks,
+        batch_size, n_positions, context_length_estimate, amp, backend, prompt_batch_size, tp_degree, devices
     )
     distributed.initialize_from_env()
     ensure_cpu_devices(config)

@@ -22,7 +22,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nx import buckets, decoder, dump, sharding
-from nx import chunks as chunks_mod
 from nx.errors import BucketError, ConfigError, InputError
 from nx.family import Family
 from nx.generation import SamplingParams, hits_stop, normalize_stop
@@ -47,7 +46,6 @@ class RuntimeConfig:
     prompt_batch_size: int = 1
     tp_degree: int = 1
     devices: tuple[int, ...] | None = None  # device ids to run on (default: the first tp_degree)
-    matmul_chunks: int = 1  # big weights split into this many column blocks (see nx.chunks)
 
     @classmethod
     def build(
@@ -60,7 +58,6 @@ class RuntimeConfig:
         prompt_batch_size: int | None = None,
         tp_degree: int = 1,
         devices: Sequence[int] | None = None,
-        matmul_chunks: int | None = None,
     ) -> RuntimeConfig:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -79,8 +76,7 @@ class RuntimeConfig:
                 raise ConfigError(f"devices={list(devices)} must name tp_degree={tp_degree} distinct device ids")
         pos = buckets.position_buckets(n_positions)
         ctx = buckets.context_buckets(context_length_estimate, pos)
-        chunks = chunks_mod.default_chunks(backend, tp_degree) if matmul_chunks is None else matmul_chunks
-        return cls(batch_size, tuple(pos), tuple(ctx), amp, backend, pbs, tp_degree, devices, chunks)
+        return cls(batch_size, tuple(pos), tuple(ctx), amp, backend, pbs, tp_degree, devices)
 
     @property
     def max_positions(self) -> int:
@@ -172,9 +168,6 @@ class NxModel:
             params = sharding.relayout(params, spec, tp)
             if quant is not None:
                 params = quantize_params(params, quant, config.amp)
-            params = chunks_mod.split(params, config.matmul_chunks)
-        else:
-            params = chunks_mod.restore(params)
         params = jax.tree.map(self._cast, params, is_leaf=is_quantized)
         names = sharding.tree_names(params)
         self.param_specs = jax.tree.map(lambda n, a: sharding.partition_spec(n, a.ndim), names, params)

@@ -19,15 +19,6 @@ def embed(ids: jnp.ndarray, table: jnp.ndarray, axis: str | None = None) -> jnp.
     """Rows of `table` for `ids`. With `axis`, each shard holds a vocabulary slice: it looks up the
     ids it owns, zeros the rest, and one all-reduce assembles the embeddings. `table` may be an
     int8 `QuantizedWeight` with per-row scales."""
-    if isinstance(table, tuple):  # vocabulary row blocks (nx.chunks): each looks up the ids it holds
-        start, parts = 0, []
-        for b in table:
-            n = b.shape[0]
-            local = ids - start
-            rows = _rows(b, jnp.clip(local, 0, n - 1))
-            parts.append(jnp.where(((local >= 0) & (local < n))[..., None], rows, 0))
-            start += n
-        return sum(parts[1:], parts[0]).astype(parts[0].dtype)
     if axis is None:
         return _rows(table, ids)
     n = table.shape[0]

@@ -12,12 +12,7 @@ def linear(x: jnp.ndarray, p: dict) -> jnp.ndarray:
     """``x @ w + b`` for ``p = {"w": [in, out], "b": [out] (optional)}``; ``w`` may be an int8
     `nx.ops.quant.QuantizedWeight` (dequantized in the program)."""
     w = p["w"]
-    if isinstance(w, tuple):  # column blocks (nx.chunks): independent dots run concurrently
-        y = jnp.concatenate([linear(x, {"w": b}) for b in w], axis=-1)
-    elif quant.is_quantized(w):
-        y = quant.matmul(x, w)
-    else:
-        y = jnp.matmul(x, w.astype(x.dtype))
+    y = quant.matmul(x, w) if quant.is_quantized(w) else jnp.matmul(x, w.astype(x.dtype))
     if p.get("b") is not None:
         y = y + p["b"]
     return y
@@ -38,9 +33,7 @@ def lm_head(x: jnp.ndarray, table: jnp.ndarray, bias: jnp.ndarray | None = None)
     """f32 logits from hidden states; `table` is ``[vocab, hidden]`` (tied embedding or lm head),
     possibly an int8 `QuantizedWeight` with per-vocab-row scales."""
     dims = (((x.ndim - 1,), (1,)), ((), ()))
-    if isinstance(table, tuple):  # vocabulary row blocks (nx.chunks)
-        y = jnp.concatenate([lm_head(x, b) for b in table], axis=-1)
-    elif quant.is_quantized(table):
+    if quant.is_quantized(table):
         y = quant.table_logits(x, table)
     else:
         y = lax.dot_general(x, table.astype(x.dtype), dims, preferred_element_type=jnp.float32)
