@@ -50,7 +50,7 @@ def _assert_same_greedy(hf, model, ids, mask, new=NEW_TOKENS):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
     assert out.dtype == torch.long and out.shape == ref.shape
     gen = ref[:, ids.shape[1] :]
-    degenerate = any(len(set(row.tolist())) < 2 for row in gen) or len(set(gen.flatten().tolist())) < 8
+    degenerate = any(len(set(row.tolist())) < 2 for row in gen) or len(set(gen.flatten().tolist())) < 4
     assert not degenerate, f"degenerate tiny model (a row repeats one token): {gen.tolist()}"
     mismatch = (out != ref).nonzero()
     assert mismatch.numel() == 0, f"first mismatch at {mismatch[0].tolist()}:\nnx={out.tolist()}\nhf={ref.tolist()}"
