@@ -59,9 +59,10 @@ def copy(saved, tmp_path):
 
 
 def _python(script: str, **env) -> dict:
+    base = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}  # a plain fresh process
     res = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
-        capture_output=True, text=True, timeout=600, cwd=os.getcwd(), env=dict(os.environ, **env),
+        capture_output=True, text=True, timeout=600, cwd=os.getcwd(), env=dict(base, **env),
     )
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -106,6 +107,31 @@ def test_fresh_process_loads_without_compiling_and_generates_the_same(saved):
     assert len(r["at_load"]) <= 1  # at most the KV-cache zero fill, never an nx program
     assert r["after_new"].count("jit(run)") == 1  # ... while compiling an nx program is counted
     assert r["text"] == char_tokenizer().decode([40, 41, 42])
+
+
+def test_tensor_parallel_int8_artifact_loads_in_a_fresh_process(ckpt, tmp_path):
+    """Saved with tp=2 here (the suite has 4 CPU devices); the fresh process has no device flags:
+    nx.load creates the two host devices itself, places the saved (re-laid out) shards, and runs."""
+    model = nx.load("llama", ckpt, tp_degree=2, quant="s8", n_positions=[32], context_length_estimate=[16],
+                    progress=False)
+    ref = model.generate(PROMPT, max_new_tokens=10, eos_token_id=[]).tolist()
+    model.save(tmp_path / "tp2")
+    m = artifacts.read_manifest(tmp_path / "tp2")
+    assert m["environment"]["device_count"] == 2 and m["runtime"]["tp_degree"] == 2
+    r = _python(
+        f"""
+        import json
+        import nx
+        model = nx.load({str(tmp_path / "tp2")!r})
+        qkv = model.params["layers"][0]["qkv"]["w"]
+        print(json.dumps(dict(
+            tokens=model.generate({PROMPT!r}, max_new_tokens=10, eos_token_id=[]).tolist(),
+            shards=[list(s.data.shape) for s in qkv.q.addressable_shards], compiled=len(model._executables))))
+        """
+    )
+    assert r["tokens"] == ref
+    assert len(r["shards"]) == 2 and r["shards"][0][1] * 2 == model.spec.qkv_dim
+    assert r["compiled"] == len(m["programs"])
 
 
 def test_bf16_artifact_round_trips_in_process(ckpt, tmp_path):
@@ -177,6 +203,12 @@ def test_save_refuses_a_directory_that_is_not_an_artifact(saved, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(nx.ArtifactError, match="not an nx artifact"):
         saved[0].save(tmp_path)
+
+
+def test_saving_over_an_artifact_replaces_it(saved, copy):
+    (copy / "programs" / "decode_b1_w64.xla").write_bytes(b"stale")
+    saved[0].save(copy)
+    assert nx.load(copy).generate(PROMPT, max_new_tokens=20, eos_token_id=[]).tolist() == saved[1]
 
 
 def test_save_pretrained_split_writes_a_checkpoint_nx_loads(tmp_path):

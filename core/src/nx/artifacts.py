@@ -179,7 +179,8 @@ def _flat_params(params: Any) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
 
     def note(name: Any, leaf: Any) -> None:
         if is_quantized(leaf):
-            quantized[name.q.rsplit(".", 1)[0]] = {"axis": leaf.axis, "dequant_dtype": leaf.dequant_dtype}
+            quantized[name.q.rsplit(".", 1)[0]] = {"axis": leaf.axis, "dequant_dtype": leaf.dequant_dtype,
+                                                   "dtype": leaf.dtype, "blocked": leaf.blocked}
 
     names = tree_names(params)
     jax.tree.map(note, names, params, is_leaf=is_quantized)
@@ -228,7 +229,9 @@ def _params_tree(flat: dict[str, np.ndarray], quantized: dict[str, dict], n_laye
             q, scale = flat.pop(f"{name}.q"), flat.pop(f"{name}.scale")
         except KeyError as exc:
             raise ArtifactError(f"the artifact's weights lack {exc.args[0]}; the artifact is damaged; recompile it") from exc
-        flat[name] = QuantizedWeight(q, scale, info["dequant_dtype"], int(info["axis"]))
+        flat[name] = QuantizedWeight(
+            q, scale, info["dequant_dtype"], int(info["axis"]), info.get("dtype"), bool(info.get("blocked", True))
+        )
     return nest(flat, n_layers)
 
 
@@ -261,6 +264,8 @@ def save(model: Any, directory: str | os.PathLike, *, sampling: bool = False, pr
     out = Path(directory)
     if out.exists() and any(out.iterdir()) and not is_artifact(out):
         raise ArtifactError(f"{str(out)!r} exists and is not an nx artifact; choose an empty or new directory")
+    if is_artifact(out):  # overwriting: until the new manifest is written last, it is no artifact
+        (out / MANIFEST).unlink()
     shapes = list(model.program_shapes())
     if sampling:
         shapes += [(r, t, w, True) for r, t, w, _ in shapes]

@@ -167,7 +167,7 @@ class NxModel:
         if not prepared:
             params = sharding.relayout(params, spec, tp)
             if quant is not None:
-                params = quantize_params(params, quant, config.amp)
+                params = quantize_params(params, quant, config.amp, config.backend)
         params = jax.tree.map(self._cast, params, is_leaf=is_quantized)
         names = sharding.tree_names(params)
         self.param_specs = jax.tree.map(lambda n, a: sharding.partition_spec(n, a.ndim), names, params)

@@ -121,9 +121,10 @@ def output_axis(name: str) -> int:
     return 0 if name in TABLES else -1
 
 
-def quantize_params(params: dict, config: QuantizationConfig, amp: str = "f32") -> dict:
+def quantize_params(params: dict, config: QuantizationConfig, amp: str = "f32", backend: str = "cpu") -> dict:
     """Replace every quantizable leaf of a numpy parameter tree (nested as `nx.params.nest` builds
-    it) by a `QuantizedWeight`; returns a new tree (the input is not modified)."""
+    it) by a `QuantizedWeight`; returns a new tree (the input is not modified). `amp` is the
+    model's activation dtype; on the ``cpu`` `backend` matmuls convert int8 tile by tile."""
     from nx.ops.quant import QuantizedWeight
 
     dequant = config.dequant_dtype or amp
@@ -141,7 +142,7 @@ def quantize_params(params: dict, config: QuantizationConfig, amp: str = "f32") 
         ):
             axis = output_axis(name)
             q, scale = quantize(node, axis)
-            return QuantizedWeight(q, scale, dequant, axis)
+            return QuantizedWeight(q, scale, dequant, axis, amp, backend == "cpu")
         return node
 
     return walk(params, "")

@@ -11,7 +11,7 @@ from nx.ops.linear import lm_head
 
 def _rows(table, ids: jnp.ndarray) -> jnp.ndarray:
     if quant.is_quantized(table):
-        return quant.take_rows(table, ids, table.compute_dtype)
+        return quant.take_rows(table, ids, quant.DTYPES[table.dtype])
     return jnp.take(table, ids, axis=0)
 
 

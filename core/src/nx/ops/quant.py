@@ -8,9 +8,12 @@ column-parallel weight splits ``q``'s last axis and ``scale`` with it, a row-par
 ``q``'s first axis and replicates ``scale``, a vocabulary-parallel table splits both along vocab.
 
 `dequant_dtype` is static (pytree aux data): the dtype the int8 values are converted to for the
-matmul. The products are scaled per output column *after* the dot, ``(x @ q) * scale``, which on
-XLA:CPU measured several times faster than materializing ``q * scale`` first (see
-``benchmarks/int8.py``).
+matmul. The products are scaled per output column *after* the dot, ``(x @ q) * scale`` (one
+multiply per output instead of one per weight). On XLA:CPU what matters most is converting the
+int8 values tile by tile inside a loop: converting whole weights, with or without the scale, made
+XLA materialize f32 copies of every weight per step and decoded SmolLM2-135M 5x slower than f32
+(7 against 36 tokens/s), while the tiled loop runs at f32 speed (38 tokens/s) from a quarter of
+the bytes (``benchmarks/int8.py``).
 """
 
 from __future__ import annotations
@@ -30,16 +33,29 @@ class QuantizedWeight:
 
     A jax pytree with leaves ``q`` and ``scale`` (their dotted names end in ``.q`` / ``.scale``) and
     the static `dequant_dtype` (``"f32"``, ``"bf16"`` or ``"f16"``). `axis` is the output-channel
-    axis of ``q`` (-1 for linear weights, 0 for tables), also static.
+    axis of ``q`` (-1 for linear weights, 0 for tables), `dtype` the model's activation dtype (its
+    ``amp``; rows looked up from a table come out in it) and `blocked` whether matmuls convert the
+    int8 values tile by tile in a loop (right for XLA:CPU; accelerators fuse the conversion into
+    the dot, so nx sets it only for the cpu backend), all static too.
     """
 
-    __slots__ = ("q", "scale", "dequant_dtype", "axis")
+    __slots__ = ("q", "scale", "dequant_dtype", "axis", "dtype", "blocked")
 
-    def __init__(self, q: Any, scale: Any, dequant_dtype: str = "f32", axis: int = -1) -> None:
+    def __init__(
+        self,
+        q: Any,
+        scale: Any,
+        dequant_dtype: str = "f32",
+        axis: int = -1,
+        dtype: str | None = None,
+        blocked: bool = True,
+    ) -> None:
         self.q = q
         self.scale = scale
         self.dequant_dtype = dequant_dtype
         self.axis = axis
+        self.dtype = dtype or dequant_dtype
+        self.blocked = blocked
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -59,16 +75,19 @@ class QuantizedWeight:
         return (self.q.astype(jnp.float32) * s).astype(self.compute_dtype)
 
     def __repr__(self) -> str:
-        return f"QuantizedWeight(q={self.q!r}, scale={self.scale!r}, dequant_dtype={self.dequant_dtype!r}, axis={self.axis})"
+        return (
+            f"QuantizedWeight(q={self.q!r}, scale={self.scale!r}, dequant_dtype={self.dequant_dtype!r}, "
+            f"axis={self.axis}, dtype={self.dtype!r}, blocked={self.blocked})"
+        )
 
 
 def _flatten_with_keys(w: QuantizedWeight):
     keys = (jax.tree_util.GetAttrKey("q"), jax.tree_util.GetAttrKey("scale"))
-    return tuple(zip(keys, (w.q, w.scale))), (w.dequant_dtype, w.axis)
+    return tuple(zip(keys, (w.q, w.scale))), (w.dequant_dtype, w.axis, w.dtype, w.blocked)
 
 
 def _flatten(w: QuantizedWeight):
-    return (w.q, w.scale), (w.dequant_dtype, w.axis)
+    return (w.q, w.scale), (w.dequant_dtype, w.axis, w.dtype, w.blocked)
 
 
 def _unflatten(aux, children) -> QuantizedWeight:
@@ -110,7 +129,7 @@ def matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
     k, n = w.q.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).astype(dt)
-    nb = _n_blocks(k, n, x2.shape[0])
+    nb = _n_blocks(k, n, x2.shape[0]) if w.blocked else 1
     if nb == 1:
         y = jnp.matmul(x2, w.q.astype(dt), preferred_element_type=jnp.float32)
     else:
@@ -133,7 +152,7 @@ def table_logits(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, h).astype(dt)
     dims = (((1,), (1,)), ((), ()))
-    nb = _n_blocks(v, h, x2.shape[0])
+    nb = _n_blocks(v, h, x2.shape[0]) if w.blocked else 1
     if nb == 1:
         y = lax.dot_general(x2, w.q.astype(dt), dims, preferred_element_type=jnp.float32)
     else:
