@@ -299,6 +299,15 @@ class NxModel:
                 f"{self.config.max_positions}; load the model with a larger n_positions"
             )
 
+    def _check_total_fits(self, length: int, extra: int, what: str, hint: str) -> None:
+        """The prompt plus `extra` more positions must fit the largest position bucket."""
+        if length + extra > self.config.max_positions:
+            raise BucketError(
+                f"a prompt of {length} tokens plus {what} needs {length + extra} positions but the largest "
+                f"n_positions bucket is {self.config.max_positions}; load the model with a larger n_positions "
+                f"or {hint}"
+            )
+
     def _new_run(self, ids: np.ndarray, pad: np.ndarray, sp: SamplingParams) -> _Run:
         b, v, rep = self.config.batch_size, self.spec.vocab_size, self.config.broadcast
         seen = np.zeros((b, v), bool)
@@ -343,11 +352,7 @@ class NxModel:
         cont = _as_int_array(continuation, "continuation")
         if cont.shape[0] != self.config.batch_size:
             raise InputError(f"continuation has {cont.shape[0]} rows but the model decodes batch_size={self.config.batch_size}")
-        if ids.shape[1] + cont.shape[1] > self.config.max_positions:
-            raise BucketError(
-                f"prompt ({ids.shape[1]}) plus continuation ({cont.shape[1]}) exceed the largest n_positions "
-                f"bucket {self.config.max_positions}; load the model with a larger n_positions"
-            )
+        self._check_total_fits(ids.shape[1], cont.shape[1], f"a continuation of {cont.shape[1]} tokens", "shorten it")
         run, _, logits = self._start(ids, pad, SamplingParams())
         out = [self._host(logits)]
         for t in range(cont.shape[1]):
@@ -434,12 +439,7 @@ class NxModel:
             raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
             raise InputError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
-        if length + max_new_tokens > self.config.max_positions:
-            raise BucketError(
-                f"a prompt of {length} tokens plus max_new_tokens={max_new_tokens} needs "
-                f"{length + max_new_tokens} positions but the largest n_positions bucket is "
-                f"{self.config.max_positions}; load the model with a larger n_positions or lower max_new_tokens"
-            )
+        self._check_total_fits(length, max_new_tokens, f"max_new_tokens={max_new_tokens}", "lower max_new_tokens")
         eos = self._eos_ids(eos_token_id)
         pad_id = self._pad_id(pad_token_id, eos)
         stops = normalize_stop(stop)
