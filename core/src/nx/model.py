@@ -113,8 +113,12 @@ def _program(model: NxModel, window: int, sample: bool):
             check_vma=False,  # logits are all-gathered, hence identical on every shard
         )
 
+    # f32 means f32: GPUs would otherwise run f32 matmuls in TF32 and drift from the reference.
+    precision = "highest" if model.config.amp == "f32" else "default"
+
     def run(params, caches, inp: decoder.StepInputs, smp: SamplingInputs):
-        logits, caches = forward(params, caches, inp)
+        with jax.default_matmul_precision(precision):
+            logits, caches = forward(params, caches, inp)
         key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(smp.key), inp.slot))
         tokens, seen = choose(logits, smp._replace(key=key), sample)
         return tokens, logits, caches, seen
