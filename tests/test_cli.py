@@ -71,3 +71,18 @@ def test_checkpoint_without_tokenizer(saved_case):
     _, path = saved_case(CASE)
     res = _run("generate", "llama", path, "-p", "x", *FAST)
     assert res.exit_code == 2 and "ships no tokenizer" in res.stderr
+
+
+def test_unroll_and_quant_flags_keep_greedy_text(ckpt):
+    """--unroll 1 (scanned layers) gives the same greedy text; --quant s8 runs int8 weights."""
+    plain = _run("generate", "llama", ckpt, "-p", "Hello", *FAST)
+    scanned = _run("generate", "llama", ckpt, "-p", "Hello", "--unroll", "1", *FAST)
+    assert plain.exit_code == 0 and scanned.exit_code == 0, scanned.output
+    assert scanned.stdout == plain.stdout and "load+compile" in scanned.stderr
+    int8 = _run("generate", "llama", ckpt, "-p", "Hello", "--quant", "s8", "--unroll", "1", *FAST)
+    assert int8.exit_code == 0 and int8.stdout.strip(), int8.output
+
+
+def test_bad_unroll_is_one_clear_line(ckpt):
+    res = _run("generate", "llama", ckpt, "-p", "Hi", "--unroll", "3", *FAST)
+    assert res.exit_code == 2 and "valid values: [1, 2]" in res.stderr and "Traceback" not in res.output

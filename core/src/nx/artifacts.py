@@ -285,7 +285,7 @@ def save(model: Any, directory: str | os.PathLike, *, sampling: bool = False, pr
         (out / rel).write_bytes(blob)
         programs.append({"rows": rows, "tokens": n_tokens, "window": window, "sample": sample, "file": rel})
 
-    flat, quantized = _flat_params(model.params)
+    flat, quantized = _flat_params({**model.params, "layers": model.layer_params()})  # per layer, whatever unroll
     _write_weights(flat, out / WEIGHTS)
     has_config = model.hf_config is not None
     if has_config:
@@ -357,7 +357,7 @@ def compile_programs(model: Any, shapes: list[tuple[int, int, int, bool]], *, wo
 # ---- load ---------------------------------------------------------------------------------------
 #: `nx.load` options baked into an artifact (passing a different value is an error).
 _BAKED = ("batch_size", "prompt_batch_size", "n_positions", "context_length_estimate", "amp", "backend",
-          "tp_degree", "devices", "quant")
+          "tp_degree", "devices", "quant", "unroll")
 
 
 def _check_options(runtime: Any, quant: dict | None, options: dict, path: Path) -> None:
@@ -377,6 +377,7 @@ def _check_options(runtime: Any, quant: dict | None, options: dict, path: Path) 
         "tp_degree": runtime.tp_degree,
         "devices": runtime.devices,
         "quant": quant,
+        "unroll": runtime.unroll,
     }
     for key in _BAKED:
         if key not in options or options[key] == defaults.get(key):
@@ -481,9 +482,8 @@ def _load_programs(model: Any, programs: list[dict], path: Path) -> None:
     from nx.decoder import StepInputs
     from nx.sampling import SamplingInputs
 
-    n_layers = model.spec.n_layers
     devices = list(model.mesh.devices.flat)
-    out_tree = jax.tree.structure((0, 0, [(0, 0)] * n_layers, 0))
+    out_tree = jax.tree.structure((0, 0, [(0, 0)] * len(model.caches), 0))
     in_tree = jax.tree.structure(
         ((model.params, model.caches, StepInputs(*[0] * 4), SamplingInputs(*[0] * len(SamplingInputs._fields))), {})
     )

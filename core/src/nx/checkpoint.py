@@ -7,6 +7,7 @@ code; nx never unpickles untrusted data any other way.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -59,14 +60,23 @@ class Checkpoint:
 
     def load_tokenizer(self):
         """The checkpoint's tokenizer via transformers, or None if it ships none."""
-        from transformers import AutoTokenizer
+        return load_tokenizer(self.path, self.gguf_file)
 
-        try:
-            if self.gguf_file:
-                return AutoTokenizer.from_pretrained(str(self.path), gguf_file=self.gguf_file)
-            return AutoTokenizer.from_pretrained(str(self.path))
-        except (OSError, ValueError, TypeError):
-            return None
+    def tokenizer_loader(self) -> Callable[[], Any]:
+        """`load_tokenizer` for later, without keeping the checkpoint (and its open files) alive."""
+        return functools.partial(load_tokenizer, self.path, self.gguf_file)
+
+
+def load_tokenizer(path: Path, gguf_file: str | None = None):
+    """The tokenizer in checkpoint directory `path` (or in its `gguf_file`), or None if none."""
+    from transformers import AutoTokenizer
+
+    try:
+        if gguf_file:
+            return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -257,6 +267,7 @@ def _open_gguf(directory: Path, fname: str) -> Checkpoint:
     except Exception as exc:
         raise CheckpointError(f"cannot read GGUF file {str(file)!r}: {exc}; it is corrupt or truncated") from exc
     cfg = gguf_config(reader)
+    reader.fields.clear()  # metadata (the whole vocabulary as small arrays) is not needed after this
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     tensors = {t.name: t for t in reader.tensors}
 

@@ -31,6 +31,14 @@ class _NxGroup(click.Group):
             sys.exit(2)
 
 
+#: ``--unroll`` of generate, bench and compile (see `nx.scan`).
+unroll_option = click.option(
+    "--unroll", type=int, default=None,
+    help="Layers per scanned block (a divisor of the layer count): faster compiles, slower CPU decode. "
+    "Default: every layer unrolled.",
+)
+
+
 @click.group(cls=_NxGroup)
 @click.version_option(package_name="nx-core", prog_name="nx")
 def main() -> None:
@@ -82,6 +90,8 @@ def list_models() -> None:
     show_default=True,
     help="Run as this many cooperating local processes (jax.distributed, gloo on CPU); use with --tp.",
 )
+@click.option("--quant", default=None, type=click.Choice(["s8"]), help="Store 2-D weights as int8.")
+@unroll_option
 def generate(
     target: str,
     path: str | None,
@@ -99,6 +109,8 @@ def generate(
     seed: int | None,
     tp_degree: int,
     num_processes: int,
+    quant: str | None,
+    unroll: int | None,
 ) -> None:
     """Generate text: ``nx generate [FAMILY] PATH --prompt ...`` (FAMILY inferred when omitted).
 
@@ -123,8 +135,11 @@ def generate(
         amp=amp,
         backend=backend,
         tp_degree=tp_degree,
+        quant=quant,
+        unroll=unroll,
     )
     load_s = time.perf_counter() - t0
+    loaded = "load" if model.artifact_path else "load+compile"  # an artifact compiles nothing
     tok = model.tokenizer
     if tok is None:
         raise nx.CheckpointError("the checkpoint ships no tokenizer; nx generate needs one to encode --prompt")
@@ -158,7 +173,7 @@ def generate(
     decode_s = t["total_s"] - t["first_token_s"]
     rate = (t["new_tokens"] - 1) / decode_s if t["new_tokens"] > 1 and decode_s > 0 else float("nan")
     click.echo(
-        f"[load+compile {load_s:.1f}s | prompt {t['prompt_tokens']} tokens | new {t['new_tokens']} tokens | "
+        f"[{loaded} {load_s:.1f}s | prompt {t['prompt_tokens']} tokens | new {t['new_tokens']} tokens | "
         f"first token {t['first_token_s'] * 1000:.0f} ms | decode {rate:.1f} tokens/s]",
         err=True,
     )
@@ -181,6 +196,7 @@ def generate(
               help="Also save a compiled artifact (model.save) to a temporary directory and time nx.load from it.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random prompt ids.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@unroll_option
 def bench(
     target: str,
     path: str | None,
@@ -197,6 +213,7 @@ def bench(
     cached_load: bool,
     seed: int,
     as_json: bool,
+    unroll: int | None,
 ) -> None:
     """Measure compile time, time to first token, decode tokens/s, latency, memory and bandwidth.
 
@@ -218,7 +235,9 @@ def bench(
 
     if dequant_dtype and not quant:
         raise click.BadParameter("needs --quant s8", param_hint="--dequant-dtype")
-    options = {"tp_degree": tp_degree} if tp_degree != 1 else {}
+    options: dict = {"tp_degree": tp_degree} if tp_degree != 1 else {}
+    if unroll is not None:
+        options["unroll"] = unroll
     if quant:
         from nx.quant import QuantizationConfig
 
@@ -259,6 +278,7 @@ def bench(
 @click.option("--sampling", is_flag=True, help="Also compile the sampling variant of every program.")
 @click.option("--dump-hlo", default=None, type=click.Path(file_okay=False), help="Also write each program's HLO (text + .pb) here.")
 @click.option("--workers", default=None, type=int, help="Programs compiled in parallel threads (default: min(4, CPUs)).")
+@unroll_option
 def compile_cmd(
     target: str,
     path: str | None,
@@ -276,6 +296,7 @@ def compile_cmd(
     sampling: bool,
     dump_hlo: str | None,
     workers: int | None,
+    unroll: int | None,
 ) -> None:
     """Compile every bucket and save a servable artifact: ``nx compile [FAMILY] PATH --out DIR``.
 
@@ -304,6 +325,7 @@ def compile_cmd(
         backend=backend,
         tp_degree=tp_degree,
         quant=qc,
+        unroll=unroll,
         compile=False,
     )
     if dump_hlo:

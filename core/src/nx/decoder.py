@@ -1,8 +1,9 @@
 """The generic decoder: composes `nx.ops` according to a `ModelSpec`.
 
 `step` is the body of every compiled program. It embeds `T` tokens written at cache `slot`,
-runs every layer (a Python loop, so the program is fully unrolled and each layer's weights and
-cache are separate arguments: slicing stacked arrays measured 3-10x slower on CPU), and returns
+runs every layer (by default a Python loop, so the program is fully unrolled and each layer's weights
+and cache are separate arguments: slicing stacked arrays measured 3-10x slower on CPU; ``unroll=k``
+scans blocks of k layers instead, see `nx.scan`), and returns
 the logits of token `last` of each row plus the updated caches.
 """
 
@@ -13,7 +14,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-from nx import ops
+from nx import ops, scan
 from nx.spec import ModelSpec
 
 LayerCache = tuple[jnp.ndarray, jnp.ndarray]
@@ -90,6 +91,7 @@ def step(
     window: int,
     tp_axis: str | None = None,
     vocab_size: int | None = None,
+    unroll: int | None = None,
 ):
     """Run the decoder on ``inp.tokens``; return (logits ``[B, vocab]`` f32, updated caches).
 
@@ -98,6 +100,8 @@ def step(
 
     Under tensor parallelism (inside ``shard_map`` over `tp_axis`) `spec` is the shard's local spec
     (its share of heads and MLP width) and `vocab_size` the model's full vocabulary.
+
+    With `unroll` (a block size, see `nx.scan`) the layers run as a ``lax.scan`` over stacked blocks.
     """
     b, t = inp.tokens.shape
     slot = inp.slot
@@ -114,10 +118,13 @@ def step(
         key_pos = (jnp.arange(window, dtype=jnp.int32)[None, :] - inp.pad[:, None]).astype(jnp.float32)
         bias = _local_alibi_slopes(spec, tp_axis)[None, :, None] * key_pos[:, None, :]
     ctx = _Context(slot, positions, ops.causal_padding_mask(slot, inp.pad, t, window), bias, window, tp_axis)
-    new_caches = []
-    for p, cache in zip(params["layers"], caches):
-        x, cache = layer(spec, p, x, cache, ctx)
-        new_caches.append(cache)
+    if unroll is None:
+        new_caches = []
+        for p, cache in zip(params["layers"], caches):
+            x, cache = layer(spec, p, x, cache, ctx)
+            new_caches.append(cache)
+    else:  # stacked weights and caches of blocks of `unroll` layers (see nx.scan)
+        x, new_caches = scan.run_layers(lambda p, y, c: layer(spec, p, y, c, ctx), params["layers"], caches, x)
     x = jnp.take(x, inp.last, axis=1)  # [B, hidden]: only one token per row reaches the lm head
     if spec.final_norm:
         x = ops.norm(spec.norm, x, params["final_norm"], spec.norm_eps)
@@ -126,7 +133,7 @@ def step(
     head = params.get("lm_head", {})
     table = params["embed"]["w"] if spec.tied_lm_head else head["w"]
     logits = ops.logits(x, table, head.get("b"), vocab_size or spec.vocab_size, tp_axis)
-    rep = caches[0][0].shape[0] // b
+    rep = caches[0][0].shape[-4] // b  # cache rows per token row ([blocks,] batch, positions, heads, dim)
     return (jnp.repeat(logits, rep, axis=0) if rep > 1 else logits), new_caches
 
 

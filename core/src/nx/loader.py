@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from nx import artifacts, distributed, memory, sharding
+from nx import artifacts, distributed, memory, scan, sharding
 from nx.checkpoint import Checkpoint, TensorSource, open_checkpoint
 from nx.errors import CheckpointError
 from nx.family import Family
@@ -29,6 +29,7 @@ def load(
     backend: str = "cpu",
     tp_degree: int = 1,
     devices: Sequence[int] | None = None,
+    unroll: int | None = None,
     device_memory: int | None = None,
     quant: Any = None,
     compile: bool = True,
@@ -50,6 +51,10 @@ def load(
     models side by side on disjoint devices); `device_memory` overrides the bytes per device used
     by the fit check (weights + KV cache must fit in ``device_memory * tp_degree``).
 
+    `unroll` (a divisor of the layer count) compiles a block of that many layers once and scans it
+    over the stack: faster compiles of deep models, slower decode on CPU (see `nx.scan`); the
+    default None unrolls every layer.
+
     `quant` (``nx.QuantizationConfig(...)`` or ``"s8"``) stores 2-D weights as int8 with
     per-output-channel scales, dequantized inside the compiled programs.
 
@@ -67,7 +72,7 @@ def load(
         )
     registry = registry or default_registry()
     config = RuntimeConfig.build(
-        batch_size, n_positions, context_length_estimate, amp, backend, prompt_batch_size, tp_degree, devices
+        batch_size, n_positions, context_length_estimate, amp, backend, prompt_batch_size, tp_degree, devices, unroll
     )
     distributed.initialize_from_env()
     ensure_cpu_devices(config)
@@ -83,10 +88,13 @@ def load(
                 f"{', '.join(family.model_types)}; use nx.load({str(path)!r}) to pick the family automatically"
             )
     spec = family.spec_from_config(ckpt.config)
+    scan.block_size(spec.n_layers, config.unroll)  # a bad unroll fails before any weight is read
     quant = as_quant_config(quant)
     check_memory(family, spec, config, device_memory, quant)
     params = build_params(family, spec, hf_tensors(family, ckpt), progress=progress)
-    model = NxModel(family, spec, params, config, ckpt.config, ckpt.load_tokenizer, quant=quant)
+    hf_config, tokenizer_loader = ckpt.config, ckpt.tokenizer_loader()
+    del ckpt  # closes the checkpoint's files (a GGUF memory map stays resident otherwise)
+    model = NxModel(family, spec, params, config, hf_config, tokenizer_loader, quant=quant)
     return model.compile(progress) if compile else model
 
 

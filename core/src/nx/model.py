@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nx import buckets, decoder, dump, sharding
+from nx import buckets, decoder, dump, scan, sharding
 from nx.errors import BucketError, ConfigError, InputError
 from nx.family import Family
 from nx.generation import SamplingParams, hits_stop, normalize_stop
@@ -46,6 +46,7 @@ class RuntimeConfig:
     prompt_batch_size: int = 1
     tp_degree: int = 1
     devices: tuple[int, ...] | None = None  # device ids to run on (default: the first tp_degree)
+    unroll: int | None = None  # layers per scanned block (None: every layer unrolled; see nx.scan)
 
     @classmethod
     def build(
@@ -58,6 +59,7 @@ class RuntimeConfig:
         prompt_batch_size: int | None = None,
         tp_degree: int = 1,
         devices: Sequence[int] | None = None,
+        unroll: int | None = None,
     ) -> RuntimeConfig:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -74,9 +76,11 @@ class RuntimeConfig:
             devices = tuple(int(d) for d in devices)
             if len(devices) != tp_degree or len(set(devices)) != len(devices):
                 raise ConfigError(f"devices={list(devices)} must name tp_degree={tp_degree} distinct device ids")
+        if unroll is not None and (not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1):
+            raise ConfigError(f"unroll must be a positive int (layers per scanned block) or None, got {unroll!r}")
         pos = buckets.position_buckets(n_positions)
         ctx = buckets.context_buckets(context_length_estimate, pos)
-        return cls(batch_size, tuple(pos), tuple(ctx), amp, backend, pbs, tp_degree, devices)
+        return cls(batch_size, tuple(pos), tuple(ctx), amp, backend, pbs, tp_degree, devices, unroll)
 
     @property
     def max_positions(self) -> int:
@@ -101,10 +105,11 @@ def _program(model: NxModel, window: int, sample: bool):
     spec, local, tp = model.spec, model.local_spec, model.config.tp_degree
 
     def forward(params, caches, inp):
-        return decoder.step(local, params, caches, inp, window, sharding.AXIS if tp > 1 else None, spec.vocab_size)
+        axis = sharding.AXIS if tp > 1 else None
+        return decoder.step(local, params, caches, inp, window, axis, spec.vocab_size, model.unroll)
 
     if tp > 1:
-        cache_specs = [(model.cache_spec, model.cache_spec)] * spec.n_layers
+        cache_specs = [(model.cache_spec, model.cache_spec)] * len(model.caches)
         forward = jax.shard_map(
             forward,
             mesh=model.mesh,
@@ -152,7 +157,9 @@ class NxModel:
     ) -> None:
         """`quant` (an `nx.QuantizationConfig`) stores 2-D weights as int8 (quantized here, after the
         tensor-parallel re-layout); ``prepared=True`` means `params` are already re-laid out and
-        quantized (restoring a saved artifact), so they are only placed on the devices."""
+        quantized (restoring a saved artifact), so they are only placed on the devices. `params`
+        (a numpy tree) is consumed: its containers are emptied and each array is released once on
+        the devices, so the host never holds a second copy of the model."""
         self.family = family
         self.quant = quant
         self.spec = spec
@@ -167,17 +174,30 @@ class NxModel:
         self.mesh = Mesh(np.array(select_devices(config)), (sharding.AXIS,))
         self.device = self.mesh.devices.flat[0]
         self._replicated = NamedSharding(self.mesh, P())
-        self.cache_spec = P(None, None, sharding.AXIS, None)
+        self.unroll = scan.block_size(spec.n_layers, config.unroll)
+        self.cache_spec = P(*([None] * (3 if self.unroll else 2)), sharding.AXIS, None)
+        params = _take(params)  # the caller's tree is emptied: host weights are freed as they are placed
         if not prepared:
             params = sharding.relayout(params, spec, tp)
             if quant is not None:
                 params = quantize_params(params, quant, config.amp, config.backend)
-        params = jax.tree.map(self._cast, params, is_leaf=is_quantized)
         names = sharding.tree_names(params)
         self.param_specs = jax.tree.map(lambda n, a: sharding.partition_spec(n, a.ndim), names, params)
-        self.params = jax.tree.map(lambda a, ps: self._place(a, NamedSharding(self.mesh, ps)), params, self.param_specs)
+        if self.unroll:
+            params["layers"] = scan.stack(params["layers"], self.unroll)
+            self.param_specs["layers"] = scan.stack_specs(self.param_specs["layers"], self.unroll)
+        leaves, tree = jax.tree.flatten(params, is_leaf=is_quantized)
+        del params  # `leaves` is now the only holder of the host arrays
+        placed = []
+        for i, where in enumerate(tree.flatten_up_to(self.param_specs)):
+            a, leaves[i] = self._cast(leaves[i]), None  # peak host memory: one tensor, not the model
+            placed.append(jax.tree.map(lambda x, ps: self._place(x, NamedSharding(self.mesh, ps)), a, where))
+            del a
+        self.params = tree.unflatten(placed)
         self.caches = self._new_caches()
         self._executables: dict[tuple[int, int, int, bool], Any] = {}
+        #: The artifact directory this model was restored from (`nx.load(dir)`), else None.
+        self.artifact_path: Any = None
         #: Directory receiving each program's HLO (text and HloModuleProto) when it compiles.
         self.dump_to: str | None = os.environ.get(dump.ENV) or None
 
@@ -203,9 +223,16 @@ class NxModel:
     def _new_caches(self) -> list[tuple[jax.Array, jax.Array]]:
         s, tp = self.spec, self.config.tp_degree
         shape = (self.config.batch_size, self.config.max_positions, sharding.cache_kv_heads(s, tp), s.head_dim)
+        pairs = s.n_layers
+        if self.unroll:  # one stacked pair per layer of a scanned block
+            shape, pairs = (s.n_layers // self.unroll, *shape), self.unroll
         where = NamedSharding(self.mesh, self.cache_spec)
         zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=where)
-        return [(zeros(), zeros()) for _ in range(s.n_layers)]
+        return [(zeros(), zeros()) for _ in range(pairs)]
+
+    def layer_params(self) -> list[Any]:
+        """The per-layer parameter trees (unstacking scanned blocks), as saved in artifacts."""
+        return scan.unstack(self.params["layers"]) if self.unroll else self.params["layers"]
 
     # ---- compilation -------------------------------------------------------------------------
     def program_shapes(self) -> list[tuple[int, int, int, bool]]:
@@ -539,6 +566,20 @@ class NxModel:
             f"batch_size={c.batch_size}, n_positions={list(c.n_positions)}, amp={c.amp!r}, backend={c.backend!r}, "
             f"tp_degree={c.tp_degree})"
         )
+
+
+def _take(tree: Any) -> Any:
+    """A copy of the dict/list skeleton of `tree` (same leaves); the original containers are emptied,
+    so the leaves live on only in the copy."""
+    if isinstance(tree, dict):
+        out = {k: _take(v) for k, v in tree.items()}
+        tree.clear()
+        return out
+    if isinstance(tree, list):
+        out = [_take(v) for v in tree]
+        tree.clear()
+        return out
+    return tree
 
 
 def select_devices(config: RuntimeConfig) -> list:

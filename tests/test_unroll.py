@@ -1,0 +1,100 @@
+"""Scanned layers (``unroll=k``): the same tokens and logits as Hugging Face and as the fully
+unrolled program, with tensor parallelism, int8 weights and saved artifacts too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import nx
+from nx import scan
+from tests.cases import all_cases
+from tests.conftest import hf_greedy, hf_last_logits, left_padded
+
+BUCKETS = dict(n_positions=[32, 64], context_length_estimate=[8, 16], progress=False)
+CASES = all_cases()
+DEEP = next(c for c in CASES if c.id == "gpt2-relu-inner")  # 3 layers: unroll 1 and 3 are valid
+LOGIT_RTOL = 1e-4
+
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_scanned_layers_match_hf(case, saved_case):
+    """unroll=1 (one layer compiled, looped n_layers times) on a left-padded batch of three."""
+    hf, path = saved_case(case)
+    model = nx.load(case.family, path, batch_size=3, unroll=1, **BUCKETS)
+    assert model.unroll == 1 and len(model.caches) == 1 and model.caches[0][0].shape[0] == model.spec.n_layers
+    ids, mask = left_padded([16, 9, 3], case.vocab, seed=3)
+    ref = hf_greedy(hf, ids, mask, 36)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=36, eos_token_id=[])
+    assert torch.equal(out, ref), f"nx={out.tolist()}\nhf={ref.tolist()}"
+    want = hf_last_logits(hf, ids, mask)
+    np.testing.assert_allclose(model.logits(ids, mask), want, rtol=0, atol=LOGIT_RTOL * max(1.0, np.abs(want).max()))
+
+
+def test_scanned_program_is_a_loop(saved_case):
+    _, path = saved_case(DEEP)
+    full = nx.load("gpt2", path, compile=False, **BUCKETS)
+    looped = nx.load("gpt2", path, compile=False, unroll=1, **BUCKETS)
+    assert "while" not in full.lower(1, 1, 32).as_text()
+    text = looped.lower(1, 1, 32).as_text()
+    assert "while" in text
+    assert text.count("dot_general") < full.lower(1, 1, 32).as_text().count("dot_general")
+
+
+def test_unroll_equal_to_depth_is_the_unrolled_program(saved_case):
+    _, path = saved_case(DEEP)
+    assert nx.load("gpt2", path, compile=False, unroll=3, **BUCKETS).unroll is None
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_scanned_layers_with_tensor_parallelism(saved_case, tp):
+    case = next(c for c in CASES if c.family == "llama")
+    hf, path = saved_case(case)
+    model = nx.load("llama", path, batch_size=3, unroll=1, tp_degree=tp, **BUCKETS)
+    ids, mask = left_padded([16, 9, 3], case.vocab, seed=5)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[]),
+                       hf_greedy(hf, ids, mask, 24))
+
+
+def test_scanned_int8_equals_unrolled_int8(saved_case):
+    _, path = saved_case(DEEP)
+    ids, mask = left_padded([12, 7], DEEP.vocab, seed=1)
+    outs, logits = [], []
+    for unroll in (None, 1):
+        model = nx.load("gpt2", path, batch_size=2, quant="s8", unroll=unroll, **BUCKETS)
+        outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[]))
+        logits.append(model.logits(ids, mask))
+    assert torch.equal(outs[0], outs[1])
+    np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-4 * np.abs(logits[0]).max())
+
+
+def test_scanned_artifact_round_trip(saved_case, tmp_path):
+    _, path = saved_case(DEEP)
+    model = nx.load("gpt2", path, unroll=1, **BUCKETS)
+    prompt = [[5, 9, 77, 31, 2, 140]]
+    ref = model.generate(prompt, max_new_tokens=16, eos_token_id=[])
+    model.save(tmp_path / "art")
+    loaded = nx.load(tmp_path / "art")
+    assert loaded.unroll == 1 and loaded.config.unroll == 1
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=16, eos_token_id=[]), ref)
+    with pytest.raises(nx.ConfigError, match="unroll=1"):
+        nx.load(tmp_path / "art", unroll=3)
+
+
+@pytest.mark.parametrize("bad", [2, 0, -1, True, 1.5])
+def test_invalid_unroll_is_a_clear_error_before_reading_weights(saved_case, monkeypatch, bad):
+    _, path = saved_case(DEEP)
+    monkeypatch.setattr("nx.loader.build_params", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(nx.ConfigError, match="unroll"):
+        nx.load("gpt2", path, unroll=bad, **BUCKETS)
+
+
+def test_stack_and_unstack_are_inverse():
+    layers = [{"w": np.full((2, 3), i, np.float32), "b": np.full((3,), -i, np.float32)} for i in range(6)]
+    blocks = scan.stack(layers, 2)
+    assert len(blocks) == 2 and blocks[0]["w"].shape == (3, 2, 3)
+    assert [float(b["w"][0, 0, 0]) for b in blocks] == [0.0, 1.0]  # block 0 = layers 0, 1
+    back = scan.unstack(blocks)
+    assert [float(x["b"][0]) for x in back] == [0, -1, -2, -3, -4, -5]
