@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from jax import monitoring
 
 import nx
-from nx import artifacts, decoder, dump
+from nx import artifacts, decoder, dump, xla_options
 from nx.cli import main
 from nx.generation import SamplingParams
 from tests.cases.llama import CASES
@@ -236,6 +236,7 @@ def test_dumped_hlo_proto_compiles_and_runs_like_the_nx_program(ckpt, tmp_path, 
     assert dump.load_proto(proto).as_hlo_text() == text  # parses back to the same module
     meta = json.loads(proto.with_suffix("").with_suffix(".json").read_text())
     assert meta["parameters"][0]["name"].startswith("params.") and any(p["donated"] for p in meta["parameters"])
+    assert meta["xla_options"] == xla_options.compiler_options("cpu")  # compile_proto applies them
 
     ids = np.random.default_rng(0).integers(3, CASE.vocab, (1, 16)).astype(np.int32)
     run = model._new_run(ids, np.zeros(1, np.int32), SamplingParams())

@@ -51,15 +51,9 @@ def is_artifact(path: str | os.PathLike | None) -> bool:
 
 # ---- environment ------------------------------------------------------------------------------
 def _cpu_features() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return sorted(have & set(_CPU_FEATURES))
-    except OSError:
-        pass
-    return []
+    from nx.xla_options import cpu_flags
+
+    return sorted(cpu_flags() & set(_CPU_FEATURES))
 
 
 def environment(model: Any) -> dict:

@@ -49,8 +49,9 @@ def _input_names(lowered: Any) -> list[dict]:
     return out
 
 
-def dump_lowered(lowered: Any, directory: str | os.PathLike, name: str) -> list[Path]:
-    """Write one lowered program's HLO text, ``HloModuleProto`` and parameter map; returns the files."""
+def dump_lowered(lowered: Any, directory: str | os.PathLike, name: str, xla_options: dict | None = None) -> list[Path]:
+    """Write one lowered program's HLO text, ``HloModuleProto`` and parameter map (with the XLA
+    compiler options nx compiles it with); returns the files."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     hlo = lowered.compiler_ir("hlo")  # an XlaComputation
@@ -65,6 +66,7 @@ def dump_lowered(lowered: Any, directory: str | os.PathLike, name: str) -> list[
         "parameters": [inputs[i] for i in kept],
         "unused": [inputs[i]["name"] for i in range(len(inputs)) if i not in set(kept)],
         "outputs": ["next_tokens", "logits", "caches", "seen"],
+        "xla_options": dict(xla_options or {}),
     }
     side = out / f"{name}.json"
     side.write_text(json.dumps(meta, indent=1))
@@ -88,12 +90,16 @@ def load_proto(file: str | os.PathLike) -> Any:
 
 
 def compile_proto(file: str | os.PathLike, device: Any = None) -> Any:
-    """Compile a dumped ``HloModuleProto`` for `device` (default: the first CPU device) with XLA;
-    returns a loaded executable whose ``execute(list_of_arrays)`` runs it (arrays in entry
-    parameter order, see the ``.json`` beside the proto)."""
+    """Compile a dumped ``HloModuleProto`` for `device` (default: the first CPU device) with XLA and
+    the compiler options recorded beside it; returns a loaded executable whose
+    ``execute(list_of_arrays)`` runs it (arrays in entry parameter order, see the ``.json``)."""
     import jax
     from jax._src.lib import xla_client as xc
 
     device = device or jax.devices("cpu")[0]
     module = xc._xla.mlir.hlo_to_stablehlo(Path(file).read_bytes())
-    return device.client.compile_and_load(module, xc.DeviceList((device,)), xc.CompileOptions())
+    side = Path(file).with_suffix("").with_suffix(".json")
+    options = xc.CompileOptions()
+    if side.exists():
+        options.env_option_overrides = list(json.loads(side.read_text()).get("xla_options", {}).items())
+    return device.client.compile_and_load(module, xc.DeviceList((device,)), options)

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nx import buckets, decoder, dump, scan, sharding
+from nx import buckets, decoder, dump, scan, sharding, xla_options
 from nx.errors import BucketError, ConfigError, InputError
 from nx.family import Family
 from nx.generation import SamplingParams, hits_stop, normalize_stop
@@ -271,9 +271,10 @@ class NxModel:
         key = (rows, n_tokens, window, sample)
         if key not in self._executables:
             lowered = self.lower(*key)
+            options = xla_options.compiler_options(self.device.platform)
             if self.dump_to:
-                dump.dump_lowered(lowered, self.dump_to, dump.program_name(*key))
-            self._executables[key] = lowered.compile()
+                dump.dump_lowered(lowered, self.dump_to, dump.program_name(*key), options)
+            self._executables[key] = lowered.compile(options)
         return self._executables[key]
 
     def compile(self, progress: bool | None = None) -> NxModel:
