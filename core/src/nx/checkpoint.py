@@ -170,29 +170,28 @@ def _safetensors_files(files: dict[str | None, Path]) -> TensorSource:
     """`files` maps tensor name -> file (or None -> the single file)."""
     from safetensors import safe_open
 
-    handles: dict[Path, Any] = {}
-
     def handle(f: Path):
-        if f not in handles:
-            try:
-                handles[f] = safe_open(str(f), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise CheckpointError(f"cannot read {str(f)!r}: {exc}; the file is corrupt or truncated") from exc
-        return handles[f]
+        """A fresh handle per use: a file's memory map (and the pages a read touched, which count in
+        the process's resident memory) is released as soon as the read is done."""
+        try:
+            return safe_open(str(f), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read {str(f)!r}: {exc}; the file is corrupt or truncated") from exc
 
     shapes: dict[str, tuple[int, ...]] = {}
     where: dict[str, Path] = {}
     for f in sorted(set(files.values())):
-        h = handle(f)
-        for key in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-            shapes[key] = tuple(h.get_slice(key).get_shape())
-            where[key] = f
+        with handle(f) as h:
+            for key in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                shapes[key] = tuple(h.get_slice(key).get_shape())
+                where[key] = f
 
     def read(key: str) -> np.ndarray:
-        try:
-            return _to_numpy(handle(where[key]).get_tensor(key))
-        except Exception as exc:
-            raise CheckpointError(f"cannot read tensor {key!r} from {str(where[key])!r}: {exc}") from exc
+        with handle(where[key]) as h:
+            try:
+                return _to_numpy(h.get_tensor(key))
+            except Exception as exc:
+                raise CheckpointError(f"cannot read tensor {key!r} from {str(where[key])!r}: {exc}") from exc
 
     return TensorSource(shapes, read)
 
