@@ -71,6 +71,20 @@ def saved_case(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def llama_chat_ckpt(saved_case, tmp_path_factory) -> str:
+    """The first tiny llama case with `char_tokenizer` saved beside it (CLI and artifact tests)."""
+    import shutil
+
+    from tests.cases.llama import CASES
+
+    _, path = saved_case(CASES[0])
+    d = tmp_path_factory.mktemp("llama-chat")
+    shutil.copytree(path, d, dirs_exist_ok=True)
+    char_tokenizer().save_pretrained(d)
+    return str(d)
+
+
 def char_tokenizer():
     """A tiny character-level HF tokenizer (ids < 100) with a chat template, built offline."""
     from tokenizers import Tokenizer, decoders, models

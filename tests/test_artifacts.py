@@ -32,12 +32,8 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @pytest.fixture(scope="module")
-def ckpt(saved_case, tmp_path_factory):
-    _, path = saved_case(CASE)
-    d = tmp_path_factory.mktemp("art-ckpt")
-    shutil.copytree(path, d, dirs_exist_ok=True)
-    char_tokenizer().save_pretrained(d)
-    return str(d)
+def ckpt(llama_chat_ckpt):
+    return llama_chat_ckpt
 
 
 @pytest.fixture(scope="module")

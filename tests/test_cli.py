@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from click.testing import CliRunner
 
 from nx.cli import main
 from tests.cases.llama import CASES
-from tests.conftest import char_tokenizer
 
 CASE = CASES[0]
 FAST = ["--n-positions", "64", "--context-length-estimate", "32", "-n", "8"]
 
 
 @pytest.fixture(scope="module")
-def ckpt(saved_case, tmp_path_factory):
-    _, path = saved_case(CASE)
-    d = tmp_path_factory.mktemp("cli-llama")
-    shutil.copytree(path, d, dirs_exist_ok=True)
-    char_tokenizer().save_pretrained(d)
-    return str(d)
+def ckpt(llama_chat_ckpt):
+    return llama_chat_ckpt
 
 
 def _run(*args):

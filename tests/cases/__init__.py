@@ -42,3 +42,17 @@ def seeded(build: Callable[[], object], seed: int = 0) -> Callable[[], object]:
         return build().eval()
 
     return make
+
+
+def randomize_norms_and_biases(model, std: float = 0.1):
+    """HF initializes LayerNorms to (1, 0) and biases to 0, which would leave their mapping untested:
+    give every bias N(0, std) and every LayerNorm gain N(1, 3*std)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, std)
+            elif p.ndim == 1:  # LayerNorm gains
+                p.normal_(1.0, 3 * std)
+    return model

@@ -1,19 +1,15 @@
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-from tests.cases import Case, seeded
+from tests.cases import Case, randomize_norms_and_biases, seeded
 
 
-def _randomize_norms_and_biases(model, std=0.1):
-    """HF initializes LayerNorms to (1, 0) and biases to 0, which would leave their mapping (and the
-    per-head split of the fused query_key_value bias) untested. The embedding LayerNorm gain gets mean 0:
-    with unit gains the tied head reads back the current token and greedy decoding just repeats it."""
+def _randomize(model):
+    """Norms and biases randomized (their mapping and the per-head split of the fused
+    query_key_value bias get tested). The embedding LayerNorm gain gets mean 0: with unit gains the
+    tied head reads back the current token and greedy decoding just repeats it."""
+    randomize_norms_and_biases(model)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, std)
-            elif p.ndim == 1:  # LayerNorm gains
-                p.normal_(1.0, 3 * std)
         model.transformer.word_embeddings_layernorm.weight.normal_(0.0, 1.0)
     return model
 
@@ -21,7 +17,7 @@ def _randomize_norms_and_biases(model, std=0.1):
 def _bloom(seed=0, **kw):
     base = dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4, initializer_range=0.2)
     base.update(kw)
-    return seeded(lambda: _randomize_norms_and_biases(BloomForCausalLM(BloomConfig(**base))), seed)
+    return seeded(lambda: _randomize(BloomForCausalLM(BloomConfig(**base))), seed)
 
 
 # Seeds are chosen so that greedy decoding of each tiny random model is not degenerate.

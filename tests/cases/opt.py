@@ -1,18 +1,6 @@
-import torch
 from transformers import OPTConfig, OPTForCausalLM
 
-from tests.cases import Case, seeded
-
-
-def _randomize_norms_and_biases(model, std=0.1):
-    """HF initializes LayerNorms to (1, 0) and biases to 0, which would leave their mapping untested."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, std)
-            elif p.ndim == 1:  # LayerNorm gains
-                p.normal_(1.0, 3 * std)
-    return model
+from tests.cases import Case, randomize_norms_and_biases, seeded
 
 
 def _opt(seed=0, **kw):
@@ -26,7 +14,7 @@ def _opt(seed=0, **kw):
         init_std=0.3,  # OPT's name for initializer_range
     )
     base.update(kw)
-    return seeded(lambda: _randomize_norms_and_biases(OPTForCausalLM(OPTConfig(**base))), seed)
+    return seeded(lambda: randomize_norms_and_biases(OPTForCausalLM(OPTConfig(**base))), seed)
 
 
 # Seeds and init scales are chosen so that greedy decoding of each tiny random model is not degenerate.
