@@ -158,32 +158,38 @@ def run_nx(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
     n_positions = needed_positions(args)
     for b in args.batch_sizes:
         log(f"nx: batch {b}: load + compile (n_positions={n_positions})")
-        t0 = time.perf_counter()
-        model = nx.load("llama", gguf, batch_size=b, n_positions=n_positions, amp="f32", compile=False, progress=False)
-        load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.compile(False)
-        compile_s = time.perf_counter() - t0
-        ids = prompt_ids(tokenizer, b, args.prompt_tokens)
-
-        def once(warmup: bool, model=model, ids=ids):
-            return nx_bench.time_stream(model, ids, 2 if warmup else args.new_tokens)
-
+        model, times = load_and_compile(lambda b=b: nx.load("llama", gguf, batch_size=b, n_positions=n_positions,
+                                                            amp="f32", compile=False, progress=False))
         log(f"nx: batch {b}: decode")
-        row = measure(once, args.repeats)
-        row.update(engine="nx", precision="f32", batch=b, load_s=load_s, compile_s=compile_s,
-                   n_positions=list(model.config.n_positions), context_buckets=list(model.config.context_buckets))
-        weights = nx_bench.tree_nbytes(model.params)
-        row["weight_bytes"] = weights
-        row["bytes_per_token"] = nx_bench.bytes_per_step(model, args.prompt_tokens, args.new_tokens)["bytes_per_step"] / b
-        if b == 1:
-            ids128 = prompt_ids(tokenizer, 1, args.ttft_prompt_tokens)
-            log("nx: time to first token")
-            row.update(measure_ttft(lambda model=model, ids128=ids128: nx_bench.time_stream(model, ids128, 1).ttft_s,
-                                    args.repeats))
+        ids128 = prompt_ids(tokenizer, 1, args.ttft_prompt_tokens) if b == 1 else None
+        row = nx_row(model, prompt_ids(tokenizer, b, args.prompt_tokens), ids128, args)
+        row.update(engine="nx", precision="f32", batch=b, **times, n_positions=list(model.config.n_positions),
+                   context_buckets=list(model.config.context_buckets))
         rows_out.append(row)
         del model
     return rows_out
+
+
+def load_and_compile(load) -> tuple[Any, dict[str, float]]:
+    """``load()`` (an ``nx.load(..., compile=False)``), then compile its programs; returns the model
+    and ``{"load_s", "compile_s"}``."""
+    t0 = time.perf_counter()
+    model = load()
+    t1 = time.perf_counter()
+    model.compile(False)
+    return model, {"load_s": t1 - t0, "compile_s": time.perf_counter() - t1}
+
+
+def nx_row(model, ids: np.ndarray, ids128: np.ndarray | None, args) -> dict[str, Any]:
+    """Greedy decode of `ids` (median of ``args.repeats`` runs), weight and per-token bytes, and the
+    time to first token of `ids128` unless None."""
+    row = measure(lambda warmup: nx_bench.time_stream(model, ids, 2 if warmup else args.new_tokens), args.repeats)
+    row["weight_bytes"] = nx_bench.tree_nbytes(model.params)
+    per_step = nx_bench.bytes_per_step(model, args.prompt_tokens, args.new_tokens)["bytes_per_step"]
+    row["bytes_per_token"] = per_step / model.config.batch_size
+    if ids128 is not None:
+        row.update(measure_ttft(lambda: nx_bench.time_stream(model, ids128, 1).ttft_s, args.repeats))
+    return row
 
 
 class _Stamps:
@@ -210,16 +216,7 @@ def run_hf(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
     load_s = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     attn = getattr(model.config, "_attn_implementation", None)
-
-    def generate(ids: np.ndarray, new: int) -> nx_bench.StepTimes:
-        x = torch.as_tensor(ids)
-        stamps = _Stamps()
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=tokenizer.pad_token_id or 0, streamer=stamps)
-        new_stamps = stamps.t[1:]
-        return nx_bench.StepTimes(ids.shape[0], new_stamps[0] - t0, list(np.diff(new_stamps)))
+    generate = hf_generate_timer(model, tokenizer.pad_token_id or 0)
 
     rows_out = []
     for b in args.batch_sizes:
@@ -234,6 +231,24 @@ def run_hf(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
             row.update(measure_ttft(lambda ids128=ids128: generate(ids128, 1).ttft_s, args.repeats))
         rows_out.append(row)
     return rows_out
+
+
+def hf_generate_timer(model, pad_id: int, device: str = "cpu"):
+    """``generate(ids, new) -> StepTimes``: HF greedy ``generate`` of exactly `new` tokens per row
+    (EOS banned through ``min_new_tokens``), timestamped per token by a streamer."""
+    import torch
+
+    def generate(ids: np.ndarray, new: int) -> nx_bench.StepTimes:
+        x = torch.as_tensor(ids, device=device)
+        stamps = _Stamps()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=pad_id, streamer=stamps)
+        new_stamps = stamps.t[1:]  # the first put is the prompt
+        return nx_bench.StepTimes(ids.shape[0], new_stamps[0] - t0, list(np.diff(new_stamps)))
+
+    return generate
 
 
 def convert_gguf(src: Path, precision: str, cache_dir: Path, threads: int) -> Path:

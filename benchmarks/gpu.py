@@ -31,10 +31,9 @@ from typing import Any
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for PyTorch too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import _Stamps, log, measure, measure_ttft  # noqa: E402
+from compare import hf_generate_timer, load_and_compile, log, measure, measure_ttft, nx_row  # noqa: E402
 
 from nx import bench as nx_bench  # noqa: E402
 
@@ -95,22 +94,13 @@ def run_nx(path: Path, name: str, dtype: str, args) -> list[dict[str, Any]]:
     rows = []
     for b in args.batch_sizes:
         log(f"nx {name} {dtype}: batch {b}: load + compile")
-        t0 = time.perf_counter()
-        model = nx.load("llama", path, batch_size=b, n_positions=args.n_positions, amp=dtype, backend=args.backend,
-                        context_length_estimate=args.context_buckets, compile=False, progress=False)
-        load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.compile(False)
-        compile_s = time.perf_counter() - t0
-        ids = nx_bench.random_prompt(model.spec.vocab_size, b, args.prompt_tokens, seed=b)
-        row = measure(lambda warmup, m=model, ids=ids: nx_bench.time_stream(m, ids, 2 if warmup else args.new_tokens),
-                      args.repeats)
-        row.update(engine="nx", model=name, precision=dtype, batch=b, load_s=load_s, compile_s=compile_s,
-                   n_programs=len(model.program_shapes()), weight_bytes=nx_bench.tree_nbytes(model.params))
-        row["bytes_per_token"] = nx_bench.bytes_per_step(model, args.prompt_tokens, args.new_tokens)["bytes_per_step"] / b
-        if b == 1:
-            ids128 = nx_bench.random_prompt(model.spec.vocab_size, 1, args.ttft_prompt_tokens, seed=128)
-            row.update(measure_ttft(lambda m=model, x=ids128: nx_bench.time_stream(m, x, 1).ttft_s, args.repeats))
+        model, times = load_and_compile(lambda b=b: nx.load(
+            "llama", path, batch_size=b, n_positions=args.n_positions, amp=dtype, backend=args.backend,
+            context_length_estimate=args.context_buckets, compile=False, progress=False))
+        vocab = model.spec.vocab_size
+        ids128 = nx_bench.random_prompt(vocab, 1, args.ttft_prompt_tokens, seed=128) if b == 1 else None
+        row = nx_row(model, nx_bench.random_prompt(vocab, b, args.prompt_tokens, seed=b), ids128, args)
+        row.update(engine="nx", model=name, precision=dtype, batch=b, **times, n_programs=len(model.program_shapes()))
         rows.append(row)
         del model
     return rows
@@ -128,15 +118,7 @@ def run_hf(path: Path, name: str, dtype: str, args) -> list[dict[str, Any]]:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = model.config.vocab_size
 
-    def generate(ids: np.ndarray, new: int) -> nx_bench.StepTimes:
-        x = torch.as_tensor(ids, device=device)
-        stamps = _Stamps()
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=0, streamer=stamps)
-        new_stamps = stamps.t[1:]  # the first put is the prompt
-        return nx_bench.StepTimes(ids.shape[0], new_stamps[0] - t0, list(np.diff(new_stamps)))
+    generate = hf_generate_timer(model, 0, device)
 
     rows = []
     for b in args.batch_sizes:
