@@ -35,11 +35,11 @@ def block_size(n_layers: int, unroll: int | None) -> int | None:
 
 
 def stack(layers: list[Any], k: int) -> list[Any]:
-    """`k` trees: tree ``j`` stacks layers ``j, j + k, j + 2k, ...`` (block ``i`` = layers ``i*k .. i*k+k-1``)."""
+    """`k` host (numpy) trees: tree ``j`` stacks layers ``j, j + k, j + 2k, ...`` (block ``i`` =
+    layers ``i*k .. i*k+k-1``)."""
     import numpy as np
 
-    xp = np if all(isinstance(a, np.ndarray) for a in jax.tree.leaves(layers)) else jax.numpy
-    return [jax.tree.map(lambda *xs: xp.stack(xs), *layers[j::k]) for j in range(k)]
+    return [jax.tree.map(lambda *xs: np.stack(xs), *layers[j::k]) for j in range(k)]
 
 
 def unstack(blocks: list[Any]) -> list[Any]:

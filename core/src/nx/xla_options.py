@@ -7,21 +7,23 @@ A value the user already put in ``XLA_FLAGS`` wins.
 
 from __future__ import annotations
 
+import functools
 import os
 
 VECTOR_WIDTH = "xla_cpu_prefer_vector_width"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of this machine (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of this machine (Linux ``/proc/cpuinfo``, read once; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def compiler_options(platform: str) -> dict[str, int]:
