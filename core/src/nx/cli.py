@@ -31,12 +31,40 @@ class _NxGroup(click.Group):
             sys.exit(2)
 
 
-#: ``--unroll`` of generate, bench and compile (see `nx.scan`).
-unroll_option = click.option(
-    "--unroll", type=int, default=None,
-    help="Layers per scanned block (a divisor of the layer count): faster compiles, slower CPU decode. "
-    "Default: every layer unrolled.",
+#: How a model is compiled: the options generate, bench and compile share (see `nx.load`).
+_MODEL_OPTIONS = (
+    click.option("--n-positions", default="1024", show_default=True, help="Position buckets: an int or a comma list."),
+    click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list."),
+    click.option("--amp", default="f32", show_default=True, type=click.Choice(["f32", "bf16", "f16"])),
+    click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron."),
+    click.option("--quant", default=None, type=click.Choice(["s8"]), help="Store 2-D weights as int8."),
+    click.option(
+        "--unroll", type=int, default=None,
+        help="Layers per scanned block (a divisor of the layer count): faster compiles, slower CPU decode. "
+        "Default: every layer unrolled.",
+    ),
 )
+
+
+def model_options(command):
+    """Add `_MODEL_OPTIONS` to a command."""
+    for option in reversed(_MODEL_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _quant_config(quant: str | None, dequant_dtype: str | None = None, no_quantize: str | None = None):
+    """The `QuantizationConfig` of the --quant options (None without --quant; its sub-options alone
+    are an error)."""
+    from nx.errors import ConfigError
+    from nx.quant import QuantizationConfig, patterns
+
+    if quant is None:
+        given = [flag for flag, v in (("--dequant-dtype", dequant_dtype), ("--no-quantize", no_quantize)) if v]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --quant s8")
+        return None
+    return QuantizationConfig(quant, dequant_dtype, patterns(no_quantize))
 
 
 @click.group(cls=_NxGroup)
@@ -73,10 +101,7 @@ def list_models() -> None:
 @click.option("--prompt", "-p", required=True, help="Text to continue (or the user message with --chat).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--max-new-tokens", "-n", default=64, show_default=True, type=int)
-@click.option("--n-positions", default="1024", show_default=True, help="Position buckets: an int or a comma list.")
-@click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list.")
-@click.option("--amp", default="f32", show_default=True, type=click.Choice(["f32", "bf16", "f16"]))
-@click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron.")
+@model_options
 @click.option("--temperature", type=float, default=None, help="Sample with this temperature (default: greedy).")
 @click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens.")
 @click.option("--top-p", type=float, default=None, help="Sample from the smallest set with this probability mass.")
@@ -90,8 +115,6 @@ def list_models() -> None:
     show_default=True,
     help="Run as this many cooperating local processes (jax.distributed, gloo on CPU); use with --tp.",
 )
-@click.option("--quant", default=None, type=click.Choice(["s8"]), help="Store 2-D weights as int8.")
-@unroll_option
 def generate(
     target: str,
     path: str | None,
@@ -135,7 +158,7 @@ def generate(
         amp=amp,
         backend=backend,
         tp_degree=tp_degree,
-        quant=quant,
+        quant=_quant_config(quant),
         unroll=unroll,
     )
     load_s = time.perf_counter() - t0
@@ -185,18 +208,13 @@ def generate(
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Comma list; one model load per batch size.")
 @click.option("--prompt-lengths", default="16,128,512", show_default=True, help="Comma list of prompt lengths (random ids).")
 @click.option("--new-tokens", default=128, show_default=True, type=int, help="Tokens generated per run (EOS banned).")
-@click.option("--amp", default="f32", show_default=True, type=click.Choice(["f32", "bf16", "f16"]))
-@click.option("--n-positions", default="1024", show_default=True, help="Position buckets: an int or a comma list.")
-@click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list.")
-@click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron.")
+@model_options
 @click.option("--tp-degree", default=1, show_default=True, type=int, help="Tensor-parallel degree.")
-@click.option("--quant", default=None, type=click.Choice(["s8"]), help="Store 2-D weights as int8.")
 @click.option("--dequant-dtype", default=None, type=click.Choice(["f32", "bf16", "f16"]), help="int8 dequantizes to this (default: --amp).")
 @click.option("--cached-load/--no-cached-load", default=True, show_default=True,
               help="Also save a compiled artifact (model.save) to a temporary directory and time nx.load from it.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random prompt ids.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-@unroll_option
 def bench(
     target: str,
     path: str | None,
@@ -233,15 +251,12 @@ def bench(
             raise click.BadParameter(f"expected a comma list of ints, got {value!r}", param_hint=name)
         return out
 
-    if dequant_dtype and not quant:
-        raise click.BadParameter("needs --quant s8", param_hint="--dequant-dtype")
     options: dict = {"tp_degree": tp_degree} if tp_degree != 1 else {}
     if unroll is not None:
         options["unroll"] = unroll
-    if quant:
-        from nx.quant import QuantizationConfig
-
-        options["quant"] = QuantizationConfig(quant, dequant_dtype)
+    qc = _quant_config(quant, dequant_dtype)
+    if qc is not None:
+        options["quant"] = qc
     result = nx_bench.run(
         target,
         path,
@@ -267,18 +282,13 @@ def bench(
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
 @click.option("--batch-size", default=1, show_default=True, type=int)
 @click.option("--prompt-batch-size", default=None, type=int, help="Prompt rows encoded once and broadcast (default: batch size).")
-@click.option("--n-positions", default="1024", show_default=True, help="Position buckets: an int or a comma list.")
-@click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list.")
-@click.option("--amp", default="f32", show_default=True, type=click.Choice(["f32", "bf16", "f16"]))
-@click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron.")
+@model_options
 @click.option("--tp", "tp_degree", default=1, show_default=True, type=int, help="Tensor-parallel degree.")
-@click.option("--quant", default=None, type=click.Choice(["s8"]), help="Store 2-D weights as int8.")
 @click.option("--dequant-dtype", default=None, type=click.Choice(["f32", "bf16", "f16"]), help="int8 dequantizes to this (default: --amp).")
 @click.option("--no-quantize", default=None, help="Comma list of parameter-name patterns kept in floating point.")
 @click.option("--sampling", is_flag=True, help="Also compile the sampling variant of every program.")
 @click.option("--dump-hlo", default=None, type=click.Path(file_okay=False), help="Also write each program's HLO (text + .pb) here.")
 @click.option("--workers", default=None, type=int, help="Programs compiled in parallel threads (default: min(4, CPUs)).")
-@unroll_option
 def compile_cmd(
     target: str,
     path: str | None,
@@ -308,11 +318,8 @@ def compile_cmd(
 
     import nx
     from nx import artifacts
-    from nx.quant import QuantizationConfig, patterns
 
-    if quant is None and (dequant_dtype or no_quantize):
-        raise nx.ConfigError("--dequant-dtype / --no-quantize need --quant s8")
-    qc = QuantizationConfig(quant, dequant_dtype, patterns(no_quantize)) if quant else None
+    qc = _quant_config(quant, dequant_dtype, no_quantize)
     t0 = time.perf_counter()
     args = (target, path) if path else (target,)
     model = nx.load(
