@@ -76,8 +76,6 @@ class RuntimeConfig:
             devices = tuple(int(d) for d in devices)
             if len(devices) != tp_degree or len(set(devices)) != len(devices):
                 raise ConfigError(f"devices={list(devices)} must name tp_degree={tp_degree} distinct device ids")
-        if unroll is not None and (not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1):
-            raise ConfigError(f"unroll must be a positive int (layers per scanned block) or None, got {unroll!r}")
         pos = buckets.position_buckets(n_positions)
         ctx = buckets.context_buckets(context_length_estimate, pos)
         return cls(batch_size, tuple(pos), tuple(ctx), amp, backend, pbs, tp_degree, devices, unroll)

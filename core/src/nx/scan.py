@@ -23,7 +23,7 @@ from nx.errors import ConfigError
 
 def block_size(n_layers: int, unroll: int | None) -> int | None:
     """The scanned block size for `unroll` (None when every layer is unrolled)."""
-    if unroll is None or unroll == n_layers:
+    if unroll is None:
         return None
     valid = [k for k in range(1, n_layers + 1) if n_layers % k == 0]
     if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll not in valid:
@@ -31,7 +31,7 @@ def block_size(n_layers: int, unroll: int | None) -> int | None:
             f"unroll={unroll!r} must divide the model's {n_layers} layers; valid values: {valid} "
             "(or None to unroll every layer)"
         )
-    return unroll
+    return None if unroll == n_layers else unroll
 
 
 def stack(layers: list[Any], k: int) -> list[Any]:
