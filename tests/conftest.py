@@ -34,6 +34,29 @@ def hf_last_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         return model(ids, **kwargs).logits[:, -1].float().numpy()
 
 
+LOGIT_RTOL = 1e-4  # |nx - hf| <= LOGIT_RTOL * max(1, max|hf|): f32 summed in another order
+
+
+def assert_same_greedy(hf, model, ids: torch.Tensor, mask: torch.Tensor, new: int) -> None:
+    """nx's greedy tokens equal HF's, and the tiny model is not degenerate (a row repeating one token
+    would make the comparison weak)."""
+    ref = hf_greedy(hf, ids, mask, new)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+    assert out.dtype == torch.long and out.shape == ref.shape
+    gen = ref[:, ids.shape[1] :]
+    degenerate = any(len(set(row.tolist())) < 2 for row in gen) or len(set(gen.flatten().tolist())) < 4
+    assert not degenerate, f"degenerate tiny model (a row repeats one token): {gen.tolist()}"
+    mismatch = (out != ref).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch at {mismatch[0].tolist()}:\nnx={out.tolist()}\nhf={ref.tolist()}"
+
+
+def assert_close_logits(hf, model, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """nx's last-prompt-token logits within LOGIT_RTOL of HF's."""
+    ref = hf_last_logits(hf, ids, mask)
+    got = model.logits(ids, mask)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=LOGIT_RTOL * max(1.0, float(np.abs(ref).max())))
+
+
 def left_padded(lengths: list[int], vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random prompts of the given lengths, left-padded with id 0 to the longest."""
     g = torch.Generator().manual_seed(seed)

@@ -1,24 +1,21 @@
 """The family conformance suite: every registered family against Hugging Face transformers.
 
 Tolerance: nx and HF both compute in f32 but sum in different orders, so last-token logits may
-differ by float rounding; we require |nx - hf| <= 1e-4 * max(1, max|hf|) (measured: ~1e-6 relative).
-Greedy tokens must be identical.
+differ by float rounding; we require |nx - hf| <= 1e-4 * max(1, max|hf|) (`LOGIT_RTOL` in
+tests/conftest.py; measured: ~1e-6 relative). Greedy tokens must be identical.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 import nx
 from nx.registry import families
 from tests.cases import Case, all_cases
-from tests.conftest import hf_greedy, hf_last_logits, left_padded
+from tests.conftest import assert_close_logits, assert_same_greedy, left_padded
 
 CASES = all_cases()
 NEW_TOKENS = 28
-LOGIT_RTOL = 1e-4
 
 # context buckets 8/16, position buckets 32/64: prompts sit at and across bucket edges and
 # generation crosses from the 32 into the 64 position bucket.
@@ -45,24 +42,6 @@ def loaded(saved_case):
     return get
 
 
-def _assert_same_greedy(hf, model, ids, mask, new=NEW_TOKENS):
-    ref = hf_greedy(hf, ids, mask, new)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
-    assert out.dtype == torch.long and out.shape == ref.shape
-    gen = ref[:, ids.shape[1] :]
-    degenerate = any(len(set(row.tolist())) < 2 for row in gen) or len(set(gen.flatten().tolist())) < 4
-    assert not degenerate, f"degenerate tiny model (a row repeats one token): {gen.tolist()}"
-    mismatch = (out != ref).nonzero()
-    assert mismatch.numel() == 0, f"first mismatch at {mismatch[0].tolist()}:\nnx={out.tolist()}\nhf={ref.tolist()}"
-
-
-def _assert_close_logits(hf, model, ids, mask):
-    ref = hf_last_logits(hf, ids, mask)
-    got = model.logits(ids, mask)
-    tol = LOGIT_RTOL * max(1.0, float(np.abs(ref).max()))
-    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
-
-
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("length", [5, 8, 16, 21], ids=lambda n: f"prompt{n}")
 def test_greedy_batch1(case, length, loaded):
@@ -70,21 +49,21 @@ def test_greedy_batch1(case, length, loaded):
     chunks of 16 + 8); decode crosses the 32 -> 64 position bucket edge."""
     hf, model = loaded(case, 1)
     ids, mask = left_padded([length], case.vocab, seed=length)
-    _assert_same_greedy(hf, model, ids, mask)
+    assert_same_greedy(hf, model, ids, mask, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_greedy_batch3_left_padded(case, loaded):
     hf, model = loaded(case, 3)
     ids, mask = left_padded([16, 9, 3], case.vocab, seed=3)
-    _assert_same_greedy(hf, model, ids, mask, new=40)
+    assert_same_greedy(hf, model, ids, mask, 40)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_last_token_logits(case, loaded):
     hf, model = loaded(case, 3)
     ids, mask = left_padded([11, 4, 7], case.vocab, seed=7)
-    _assert_close_logits(hf, model, ids, mask)
+    assert_close_logits(hf, model, ids, mask)
 
 
 @pytest.mark.parametrize("fmt", ["sharded", "bin"])
@@ -94,7 +73,7 @@ def test_checkpoint_formats(case, fmt, saved_case):
     hf, path = saved_case(case, fmt)
     model = nx.load(case.family, path, batch_size=1, progress=False, compile=False, **BUCKETS)
     ids, mask = left_padded([6], case.vocab, seed=1)
-    _assert_close_logits(hf, model, ids, mask)
+    assert_close_logits(hf, model, ids, mask)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -145,9 +124,9 @@ def test_tensor_parallel_matches_reference(case, tp, saved_case):
         return
     model = _tp_model(case, path, tp, 3)
     ids, mask = left_padded([16, 9, 3], case.vocab, seed=3)
-    _assert_same_greedy(hf, model, ids, mask, new=30)
+    assert_same_greedy(hf, model, ids, mask, 30)
     ids, mask = left_padded([11, 4, 7], case.vocab, seed=7)
-    _assert_close_logits(hf, model, ids, mask)
+    assert_close_logits(hf, model, ids, mask)
 
 
 @pytest.mark.parametrize("case", list(FIRST_OF_FAMILY.values()), ids=str)
@@ -155,7 +134,7 @@ def test_tensor_parallel_batch1_long_prompt(case, saved_case):
     hf, path = saved_case(case)
     model = _tp_model(case, path, 2, 1)
     ids, mask = left_padded([21], case.vocab, seed=21)
-    _assert_same_greedy(hf, model, ids, mask)
+    assert_same_greedy(hf, model, ids, mask, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("case", list(FIRST_OF_FAMILY.values()), ids=str)
@@ -175,4 +154,4 @@ def test_base_model_checkpoint_without_prefix(case, saved_case, tmp_path):
         return
     model = nx.load(case.family, tmp_path, batch_size=1, compile=False, progress=False, **BUCKETS)
     ids, mask = left_padded([7], case.vocab, seed=2)
-    _assert_close_logits(hf, model, ids, mask)
+    assert_close_logits(hf, model, ids, mask)

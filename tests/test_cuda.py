@@ -11,13 +11,12 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 import nx
 from tests.cases import all_cases
-from tests.conftest import hf_greedy, hf_last_logits, left_padded
+from tests.conftest import assert_close_logits, assert_same_greedy, left_padded
 
 
 def _cuda_available() -> bool:
@@ -29,7 +28,6 @@ def _cuda_available() -> bool:
 pytestmark = pytest.mark.skipif(not _cuda_available(), reason="no CUDA GPU (jax-cuda plugin + NVIDIA driver)")
 
 BUCKETS = dict(n_positions=[32, 64], context_length_estimate=[8, 16])
-LOGIT_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +50,8 @@ def test_cuda_greedy_and_logits_match_hf(case, cuda_model):
     hf, model = cuda_model(case, 3)
     assert model.device.platform == "gpu"
     ids, mask = left_padded([16, 9, 3], case.vocab, seed=3)
-    ref = hf_greedy(hf, ids, mask, 40)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[])
-    mismatch = (out != ref).nonzero()
-    assert mismatch.numel() == 0, f"first mismatch at {mismatch[0].tolist()}:\nnx={out.tolist()}\nhf={ref.tolist()}"
-    want = hf_last_logits(hf, ids, mask)
-    got = model.logits(ids, mask)
-    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_RTOL * max(1.0, float(np.abs(want).max())))
+    assert_same_greedy(hf, model, ids, mask, 40)
+    assert_close_logits(hf, model, ids, mask)
 
 
 def test_cuda_artifact_round_trip(saved_case, tmp_path):

@@ -10,13 +10,11 @@ import torch
 import nx
 from nx import scan
 from tests.cases import all_cases
-from tests.conftest import hf_greedy, hf_last_logits, left_padded
+from tests.conftest import assert_close_logits, assert_same_greedy, hf_greedy, left_padded
 
 BUCKETS = dict(n_positions=[32, 64], context_length_estimate=[8, 16], progress=False)
 CASES = all_cases()
 DEEP = next(c for c in CASES if c.id == "gpt2-relu-inner")  # 3 layers: unroll 1 and 3 are valid
-LOGIT_RTOL = 1e-4
-
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -26,11 +24,8 @@ def test_scanned_layers_match_hf(case, saved_case):
     model = nx.load(case.family, path, batch_size=3, unroll=1, **BUCKETS)
     assert model.unroll == 1 and len(model.caches) == 1 and model.caches[0][0].shape[0] == model.spec.n_layers
     ids, mask = left_padded([16, 9, 3], case.vocab, seed=3)
-    ref = hf_greedy(hf, ids, mask, 36)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=36, eos_token_id=[])
-    assert torch.equal(out, ref), f"nx={out.tolist()}\nhf={ref.tolist()}"
-    want = hf_last_logits(hf, ids, mask)
-    np.testing.assert_allclose(model.logits(ids, mask), want, rtol=0, atol=LOGIT_RTOL * max(1.0, np.abs(want).max()))
+    assert_same_greedy(hf, model, ids, mask, 36)
+    assert_close_logits(hf, model, ids, mask)
 
 
 def test_scanned_program_is_a_loop(saved_case):
