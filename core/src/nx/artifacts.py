@@ -20,6 +20,7 @@ run code when loaded: only load artifacts you built or trust.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from nx.checkpoint import load_tokenizer
 from nx.dump import program_name
 from nx.errors import ArtifactError, ConfigError
 
@@ -450,23 +452,11 @@ def load(
             f"from the one that compiled {str(path)!r} ({manifest.get('plugin')}); recompile the artifact"
         )
     params = _params_tree(_read_weights(path / WEIGHTS), manifest.get("quantized", {}), spec.n_layers)
-    tokenizer_loader = _tokenizer_loader(path) if manifest.get("tokenizer") else None
+    tokenizer_loader = functools.partial(load_tokenizer, path) if manifest.get("tokenizer") else None
     model = NxModel(fam, spec, params, config, hf_config, tokenizer_loader, quant=quant, prepared=True)
     _load_programs(model, programs, path)
     model.artifact_path = path
     return model
-
-
-def _tokenizer_loader(path: Path) -> Callable[[], Any]:
-    def load_tokenizer():
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError, TypeError):
-            return None
-
-    return load_tokenizer
 
 
 def _load_programs(model: Any, programs: list[dict], path: Path) -> None:

@@ -58,10 +58,6 @@ class Checkpoint:
     def model_type(self) -> str:
         return self.config.model_type
 
-    def load_tokenizer(self):
-        """The checkpoint's tokenizer via transformers, or None if it ships none."""
-        return load_tokenizer(self.path, self.gguf_file)
-
     def tokenizer_loader(self) -> Callable[[], Any]:
         """`load_tokenizer` for later, without keeping the checkpoint (and its open files) alive."""
         return functools.partial(load_tokenizer, self.path, self.gguf_file)
