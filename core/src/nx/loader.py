@@ -93,7 +93,7 @@ def load(
     check_memory(family, spec, config, device_memory, quant)
     params = build_params(family, spec, hf_tensors(family, ckpt), progress=progress)
     hf_config, tokenizer_loader = ckpt.config, ckpt.tokenizer_loader()
-    del ckpt  # closes the checkpoint's files (a GGUF memory map stays resident otherwise)
+    del ckpt  # let the checkpoint and its open files go before the weights are placed
     model = NxModel(family, spec, params, config, hf_config, tokenizer_loader, quant=quant)
     return model.compile(progress) if compile else model
 
