@@ -97,6 +97,22 @@ def test_reusing_the_cache_across_calls_is_clean(pair):
     assert torch.equal(first, again)
 
 
+def test_queued_step_is_harmless(pair):
+    """Each step is queued before the previous one's tokens reach the host: abandoning a stream,
+    or filling the cache to its last position, must neither fail nor change the next request."""
+    hf, model = pair
+    ids, mask = left_padded([9, 5], CASE.vocab, seed=18)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    stream = model.stream(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    first = [next(stream) for _ in range(3)]
+    stream.close()  # one step beyond these three was already queued
+    np.testing.assert_array_equal(np.stack(first, 1), ref[:, ids.shape[1] : ids.shape[1] + 3].numpy())
+    fill = 64 - ids.shape[1]  # the largest position bucket, exactly
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=fill, eos_token_id=[])
+    assert torch.equal(out, _hf(hf, ids, mask, fill, eos=None))
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]), ref)
+
+
 def test_nx_load_infers_family(saved_case):
     _, path = saved_case(CASE)
     model = nx.load(path, compile=False, progress=False, n_positions=32)

@@ -482,10 +482,16 @@ class NxModel:
         rows: list[list[int]] = [[] for _ in range(b)]
         run, tokens, logits = self._start(ids, pad, sp, ban_eos if min_new_tokens > 0 else None)
         for t in range(max_new_tokens):
-            if t > 0:
-                tokens, logits = self._next(run, tokens, ban_eos if t < min_new_tokens else no_ban)
+            # Queue step t+1 before waiting for step t's tokens: it reads them on the device, so its
+            # dispatch and this loop's host work overlap step t's execution. When the rows finish
+            # early, that one queued step is computed and discarded.
+            queued = None
+            if t + 1 < max_new_tokens:
+                queued = self._next(run, tokens, ban_eos if t + 1 < min_new_tokens else no_ban)
             host = np.where(done, pad_id, self._host(tokens))
             yield host, logits
+            if queued is not None:
+                tokens, logits = queued
             done |= np.isin(host, eos)
             if stops:
                 for r in range(b):
