@@ -5,10 +5,10 @@ variants are measured interleaved in one process (round-robin over ``--repeats``
 hits them alike; each figure is the median.
 
 - ``f32``: plain f32 weights;
-- ``int8``: nx's formulation, ``(x @ q) * scale`` with the int8 weight converted tile by tile
-  inside a loop (``nx.ops.quant.TILE`` elements per step for decode);
+- ``int8``: nx's formulation, ``(x @ q.T) * scale`` with the int8 ``[out, in]`` weight converted
+  block of rows by block inside a loop (``nx.ops.quant.TILE`` elements per step for decode);
 - ``int8-whole``: the same, converting each whole weight at once (``TILE = 0``);
-- ``int8-dequant``: ``x @ (q * scale)``, dequantizing each whole weight first.
+- ``int8-dequant``: ``x @ (q * scale).T``, dequantizing each whole weight first.
 
     python benchmarks/int8.py [--new-tokens 64] [--repeats 3] [--variants f32,int8,int8-whole,int8-dequant]
 """
@@ -31,22 +31,19 @@ def formulation(name: str):
 
     from nx.ops import quant as q
 
-    saved = q.TILE, q.TILE_PREFILL, q.matmul, q.table_logits
+    saved = q.TILE, q.TILE_PREFILL, q.matmul
     if name in ("int8-whole", "int8-dequant"):
         q.TILE = q.TILE_PREFILL = 0
     if name == "int8-dequant":
         def matmul(x, w):
-            return jnp.matmul(x, w.dequantize().astype(x.dtype))
-
-        def table_logits(x, w):
             dims = (((x.ndim - 1,), (1,)), ((), ()))
             return lax.dot_general(x, w.dequantize().astype(x.dtype), dims, preferred_element_type=jnp.float32)
 
-        q.matmul, q.table_logits = matmul, table_logits
+        q.matmul = matmul
     try:
         yield
     finally:
-        q.TILE, q.TILE_PREFILL, q.matmul, q.table_logits = saved
+        q.TILE, q.TILE_PREFILL, q.matmul = saved
 
 
 def main() -> None:

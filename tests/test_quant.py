@@ -63,16 +63,16 @@ def test_quantize_params_keeps_norms_and_biases_float():
         "embed": {"w": rng.standard_normal((50, 8)).astype(np.float32)},
         "final_norm": {"w": np.ones(8, np.float32)},
         "layers": [
-            {"qkv": {"w": rng.standard_normal((8, 24)).astype(np.float32), "b": np.zeros(24, np.float32)},
+            {"qkv": {"w": rng.standard_normal((24, 8)).astype(np.float32), "b": np.zeros(24, np.float32)},
              "attn_norm": {"w": np.ones(8, np.float32), "b": np.zeros(8, np.float32)}},
-            {"qkv": {"w": rng.standard_normal((8, 24)).astype(np.float32), "b": np.zeros(24, np.float32)},
+            {"qkv": {"w": rng.standard_normal((24, 8)).astype(np.float32), "b": np.zeros(24, np.float32)},
              "attn_norm": {"w": np.ones(8, np.float32), "b": np.zeros(8, np.float32)}},
         ],
     }
     out = quantize_params(tree, QuantizationConfig(no_quantize=("layers.1.*",)), amp="bf16")
     assert quantized_names(out) == ["embed.w", "layers.0.qkv.w"]
     emb = out["embed"]["w"]
-    assert emb.axis == 0 and emb.scale.shape == (50,) and emb.dequant_dtype == "bf16" and emb.dtype == "bf16"
+    assert emb.scale.shape == (50,) and emb.dequant_dtype == "bf16" and emb.dtype == "bf16"
     assert out["layers"][0]["qkv"]["w"].scale.shape == (24,)
     assert out["layers"][0]["qkv"]["b"] is tree["layers"][0]["qkv"]["b"]
     assert out["layers"][0]["attn_norm"]["w"].dtype == np.float32
@@ -85,31 +85,31 @@ def test_ops_dequantize_inside_the_program(monkeypatch, tile):
     monkeypatch.setattr(qops, "TILE", tile)
     monkeypatch.setattr(qops, "TILE_PREFILL", tile)
     rng = np.random.default_rng(2)
-    w = rng.standard_normal((48, 40)).astype(np.float32)
+    w = rng.standard_normal((40, 48)).astype(np.float32)  # [out, in]
     table = rng.standard_normal((64, 48)).astype(np.float32)
     x = rng.standard_normal((2, 3, 48)).astype(np.float32)
-    qw = QuantizedWeight(*quantize(w, -1))
-    qt = QuantizedWeight(*quantize(table, 0), axis=0)
-    dense_w, dense_t = dequantize(qw.q, qw.scale, -1), dequantize(qt.q, qt.scale, 0)
+    qw = QuantizedWeight(*quantize(w))
+    qt = QuantizedWeight(*quantize(table))
+    dense_w, dense_t = dequantize(qw.q, qw.scale), dequantize(qt.q, qt.scale)
     b = rng.standard_normal(40).astype(np.float32)
     ids = jnp.asarray([[1, 63, 7]])
 
     got = jax.jit(lambda x, p: ops.linear(x, p))(x, {"w": qw, "b": b})
-    np.testing.assert_allclose(got, x @ dense_w + b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, x @ dense_w.T + b, rtol=1e-5, atol=1e-5)
     got = jax.jit(ops.lm_head)(x, qt)
     np.testing.assert_allclose(got, x @ dense_t.T, rtol=1e-5, atol=1e-5)
     got = jax.jit(ops.embed)(ids, qt)
     np.testing.assert_allclose(got, dense_t[np.asarray(ids)], rtol=1e-6)
     assert qw.dequantize().dtype == jnp.float32 and np.allclose(qw.dequantize(), dense_w)
     # looked-up rows come out in the model's activation dtype, whatever the matmul dtype
-    mixed = QuantizedWeight(qt.q, qt.scale, "bf16", 0, "f32")
+    mixed = QuantizedWeight(qt.q, qt.scale, "bf16", "f32")
     assert jax.jit(ops.embed)(ids, mixed).dtype == jnp.float32
     assert jax.jit(lambda x: ops.lm_head(x, mixed))(x).dtype == jnp.float32
 
 
 def test_tiled_loops_only_for_the_cpu_backend(monkeypatch):
     monkeypatch.setattr(qops, "TILE", 64)
-    tree = {"layers": [], "up": {"w": np.random.default_rng(3).standard_normal((32, 16)).astype(np.float32)}}
+    tree = {"layers": [], "up": {"w": np.random.default_rng(3).standard_normal((16, 32)).astype(np.float32)}}
     x = jnp.ones((1, 32), jnp.float32)
     cpu = quantize_params(tree, QuantizationConfig(), backend="cpu")["up"]
     gpu = quantize_params(tree, QuantizationConfig(), backend="cuda")["up"]
@@ -177,7 +177,7 @@ def test_learned_positions_and_bf16_dequant(saved_case, case):
     assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
 
 
-def test_quantized_weights_shard_with_their_columns(saved_case):
+def test_quantized_weights_shard_with_their_rows(saved_case):
     """tp=2 int8 against tp=1 int8: same logits; each shard's scale slice follows its columns
     (column/vocab-parallel) or is the whole scale (row-parallel)."""
     _, path = saved_case(CASE)
@@ -194,9 +194,9 @@ def test_quantized_weights_shard_with_their_columns(saved_case):
     layer = two.params["layers"][0]
     qkv, o, emb = layer["qkv"]["w"], layer["o"]["w"], two.params["embed"]["w"]
     d = two.spec.qkv_dim // 2  # hidden 64, qkv 128 in the tiny llama
-    assert shards(qkv.q) == [(64, d)] * 2 and shards(qkv.scale) == [(d,)] * 2  # column-parallel
-    assert shards(o.q) == [(32, 64)] * 2 and shards(o.scale) == [(64,)] * 2  # row-parallel: scale whole
+    assert shards(qkv.q) == [(d, 64)] * 2 and shards(qkv.scale) == [(d,)] * 2  # column-parallel: rows split
+    assert shards(o.q) == [(64, 32)] * 2 and shards(o.scale) == [(64,)] * 2  # row-parallel: scale whole
     assert shards(emb.q) == [(128, 64)] * 2 and shards(emb.scale) == [(128,)] * 2  # vocab-parallel
-    # quantized after the re-layout: the same per-column scales, in the shards' column order
+    # quantized after the re-layout: the same per-row scales, in the shards' row order
     one_scale = np.asarray(one.params["layers"][0]["qkv"]["w"].scale)
     np.testing.assert_array_equal(np.sort(np.asarray(qkv.scale)), np.sort(one_scale))

@@ -38,7 +38,8 @@ from nx.errors import ArtifactError, ConfigError
 MANIFEST = "nx-artifact.json"
 WEIGHTS = "weights.safetensors"
 PROGRAMS = "programs"
-FORMAT = 1
+#: 2: linear weights stored ``[out, in]`` (format 1 stored them ``[in, out]``).
+FORMAT = 2
 
 #: CPU features an XLA:CPU executable may have been compiled to use (it targets the host CPU).
 _CPU_FEATURES = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512bw",
@@ -165,7 +166,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 # ---- weights ----------------------------------------------------------------------------------
 def _flat_params(params: Any) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
-    """Host arrays by dotted name, and the quantized weights' (axis, dequant dtype)."""
+    """Host arrays by dotted name, and the quantized weights' static fields (dequant dtype ...)."""
     import jax
 
     from nx.ops.quant import is_quantized
@@ -175,8 +176,8 @@ def _flat_params(params: Any) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
 
     def note(name: Any, leaf: Any) -> None:
         if is_quantized(leaf):
-            quantized[name.q.rsplit(".", 1)[0]] = {"axis": leaf.axis, "dequant_dtype": leaf.dequant_dtype,
-                                                   "dtype": leaf.dtype, "blocked": leaf.blocked}
+            quantized[name.q.rsplit(".", 1)[0]] = {"dequant_dtype": leaf.dequant_dtype, "dtype": leaf.dtype,
+                                                   "blocked": leaf.blocked}
 
     names = tree_names(params)
     jax.tree.map(note, names, params, is_leaf=is_quantized)
@@ -225,9 +226,7 @@ def _params_tree(flat: dict[str, np.ndarray], quantized: dict[str, dict], n_laye
             q, scale = flat.pop(f"{name}.q"), flat.pop(f"{name}.scale")
         except KeyError as exc:
             raise ArtifactError(f"the artifact's weights lack {exc.args[0]}; the artifact is damaged; recompile it") from exc
-        flat[name] = QuantizedWeight(
-            q, scale, info["dequant_dtype"], int(info["axis"]), info.get("dtype"), bool(info.get("blocked", True))
-        )
+        flat[name] = QuantizedWeight(q, scale, info["dequant_dtype"], info.get("dtype"), bool(info.get("blocked", True)))
     return nest(flat, n_layers)
 
 

@@ -42,14 +42,9 @@ def tensor(key: str, shape: tuple[int, ...]) -> Weight:
     return Weight((key,), _identity, shape)
 
 
-def linear(key: str, shape: tuple[int, ...]) -> Weight:
-    """A torch ``nn.Linear`` weight ``[out, in]`` stored as nx's ``[in, out]``."""
-    return Weight((key,), _transpose, shape)
-
-
-def fused_linear(keys: tuple[str, ...], shape: tuple[int, ...]) -> Weight:
-    """Several ``nn.Linear`` weights (q, k, v or gate, up) fused into one ``[in, sum(out)]``."""
-    return Weight(tuple(keys), lambda *ws: np.concatenate([w.T for w in ws], axis=1), shape)
+def _stored(shape: tuple[int, int]) -> tuple[int, int]:
+    """The stored ``[out, in]`` shape of a linear weight given as ``(in, out)``."""
+    return shape[1], shape[0]
 
 
 def fused_vector(keys: tuple[str, ...], shape: tuple[int, ...]) -> Weight:
@@ -86,17 +81,19 @@ def norm(src: str, dst: str, size: int, bias: bool = True) -> dict[str, Weight]:
 
 
 def dense(src: str, dst: str, shape: tuple[int, int], bias: bool = True, conv1d: bool = False) -> dict[str, Weight]:
-    """A torch ``nn.Linear`` (or GPT-2 ``Conv1D``, already ``[in, out]``) named `src` as nx's
-    ``dst.w`` ``[in, out]`` plus ``dst.b`` if it has a bias."""
-    out = {f"{dst}.w": (tensor if conv1d else linear)(f"{src}.weight", shape)}
+    """A torch ``nn.Linear`` named `src` mapping ``shape = (in, out)`` as nx's ``dst.w``, stored
+    ``[out, in]`` like torch does (a GPT-2 ``Conv1D``, stored ``[in, out]``, is transposed), plus
+    ``dst.b`` if it has a bias."""
+    out = {f"{dst}.w": Weight((f"{src}.weight",), _transpose if conv1d else _identity, _stored(shape))}
     if bias:
         out[f"{dst}.b"] = tensor(f"{src}.bias", shape[1:])
     return out
 
 
 def fused_dense(srcs: tuple[str, ...], dst: str, shape: tuple[int, int], bias: bool = True) -> dict[str, Weight]:
-    """Several ``nn.Linear`` (q, k, v or gate, up) fused into nx's ``dst.w`` ``[in, sum(out)]``."""
-    out = {f"{dst}.w": fused_linear(tuple(f"{s}.weight" for s in srcs), shape)}
+    """Several ``nn.Linear`` (q, k, v or gate, up) fused into nx's ``dst.w`` of ``shape = (in,
+    sum(out))``, stored ``[sum(out), in]``: their output rows stacked in order."""
+    out = {f"{dst}.w": Weight(tuple(f"{s}.weight" for s in srcs), lambda *ws: np.concatenate(ws), _stored(shape))}
     if bias:
         out[f"{dst}.b"] = fused_vector(tuple(f"{s}.bias" for s in srcs), shape[1:])
     return out
@@ -104,10 +101,10 @@ def fused_dense(srcs: tuple[str, ...], dst: str, shape: tuple[int, int], bias: b
 
 def per_head_qkv(src: str, dst: str, n_heads: int, head_dim: int, hidden: int, bias: bool = True) -> dict[str, Weight]:
     """A fused ``query_key_value`` whose output rows are laid out ``[heads, 3, head_dim]`` (BLOOM,
-    GPT-NeoX) as nx's ``[q | k | v]`` ``dst.w`` ``[hidden, 3 * heads * head_dim]`` (+ ``dst.b``)."""
+    GPT-NeoX) as nx's ``[q | k | v]`` ``dst.w`` ``[3 * heads * head_dim, hidden]`` (+ ``dst.b``)."""
     reorder = split_heads_qkv(n_heads, head_dim)
     width = 3 * n_heads * head_dim
-    out = {f"{dst}.w": Weight((f"{src}.weight",), lambda a: np.ascontiguousarray(reorder(a).T), (hidden, width))}
+    out = {f"{dst}.w": Weight((f"{src}.weight",), reorder, (width, hidden))}
     if bias:
         out[f"{dst}.b"] = Weight((f"{src}.bias",), reorder, (width,))
     return out

@@ -1,13 +1,11 @@
 """int8 weight storage: `QuantizationConfig` and the host-side (numpy) quantizer run at load time.
 
-Every 2-D floating parameter (linear weights ``[in, out]``, embedding / lm-head / position tables
+Every 2-D floating parameter (linear weights ``[out, in]``, embedding / lm-head / position tables
 ``[rows, hidden]``) becomes a `nx.ops.quant.QuantizedWeight`: symmetric per-output-channel int8
-``q = round(w / scale)`` with ``scale = max|w| / 127`` per output channel (f32). Norm weights and
+``q = round(w / scale)`` with ``scale = max|w| / 127`` per output channel (f32), i.e. per row:
+the output channel of a linear weight, one token or position of a table. Norm weights and
 biases (1-D) always stay in floating point. Dequantization happens inside the compiled program
 (`nx.ops.linear`, `nx.ops.lm_head`, `nx.ops.embed`), so every family gets int8 for free.
-
-Output channel: the last axis of a linear weight (nx stores ``[in, out]``), the row (first axis)
-of a table (``embed.w``, ``lm_head.w``, ``pos.w``: one scale per token / position).
 """
 
 from __future__ import annotations
@@ -20,9 +18,6 @@ from typing import Any
 import numpy as np
 
 from nx.errors import ConfigError
-
-#: Parameters whose output channel is their first axis (one row per token or position).
-TABLES = ("embed.w", "lm_head.w", "pos.w")
 
 #: Default `no_quantize`: nothing beyond norms and biases (which are never quantized). The tied
 #: embedding / lm head is the largest matrix of small models (21% of SmolLM2-135M's weights) and
@@ -86,7 +81,7 @@ def as_config(quant: QuantizationConfig | str | None) -> QuantizationConfig | No
     raise ConfigError(f"quant must be an nx.QuantizationConfig, 's8' or None, got {quant!r}")
 
 
-def quantize(w: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+def quantize(w: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 quantization of `w` with one f32 scale per index of `axis` (the output channel).
 
     Returns ``(q, scale)`` with ``q`` int8 of `w`'s shape and ``scale`` f32 of shape
@@ -105,7 +100,7 @@ def quantize(w: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, axis: int = -1) -> np.ndarray:
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int = 0) -> np.ndarray:
     """Host-side inverse of `quantize` (f32)."""
     shape = [1] * q.ndim
     shape[axis % q.ndim] = -1
@@ -114,11 +109,6 @@ def dequantize(q: np.ndarray, scale: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def _join(prefix: str, key: Any) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
-
-
-def output_axis(name: str) -> int:
-    """The output-channel axis of a 2-D parameter: 0 for tables (`TABLES`), else -1."""
-    return 0 if name in TABLES else -1
 
 
 def quantize_params(params: dict, config: QuantizationConfig, amp: str = "f32", backend: str = "cpu") -> dict:
@@ -140,9 +130,8 @@ def quantize_params(params: dict, config: QuantizationConfig, amp: str = "f32", 
             and np.issubdtype(node.dtype, np.floating)
             and not config.skips(name)
         ):
-            axis = output_axis(name)
-            q, scale = quantize(node, axis)
-            return QuantizedWeight(q, scale, dequant, axis, amp, backend == "cpu")
+            q, scale = quantize(node)
+            return QuantizedWeight(q, scale, dequant, amp, backend == "cpu")
         return node
 
     return walk(params, "")
@@ -191,7 +180,7 @@ def weight_bytes(weight_map: Any, config: QuantizationConfig, itemsize: int) -> 
     for name, w in weight_map.items():
         n = int(np.prod(w.shape))
         if len(w.shape) == 2 and not config.skips(name):
-            total += n + 4 * w.shape[output_axis(name)]
+            total += n + 4 * w.shape[0]
         else:
             total += n * itemsize
     return total

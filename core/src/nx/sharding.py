@@ -1,9 +1,10 @@
 """Tensor parallelism: how parameters and KV caches are laid out over a 1-D ``tp`` mesh.
 
-Column-parallel weights (fused q/k/v, fused gate/up) split their output dim, row-parallel ones
-(attention output, MLP down) their input dim and are followed by one all-reduce; embedding and
-lm head are split over the vocabulary. Fused matrices are re-laid out on the host so that each
-shard's contiguous slice holds its own heads: ``[q_s | k_s | v_s]`` per shard ``s``. With fewer kv
+Column-parallel weights (fused q/k/v, fused gate/up) split their output dim (the rows of nx's
+``[out, in]`` weights), row-parallel ones (attention output, MLP down) their input dim (the
+columns) and are followed by one all-reduce; embedding and lm head are split over the vocabulary.
+Fused matrices are re-laid out on the host so that each shard's contiguous block of rows holds
+its own heads: ``[q_s | k_s | v_s]`` per shard ``s``. With fewer kv
 heads than shards (GQA/MQA), each shard gets a copy of the kv head its query heads use.
 """
 
@@ -66,20 +67,20 @@ def padded_vocab(spec: ModelSpec, tp: int) -> int:
     return -(-spec.vocab_size // tp) * tp
 
 
-def _qkv_columns(spec: ModelSpec, tp: int) -> np.ndarray:
+def _qkv_rows(spec: ModelSpec, tp: int) -> np.ndarray:
     h, kv, d = spec.n_heads, spec.kv_heads, spec.head_dim
     hl = h // tp
-    cols = []
+    rows = []
     for s in range(tp):
         kv_heads = range(s * kv // tp, (s + 1) * kv // tp) if kv % tp == 0 else [s // (tp // kv)]
         q = [np.arange(i * d, (i + 1) * d) for i in range(s * hl, (s + 1) * hl)]
         k = [h * d + np.arange(i * d, (i + 1) * d) for i in kv_heads]
         v = [(h + kv) * d + np.arange(i * d, (i + 1) * d) for i in kv_heads]
-        cols += q + k + v
-    return np.concatenate(cols)
+        rows += q + k + v
+    return np.concatenate(rows)
 
 
-def _gate_up_columns(spec: ModelSpec, tp: int) -> np.ndarray:
+def _gate_up_rows(spec: ModelSpec, tp: int) -> np.ndarray:
     i = spec.intermediate_size
     il = i // tp
     return np.concatenate([np.r_[s * il : (s + 1) * il, i + s * il : i + (s + 1) * il] for s in range(tp)])
@@ -89,14 +90,14 @@ def relayout(params: dict, spec: ModelSpec, tp: int) -> dict:
     """Host-side re-layout of a numpy parameter tree for `tp` shards (identity for tp=1)."""
     if tp == 1:
         return params
-    qkv = _qkv_columns(spec, tp)
-    gate_up = _gate_up_columns(spec, tp) if spec.gated_mlp else None
+    qkv = _qkv_rows(spec, tp)
+    gate_up = _gate_up_rows(spec, tp) if spec.gated_mlp else None
     for layer in params["layers"]:
-        for name, cols in (("qkv", qkv), ("up", gate_up)):
-            if cols is None:
+        for name, rows in (("qkv", qkv), ("up", gate_up)):
+            if rows is None:
                 continue
-            for kind, arr in layer[name].items():
-                layer[name][kind] = np.take(arr, cols, axis=-1)
+            for kind, arr in layer[name].items():  # weight [out, in] and bias [out]: rows are outputs
+                layer[name][kind] = np.take(arr, rows, axis=0)
     vp = padded_vocab(spec, tp)
     for name in ("embed", "lm_head"):
         for kind, arr in params.get(name, {}).items():
@@ -111,12 +112,10 @@ def partition_spec(name: str, ndim: int):
     from jax.sharding import PartitionSpec as P
 
     r = role(name)
-    if r == "column":
-        return P(*([None] * (ndim - 1)), AXIS)
-    if r == "row" and ndim == 2:
-        return P(AXIS, None)
-    if r == "vocab":
+    if r in ("column", "vocab"):  # [out, in] weights, [out] biases and scales: split the outputs
         return P(AXIS, *([None] * (ndim - 1)))
+    if r == "row" and ndim == 2:  # [out, in]: split the inputs
+        return P(None, AXIS)
     return P()
 
 

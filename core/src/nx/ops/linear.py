@@ -1,4 +1,7 @@
-"""Dense layers. Weights are stored ``[in, out]`` so activations multiply on the left."""
+"""Dense layers. Weights are stored ``[out, in]``, as torch's ``nn.Linear`` stores them: each
+output is the dot product of the input with one contiguous weight row, which is also the faster
+layout for the matrix-vector products of decoding on XLA:CPU (the lm head's ``[vocab, hidden]``
+table is the same kind of matrix)."""
 
 from __future__ import annotations
 
@@ -8,11 +11,18 @@ from jax import lax
 from nx.ops import quant
 
 
+def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
+    """``x @ w.T`` in `dtype` for ``w [out, in]``, which may be an int8 `nx.ops.quant.QuantizedWeight`
+    (dequantized in the program)."""
+    if quant.is_quantized(w):
+        return quant.matmul(x, w).astype(dtype)
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    return lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=dtype)
+
+
 def linear(x: jnp.ndarray, p: dict) -> jnp.ndarray:
-    """``x @ w + b`` for ``p = {"w": [in, out], "b": [out] (optional)}``; ``w`` may be an int8
-    `nx.ops.quant.QuantizedWeight` (dequantized in the program)."""
-    w = p["w"]
-    y = quant.matmul(x, w) if quant.is_quantized(w) else jnp.matmul(x, w.astype(x.dtype))
+    """``x @ w.T + b`` for ``p = {"w": [out, in], "b": [out] (optional)}``."""
+    y = project(x, p["w"], x.dtype)
     if p.get("b") is not None:
         y = y + p["b"]
     return y
@@ -21,7 +31,7 @@ def linear(x: jnp.ndarray, p: dict) -> jnp.ndarray:
 def row_parallel_linear(x: jnp.ndarray, p: dict, axis: str | None = None) -> jnp.ndarray:
     """A linear whose input dim is split over tensor-parallel `axis`: partial products are summed
     with one all-reduce before the (replicated) bias is added. Plain `linear` when `axis` is None."""
-    y = linear(x, {"w": p["w"]})
+    y = project(x, p["w"], x.dtype)
     if axis is not None:
         y = lax.psum(y, axis)
     if p.get("b") is not None:
@@ -32,11 +42,7 @@ def row_parallel_linear(x: jnp.ndarray, p: dict, axis: str | None = None) -> jnp
 def lm_head(x: jnp.ndarray, table: jnp.ndarray, bias: jnp.ndarray | None = None) -> jnp.ndarray:
     """f32 logits from hidden states; `table` is ``[vocab, hidden]`` (tied embedding or lm head),
     possibly an int8 `QuantizedWeight` with per-vocab-row scales."""
-    dims = (((x.ndim - 1,), (1,)), ((), ()))
-    if quant.is_quantized(table):
-        y = quant.table_logits(x, table)
-    else:
-        y = lax.dot_general(x, table.astype(x.dtype), dims, preferred_element_type=jnp.float32)
+    y = project(x, table, jnp.float32)
     if bias is not None:
         y = y + bias
     return y

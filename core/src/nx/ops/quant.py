@@ -1,15 +1,15 @@
 """int8 weights inside the compiled programs: the `QuantizedWeight` pytree and its dequantization.
 
-A quantized weight is ``q`` (int8, the weight's own shape) and ``scale`` (f32, one per output
-channel: shape ``[out]`` for an ``[in, out]`` linear weight, ``[vocab]`` for a ``[vocab, hidden]``
-embedding / lm-head table), with ``w ~= q * scale`` along the output channel. Keeping ``scale``
-1-D along the output channel means tensor-parallel sharding by role applies unchanged: a
-column-parallel weight splits ``q``'s last axis and ``scale`` with it, a row-parallel weight splits
-``q``'s first axis and replicates ``scale``, a vocabulary-parallel table splits both along vocab.
+A quantized weight is ``q`` (int8, the weight's own shape: ``[out, in]`` for a linear weight,
+``[vocab, hidden]`` for an embedding / lm-head table) and ``scale`` (f32, one per output channel,
+i.e. per row), with ``w ~= q * scale[:, None]``. Keeping ``scale`` 1-D along the rows means
+tensor-parallel sharding by role applies unchanged: a column-parallel weight splits ``q``'s rows
+and ``scale`` with them, a row-parallel weight splits ``q``'s columns and replicates ``scale``, a
+vocabulary-parallel table splits both along vocab.
 
 `dequant_dtype` is static (pytree aux data): the dtype the int8 values are converted to for the
-matmul. The products are scaled per output column *after* the dot, ``(x @ q) * scale`` (one
-multiply per output instead of one per weight). On XLA:CPU what matters most is converting the
+matmul. The products are scaled per output *after* the dot, ``(x @ q.T) * scale`` (one multiply
+per output instead of one per weight). On XLA:CPU what matters most is converting the
 int8 values tile by tile inside a loop: converting whole weights, with or without the scale, made
 XLA materialize f32 copies of every weight per step and decoded SmolLM2-135M 5x slower than f32
 (7 against 36 tokens/s), while the tiled loop runs at f32 speed (38 tokens/s) from a quarter of
@@ -29,31 +29,28 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
 class QuantizedWeight:
-    """``q`` int8 ``[..., out]`` (or a ``[vocab, hidden]`` table) and per-output-channel ``scale``.
+    """``q`` int8 ``[out, in]`` (a linear weight or a ``[vocab, hidden]`` table) and per-row ``scale``.
 
     A jax pytree with leaves ``q`` and ``scale`` (their dotted names end in ``.q`` / ``.scale``) and
-    the static `dequant_dtype` (``"f32"``, ``"bf16"`` or ``"f16"``). `axis` is the output-channel
-    axis of ``q`` (-1 for linear weights, 0 for tables), `dtype` the model's activation dtype (its
-    ``amp``; rows looked up from a table come out in it) and `blocked` whether matmuls convert the
-    int8 values tile by tile in a loop (right for XLA:CPU; accelerators fuse the conversion into
-    the dot, so nx sets it only for the cpu backend), all static too.
+    the static `dequant_dtype` (``"f32"``, ``"bf16"`` or ``"f16"``). `dtype` is the model's
+    activation dtype (its ``amp``; rows looked up from a table come out in it) and `blocked` whether
+    matmuls convert the int8 values tile by tile in a loop (right for XLA:CPU; accelerators fuse the
+    conversion into the dot, so nx sets it only for the cpu backend), both static too.
     """
 
-    __slots__ = ("q", "scale", "dequant_dtype", "axis", "dtype", "blocked")
+    __slots__ = ("q", "scale", "dequant_dtype", "dtype", "blocked")
 
     def __init__(
         self,
         q: Any,
         scale: Any,
         dequant_dtype: str = "f32",
-        axis: int = -1,
         dtype: str | None = None,
         blocked: bool = True,
     ) -> None:
         self.q = q
         self.scale = scale
         self.dequant_dtype = dequant_dtype
-        self.axis = axis
         self.dtype = dtype or dequant_dtype
         self.blocked = blocked
 
@@ -71,23 +68,22 @@ class QuantizedWeight:
 
     def dequantize(self) -> jnp.ndarray:
         """The full-precision weight ``q * scale`` (in `dequant_dtype`)."""
-        s = self.scale if self.axis == -1 else jnp.expand_dims(self.scale, 1 - self.axis % 2)
-        return (self.q.astype(jnp.float32) * s).astype(self.compute_dtype)
+        return (self.q.astype(jnp.float32) * self.scale[:, None]).astype(self.compute_dtype)
 
     def __repr__(self) -> str:
         return (
             f"QuantizedWeight(q={self.q!r}, scale={self.scale!r}, dequant_dtype={self.dequant_dtype!r}, "
-            f"axis={self.axis}, dtype={self.dtype!r}, blocked={self.blocked})"
+            f"dtype={self.dtype!r}, blocked={self.blocked})"
         )
 
 
 def _flatten_with_keys(w: QuantizedWeight):
     keys = (jax.tree_util.GetAttrKey("q"), jax.tree_util.GetAttrKey("scale"))
-    return tuple(zip(keys, (w.q, w.scale))), (w.dequant_dtype, w.axis, w.dtype, w.blocked)
+    return tuple(zip(keys, (w.q, w.scale))), (w.dequant_dtype, w.dtype, w.blocked)
 
 
 def _flatten(w: QuantizedWeight):
-    return (w.q, w.scale), (w.dequant_dtype, w.axis, w.dtype, w.blocked)
+    return (w.q, w.scale), (w.dequant_dtype, w.dtype, w.blocked)
 
 
 def _unflatten(aux, children) -> QuantizedWeight:
@@ -122,48 +118,26 @@ def _n_blocks(rows: int, cols: int, m: int = 1) -> int:
 
 
 def matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
-    """``x @ (q * scale)`` for an ``[in, out]`` weight, computed as ``(x @ q) * scale``: the int8
-    rows are converted tile by tile (a loop over blocks of input rows accumulating partial products)
-    and the per-column scales applied once to the result."""
+    """f32 ``x @ (q * scale).T`` for an ``[out, in]`` weight or ``[vocab, hidden]`` table, computed
+    as ``(x @ q.T) * scale``: blocks of int8 rows are converted one at a time in a loop (each block
+    yields a slice of the outputs) and the per-row scales applied once to the result."""
     dt = w.compute_dtype
-    k, n = w.q.shape
+    n, k = w.q.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).astype(dt)
-    nb = _n_blocks(k, n, x2.shape[0]) if w.blocked else 1
-    if nb == 1:
-        y = jnp.matmul(x2, w.q.astype(dt), preferred_element_type=jnp.float32)
-    else:
-        qb = w.q.reshape(nb, k // nb, n)
-        xb = jnp.moveaxis(x2.reshape(x2.shape[0], nb, k // nb), 1, 0)
-
-        def body(acc, blk):
-            xi, qi = blk
-            return acc + jnp.matmul(xi, qi.astype(dt), preferred_element_type=jnp.float32), None
-
-        y, _ = lax.scan(body, jnp.zeros((x2.shape[0], n), jnp.float32), (xb, qb))
-    return (y * w.scale).reshape(*lead, n).astype(x.dtype)
-
-
-def table_logits(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
-    """f32 ``x @ table.T`` for a quantized ``[vocab, hidden]`` table (per-vocab-row scales), looping
-    over blocks of vocabulary rows."""
-    dt = w.compute_dtype
-    v, h = w.q.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, h).astype(dt)
     dims = (((1,), (1,)), ((), ()))
-    nb = _n_blocks(v, h, x2.shape[0]) if w.blocked else 1
+    nb = _n_blocks(n, k, x2.shape[0]) if w.blocked else 1
     if nb == 1:
         y = lax.dot_general(x2, w.q.astype(dt), dims, preferred_element_type=jnp.float32)
     else:
-        qb = w.q.reshape(nb, v // nb, h)
+        qb = w.q.reshape(nb, n // nb, k)
 
         def body(carry, qi):
             return carry, lax.dot_general(x2, qi.astype(dt), dims, preferred_element_type=jnp.float32)
 
-        _, ys = lax.scan(body, 0, qb)  # [nb, M, v // nb]
-        y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], v)
-    return (y * w.scale).reshape(*lead, v)
+        _, ys = lax.scan(body, 0, qb)  # [nb, M, n // nb]
+        y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], n)
+    return (y * w.scale).reshape(*lead, n)
 
 
 def take_rows(w: QuantizedWeight, ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:

@@ -45,7 +45,7 @@ def weights(spec: ModelSpec) -> WeightMap:
     for i in range(spec.n_layers):
         src, dst = f"transformer.h.{i}.", f"layers.{i}."
         w |= norm(src + "ln_1", dst + "attn_norm", h) | norm(src + "ln_2", dst + "mlp_norm", h)
-        # Conv1D weights are already [in, out]
+        # Conv1D weights are stored [in, out]; dense(conv1d=True) transposes them to [out, in]
         w |= dense(src + "attn.c_attn", dst + "qkv", (h, 3 * h), conv1d=True)
         w |= dense(src + "attn.c_proj", dst + "o", (h, h), conv1d=True)
         w |= dense(src + "mlp.c_fc", dst + "up", (h, inter), conv1d=True)
