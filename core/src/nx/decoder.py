@@ -39,13 +39,13 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
     if spec.positions == "rope":
         q = ops.apply_rotary(q, ctx.positions, spec.rope)
         k = ops.apply_rotary(k, ctx.positions, spec.rope)
-    rep = cache[0].shape[0] // b  # > 1 when one prompt row fills several cache rows (broadcast)
+    rep = cache[0].shape[0] // (spec.kv_heads * b)  # > 1 when one prompt row fills several cache rows
     if rep > 1:
         k, v = jnp.repeat(k, rep, axis=0), jnp.repeat(v, rep, axis=0)
     k_cache = ops.update_cache(cache[0], k, ctx.slot)
     v_cache = ops.update_cache(cache[1], v, ctx.slot)
-    w = ctx.window
-    o = ops.attend(q, k_cache[::rep, :w], v_cache[::rep, :w], ctx.mask, spec.scale, ctx.bias)
+    kw, vw = (ops.cache_window(c, ctx.window, spec.kv_heads, rep) for c in (k_cache, v_cache))
+    o = ops.attend(q, kw, vw, ctx.mask, spec.scale, ctx.bias)
     return ops.row_parallel_linear(o, p["o"], ctx.tp_axis), (k_cache, v_cache)
 
 
@@ -133,7 +133,7 @@ def step(
     head = params.get("lm_head", {})
     table = params["embed"]["w"] if spec.tied_lm_head else head["w"]
     logits = ops.logits(x, table, head.get("b"), vocab_size or spec.vocab_size, tp_axis)
-    rep = caches[0][0].shape[-4] // b  # cache rows per token row ([blocks,] batch, positions, heads, dim)
+    rep = caches[0][0].shape[-3] // (spec.kv_heads * b)  # cache rows per token row ([blocks,] rows, positions, dim)
     return (jnp.repeat(logits, rep, axis=0) if rep > 1 else logits), new_caches
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nx import buckets, decoder, dump, scan, sharding, xla_options
+from nx import buckets, decoder, dump, ops, scan, sharding, xla_options
 from nx.errors import BucketError, ConfigError, InputError
 from nx.family import Family
 from nx.generation import SamplingParams, hits_stop, normalize_stop
@@ -173,7 +173,7 @@ class NxModel:
         self.device = self.mesh.devices.flat[0]
         self._replicated = NamedSharding(self.mesh, P())
         self.unroll = scan.block_size(spec.n_layers, config.unroll)
-        self.cache_spec = P(*([None] * (3 if self.unroll else 2)), sharding.AXIS, None)
+        self.cache_spec = P(*([None] * (1 if self.unroll else 0)), sharding.AXIS, None, None)  # whole kv heads
         params = _take(params)  # the caller's tree is emptied: host weights are freed as they are placed
         if not prepared:
             params = sharding.relayout(params, spec, tp)
@@ -220,7 +220,7 @@ class NxModel:
 
     def _new_caches(self) -> list[tuple[jax.Array, jax.Array]]:
         s, tp = self.spec, self.config.tp_degree
-        shape = (self.config.batch_size, self.config.max_positions, sharding.cache_kv_heads(s, tp), s.head_dim)
+        shape = ops.cache_shape(self.config.batch_size, self.config.max_positions, sharding.cache_kv_heads(s, tp), s.head_dim)
         pairs = s.n_layers
         if self.unroll:  # one stacked pair per layer of a scanned block
             shape, pairs = (s.n_layers // self.unroll, *shape), self.unroll

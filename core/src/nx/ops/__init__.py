@@ -2,7 +2,7 @@
 
 from nx.ops.activations import activation
 from nx.ops.alibi import alibi_slopes
-from nx.ops.attention import attend, causal_padding_mask, update_cache
+from nx.ops.attention import attend, cache_shape, cache_window, causal_padding_mask, update_cache
 from nx.ops.embedding import embed, logits
 from nx.ops.linear import linear, lm_head, row_parallel_linear
 from nx.ops.mlp import mlp
@@ -14,6 +14,8 @@ __all__ = [
     "alibi_slopes",
     "apply_rotary",
     "attend",
+    "cache_shape",
+    "cache_window",
     "causal_padding_mask",
     "embed",
     "logits",
