@@ -42,8 +42,9 @@ def test_weights_and_cache_are_sharded(saved_case):
     assert qkv.addressable_shards[0].data.shape == (model.spec.qkv_dim // 2, 64)  # [out, in]: outputs split
     down = model.params["layers"][0]["down"]["w"]
     assert down.addressable_shards[0].data.shape == (64, model.spec.intermediate_size // 2)  # inputs split
-    k_cache = model.caches[0][0]  # [kv_heads * batch, positions, head_dim]: whole kv heads per shard
-    assert k_cache.addressable_shards[0].data.shape == (model.spec.kv_heads // 2, 64, model.spec.head_dim)
+    k_cache, v_cache = model.caches[0]  # [kv_heads * batch, ...]: whole kv heads per shard
+    assert k_cache.addressable_shards[0].data.shape == (model.spec.kv_heads // 2, model.spec.head_dim, 64)
+    assert v_cache.addressable_shards[0].data.shape == (model.spec.kv_heads // 2, 64, model.spec.head_dim)
 
 
 def test_vocabulary_not_divisible_by_tp_is_padded(tmp_path):

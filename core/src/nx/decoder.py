@@ -42,11 +42,9 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
     rep = cache[0].shape[0] // (spec.kv_heads * b)  # > 1 when one prompt row fills several cache rows
     if rep > 1:
         k, v = jnp.repeat(k, rep, axis=0), jnp.repeat(v, rep, axis=0)
-    k_cache = ops.update_cache(cache[0], k, ctx.slot)
-    v_cache = ops.update_cache(cache[1], v, ctx.slot)
-    kw, vw = (ops.cache_window(c, ctx.window, spec.kv_heads, rep) for c in (k_cache, v_cache))
-    o = ops.attend(q, kw, vw, ctx.mask, spec.scale, ctx.bias)
-    return ops.row_parallel_linear(o, p["o"], ctx.tp_axis), (k_cache, v_cache)
+    cache = ops.update_caches(cache, k, v, ctx.slot)
+    o = ops.attend(q, *ops.cache_windows(cache, ctx.window, spec.kv_heads, rep), ctx.mask, spec.scale, ctx.bias)
+    return ops.row_parallel_linear(o, p["o"], ctx.tp_axis), cache
 
 
 def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: _Context):
@@ -133,7 +131,7 @@ def step(
     head = params.get("lm_head", {})
     table = params["embed"]["w"] if spec.tied_lm_head else head["w"]
     logits = ops.logits(x, table, head.get("b"), vocab_size or spec.vocab_size, tp_axis)
-    rep = caches[0][0].shape[-3] // (spec.kv_heads * b)  # cache rows per token row ([blocks,] rows, positions, dim)
+    rep = caches[0][0].shape[-3] // (spec.kv_heads * b)  # cache rows per token row ([blocks,] rows, ., .)
     return (jnp.repeat(logits, rep, axis=0) if rep > 1 else logits), new_caches
 
 

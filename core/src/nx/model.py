@@ -220,13 +220,13 @@ class NxModel:
 
     def _new_caches(self) -> list[tuple[jax.Array, jax.Array]]:
         s, tp = self.spec, self.config.tp_degree
-        shape = ops.cache_shape(self.config.batch_size, self.config.max_positions, sharding.cache_kv_heads(s, tp), s.head_dim)
+        shapes = ops.cache_shapes(self.config.batch_size, self.config.max_positions, sharding.cache_kv_heads(s, tp), s.head_dim)
         pairs = s.n_layers
         if self.unroll:  # one stacked pair per layer of a scanned block
-            shape, pairs = (s.n_layers // self.unroll, *shape), self.unroll
+            shapes, pairs = tuple((s.n_layers // self.unroll, *shape) for shape in shapes), self.unroll
         where = NamedSharding(self.mesh, self.cache_spec)
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=where)
-        return [(zeros(), zeros()) for _ in range(pairs)]
+        zeros = jax.jit(lambda: tuple(jnp.zeros(shape, self.dtype) for shape in shapes), out_shardings=(where, where))
+        return [zeros() for _ in range(pairs)]
 
     def layer_params(self) -> list[Any]:
         """The per-layer parameter trees (unstacking scanned blocks), as saved in artifacts."""

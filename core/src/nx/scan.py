@@ -5,7 +5,7 @@ cache arguments: the fastest code on CPU, but compile time grows with depth. Wit
 program runs ``lax.scan`` over ``n_layers / k`` blocks of `k` unrolled layers, so XLA compiles `k`
 layers instead of `n_layers`. For that the layer weights are stacked per position in the block:
 ``params["layers"]`` becomes `k` trees whose leaves have a leading ``n_layers / k`` axis, and each
-cache pair is ``[n_layers / k, kv_heads * batch, positions, head_dim]``. Slicing stacked weights
+cache gets a leading ``n_layers / k`` axis. Slicing stacked weights
 inside the loop is what the fully unrolled default avoids; `benchmarks/unroll.py` measures the
 compile-time vs speed trade-off.
 """
