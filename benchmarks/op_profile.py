@@ -7,10 +7,10 @@ grouped by what they compute, read from the optimized HLO: dots by the weight th
 (``qkv``, ``o``, ``up``, ``down``, the lm head) or by output shape (attention), fusions by kind and
 name. Each weight dot also gets its achieved bandwidth (weight bytes / time).
 
-    python benchmarks/profile.py                         # batch-1 decode over 256 positions
-    python benchmarks/profile.py --batch 8
-    python benchmarks/profile.py --tokens 128            # the 128-token prefill
-    python benchmarks/profile.py --json out.json
+    python benchmarks/op_profile.py                         # batch-1 decode over 256 positions
+    python benchmarks/op_profile.py --batch 8
+    python benchmarks/op_profile.py --tokens 128            # the 128-token prefill
+    python benchmarks/op_profile.py --json out.json
 
 The thunk times add up to the program's execution (the remainder is the executor's own overhead
 between thunks). The per-call time is measured first without the profiler, which adds a little
