@@ -50,3 +50,18 @@ def check_fits(
         f"the model needs {total / gib:.2f} GiB (weights {weights / gib:.2f} GiB + KV cache {cache / gib:.2f} GiB) but "
         f"tp_degree={tp} devices offer {per_device * tp / gib:.2f} GiB ({per_device / gib:.2f} GiB each); {hint}"
     )
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed on the host heap back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Host weights are released one by one as they are placed on the devices, but glibc keeps much of
+    the freed heap mapped; trimming after each one lowered SmolLM2's resident size after loading
+    its GGUF by ~90 MB.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nx import buckets, decoder, dump, ops, scan, sharding, xla_options
+from nx import buckets, decoder, dump, memory, ops, scan, sharding, xla_options
 from nx.errors import BucketError, ConfigError, InputError
 from nx.family import Family
 from nx.generation import SamplingParams, hits_stop, normalize_stop
@@ -191,6 +191,7 @@ class NxModel:
             a, leaves[i] = self._cast(leaves[i]), None  # peak host memory: one tensor, not the model
             placed.append(jax.tree.map(lambda x, ps: self._place(x, NamedSharding(self.mesh, ps)), a, where))
             del a
+            memory.return_freed_memory()
         self.params = tree.unflatten(placed)
         self.caches = self._new_caches()
         self._executables: dict[tuple[int, int, int, bool], Any] = {}
@@ -202,7 +203,11 @@ class NxModel:
     def _cast(self, a: np.ndarray):
         if is_quantized(a):  # int8 values and f32 scales stay as they are
             return a
-        return a.astype(self.dtype, copy=False) if np.issubdtype(a.dtype, np.floating) else a
+        out = a.astype(self.dtype, copy=False) if np.issubdtype(a.dtype, np.floating) else a
+        # Place arrays that own their memory: handed a view (of a dequantized GGUF buffer, of a
+        # mapped file), the CPU backend kept its base alive next to the placed copy (measured
+        # +140 MB resident and a +300 MB peak when loading SmolLM2's GGUF).
+        return out if out.flags.owndata else out.copy()
 
     @staticmethod
     def _place(a: np.ndarray, where: NamedSharding) -> jax.Array:
