@@ -38,7 +38,8 @@ from nx.errors import ArtifactError, ConfigError
 MANIFEST = "nx-artifact.json"
 WEIGHTS = "weights.safetensors"
 PROGRAMS = "programs"
-#: 2: linear weights stored ``[out, in]`` (format 1 stored them ``[in, out]``).
+#: 2: linear weights stored ``[out, in]`` and the KV-cache layout of `nx.ops.attention` (format 1: ``[in, out]``,
+#: caches ``[batch, positions, kv_heads, head_dim]``); programs and weights of format 1 do not fit either.
 FORMAT = 2
 
 #: CPU features an XLA:CPU executable may have been compiled to use (it targets the host CPU).
