@@ -39,11 +39,10 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
     if spec.positions == "rope":
         q = ops.apply_rotary(q, ctx.positions, spec.rope)
         k = ops.apply_rotary(k, ctx.positions, spec.rope)
-    rep = cache[0].shape[0] // (spec.kv_heads * b)  # > 1 when one prompt row fills several cache rows
-    if rep > 1:
-        k, v = jnp.repeat(k, rep, axis=0), jnp.repeat(v, rep, axis=0)
+    if ctx.rep > 1:
+        k, v = jnp.repeat(k, ctx.rep, axis=0), jnp.repeat(v, ctx.rep, axis=0)
     cache = ops.update_caches(cache, k, v, ctx.slot)
-    o = ops.attend(q, *ops.cache_windows(cache, ctx.window, spec.kv_heads, rep), ctx.mask, spec.scale, ctx.bias)
+    o = ops.attend(q, *ops.cache_windows(cache, ctx.window, spec.kv_heads, ctx.rep), ctx.mask, spec.scale, ctx.bias)
     return ops.row_parallel_linear(o, p["o"], ctx.tp_axis), cache
 
 
@@ -79,6 +78,7 @@ class _Context(NamedTuple):
     bias: jnp.ndarray | None  # [B, H, W] ALiBi
     window: int
     tp_axis: str | None  # mesh axis name when running one tensor-parallel shard
+    rep: int  # cache rows per token row: > 1 when one prompt row fills several (context broadcasting)
 
 
 def step(
@@ -115,7 +115,8 @@ def step(
     if spec.positions == "alibi":
         key_pos = (jnp.arange(window, dtype=jnp.int32)[None, :] - inp.pad[:, None]).astype(jnp.float32)
         bias = _local_alibi_slopes(spec, tp_axis)[None, :, None] * key_pos[:, None, :]
-    ctx = _Context(slot, positions, ops.causal_padding_mask(slot, inp.pad, t, window), bias, window, tp_axis)
+    rep = caches[0][0].shape[-3] // (spec.kv_heads * b)  # caches are [[blocks,] kv_heads * batch, ., .]
+    ctx = _Context(slot, positions, ops.causal_padding_mask(slot, inp.pad, t, window), bias, window, tp_axis, rep)
     if unroll is None:
         new_caches = []
         for p, cache in zip(params["layers"], caches):
@@ -131,7 +132,6 @@ def step(
     head = params.get("lm_head", {})
     table = params["embed"]["w"] if spec.tied_lm_head else head["w"]
     logits = ops.logits(x, table, head.get("b"), vocab_size or spec.vocab_size, tp_axis)
-    rep = caches[0][0].shape[-3] // (spec.kv_heads * b)  # cache rows per token row ([blocks,] rows, ., .)
     return (jnp.repeat(logits, rep, axis=0) if rep > 1 else logits), new_caches
 
 

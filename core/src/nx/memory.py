@@ -1,8 +1,10 @@
 """The seed's sizing rule, checked before any weight is read: weights plus KV cache must fit in
-per-device memory times the tensor-parallel degree."""
+per-device memory times the tensor-parallel degree; and handing freed host memory back while
+weights are placed."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -52,6 +54,17 @@ def check_fits(
     )
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where there is no glibc (looked up once)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def return_freed_memory() -> None:
     """Hand memory freed on the host heap back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
@@ -59,9 +72,6 @@ def return_freed_memory() -> None:
     the freed heap mapped; trimming after each one lowered SmolLM2's resident size after loading
     its GGUF by ~90 MB.
     """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
