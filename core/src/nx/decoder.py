@@ -37,8 +37,8 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
     k = qkv[..., nq : nq + nkv].reshape(b, t, spec.kv_heads, spec.head_dim)
     v = qkv[..., nq + nkv :].reshape(b, t, spec.kv_heads, spec.head_dim)
     if spec.positions == "rope":
-        q = ops.apply_rotary(q, ctx.positions, spec.rope)
-        k = ops.apply_rotary(k, ctx.positions, spec.rope)
+        q = ops.apply_rotary(q, ctx.rotary, spec.rope)
+        k = ops.apply_rotary(k, ctx.rotary, spec.rope)
     if ctx.rep > 1:
         k, v = jnp.repeat(k, ctx.rep, axis=0), jnp.repeat(v, ctx.rep, axis=0)
     cache = ops.update_caches(cache, k, v, ctx.slot)
@@ -73,7 +73,7 @@ def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: _Con
 
 class _Context(NamedTuple):
     slot: jnp.ndarray
-    positions: jnp.ndarray  # [B, T] position ids (padding-aware)
+    rotary: tuple[jnp.ndarray, jnp.ndarray] | None  # (cos, sin) of the tokens' rotary angles
     mask: jnp.ndarray  # [B, T, W]
     bias: jnp.ndarray | None  # [B, H, W] ALiBi
     window: int
@@ -116,7 +116,8 @@ def step(
         key_pos = (jnp.arange(window, dtype=jnp.int32)[None, :] - inp.pad[:, None]).astype(jnp.float32)
         bias = _local_alibi_slopes(spec, tp_axis)[None, :, None] * key_pos[:, None, :]
     rep = caches[0][0].shape[-3] // (spec.kv_heads * b)  # caches are [[blocks,] kv_heads * batch, ., .]
-    ctx = _Context(slot, positions, ops.causal_padding_mask(slot, inp.pad, t, window), bias, window, tp_axis, rep)
+    rotary = ops.rotary_tables(positions, spec.rope, window) if spec.positions == "rope" else None
+    ctx = _Context(slot, rotary, ops.causal_padding_mask(slot, inp.pad, t, window), bias, window, tp_axis, rep)
     if unroll is None:
         new_caches = []
         for p, cache in zip(params["layers"], caches):

@@ -7,7 +7,7 @@ from nx.ops.embedding import embed, logits
 from nx.ops.linear import linear, lm_head, row_parallel_linear
 from nx.ops.mlp import mlp
 from nx.ops.norms import layer_norm, norm, rms_norm
-from nx.ops.rotary import apply_rotary, rope_inv_freq
+from nx.ops.rotary import apply_rotary, rope_inv_freq, rotary_tables
 
 __all__ = [
     "activation",
@@ -26,6 +26,7 @@ __all__ = [
     "norm",
     "rms_norm",
     "rope_inv_freq",
+    "rotary_tables",
     "row_parallel_linear",
     "update_caches",
 ]

@@ -34,12 +34,17 @@ def rope_inv_freq(rope: RopeSpec) -> np.ndarray:
     return inv
 
 
-def apply_rotary(x: jnp.ndarray, positions: jnp.ndarray, rope: RopeSpec) -> jnp.ndarray:
-    """Rotate ``x [batch, tokens, heads, head_dim]`` by ``positions [batch, tokens]``."""
-    inv = jnp.asarray(rope_inv_freq(rope))
-    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, rd/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+def rotary_tables(positions: jnp.ndarray, rope: RopeSpec, n_positions: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``(cos, sin)`` of the rotary angles of `positions` (all below `n_positions`), ``[batch,
+    tokens, rotary_dim // 2]`` f32, read from tables computed on the host. Computing sin and cos in
+    the program cost XLA:CPU a pass per layer and tensor: it fuses them into every rotation."""
+    angles = np.arange(n_positions, dtype=np.float32)[:, None] * rope_inv_freq(rope)[None, :]
+    return tuple(jnp.take(jnp.asarray(f(angles)), positions, axis=0) for f in (np.cos, np.sin))
+
+
+def apply_rotary(x: jnp.ndarray, tables: tuple[jnp.ndarray, jnp.ndarray], rope: RopeSpec) -> jnp.ndarray:
+    """Rotate ``x [batch, tokens, heads, head_dim]`` by the angles of `rotary_tables`."""
+    cos, sin = (t[:, :, None, :] for t in tables)
     rd = rope.rotary_dim
     xr, rest = x[..., :rd].astype(jnp.float32), x[..., rd:]
     if rope.style == "interleaved":
