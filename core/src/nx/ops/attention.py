@@ -17,7 +17,6 @@ padding and the future.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -96,6 +95,9 @@ def attend(
     if bias is not None:
         s = s + bias.reshape(b, kvh, g, w).transpose(1, 0, 2, 3)[:, :, :, None, :]
     s = jnp.where(mask[None, :, None], s, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1).astype(v_cache.dtype).reshape(rows, g * t, w)
-    o = lax.dot_general(p, v_cache, (((2,), (1,)), batched))  # [kvh * B, g * T, d]
-    return o.reshape(kvh, b, g, t, d).transpose(1, 3, 0, 2, 4).reshape(b, t, h * d)
+    # Softmax with its division after the values dot: a pass over [.., d] outputs, not [.., W] scores.
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    o = lax.dot_general(e.astype(v_cache.dtype).reshape(rows, g * t, w), v_cache, (((2,), (1,)), batched))
+    o = (o.reshape(kvh, b, g, t, d) / total).astype(v_cache.dtype)
+    return o.transpose(1, 3, 0, 2, 4).reshape(b, t, h * d)
