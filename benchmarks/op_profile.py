@@ -37,19 +37,25 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 _INSTR = re.compile(r"\s*%?([\w.\-]+) = (\S+) ([\w\-]+)\(")
+_VIEW = re.compile(r"\s*(%bitcast[\w.]*) = \S+ bitcast\((%params__[\w.]+)\)")
+_OPERAND = re.compile(r"%bitcast[\w.]*")
 _WEIGHT = re.compile(r"%params__(?:layers___\d+___)?(\w+?)____w__")
 
 
 def categories(hlo: str, param_bytes: dict[str, int]) -> dict[str, tuple[str, int]]:
     """Thunk name -> (category, bytes of the weight it reads, 0 if none) for the entry computation."""
     out: dict[str, tuple[str, int]] = {}
-    for line in hlo.split("ENTRY", 1)[1].splitlines():
+    lines = hlo.split("ENTRY", 1)[1].splitlines()
+    # A weight the program reshapes (a bitcast, e.g. the row halves of a small matvec) keeps its name.
+    views = {m.group(1): m.group(2) for m in map(_VIEW.match, lines) if m}
+    for line in lines:
         m = _INSTR.match(line)
         if not m:
             continue
         name, shape, op = m.groups()
         kind = re.search(r"kind=(\w+)", line)
-        weight = _WEIGHT.search(line) if op in ("dot", "fusion") else None
+        operands = _OPERAND.sub(lambda v: views.get(v.group(0), v.group(0)), line.split("(", 1)[1])
+        weight = _WEIGHT.search(operands) if op in ("dot", "fusion") else None
         if weight and (op == "dot" or (kind and kind.group(1) == "kCustom")):
             w = weight.group(1)
             out[name] = (f"matmul {w}", param_bytes.get(w, 0))
