@@ -98,6 +98,7 @@ def attend(
     # Softmax with its division after the values dot: a pass over [.., d] outputs, not [.., W] scores.
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     total = jnp.sum(e, axis=-1, keepdims=True)
-    o = lax.dot_general(e.astype(v_cache.dtype).reshape(rows, g * t, w), v_cache, (((2,), (1,)), batched))
+    e = e.astype(v_cache.dtype).reshape(rows, g * t, w)
+    o = lax.dot_general(e, v_cache, (((2,), (1,)), batched), preferred_element_type=jnp.float32)
     o = (o.reshape(kvh, b, g, t, d) / total).astype(v_cache.dtype)
     return o.transpose(1, 3, 0, 2, 4).reshape(b, t, h * d)
