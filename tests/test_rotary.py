@@ -1,7 +1,10 @@
 """Rotary embeddings: the host tables a program embeds agree with the angles computed in the program
-(the path windows too long for a table take), and the rotation matches HF's for the same inputs."""
+(the path windows too long for a table take), the rotation matches HF's for the same inputs, and
+compiled programs compute no sin/cos."""
 
 from __future__ import annotations
+
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +12,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+import nx
 from nx.ops import rotary
 from nx.spec import RopeSpec
+from tests.cases.llama import CASES
 
 LLAMA3 = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
           ("original_max_position_embeddings", 64), ("rope_type", "llama3"))
@@ -41,3 +46,18 @@ def test_half_rotation_matches_hf():
     qt = torch.from_numpy(q).transpose(1, 2)  # HF: [batch, heads, tokens, head_dim]
     want, _ = apply_rotary_pos_emb(qt, qt, cos, sin)
     np.testing.assert_allclose(np.asarray(got), want.transpose(1, 2).numpy(), atol=1e-6)
+
+
+def test_programs_compute_no_trigonometry(saved_case, monkeypatch):
+    """XLA:CPU fused in-program sin/cos into every layer's rotation; with embedded tables a program
+    has none (the control: forcing the computed path puts them back)."""
+    _, path = saved_case(CASES[0])
+
+    def trig_ops() -> int:
+        model = nx.load("llama", path, n_positions=[32], context_length_estimate=[16], compile=False, progress=False)
+        hlo = model.lower(1, 16, 32).compile().as_text()
+        return len(re.findall(r" (?:cosine|sine)\(", hlo))
+
+    assert trig_ops() == 0
+    monkeypatch.setattr(rotary, "TABLE_BYTES", 0)
+    assert trig_ops() > 0
