@@ -72,6 +72,7 @@ def profile(model, rows: int, tokens: int, window: int, steps: int) -> dict:
     import jax
 
     from nx import decoder
+    from nx.bench import tree_nbytes
     from nx.generation import SamplingParams
 
     exe = model.executable(rows, tokens, window, False)
@@ -109,9 +110,9 @@ def profile(model, rows: int, tokens: int, window: int, steps: int) -> dict:
     layers = model.layer_params()
     for name in ("qkv", "o", "up", "down"):
         if name in layers[0]:
-            sizes[name] = int(np.prod(layers[0][name]["w"].shape)) * layers[0][name]["w"].dtype.itemsize
-    table = model.params.get("lm_head", model.params["embed"])["w"]
-    sizes["embed" if "lm_head" not in model.params else "lm_head"] = int(np.prod(table.shape)) * table.dtype.itemsize
+            sizes[name] = tree_nbytes(layers[0][name]["w"])
+    head = "lm_head" if "lm_head" in model.params else "embed"
+    sizes[head] = tree_nbytes(model.params[head]["w"])
     cats = categories(exe.as_text(), dict(sizes))
     per: dict[str, dict] = {}
     for name, (cat, nbytes) in cats.items():

@@ -39,9 +39,10 @@ def test_half_rotation_matches_hf():
     rng = np.random.default_rng(0)
     q = rng.standard_normal((2, 5, 3, 16)).astype(np.float32)  # [batch, tokens, heads, head_dim]
     positions = jnp.asarray([[0, 1, 2, 3, 4], [9, 10, 11, 12, 13]], jnp.int32)
-    got = rotary.apply_rotary(jnp.asarray(q), rotary.rotary_tables(positions, rope, 16), rope)
+    tables = rotary.rotary_tables(positions, rope, 16)
+    got = rotary.apply_rotary(jnp.asarray(q), tables, rope)
 
-    cos, sin = (np.asarray(t) for t in rotary.rotary_tables(positions, rope, 16))
+    cos, sin = (np.asarray(t) for t in tables)
     cos, sin = (torch.from_numpy(np.concatenate([t, t], axis=-1)) for t in (cos, sin))
     qt = torch.from_numpy(q).transpose(1, 2)  # HF: [batch, heads, tokens, head_dim]
     want, _ = apply_rotary_pos_emb(qt, qt, cos, sin)

@@ -30,17 +30,17 @@ def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
     """
     if quant.is_quantized(w):
         return quant.matmul(x, w).astype(dtype)
+    w = w.astype(x.dtype)
     rows = x.size // x.shape[-1]
     if 1 < rows <= SMALL_ROWS:
-        y = lax.dot_general(w.astype(x.dtype), x, (((1,), (x.ndim - 1,)), ((), ())), preferred_element_type=dtype)
+        y = lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())), preferred_element_type=dtype)
         return jnp.moveaxis(y, 0, -1)
     if rows == 1 and w.size < SPLIT_BELOW and w.shape[0] % 2 == 0:
-        halves = w.astype(x.dtype).reshape(2, w.shape[0] // 2, w.shape[1])
+        halves = w.reshape(2, w.shape[0] // 2, w.shape[1])
         xb = jnp.broadcast_to(x.reshape(1, 1, -1), (2, 1, x.shape[-1]))
         y = lax.dot_general(xb, halves, (((2,), (2,)), ((0,), (0,))), preferred_element_type=dtype)
         return y.reshape(*x.shape[:-1], w.shape[0])
-    dims = (((x.ndim - 1,), (1,)), ((), ()))
-    return lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=dtype)
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
 
 
 def linear(x: jnp.ndarray, p: dict) -> jnp.ndarray:
