@@ -29,7 +29,7 @@ class StepInputs(NamedTuple):
     last: jnp.ndarray  # [] int32: index in T whose logits are returned
 
 
-def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx: _Context):
+def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx: _Context, only: jnp.ndarray | None = None):
     b, t, _ = h.shape
     qkv = ops.linear(h, p["qkv"])
     nq, nkv = spec.n_heads * spec.head_dim, spec.kv_heads * spec.head_dim
@@ -42,12 +42,24 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
     if ctx.rep > 1:
         k, v = jnp.repeat(k, ctx.rep, axis=0), jnp.repeat(v, ctx.rep, axis=0)
     cache = ops.update_caches(cache, k, v, ctx.slot)
-    o = ops.attend(q, *ops.cache_windows(cache, ctx.window, spec.kv_heads, ctx.rep), ctx.mask, spec.scale, ctx.bias)
+    q, mask = _select(q, only), _select(ctx.mask, only)
+    o = ops.attend(q, *ops.cache_windows(cache, ctx.window, spec.kv_heads, ctx.rep), mask, spec.scale, ctx.bias)
     return ops.row_parallel_linear(o, p["o"], ctx.tp_axis), cache
 
 
-def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: _Context):
-    """One transformer block; residual wiring (sequential, parallel, post-norm) from the spec."""
+def _select(y: jnp.ndarray, only: jnp.ndarray | None) -> jnp.ndarray:
+    """Token `only` of ``y [B, T, ...]`` as ``[B, 1, ...]``; all of `y` when `only` is None."""
+    return y if only is None else lax.dynamic_slice_in_dim(y, only, 1, axis=1)
+
+
+def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: _Context, only: jnp.ndarray | None = None):
+    """One transformer block; residual wiring (sequential, parallel, post-norm) from the spec.
+
+    With `only` (a ``[]`` index into the tokens) every token's keys and values still reach the
+    cache, but the queries, the attention output and the MLP run for that one token, whose output
+    ``[B, 1, hidden]`` is all the block returns: the last layer of a prompt, where only the token
+    whose logits are wanted matters.
+    """
 
     def n(name: str, y: jnp.ndarray) -> jnp.ndarray:
         return ops.norm(spec.norm, y, p[name], spec.norm_eps)
@@ -57,16 +69,17 @@ def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: _Con
 
     if spec.parallel_residual:
         h = n("attn_norm", x)
-        a, cache = _attention(spec, p, h, cache, ctx)
+        a, cache = _attention(spec, p, h, cache, ctx, only)
+        x, h = _select(x, only), _select(h, only)
         m = ffn(h if spec.shared_norm else n("mlp_norm", x))
         return x + a + m, cache
     if spec.post_norm:
-        a, cache = _attention(spec, p, x, cache, ctx)
-        x = n("attn_norm", x + a)
+        a, cache = _attention(spec, p, x, cache, ctx, only)
+        x = n("attn_norm", _select(x, only) + a)
         return n("mlp_norm", x + ffn(x)), cache
     h = n("attn_norm", x)
-    a, cache = _attention(spec, p, h, cache, ctx)
-    x = (h if spec.residual_from_norm else x) + a
+    a, cache = _attention(spec, p, h, cache, ctx, only)
+    x = _select(h if spec.residual_from_norm else x, only) + a
     h = n("mlp_norm", x)
     return (h if spec.residual_from_norm else x) + ffn(h), cache
 
@@ -119,13 +132,15 @@ def step(
     rotary = ops.rotary_tables(positions, spec.rope, window) if spec.positions == "rope" else None
     ctx = _Context(slot, rotary, ops.causal_padding_mask(slot, inp.pad, t, window), bias, window, tp_axis, rep)
     if unroll is None:
+        # the last layer computes only the token whose logits are returned (see `layer`)
+        only = [None] * (len(caches) - 1) + [inp.last if t > 1 else None]
         new_caches = []
-        for p, cache in zip(params["layers"], caches):
-            x, cache = layer(spec, p, x, cache, ctx)
+        for p, cache, one in zip(params["layers"], caches, only):
+            x, cache = layer(spec, p, x, cache, ctx, one)
             new_caches.append(cache)
     else:  # stacked weights and caches of blocks of `unroll` layers (see nx.scan)
         x, new_caches = scan.run_layers(lambda p, y, c: layer(spec, p, y, c, ctx), params["layers"], caches, x)
-    x = jnp.take(x, inp.last, axis=1)  # [B, hidden]: only one token per row reaches the lm head
+    x = _select(x, inp.last if x.shape[1] > 1 else None)[:, 0]  # [B, hidden]: one token per row reaches the lm head
     if spec.final_norm:
         x = ops.norm(spec.norm, x, params["final_norm"], spec.norm_eps)
     if spec.project_dim:
