@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from nx.errors import BucketError, ConfigError
 
 MIN_POSITION_BUCKET = 128
-MIN_CONTEXT_BUCKET = 32
+MIN_CONTEXT_BUCKET = 16
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -35,7 +35,7 @@ def position_buckets(n_positions: int | Sequence[int]) -> list[int]:
 
 
 def context_buckets(estimate: int | Sequence[int] | None, positions: list[int]) -> list[int]:
-    """Prefill lengths; by default powers of two from 32 up to the largest position bucket."""
+    """Prefill lengths; by default powers of two from 16 up to the largest position bucket."""
     buckets = parse(positions[-1] if estimate is None else estimate, "context_length_estimate", MIN_CONTEXT_BUCKET)
     if buckets[-1] > positions[-1]:
         raise ConfigError(

@@ -40,7 +40,7 @@ class RuntimeConfig:
 
     batch_size: int = 1
     n_positions: tuple[int, ...] = (128, 256, 512, 1024)
-    context_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+    context_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
     amp: str = "f32"
     backend: str = "cpu"
     prompt_batch_size: int = 1
