@@ -454,6 +454,7 @@ def print_report(result: dict[str, Any]) -> None:
         run = result["nx_bench"]["runs"][0]
         print(f"\nnx bench (fresh process, default buckets {run['n_positions']} / {run['context_buckets']}): "
               f"cold compile {run['compile_s']:.1f} s for {run['n_programs']} programs, load {run['load_s']:.1f} s, "
+              f"warm-up (first call of each) {run.get('warmup_s', float('nan')):.1f} s, "
               f"peak RSS {run['peak_rss_bytes'] / 1e6:.0f} MB = {run['peak_rss_ratio']:.2f}x weights+KV "
               f"(growth from {(run['rss_before_load_bytes'] or 0) / 1e6:.0f} MB before loading: "
               f"{run['peak_rss_growth_ratio'] or float('nan'):.2f}x)")

@@ -22,6 +22,7 @@ import nx
 from nx import artifacts, decoder, dump, xla_options
 from nx.cli import main
 from nx.generation import SamplingParams
+from nx.model import NxModel
 from tests.cases.llama import CASES
 from tests.conftest import char_tokenizer, hf_greedy, left_padded
 
@@ -137,6 +138,23 @@ def test_bf16_artifact_round_trips_in_process(ckpt, tmp_path):
     back = nx.load(tmp_path / "bf16")
     assert back.params["layers"][0]["qkv"]["w"].dtype == jax.numpy.bfloat16
     assert torch.equal(back.generate(PROMPT, max_new_tokens=8, eos_token_id=[]), ref)
+
+
+def test_warmup_runs_each_saved_program_once_and_changes_no_result(saved, monkeypatch):
+    _, ref, out = saved
+    ran = []
+    real_call = NxModel._call
+
+    def spy(self, run, tokens, window, *args, **kwargs):
+        ran.append((*tokens.shape, window))
+        return real_call(self, run, tokens, window, *args, **kwargs)
+
+    monkeypatch.setattr(NxModel, "_call", spy)
+    model = nx.load(out, warmup=True, progress=False)
+    shapes = model.program_shapes()
+    assert sorted(ran) == sorted((rows, n, window) for rows, n, window, _ in shapes)
+    assert sorted(model._executables) == sorted(shapes)  # the artifact's programs: nothing compiled
+    assert model.generate(PROMPT, max_new_tokens=20, eos_token_id=[]).tolist() == ref
 
 
 def test_load_options_must_match_the_artifact(saved):

@@ -19,7 +19,7 @@ PROMPTS = [8, 40]  # 40 > the largest prompt bucket (32): exercises chunked pref
 NEW = 6
 
 RUN_KEYS = {
-    "batch_size", "n_positions", "context_buckets", "n_programs", "load_s", "compile_s", "weight_bytes",
+    "batch_size", "n_positions", "context_buckets", "n_programs", "load_s", "compile_s", "warmup_s", "weight_bytes",
     "kv_cache_bytes", "peak_rss_bytes", "peak_rss_reset", "rss_before_load_bytes", "peak_rss_ratio",
     "peak_rss_growth_ratio", "prompts", "save_s", "artifact_bytes", "cached_load_s", "cached_first_token_s",
 }
@@ -60,7 +60,7 @@ def test_figures_are_positive_and_consistent(report, saved_case):
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     for run in report["runs"]:
         b = run["batch_size"]
-        for key in ("load_s", "compile_s", "peak_rss_bytes", "peak_rss_ratio", "save_s", "cached_load_s",
+        for key in ("load_s", "compile_s", "warmup_s", "peak_rss_bytes", "peak_rss_ratio", "save_s", "cached_load_s",
                     "cached_first_token_s"):
             assert run[key] > 0, key
         # f32 weights: 4 bytes per HF parameter (tied or fused layouts change names, not bytes)

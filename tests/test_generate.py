@@ -8,7 +8,7 @@ import torch
 
 import nx
 from tests.cases.llama import CASES
-from tests.conftest import left_padded
+from tests.conftest import assert_same_greedy, left_padded
 
 CASE = CASES[0]
 
@@ -23,6 +23,16 @@ def pair(saved_case):
 def _hf(hf, ids, mask, new, eos):
     with torch.no_grad():
         return hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0)
+
+
+def test_warmup_compiles_every_program_and_changes_no_result(saved_case):
+    """Warm-up leaves placeholder keys and values in the cache; greedy tokens must still be HF's."""
+    hf, path = saved_case(CASE)
+    model = nx.load("llama", path, batch_size=2, n_positions=[32, 64], context_length_estimate=[8, 16],
+                    compile=False, warmup=True, progress=False)
+    assert sorted(model._executables) == sorted(model.program_shapes())
+    ids, mask = left_padded([7, 4], CASE.vocab, seed=10)
+    assert_same_greedy(hf, model, ids, mask, 20)
 
 
 def test_eos_stops_each_row_and_pads_like_hf(pair):

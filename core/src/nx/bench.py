@@ -2,12 +2,13 @@
 memory-bandwidth bound.
 
 For each batch size the model is loaded (``compile=False``), its default programs are compiled
-and timed (cold compile), then for each prompt length a prompt of random token ids is generated
-greedily for exactly `new_tokens` tokens (EOS is banned through ``min_new_tokens``, so every run
-does the same work). `NxModel.stream` yields each step's tokens once they reach the host; the
-timestamps give time to first token (prefill + first token), the per-step decode latencies and
-the aggregate decode rate. Random ids mean no tokenizer is needed: the programs do the same work
-whatever the ids are.
+and timed (cold compile), each is run once and timed (`NxModel.warmup`: XLA's first-call setup,
+which a server pays at load with ``warmup=True`` or else on its first requests), then for each
+prompt length a prompt of random token ids is generated greedily for exactly `new_tokens` tokens
+(EOS is banned through ``min_new_tokens``, so every run does the same work). `NxModel.stream`
+yields each step's tokens once they reach the host; the timestamps give time to first token
+(prefill + first token), the per-step decode latencies and the aggregate decode rate. Random ids
+mean no tokenizer is needed: the programs do the same work whatever the ids are.
 
 Bytes per decode step are the parameter bytes (every leaf of the parameter tree; a decode step
 reads every weight once for the whole batch, except that an untied embedding table is only
@@ -299,6 +300,9 @@ def run(
         t0 = time.perf_counter()
         model.compile(progress)
         compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.warmup(progress)
+        warmup_s = time.perf_counter() - t0
         say(f"batch {b}: measuring prompt lengths {list(prompt_lengths)} x {new_tokens} new tokens")
         prompts = bench_model(model, prompt_lengths, new_tokens, seed)
         weights, cache = tree_nbytes(model.params), tree_nbytes(model.caches)
@@ -310,6 +314,7 @@ def run(
             "n_programs": len(shapes),
             "load_s": load_s,
             "compile_s": compile_s,
+            "warmup_s": warmup_s,
             "weight_bytes": weights,
             "kv_cache_bytes": cache,
             "peak_rss_bytes": peak,
@@ -364,7 +369,8 @@ def format_table(result: dict[str, Any]) -> str:
         if r["rss_before_load_bytes"] is not None:
             rss += f"; {r['rss_before_load_bytes'] / mb:.0f} MB before loading, growth {r['peak_rss_growth_ratio']:.2f}x"
         lines.append(
-            f"\nbatch {r['batch_size']}: load {r['load_s']:.2f} s, cold compile {r['compile_s']:.2f} s "
+            f"\nbatch {r['batch_size']}: load {r['load_s']:.2f} s, cold compile {r['compile_s']:.2f} s, "
+            f"first call of each program (warm-up) {r['warmup_s']:.2f} s "
             f"({r['n_programs']} programs; positions {r['n_positions']}, prompts {r['context_buckets']}), "
             f"weights {r['weight_bytes'] / mb:.1f} MB, KV cache {r['kv_cache_bytes'] / mb:.1f} MB, {rss})"
         )

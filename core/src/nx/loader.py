@@ -33,6 +33,7 @@ def load(
     device_memory: int | None = None,
     quant: Any = None,
     compile: bool = True,
+    warmup: bool = False,
     progress: bool | None = None,
     registry: Registry | None = None,
 ) -> NxModel:
@@ -44,7 +45,9 @@ def load(
     position and prompt buckets (an int means powers of two up to it); longer prompts are encoded
     in chunks of the largest prompt bucket. `prompt_batch_size` < `batch_size` encodes each prompt
     once and broadcasts it to ``batch_size // prompt_batch_size`` output rows. With ``compile=False``
-    each program compiles on first use instead of now.
+    each program compiles on first use instead of now. ``warmup=True`` also runs each program once
+    (`NxModel.warmup`), so the first requests do not pay XLA's first-call setup (~0.5 s per prompt
+    bucket on CPU).
 
     `tp_degree` shards weights and KV cache over that many devices (on CPU nx creates the host
     devices itself if jax has not started yet); `devices` picks device ids (e.g. to run several
@@ -64,12 +67,13 @@ def load(
     """
     if artifacts.is_artifact(family_or_path if path is None else path):  # a saved compiled model
         options = {k: v for k, v in locals().items() if k not in ("family_or_path", "path", "registry")}
-        return artifacts.load(
+        model = artifacts.load(
             family_or_path if path is None else path,
             family=None if path is None else str(family_or_path),
             options=options,
             registry=registry,
         )
+        return model.warmup(progress) if warmup else model
     registry = registry or default_registry()
     config = RuntimeConfig.build(
         batch_size, n_positions, context_length_estimate, amp, backend, prompt_batch_size, tp_degree, devices, unroll
@@ -95,7 +99,9 @@ def load(
     hf_config, tokenizer_loader = ckpt.config, ckpt.tokenizer_loader()
     del ckpt  # let the checkpoint and its open files go before the weights are placed
     model = NxModel(family, spec, params, config, hf_config, tokenizer_loader, quant=quant)
-    return model.compile(progress) if compile else model
+    if compile:
+        model.compile(progress)
+    return model.warmup(progress) if warmup else model
 
 
 def ensure_cpu_devices(config: RuntimeConfig) -> None:

@@ -287,6 +287,24 @@ class NxModel:
             self.executable(*shape)
         return self
 
+    def warmup(self, progress: bool | None = None) -> NxModel:
+        """Run every program `compile()` builds once on placeholder tokens (compiling any not yet
+        compiled), so that the first requests do not pay the programs' first-call setup.
+
+        XLA:CPU prepares each of a program's YNNPACK matmuls on its first call: on SmolLM2-135M a
+        128-token prefill takes ~0.6 s the first time and ~0.14 s after, a decode step ~70 then 26
+        ms. The placeholder keys and values this leaves in the KV cache are never read: a request
+        writes every cache slot it attends to before attending.
+        """
+        pb = self.config.prompt_batch_size
+        run = self._new_run(np.zeros((pb, 1), np.int64), np.zeros(pb, np.int64), SamplingParams())
+        shapes = self.program_shapes()
+        for rows, n, window, _ in track(shapes, f"warming up {len(shapes)} programs", total=len(shapes), enabled=progress):
+            pad = self._put(np.zeros(rows, np.int32))
+            tokens, _, _ = self._call(run, np.zeros((rows, n), np.int32), window, 0, pad, n - 1)
+            jax.block_until_ready(tokens)
+        return self
+
     # ---- one batch, step by step -------------------------------------------------------------
     def _call(self, run: _Run, tokens, window: int, slot: int, pad, last: int, suppress=None):
         rows, n = tokens.shape
