@@ -17,10 +17,13 @@ padding and the future.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
 NEG_INF = -1e30  # finite, so fully masked rows of padding stay NaN-free
+QUERY_BLOCK = 256  # longer prompts attend in blocks of this many query tokens (bounds the scores)
 
 
 def cache_shapes(batch: int, positions: int, kv_heads: int, head_dim: int) -> tuple[tuple, tuple]:
@@ -83,7 +86,24 @@ def attend(
 
     Query head ``h`` reads kv head ``h // (H // kvh)``. `bias` (ALiBi) is ``[B, H, W]``. Returns
     ``[B, T, H * d]``. Softmax runs in f32.
+
+    A prompt of more than `QUERY_BLOCK` tokens (a multiple of it) attends one block of queries at
+    a time (a loop in the program), so its f32 scores take ``H * QUERY_BLOCK * W`` floats per row,
+    not ``H * T * W``: 8192 tokens of 32 heads would need 8.6 GB at once.
     """
+    b, t = q.shape[:2]
+    if t <= QUERY_BLOCK or t % QUERY_BLOCK:
+        return _attend(q, k_cache, v_cache, mask, scale, bias)
+
+    def block(i: jnp.ndarray) -> jnp.ndarray:
+        rows = functools.partial(lax.dynamic_slice_in_dim, start_index=i * QUERY_BLOCK, slice_size=QUERY_BLOCK, axis=1)
+        return _attend(rows(q), k_cache, v_cache, rows(mask), scale, bias)
+
+    out = lax.map(block, jnp.arange(t // QUERY_BLOCK, dtype=jnp.int32))  # [blocks, B, QUERY_BLOCK, H * d]
+    return out.swapaxes(0, 1).reshape(b, t, -1)
+
+
+def _attend(q, k_cache, v_cache, mask, scale, bias):
     b, t, h, d = q.shape
     rows, _, w = k_cache.shape
     kvh = rows // b

@@ -1,0 +1,37 @@
+"""Long prompts attend in blocks of `QUERY_BLOCK` queries: the same logits and greedy tokens as HF
+(tested with a tiny block so the tiny models take the blocked path), and a smaller program."""
+
+from __future__ import annotations
+
+import pytest
+
+import nx
+from nx.ops import attention
+from tests.cases.bloom import CASES as BLOOM
+from tests.cases.llama import CASES as LLAMA
+from tests.conftest import assert_close_logits, assert_same_greedy, left_padded
+
+BUCKETS = dict(n_positions=[32, 64], context_length_estimate=[8, 16], progress=False)
+
+
+@pytest.mark.parametrize("case", [LLAMA[0], BLOOM[0]], ids=str)
+def test_blocked_attention_matches_hf(case, saved_case, monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 4)  # 8- and 16-token prompts: 2 and 4 blocks
+    hf, path = saved_case(case)
+    model = nx.load(case.family, path, batch_size=2, **BUCKETS)
+    ids, mask = left_padded([13, 6], case.vocab, seed=5)
+    assert_close_logits(hf, model, ids, mask)
+    assert_same_greedy(hf, model, ids, mask, 12)
+
+
+def test_blocks_bound_the_scores_memory(saved_case, monkeypatch):
+    _, path = saved_case(LLAMA[0])
+
+    def temp_bytes(block: int) -> int:
+        monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+        model = nx.load("llama", path, n_positions=[256], context_length_estimate=[256], compile=False, progress=False)
+        return model.lower(1, 256, 256).compile().memory_analysis().temp_size_in_bytes
+
+    whole, blocked = temp_bytes(256), temp_bytes(32)
+    heads = 4  # LLAMA[0]: f32 scores of 4 heads x 256 queries x 256 keys are 1 MB whole, 128 KB per block
+    assert whole - blocked >= heads * (256 - 32) * 256 * 4
