@@ -1,5 +1,6 @@
-"""Long prompts attend in blocks of `QUERY_BLOCK` queries: the same logits and greedy tokens as HF
-(tested with a tiny block so the tiny models take the blocked path), and a smaller program."""
+"""Long prompts attend in blocks of `QUERY_BLOCK` queries, each over the keys it can see: the same
+logits and greedy tokens as HF (tested with a tiny block so the tiny models take the blocked path,
+also for prompt chunks written after earlier ones), and a smaller temp arena."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from tests.conftest import assert_close_logits, assert_same_greedy, left_padded
 BUCKETS = dict(n_positions=[32, 64], context_length_estimate=[8, 16], progress=False)
 
 
+@pytest.mark.parametrize("lengths", [[13, 6], [29, 9]], ids=["one-chunk", "two-chunks"])
 @pytest.mark.parametrize("case", [LLAMA[0], BLOOM[0]], ids=str)
-def test_blocked_attention_matches_hf(case, saved_case, monkeypatch):
-    monkeypatch.setattr(attention, "QUERY_BLOCK", 4)  # 8- and 16-token prompts: 2 and 4 blocks
+def test_blocked_attention_matches_hf(case, lengths, saved_case, monkeypatch):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 4)  # 8- and 16-token prompt buckets: 2 and 4 blocks
     hf, path = saved_case(case)
     model = nx.load(case.family, path, batch_size=2, **BUCKETS)
-    ids, mask = left_padded([13, 6], case.vocab, seed=5)
+    ids, mask = left_padded(lengths, case.vocab, seed=5)  # 29 tokens: a 16-token chunk, then 16 more at slot 16
     assert_close_logits(hf, model, ids, mask)
     assert_same_greedy(hf, model, ids, mask, 12)
 
