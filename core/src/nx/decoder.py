@@ -140,7 +140,8 @@ def step(
             new_caches.append(cache)
     else:  # stacked weights and caches of blocks of `unroll` layers (see nx.scan)
         x, new_caches = scan.run_layers(lambda p, y, c: layer(spec, p, y, c, ctx), params["layers"], caches, x)
-    x = _select(x, inp.last if x.shape[1] > 1 else None)[:, 0]  # [B, hidden]: one token per row reaches the lm head
+    # [B, hidden]: one token per row reaches the lm head (the unrolled last layer kept only that one)
+    x = x[:, 0] if unroll is None else jnp.take(x, inp.last, axis=1)
     if spec.final_norm:
         x = ops.norm(spec.norm, x, params["final_norm"], spec.norm_eps)
     if spec.project_dim:
