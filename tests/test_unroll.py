@@ -93,3 +93,23 @@ def test_stack_and_unstack_are_inverse():
     assert [float(b["w"][0, 0, 0]) for b in blocks] == [0.0, 1.0]  # block 0 = layers 0, 1
     back = scan.unstack(blocks)
     assert [float(x["b"][0]) for x in back] == [0, -1, -2, -3, -4, -5]
+    assert layers == []  # consumed: the per-layer arrays are not kept next to the stacked ones
+
+
+def test_stack_holds_one_layer_tensor_extra_not_a_second_model():
+    import tracemalloc
+
+    mb = 1 << 20
+    model = 12 * 3 * mb
+    tracemalloc.start()  # numpy reports its data buffers to tracemalloc (made from here on)
+    try:
+        layers = [{"w": np.full((mb // 4,), i, np.float32), "u": np.ones((2 * mb // 4,), np.float32)} for i in range(12)]
+        base = tracemalloc.get_traced_memory()[0]
+        blocks = scan.stack(layers, 3)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert [float(b["w"][1, 0]) for b in blocks] == [3.0, 4.0, 5.0]  # block 1 = layers 3, 4, 5
+    # np.stack would grow by the whole model (the layers stay alive until it returns); consuming
+    # them grows by one stacked tensor (here 4 layers x 2 MB) before the layers' copies are freed
+    assert peak <= 9 * mb < model, f"stacking grew {peak / mb:.1f} MB over the {model / mb:.0f} MB of layers"

@@ -36,10 +36,26 @@ def block_size(n_layers: int, unroll: int | None) -> int | None:
 
 def stack(layers: list[Any], k: int) -> list[Any]:
     """`k` host (numpy) trees: tree ``j`` stacks layers ``j, j + k, j + 2k, ...`` (block ``i`` =
-    layers ``i*k .. i*k+k-1``)."""
+    layers ``i*k .. i*k+k-1``).
+
+    Consumes `layers` (the list is emptied and each layer's array is released once copied), so the
+    host holds the stacked model plus one layer's tensor, not two copies of every layer weight.
+    """
     import numpy as np
 
-    return [jax.tree.map(lambda *xs: np.stack(xs), *layers[j::k]) for j in range(k)]
+    flat = [jax.tree.flatten(layer) for layer in layers]
+    layers.clear()  # from here `flat` holds the only references to the per-layer arrays
+    blocks = []
+    for j in range(k):
+        rows = [leaves for leaves, _ in flat[j::k]]
+        stacked = []
+        for i, first in enumerate(rows[0]):
+            out = np.empty((len(rows), *np.shape(first)), np.asarray(first).dtype)
+            for n, leaves in enumerate(rows):
+                out[n], leaves[i] = leaves[i], None
+            stacked.append(out)
+        blocks.append(flat[j][1].unflatten(stacked))
+    return blocks
 
 
 def unstack(blocks: list[Any]) -> list[Any]:
