@@ -104,11 +104,12 @@ def render(data: dict, note: str | None) -> str:
         run = bench["runs"][0]
         p = run["prompts"][0]
         warm = f", first call of each program (`warmup`) {run['warmup_s']:.1f} s" if "warmup_s" in run else ""
+        threads = f" ({run['compile_workers']} threads)" if "compile_workers" in run else ""
         out += [
             "### nx bench (fresh process, batch 1, default buckets)",
             "",
             f"Position buckets {run['n_positions']}, prompt buckets {run['context_buckets']} "
-            f"({run['n_programs']} programs): load {run['load_s']:.1f} s, cold compile {run['compile_s']:.1f} s{warm}; "
+            f"({run['n_programs']} programs): load {run['load_s']:.1f} s, cold compile {run['compile_s']:.1f} s{threads}{warm}; "
             f"weights {run['weight_bytes'] / 1e6:.0f} MB + KV cache {run['kv_cache_bytes'] / 1e6:.0f} MB, peak RSS "
             f"{run['peak_rss_bytes'] / 1e6:.0f} MB ({run['peak_rss_ratio']:.2f}x; the whole process, Python and "
             f"jax included: it held {(run.get('rss_before_load_bytes') or 0) / 1e6:.0f} MB before loading, growth "

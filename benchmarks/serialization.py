@@ -24,12 +24,11 @@ FIRST = """
 import json, sys, time
 t0 = time.perf_counter()
 import nx
-from nx import artifacts
 t_import = time.perf_counter()
 model = nx.load("llama", {gguf!r}, n_positions={pos!r}, context_length_estimate={ctx!r}, quant={quant!r},
                 compile=False, progress=False)
 t_read = time.perf_counter()
-artifacts.compile_programs(model, model.program_shapes(), workers={workers})
+model.compile(False, workers={workers})
 t_compile = time.perf_counter()
 model.save({out!r})
 t_save = time.perf_counter()

@@ -35,6 +35,31 @@ def test_warmup_compiles_every_program_and_changes_no_result(saved_case):
     assert_same_greedy(hf, model, ids, mask, 20)
 
 
+def test_parallel_compile_builds_each_program_once_on_several_threads(saved_case, monkeypatch):
+    import threading
+
+    from nx.model import NxModel
+
+    hf, path = saved_case(CASE)
+    model = nx.load("llama", path, batch_size=2, n_positions=[32, 64], context_length_estimate=[8, 16],
+                    compile=False, progress=False)
+    built, real = [], NxModel.executable
+
+    def spy(self, *key):
+        built.append((key, threading.get_ident()))
+        return real(self, *key)
+
+    monkeypatch.setattr(NxModel, "executable", spy)
+    model.compile(workers=2)
+    keys = [k for k, _ in built]
+    assert sorted(keys) == sorted(model.program_shapes()) == sorted(model._executables)  # each once
+    assert len({thread for _, thread in built}) == 2
+    model.compile(workers=2)  # nothing left to build
+    assert len(built) == len(keys)
+    ids, mask = left_padded([7, 4], CASE.vocab, seed=13)
+    assert_same_greedy(hf, model, ids, mask, 12)
+
+
 def test_eos_stops_each_row_and_pads_like_hf(pair):
     hf, model = pair
     ids, mask = left_padded([7, 4], CASE.vocab, seed=11)

@@ -25,7 +25,6 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -245,10 +244,11 @@ def _jsonable(x: Any) -> Any:
 
 
 def save(model: Any, directory: str | os.PathLike, *, sampling: bool = False, progress: bool | None = None,
-         workers: int = 1) -> Path:
+         workers: int | None = None) -> Path:
     """Write `model` as a compiled artifact to `directory` (see the module docstring).
 
-    Every bucket's greedy program is compiled first if it is not yet (``sampling=True`` adds the
+    Every bucket's greedy program is compiled first (`workers` at a time, see `NxModel.compile`)
+    if it is not yet (``sampling=True`` adds the
     sampling variants so sampled generation needs no compile either); programs compiled on demand
     before (e.g. chunked prefill shapes) are saved too. Returns the directory.
     """
@@ -265,7 +265,7 @@ def save(model: Any, directory: str | os.PathLike, *, sampling: bool = False, pr
     shapes = list(model.program_shapes())
     if sampling:
         shapes += [(r, t, w, True) for r, t, w, _ in shapes]
-    compile_programs(model, shapes, workers=workers, progress=progress)
+    model.compile(progress, workers=workers, shapes=shapes)
     (out / PROGRAMS).mkdir(parents=True, exist_ok=True)
     for old in (out / PROGRAMS).glob("*.xla"):
         old.unlink()
@@ -311,43 +311,6 @@ def save(model: Any, directory: str | os.PathLike, *, sampling: bool = False, pr
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return out
-
-
-def compile_programs(model: Any, shapes: list[tuple[int, int, int, bool]], *, workers: int = 1,
-                     progress: bool | None = None, on_done: Callable[[tuple], None] | None = None) -> None:
-    """Compile the programs of `shapes` that are not compiled yet, `workers` at a time (threads:
-    tracing holds the GIL but XLA's compilation runs outside it), with a progress bar."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    from nx.progress import should_show
-
-    todo = [s for s in dict.fromkeys(shapes) if s not in model._executables]
-    if not todo:
-        return
-
-    def build(shape):
-        model.executable(*shape)  # distinct keys per thread: the dict writes do not race
-        return shape
-
-    bar = None
-    if should_show(progress):
-        from rich.console import Console
-        from rich.progress import Progress
-
-        bar = Progress(console=Console(stderr=True))
-        bar.start()
-        task = bar.add_task(f"compiling {len(todo)} programs", total=len(todo))
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for fut in as_completed([pool.submit(build, s) for s in todo]):
-                shape = fut.result()
-                if bar is not None:
-                    bar.advance(task)
-                if on_done is not None:
-                    on_done(shape)
-    finally:
-        if bar is not None:
-            bar.stop()
 
 
 # ---- load ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 memory-bandwidth bound.
 
 For each batch size the model is loaded (``compile=False``), its default programs are compiled
-and timed (cold compile), each is run once and timed (`NxModel.warmup`: XLA's first-call setup,
+and timed (cold compile, in `NxModel.compile`'s default parallel threads), each is run once and timed (`NxModel.warmup`: XLA's first-call setup,
 which a server pays at load with ``warmup=True`` or else on its first requests), then for each
 prompt length a prompt of random token ids is generated greedily for exactly `new_tokens` tokens
 (EOS is banned through ``min_new_tokens``, so every run does the same work). `NxModel.stream`
@@ -252,6 +252,7 @@ def run(
     loaded back: save time, load time from the artifact and its first token are reported.
     """
     import nx
+    from nx.model import default_compile_workers
 
     if not batch_sizes or not prompt_lengths:
         raise ConfigError("give at least one batch size and one prompt length")
@@ -297,8 +298,9 @@ def run(
         load_s = time.perf_counter() - t0
         shapes = model.program_shapes()
         say(f"batch {b}: compiling {len(shapes)} programs")
+        workers = default_compile_workers()
         t0 = time.perf_counter()
-        model.compile(progress)
+        model.compile(progress, workers=workers)
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         model.warmup(progress)
@@ -314,6 +316,7 @@ def run(
             "n_programs": len(shapes),
             "load_s": load_s,
             "compile_s": compile_s,
+            "compile_workers": workers,
             "warmup_s": warmup_s,
             "weight_bytes": weights,
             "kv_cache_bytes": cache,
@@ -369,7 +372,8 @@ def format_table(result: dict[str, Any]) -> str:
         if r["rss_before_load_bytes"] is not None:
             rss += f"; {r['rss_before_load_bytes'] / mb:.0f} MB before loading, growth {r['peak_rss_growth_ratio']:.2f}x"
         lines.append(
-            f"\nbatch {r['batch_size']}: load {r['load_s']:.2f} s, cold compile {r['compile_s']:.2f} s, "
+            f"\nbatch {r['batch_size']}: load {r['load_s']:.2f} s, cold compile {r['compile_s']:.2f} s "
+            f"({r.get('compile_workers', 1)} threads), "
             f"first call of each program (warm-up) {r['warmup_s']:.2f} s "
             f"({r['n_programs']} programs; positions {r['n_positions']}, prompts {r['context_buckets']}), "
             f"weights {r['weight_bytes'] / mb:.1f} MB, KV cache {r['kv_cache_bytes'] / mb:.1f} MB, {rss})"

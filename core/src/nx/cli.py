@@ -312,12 +312,12 @@ def compile_cmd(
 
     ``nx generate DIR`` (or ``nx.load(DIR)``) then starts without the checkpoint and without compiling.
     """
-    import os
     import time
     from pathlib import Path
 
     import nx
     from nx import artifacts
+    from nx.model import default_compile_workers
 
     qc = _quant_config(quant, dequant_dtype, no_quantize)
     t0 = time.perf_counter()
@@ -338,7 +338,7 @@ def compile_cmd(
     if dump_hlo:
         model.dump_to = dump_hlo
     t1 = time.perf_counter()
-    n_workers = workers or min(4, os.cpu_count() or 1)
+    n_workers = workers or default_compile_workers()
     artifacts.save(model, out, sampling=sampling, workers=n_workers)
     t2 = time.perf_counter()
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())

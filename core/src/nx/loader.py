@@ -44,8 +44,9 @@ def load(
     or pytorch_model.bin) or a ``.gguf`` file. `n_positions` and `context_length_estimate` are the
     position and prompt buckets (an int means powers of two up to it); longer prompts are encoded
     in chunks of the largest prompt bucket. `prompt_batch_size` < `batch_size` encodes each prompt
-    once and broadcasts it to ``batch_size // prompt_batch_size`` output rows. With ``compile=False``
-    each program compiles on first use instead of now. ``warmup=True`` also runs each program once
+    once and broadcasts it to ``batch_size // prompt_batch_size`` output rows. Every bucket's program
+    compiles now, in parallel threads (`NxModel.compile`); with ``compile=False`` each compiles on
+    first use instead. ``warmup=True`` also runs each program once
     (`NxModel.warmup`), so the first requests do not pay XLA's first-call setup (~0.5 s per prompt
     bucket on CPU).
 
