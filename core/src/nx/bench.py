@@ -252,7 +252,6 @@ def run(
     loaded back: save time, load time from the artifact and its first token are reported.
     """
     import nx
-    from nx.model import default_compile_workers
 
     if not batch_sizes or not prompt_lengths:
         raise ConfigError("give at least one batch size and one prompt length")
@@ -296,6 +295,8 @@ def run(
             **load_options,
         )
         load_s = time.perf_counter() - t0
+        from nx.model import default_compile_workers  # imported by now: not before, to keep rss_before lean
+
         shapes = model.program_shapes()
         say(f"batch {b}: compiling {len(shapes)} programs")
         workers = default_compile_workers()
