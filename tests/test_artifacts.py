@@ -180,6 +180,13 @@ def test_corrupt_or_truncated_file_is_an_artifact_error(copy, target):
         nx.load(copy)
 
 
+def test_undeserializable_program_is_an_artifact_error_from_the_loading_threads(copy):
+    f = copy / "programs" / "decode_b1_w64.xla"
+    f.write_bytes(f.read_bytes()[:1000])  # checksums skipped: XLA itself must reject it
+    with pytest.raises(nx.ArtifactError, match="cannot load the compiled program programs/decode_b1_w64.xla"):
+        artifacts.load(copy, verify=False)
+
+
 def test_missing_file_is_an_artifact_error(copy):
     (copy / "programs" / "decode_b1_w64.xla").unlink()
     with pytest.raises(nx.ArtifactError, match="missing"):

@@ -423,10 +423,15 @@ def load(
 
 
 def _load_programs(model: Any, programs: list[dict], path: Path) -> None:
+    """Deserialize the saved programs into `model`, several at a time (threads: XLA loads outside
+    the GIL; SmolLM2's 11 programs 2.5 -> 1.6 s on 2 cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import jax
     from jax.experimental import serialize_executable
 
     from nx.decoder import StepInputs
+    from nx.model import default_compile_workers
     from nx.sampling import SamplingInputs
 
     devices = list(model.mesh.devices.flat)
@@ -434,7 +439,8 @@ def _load_programs(model: Any, programs: list[dict], path: Path) -> None:
     in_tree = jax.tree.structure(
         ((model.params, model.caches, StepInputs(*[0] * 4), SamplingInputs(*[0] * len(SamplingInputs._fields))), {})
     )
-    for prog in programs:
+
+    def load(prog: dict) -> tuple[tuple[int, int, int, bool], Any]:
         key = (int(prog["rows"]), int(prog["tokens"]), int(prog["window"]), bool(prog["sample"]))
         blob = (path / prog["file"]).read_bytes()
         try:
@@ -445,4 +451,7 @@ def _load_programs(model: Any, programs: list[dict], path: Path) -> None:
             raise ArtifactError(
                 f"cannot load the compiled program {prog['file']} of {str(path)!r}: {exc}; recompile the artifact"
             ) from exc
-        model._executables[key] = exe
+        return key, exe
+
+    with ThreadPoolExecutor(max_workers=default_compile_workers()) as pool:
+        model._executables.update(pool.map(load, programs))
