@@ -248,9 +248,9 @@ def save(model: Any, directory: str | os.PathLike, *, sampling: bool = False, pr
     """Write `model` as a compiled artifact to `directory` (see the module docstring).
 
     Every bucket's greedy program is compiled first (`workers` at a time, see `NxModel.compile`)
-    if it is not yet (``sampling=True`` adds the
-    sampling variants so sampled generation needs no compile either); programs compiled on demand
-    before (e.g. chunked prefill shapes) are saved too. Returns the directory.
+    if it is not yet (``sampling=True`` adds the sampling variants so sampled generation needs no
+    compile either); programs compiled on demand before (e.g. chunked prefill shapes) are saved
+    too. Returns the directory.
     """
     import jax
     from jax.experimental import serialize_executable
@@ -431,8 +431,8 @@ def _load_programs(model: Any, programs: list[dict], path: Path) -> None:
     from jax.experimental import serialize_executable
 
     from nx.decoder import StepInputs
-    from nx.model import default_compile_workers
     from nx.sampling import SamplingInputs
+    from nx.xla_options import default_workers
 
     devices = list(model.mesh.devices.flat)
     out_tree = jax.tree.structure((0, 0, [(0, 0)] * len(model.caches), 0))
@@ -453,5 +453,5 @@ def _load_programs(model: Any, programs: list[dict], path: Path) -> None:
             ) from exc
         return key, exe
 
-    with ThreadPoolExecutor(max_workers=default_compile_workers()) as pool:
+    with ThreadPoolExecutor(max_workers=default_workers()) as pool:
         model._executables.update(pool.map(load, programs))

@@ -2,8 +2,9 @@
 memory-bandwidth bound.
 
 For each batch size the model is loaded (``compile=False``), its default programs are compiled
-and timed (cold compile, in `NxModel.compile`'s default parallel threads), each is run once and timed (`NxModel.warmup`: XLA's first-call setup,
-which a server pays at load with ``warmup=True`` or else on its first requests), then for each
+and timed (cold compile, on `NxModel.compile`'s default threads), each is run once and timed
+(`NxModel.warmup`: XLA's first-call setup, which a server pays at load with ``warmup=True`` or
+else on its first requests), then for each
 prompt length a prompt of random token ids is generated greedily for exactly `new_tokens` tokens
 (EOS is banned through ``min_new_tokens``, so every run does the same work). `NxModel.stream`
 yields each step's tokens once they reach the host; the timestamps give time to first token
@@ -44,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from nx import buckets
+from nx import buckets, xla_options
 from nx.errors import ConfigError, NxError
 
 DEFAULT_BATCH_SIZES = (1, 8)
@@ -295,11 +296,9 @@ def run(
             **load_options,
         )
         load_s = time.perf_counter() - t0
-        from nx.model import default_compile_workers  # imported by now: not before, to keep rss_before lean
-
         shapes = model.program_shapes()
         say(f"batch {b}: compiling {len(shapes)} programs")
-        workers = default_compile_workers()
+        workers = xla_options.default_workers()
         t0 = time.perf_counter()
         model.compile(progress, workers=workers)
         compile_s = time.perf_counter() - t0

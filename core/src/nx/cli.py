@@ -317,7 +317,7 @@ def compile_cmd(
 
     import nx
     from nx import artifacts
-    from nx.model import default_compile_workers
+    from nx.xla_options import default_workers
 
     qc = _quant_config(quant, dequant_dtype, no_quantize)
     t0 = time.perf_counter()
@@ -338,7 +338,7 @@ def compile_cmd(
     if dump_hlo:
         model.dump_to = dump_hlo
     t1 = time.perf_counter()
-    n_workers = workers or default_compile_workers()
+    n_workers = workers or default_workers()
     artifacts.save(model, out, sampling=sampling, workers=n_workers)
     t2 = time.perf_counter()
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())

@@ -292,7 +292,7 @@ class NxModel:
 
         Threads help because XLA compiles outside the GIL: SmolLM2's 11 default programs take
         13.2 s with 2 workers against 17.5 s one at a time on 2 cores. `workers` defaults to
-        `default_compile_workers()`. Compiling leaves freed memory in the heap, which is then
+        `xla_options.default_workers()`. Compiling leaves freed memory in the heap, which is then
         handed back to the OS (~55 MB here, ~120 MB with 2 workers).
         """
         from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -301,7 +301,7 @@ class NxModel:
                 if s not in self._executables]
         if not todo:
             return self
-        with ThreadPoolExecutor(max_workers=max(1, workers or default_compile_workers())) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, workers or xla_options.default_workers())) as pool:
             done = as_completed([pool.submit(self.executable, *shape) for shape in todo])  # distinct keys
             for fut in track(done, f"compiling {len(todo)} programs", total=len(todo), enabled=progress):
                 fut.result()
@@ -615,11 +615,6 @@ class NxModel:
             f"batch_size={c.batch_size}, n_positions={list(c.n_positions)}, amp={c.amp!r}, backend={c.backend!r}, "
             f"tp_degree={c.tp_degree})"
         )
-
-
-def default_compile_workers() -> int:
-    """Programs compiled in parallel by default: one per CPU, at most 4."""
-    return min(4, os.cpu_count() or 1)
 
 
 def _take(tree: Any) -> Any:

@@ -13,6 +13,12 @@ import os
 VECTOR_WIDTH = "xla_cpu_prefer_vector_width"
 
 
+def default_workers() -> int:
+    """Threads nx compiles (or deserializes) programs on by default: one per CPU, at most 4. XLA
+    does that work outside the GIL, so the threads run side by side."""
+    return min(4, os.cpu_count() or 1)
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags of this machine (Linux ``/proc/cpuinfo``, read once; empty elsewhere)."""
