@@ -18,6 +18,8 @@ import sys
 import tempfile
 import textwrap
 
+os.environ["NX_CACHE_DIR"] = "off"  # compiles here are timed cold, never loaded from the compile cache
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 FIRST = """

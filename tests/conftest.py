@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Four host devices for the tensor-parallel tests; must be set before jax starts.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
+# Compiled programs go to a cache of this session's own, never the user's (~/.cache/nx); tests
+# that load the same tiny model again then run on programs from it, as users' second loads do.
+os.environ["NX_CACHE_DIR"] = tempfile.mkdtemp(prefix="nx-test-compile-cache-")
 
 import numpy as np
 import pytest
 import torch
 
 from tests.cases import Case
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_compile_cache():
+    path = os.environ["NX_CACHE_DIR"]
+    yield
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def hf_greedy(model, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ RUN_KEYS = {
     "batch_size", "n_positions", "context_buckets", "n_programs", "load_s", "compile_s", "warmup_s", "weight_bytes",
     "kv_cache_bytes", "peak_rss_bytes", "peak_rss_reset", "rss_before_load_bytes", "peak_rss_ratio",
     "peak_rss_growth_ratio", "prompts", "save_s", "artifact_bytes", "cached_load_s", "cached_first_token_s",
+    "compile_from_cache_s", "compile_cache_hits",
 }
 PROMPT_KEYS = {
     "prompt_tokens", "ttft_s", "new_tokens", "decode_steps", "decode_s", "decode_tokens_per_s", "latency_p50_ms",
@@ -48,6 +49,7 @@ def test_report_has_every_figure(report):
         assert set(run) >= RUN_KEYS
         assert run["n_positions"] == [64] and run["context_buckets"] == [16, 32]
         assert run["n_programs"] == 3
+        assert run["compile_cache_hits"] == 3  # the cold compile (into an empty cache) stored every program
         assert [p["prompt_tokens"] for p in run["prompts"]] == PROMPTS
         for p in run["prompts"]:
             assert set(p) >= PROMPT_KEYS
@@ -61,7 +63,7 @@ def test_figures_are_positive_and_consistent(report, saved_case):
     for run in report["runs"]:
         b = run["batch_size"]
         for key in ("load_s", "compile_s", "warmup_s", "peak_rss_bytes", "peak_rss_ratio", "save_s", "cached_load_s",
-                    "cached_first_token_s"):
+                    "cached_first_token_s", "compile_from_cache_s"):
             assert run[key] > 0, key
         # f32 weights: 4 bytes per HF parameter (tied or fused layouts change names, not bytes)
         assert run["weight_bytes"] == 4 * n_params

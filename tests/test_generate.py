@@ -42,7 +42,7 @@ def test_parallel_compile_builds_each_program_once_on_several_threads(saved_case
 
     hf, path = saved_case(CASE)
     model = nx.load("llama", path, batch_size=2, n_positions=[32, 64], context_length_estimate=[8, 16],
-                    compile=False, progress=False)
+                    compile=False, compile_cache=False, progress=False)  # XLA compiles, not the cache
     built, real = [], NxModel.executable
 
     def spy(self, *key):

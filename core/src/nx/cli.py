@@ -1,4 +1,4 @@
-"""The ``nx`` command line: ``nx list-models`` and ``nx generate``.
+"""The ``nx`` command line: ``nx list-models``, ``nx generate``, ``nx bench``, ``nx compile`` and ``nx cache``.
 
 Heavy libraries (jax, torch, transformers) are imported inside commands that need them, so
 ``nx list-models`` stays fast.
@@ -163,6 +163,9 @@ def generate(
     )
     load_s = time.perf_counter() - t0
     loaded = "load" if model.artifact_path else "load+compile"  # an artifact compiles nothing
+    cache = model.compile_cache
+    if cache is not None and cache.hits:
+        loaded += f" ({cache.hits} of {cache.hits + cache.misses} programs from the compile cache)"
     tok = model.tokenizer
     if tok is None:
         raise nx.CheckpointError("the checkpoint ships no tokenizer; nx generate needs one to encode --prompt")
@@ -274,6 +277,39 @@ def bench(
         **options,
     )
     click.echo(json.dumps(result, indent=2) if as_json else nx_bench.format_table(result))
+
+
+@main.group("cache", cls=_NxGroup)
+def cache_group() -> None:
+    """The on-disk cache of compiled programs (NX_CACHE_DIR, default ~/.cache/nx; NX_CACHE_DIR=off disables it)."""
+
+
+@cache_group.command("info")
+def cache_info() -> None:
+    """Show where the compile cache is, how many programs it holds and its size."""
+    from nx.compile_cache import ENV, CompileCache
+
+    cache = CompileCache.from_setting(True)
+    if cache is None:
+        click.echo(f"the compile cache is disabled ({ENV}=off)")
+        return
+    entries = cache.entries()
+    click.echo(
+        f"{cache.programs_dir}: {len(entries)} programs, {cache.size_bytes() / 2**20:.1f} MiB "
+        f"(limit {cache.max_bytes / 2**20:.0f} MiB)"
+    )
+
+
+@cache_group.command("clear")
+def cache_clear() -> None:
+    """Delete every cached program (they are compiled again when next needed)."""
+    from nx.compile_cache import ENV, CompileCache
+
+    cache = CompileCache.from_setting(True)
+    if cache is None:
+        click.echo(f"the compile cache is disabled ({ENV}=off); nothing to clear")
+        return
+    click.echo(f"removed {cache.clear()} programs from {cache.programs_dir}")
 
 
 @main.command("compile")

@@ -8,6 +8,7 @@ from typing import Any
 
 from nx import artifacts, distributed, memory, scan, sharding
 from nx.checkpoint import Checkpoint, TensorSource, open_checkpoint
+from nx.compile_cache import CompileCache
 from nx.errors import CheckpointError
 from nx.family import Family
 from nx.model import AMP_DTYPES, NxModel, RuntimeConfig, select_devices
@@ -33,6 +34,7 @@ def load(
     device_memory: int | None = None,
     quant: Any = None,
     compile: bool = True,
+    compile_cache: bool | str | os.PathLike = True,
     warmup: bool = False,
     progress: bool | None = None,
     registry: Registry | None = None,
@@ -46,9 +48,11 @@ def load(
     in chunks of the largest prompt bucket. `prompt_batch_size` < `batch_size` encodes each prompt
     once and broadcasts it to ``batch_size // prompt_batch_size`` output rows. Every bucket's program
     compiles now, in parallel threads (`NxModel.compile`); with ``compile=False`` each compiles on
-    first use instead. ``warmup=True`` also runs each program once
-    (`NxModel.warmup`), so the first requests do not pay XLA's first-call setup (~0.5 s per prompt
-    bucket on CPU).
+    first use instead. Compiled programs are kept in an on-disk cache and loaded from it when the
+    same program is needed again (`nx.compile_cache`: ``$NX_CACHE_DIR`` or ``~/.cache/nx``;
+    ``compile_cache`` False disables it, a path picks the directory). ``warmup=True`` also runs
+    each program once (`NxModel.warmup`), so the first requests do not pay XLA's first-call setup
+    (~0.5 s per prompt bucket on CPU).
 
     `tp_degree` shards weights and KV cache over that many devices (on CPU nx creates the host
     devices itself if jax has not started yet); `devices` picks device ids (e.g. to run several
@@ -74,6 +78,7 @@ def load(
             options=options,
             registry=registry,
         )
+        model.compile_cache = CompileCache.from_setting(compile_cache)  # for programs built on demand
         return model.warmup(progress) if warmup else model
     registry = registry or default_registry()
     config = RuntimeConfig.build(
@@ -100,6 +105,7 @@ def load(
     hf_config, tokenizer_loader = ckpt.config, ckpt.tokenizer_loader()
     del ckpt  # let the checkpoint and its open files go before the weights are placed
     model = NxModel(family, spec, params, config, hf_config, tokenizer_loader, quant=quant)
+    model.compile_cache = CompileCache.from_setting(compile_cache)
     if compile:
         model.compile(progress)
     return model.warmup(progress) if warmup else model

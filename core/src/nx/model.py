@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nx import buckets, decoder, dump, memory, ops, scan, sharding, xla_options
+from nx.compile_cache import CompileCache
 from nx.errors import BucketError, ConfigError, InputError
 from nx.family import Family
 from nx.generation import SamplingParams, hits_stop, normalize_stop
@@ -126,7 +127,12 @@ def _program(model: NxModel, window: int, sample: bool):
         tokens, seen = choose(logits, smp._replace(key=key), sample)
         return tokens, logits, caches, seen
 
-    return jax.jit(run, donate_argnums=(1,))
+    # Pinned output shardings: the caches come back exactly as they went in, so a program lowered
+    # after a run is the same program (on one device XLA would otherwise hand them back replicated,
+    # a different lowering and so a different compile-cache key).
+    rep, kv = model._replicated, NamedSharding(model.mesh, model.cache_spec)
+    out_shardings = (rep, rep, [(kv, kv)] * len(model.caches), rep)
+    return jax.jit(run, donate_argnums=(1,), out_shardings=out_shardings)
 
 
 @dataclass
@@ -199,6 +205,8 @@ class NxModel:
         self.artifact_path: Any = None
         #: Directory receiving each program's HLO (text and HloModuleProto) when it compiles.
         self.dump_to: str | None = os.environ.get(dump.ENV) or None
+        #: Where compiled programs are looked up and stored (`nx.compile_cache`); None compiles each.
+        self.compile_cache: CompileCache | None = CompileCache.from_setting(True)
 
     def _cast(self, a: np.ndarray):
         if is_quantized(a):  # int8 values and f32 scales stay as they are
@@ -277,7 +285,8 @@ class NxModel:
             options = xla_options.compiler_options(self.device.platform)
             if self.dump_to:
                 dump.dump_lowered(lowered, self.dump_to, dump.program_name(*key), options)
-            self._executables[key] = lowered.compile(options)
+            cache = self.compile_cache
+            self._executables[key] = lowered.compile(options) if cache is None else cache.compile(lowered, options, self)
         return self._executables[key]
 
     def compile(
@@ -292,8 +301,9 @@ class NxModel:
 
         Threads help because XLA compiles outside the GIL: SmolLM2's 11 default programs take
         13.2 s with 2 workers against 17.5 s one at a time on 2 cores. `workers` defaults to
-        `xla_options.default_workers()`. Compiling leaves freed memory in the heap, which is then
-        handed back to the OS (~55 MB here, ~120 MB with 2 workers).
+        `xla_options.default_workers()`. A program found in `compile_cache` is loaded instead of
+        compiled. Compiling leaves freed memory in the heap, which is then handed back to the OS
+        (~55 MB here, ~120 MB with 2 workers).
         """
         from concurrent.futures import ThreadPoolExecutor, as_completed
 

@@ -1,0 +1,234 @@
+"""An on-disk cache of compiled programs: loading a model again deserializes its programs
+instead of compiling them (SmolLM2-135M's 11 default programs: 13 s of XLA compile -> ~5 s of
+lowering and loading on 2 cores; lowering still runs, it is what the cache is keyed on).
+
+An entry's key is the sha256 of the lowered program's text, the XLA compiler options, ``XLA_FLAGS``,
+the devices and `nx.artifacts.environment` (nx / jax / jaxlib versions, platform, CPU features):
+any change to nx, a plugin, jax, the options or the machine makes a new entry, never a stale hit.
+Each entry carries the sha256 of its bytes and is written atomically; an entry that does not
+verify or load is deleted and the program compiled again. The oldest entries (by last use) go
+once the cache exceeds ``$NX_CACHE_MAX_MB`` (default 2048).
+
+The directory is ``$NX_CACHE_DIR``, else ``$XDG_CACHE_HOME/nx`` or ``~/.cache/nx``, created
+private to the user; ``NX_CACHE_DIR=off`` (or ``nx.load(..., compile_cache=False)``) disables the
+cache. Entries hold machine code (see `nx.executables`), so a directory that other users can
+write to is refused with a warning and nothing is cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+ENV = "NX_CACHE_DIR"
+MAX_MB_ENV = "NX_CACHE_MAX_MB"
+DEFAULT_MAX_MB = 2048
+_OFF = {"0", "off", "false", "no", "none"}
+_MAGIC = b"nx-compiled-program 1\n"
+_SUFFIX = ".nxprog"
+_SUBDIR = "programs"
+
+
+def default_directory() -> Path | None:
+    """Where the cache lives unless told otherwise (None: disabled through ``NX_CACHE_DIR=off``)."""
+    value = os.environ.get(ENV, "").strip()
+    if value.lower() in _OFF:
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or "~/.cache"
+    return Path(base).expanduser() / "nx"
+
+
+class CompileCache:
+    """Compiled programs under ``directory/programs``, keyed by what they were compiled from.
+
+    `hits` and `misses` count this object's lookups (`NxModel.compile` reports them)."""
+
+    def __init__(self, directory: str | os.PathLike, max_bytes: int | None = None) -> None:
+        self.directory = Path(directory).expanduser()
+        if max_bytes is None:
+            max_bytes = int(float(os.environ.get(MAX_MB_ENV, DEFAULT_MAX_MB)) * 2**20)
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        self._usable: bool | None = None
+
+    @classmethod
+    def from_setting(cls, setting: bool | str | os.PathLike | CompileCache | None = True) -> CompileCache | None:
+        """`nx.load`'s ``compile_cache``: True (or None) the default directory, False none, else a directory."""
+        if isinstance(setting, CompileCache):
+            return setting
+        if setting is False:
+            return None
+        if setting is True or setting is None:
+            directory = default_directory()
+            return None if directory is None else cls(directory)
+        return cls(setting)
+
+    @property
+    def programs_dir(self) -> Path:
+        return self.directory / _SUBDIR
+
+    def __repr__(self) -> str:
+        return f"CompileCache({str(self.directory)!r}, hits={self.hits}, misses={self.misses})"
+
+    # ---- the one entry point -------------------------------------------------------------------
+    def compile(self, lowered: Any, options: dict, model: Any) -> Any:
+        """`lowered` compiled with `options`, from the cache if an entry matches, else compiled and
+        stored (a backend that cannot serialize, or a read-only directory, just skips storing)."""
+        if not self.usable():
+            return lowered.compile(options)
+        key = self.key(lowered, options, model)
+        exe = self._load(key, model)
+        with self._lock:
+            if exe is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        if exe is not None:
+            return exe
+        exe = lowered.compile(options)
+        self._store(key, exe)
+        return exe
+
+    def key(self, lowered: Any, options: dict, model: Any) -> str:
+        """The entry name for `lowered` compiled with `options` for `model`'s devices."""
+        from nx.artifacts import environment
+
+        context = {
+            "options": options,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "environment": environment(model),
+            "devices": [int(d.id) for d in model.mesh.devices.flat],
+        }
+        h = hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode())
+        h.update(lowered.as_text().encode())
+        return h.hexdigest()
+
+    # ---- entries -------------------------------------------------------------------------------
+    def usable(self) -> bool:
+        """Whether the directory exists (it is created private) and only its owner can write to it."""
+        if self._usable is None:
+            self._usable = self._check_directory()
+        return self._usable
+
+    def _check_directory(self) -> bool:
+        d = self.programs_dir
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for p in (self.directory, d):
+                st = p.stat()
+                foreign = hasattr(os, "getuid") and st.st_uid != os.getuid()
+                if foreign or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                    warnings.warn(
+                        f"nx: not using the compile cache {str(p)!r}: other users can write to it and its "
+                        f"entries are machine code; make it private (chmod 700) or set {ENV} to another "
+                        f"directory (or {ENV}=off)", RuntimeWarning, stacklevel=4,
+                    )
+                    return False
+        except OSError as exc:
+            warnings.warn(f"nx: compile cache {str(d)!r} unavailable ({exc}); compiling without it",
+                          RuntimeWarning, stacklevel=4)
+            return False
+        return True
+
+    def entries(self) -> list[Path]:
+        """The cached programs, least recently used first."""
+        if not self.programs_dir.is_dir():
+            return []
+        found = []
+        for f in self.programs_dir.glob("*" + _SUFFIX):
+            try:
+                found.append((f.stat().st_mtime, f))
+            except FileNotFoundError:  # removed by another process meanwhile
+                continue
+        return [f for _, f in sorted(found)]
+
+    def size_bytes(self) -> int:
+        total = 0
+        for f in self.entries():
+            try:
+                total += f.stat().st_size
+            except FileNotFoundError:
+                continue
+        return total
+
+    def clear(self) -> int:
+        """Delete every entry; returns how many there were."""
+        entries = self.entries()
+        for f in entries:
+            f.unlink(missing_ok=True)
+        return len(entries)
+
+    def _path(self, key: str) -> Path:
+        return self.programs_dir / (key + _SUFFIX)
+
+    def _load(self, key: str, model: Any) -> Any:
+        from nx.executables import from_bytes
+
+        f = self._path(key)
+        try:
+            data = f.read_bytes()
+        except OSError:
+            return None
+        head = len(_MAGIC) + 64
+        blob = data[head:]
+        if data[: len(_MAGIC)] != _MAGIC or data[len(_MAGIC) : head].decode("ascii", "replace") != hashlib.sha256(blob).hexdigest():
+            f.unlink(missing_ok=True)  # truncated or damaged: compile again
+            return None
+        try:
+            exe = from_bytes(blob, model)
+        except Exception:  # XLA's own error types: an entry this jaxlib cannot load
+            f.unlink(missing_ok=True)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(f)  # last use, for pruning
+        return exe
+
+    def _store(self, key: str, exe: Any) -> None:
+        from nx.errors import ArtifactError
+        from nx.executables import to_bytes
+
+        try:
+            blob = to_bytes(exe)
+        except ArtifactError:  # this backend cannot serialize: nothing to cache
+            return
+        data = _MAGIC + hashlib.sha256(blob).hexdigest().encode("ascii") + blob
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.programs_dir, prefix=".tmp-", suffix=_SUFFIX)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, self._path(key))  # readers never see a partial entry
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError:  # full or read-only disk: run uncached
+            return
+        self.prune()
+
+    def prune(self) -> None:
+        """Delete the least recently used entries until the cache fits `max_bytes`."""
+        entries = self.entries()
+        sizes = []
+        for f in entries:
+            try:
+                sizes.append(f.stat().st_size)
+            except FileNotFoundError:
+                sizes.append(0)
+        total = sum(sizes)
+        for f, size in zip(entries, sizes):
+            if total <= self.max_bytes:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
