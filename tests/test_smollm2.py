@@ -76,3 +76,60 @@ def test_cli_generate_streams_and_reports_speed(tmp_path):
     assert res.exit_code == 0, res.output
     assert "Paris" in res.stdout
     assert "tokens/s" in res.stderr and "first token" in res.stderr
+
+
+def test_gguf_tokenizer_from_the_cache_is_the_converted_one(tmp_path, monkeypatch):
+    """The tokenizer transformers converts from the GGUF metadata (~3 s) is saved in the compile
+    cache; the next load reads it back (~0.1 s) and it tokenizes, templates and decodes the same."""
+    from transformers import AutoTokenizer
+
+    from nx import checkpoint
+
+    ref = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
+    built = []
+    real = checkpoint.load_tokenizer
+    monkeypatch.setattr(checkpoint, "load_tokenizer", lambda *a: built.append(a) or real(*a))
+    opts = dict(compile=False, compile_cache=tmp_path, progress=False)
+    first = nx.load("llama", GGUF, **opts).tokenizer
+    assert len(built) == 1 and len(list((tmp_path / "tokenizers").iterdir())) == 1
+    cached = nx.load("llama", GGUF, **opts).tokenizer
+    assert len(built) == 1  # no GGUF conversion the second time
+    texts = ["What is the capital of France?", "  spaces\tand\nnewlines ", "é 日本 🙂", "<|im_start|>user\nhi<|im_end|>"]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    for tok in (first, cached):
+        for text in texts:
+            assert tok(text)["input_ids"] == ref(text)["input_ids"]
+        assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == ref.apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=False)
+        assert (tok.bos_token, tok.eos_token, tok.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
+        ids = ref(texts[2])["input_ids"]
+        assert tok.decode(ids) == ref.decode(ids)
+    assert nx.load("llama", GGUF, **{**opts, "compile_cache": False}).tokenizer is not None
+    assert len(built) == 2  # without the cache it converts again
+
+
+def test_fast_gguf_reader_reads_what_gguf_reads():
+    """`nx.checkpoint.gguf_reader` parses from a plain view of the mapping (3x faster than the stock
+    reader's np.memmap slices) and must see the same metadata and tensors."""
+    import gguf
+    import numpy as np
+
+    from nx.checkpoint import gguf_reader
+
+    stock, fast = gguf.GGUFReader(str(GGUF)), gguf_reader(GGUF)
+    assert type(fast.data) is np.ndarray and isinstance(stock.data, np.memmap)
+    assert fast.data_offset == stock.data_offset and list(fast.fields) == list(stock.fields)
+    for name in ("general.architecture", "llama.block_count", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        assert fast.fields[name].contents() == stock.fields[name].contents()
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in fast.tensors] == [
+        (t.name, t.tensor_type, list(t.shape)) for t in stock.tensors]
+    for a, b in zip(fast.tensors[:3], stock.tensors[:3]):
+        assert np.array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("keep", [0, 24, 4096])
+def test_truncated_gguf_is_a_checkpoint_error(tmp_path, keep):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(GGUF.read_bytes()[:keep])
+    with pytest.raises(nx.CheckpointError, match="cannot read GGUF file"):
+        nx.load("llama", bad, compile=False)

@@ -8,6 +8,7 @@ code; nx never unpickles untrusted data any other way.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -53,14 +54,19 @@ class Checkpoint:
     tensors: TensorSource
     format: str
     gguf_file: str | None = None
+    gguf_digest: str | None = None  # sha256 of a GGUF file's metadata (vocabulary, chat template ...)
 
     @property
     def model_type(self) -> str:
         return self.config.model_type
 
-    def tokenizer_loader(self) -> Callable[[], Any]:
-        """`load_tokenizer` for later, without keeping the checkpoint (and its open files) alive."""
-        return functools.partial(load_tokenizer, self.path, self.gguf_file)
+    def tokenizer_loader(self, cache: Any = None) -> Callable[[], Any]:
+        """`load_tokenizer` for later, without keeping the checkpoint (and its open files) alive.
+        A GGUF file's tokenizer goes through `cache` (an `nx.compile_cache.CompileCache`) if given."""
+        load = functools.partial(load_tokenizer, self.path, self.gguf_file)
+        if cache is None or self.gguf_digest is None:
+            return load
+        return functools.partial(cache.tokenizer, self.gguf_digest, load)
 
 
 def load_tokenizer(path: Path, gguf_file: str | None = None):
@@ -252,16 +258,38 @@ def gguf_config(reader) -> dict:
     return cfg
 
 
+def gguf_reader(file: str | os.PathLike):
+    """A `gguf.GGUFReader` of `file` that parses ~3x faster (SmolLM2: 1.8 -> 0.56 s).
+
+    The reader slices its ``np.memmap`` once per metadata item (~500k slices for a 49k-token
+    vocabulary) and memmap slices are slow to make; this one slices a plain array view of the same
+    mapping instead.
+    """
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, mapped):
+            self._plain = mapped.view(np.ndarray)  # still backed by (and keeping alive) the mapping
+
+    return Reader(str(file))
+
+
 def _open_gguf(directory: Path, fname: str) -> Checkpoint:
     import gguf
     from transformers import AutoConfig
 
     file = directory / fname
     try:
-        reader = gguf.GGUFReader(str(file))
+        reader = gguf_reader(file)
     except Exception as exc:
         raise CheckpointError(f"cannot read GGUF file {str(file)!r}: {exc}; it is corrupt or truncated") from exc
     cfg = gguf_config(reader)
+    digest = hashlib.sha256(reader.data[: reader.data_offset]).hexdigest()  # header, metadata, tensor index
     reader.fields.clear()  # metadata (the whole vocabulary as small arrays) is not needed after this
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     tensors = {t.name: t for t in reader.tensors}
@@ -272,4 +300,4 @@ def _open_gguf(directory: Path, fname: str) -> Checkpoint:
         return np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
 
     source = TensorSource({n: tuple(int(d) for d in reversed(t.shape)) for n, t in tensors.items()}, read)
-    return Checkpoint(directory, config, source, "gguf", gguf_file=fname)
+    return Checkpoint(directory, config, source, "gguf", gguf_file=fname, gguf_digest=digest)

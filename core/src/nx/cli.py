@@ -296,13 +296,13 @@ def cache_info() -> None:
     entries = cache.entries()
     click.echo(
         f"{cache.programs_dir}: {len(entries)} programs, {cache.size_bytes() / 2**20:.1f} MiB "
-        f"(limit {cache.max_bytes / 2**20:.0f} MiB)"
+        f"(limit {cache.max_bytes / 2**20:.0f} MiB); {len(cache.tokenizer_dirs())} tokenizers converted from GGUF files"
     )
 
 
 @cache_group.command("clear")
 def cache_clear() -> None:
-    """Delete every cached program (they are compiled again when next needed)."""
+    """Delete every cached program and tokenizer (they are rebuilt when next needed)."""
     from nx.compile_cache import ENV, CompileCache
 
     cache = CompileCache.from_setting(True)

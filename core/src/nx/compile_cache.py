@@ -7,7 +7,8 @@ the devices and `nx.artifacts.environment` (nx / jax / jaxlib versions, platform
 any change to nx, a plugin, jax, the options or the machine makes a new entry, never a stale hit.
 Each entry carries the sha256 of its bytes and is written atomically; an entry that does not
 verify or load is deleted and the program compiled again. The oldest entries (by last use) go
-once the cache exceeds ``$NX_CACHE_MAX_MB`` (default 2048).
+once the cache exceeds ``$NX_CACHE_MAX_MB`` (default 2048). The tokenizers transformers converts
+from GGUF metadata are kept beside them (``tokenizers/``, by the metadata's sha256).
 
 The directory is ``$NX_CACHE_DIR``, else ``$XDG_CACHE_HOME/nx`` or ``~/.cache/nx``, created
 private to the user; ``NX_CACHE_DIR=off`` (or ``nx.load(..., compile_cache=False)``) disables the
@@ -21,10 +22,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ _OFF = {"0", "off", "false", "no", "none"}
 _MAGIC = b"nx-compiled-program 1\n"
 _SUFFIX = ".nxprog"
 _SUBDIR = "programs"
+_TOKENIZERS = "tokenizers"
 
 
 def default_directory() -> Path | None:
@@ -115,6 +119,38 @@ class CompileCache:
         h.update(lowered.as_text().encode())
         return h.hexdigest()
 
+    # ---- GGUF tokenizers ---------------------------------------------------------------------
+    def tokenizer(self, digest: str, build: Callable[[], Any]) -> Any:
+        """The tokenizer of a GGUF file whose metadata has sha256 `digest`: its saved JSON files if
+        cached (SmolLM2: 0.1 s), else `build()` (transformers converts the GGUF vocabulary: ~3 s),
+        saved for next time. Keyed by the transformers version too, which does the conversion."""
+        import transformers
+
+        if not self.usable():
+            return build()
+        where = self.directory / _TOKENIZERS / f"{digest}-transformers-{transformers.__version__}"
+        if (where / "tokenizer_config.json").is_file():
+            try:
+                return transformers.AutoTokenizer.from_pretrained(str(where))
+            except Exception:  # damaged: convert again
+                shutil.rmtree(where, ignore_errors=True)
+        tok = build()
+        if tok is not None:
+            tmp = None
+            try:
+                where.parent.mkdir(mode=0o700, exist_ok=True)
+                tmp = tempfile.mkdtemp(dir=where.parent, prefix=".tmp-")
+                tok.save_pretrained(tmp)
+                os.replace(tmp, where)  # whole or not at all
+            except OSError:  # read-only, full, or another process saved it first
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return tok
+
+    def tokenizer_dirs(self) -> list[Path]:
+        d = self.directory / _TOKENIZERS
+        return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")) if d.is_dir() else []
+
     # ---- entries -------------------------------------------------------------------------------
     def usable(self) -> bool:
         """Whether the directory exists (it is created private) and only its owner can write to it."""
@@ -164,10 +200,12 @@ class CompileCache:
         return total
 
     def clear(self) -> int:
-        """Delete every entry; returns how many there were."""
+        """Delete every program and cached tokenizer; returns how many programs there were."""
         entries = self.entries()
         for f in entries:
             f.unlink(missing_ok=True)
+        for d in self.tokenizer_dirs():
+            shutil.rmtree(d, ignore_errors=True)
         return len(entries)
 
     def _path(self, key: str) -> Path:

@@ -102,10 +102,11 @@ def load(
     quant = as_quant_config(quant)
     check_memory(family, spec, config, device_memory, quant)
     params = build_params(family, spec, hf_tensors(family, ckpt), progress=progress)
-    hf_config, tokenizer_loader = ckpt.config, ckpt.tokenizer_loader()
+    cache = CompileCache.from_setting(compile_cache)
+    hf_config, tokenizer_loader = ckpt.config, ckpt.tokenizer_loader(cache)
     del ckpt  # let the checkpoint and its open files go before the weights are placed
     model = NxModel(family, spec, params, config, hf_config, tokenizer_loader, quant=quant)
-    model.compile_cache = CompileCache.from_setting(compile_cache)
+    model.compile_cache = cache
     if compile:
         model.compile(progress)
     return model.warmup(progress) if warmup else model
