@@ -460,6 +460,8 @@ def print_report(result: dict[str, Any]) -> None:
               f"peak RSS {run['peak_rss_bytes'] / 1e6:.0f} MB = {run['peak_rss_ratio']:.2f}x weights+KV "
               f"(growth from {(run['rss_before_load_bytes'] or 0) / 1e6:.0f} MB before loading: "
               f"{run['peak_rss_growth_ratio'] or float('nan'):.2f}x)")
+        if "compile_from_cache_s" in run:
+            print(f"  compile cache: {run['compile_cache_hits']} programs lowered and loaded in {run['compile_from_cache_s']:.1f} s")
         if "cached_load_s" in run:
             print(f"  saved artifact: nx.load(dir) {run['cached_load_s']:.1f} s, first token after it "
                   f"{run['cached_first_token_s'] * 1e3:.0f} ms ({run['artifact_bytes'] / 1e6:.0f} MB, save {run['save_s']:.1f} s)")

@@ -118,6 +118,13 @@ def render(data: dict, note: str | None) -> str:
             f"{p['latency_p50_ms']:.1f} ms, p99 {p['latency_p99_ms']:.1f} ms, {p['bandwidth_gbs']:.1f} GB/s.",
             "",
         ]
+        if "compile_from_cache_s" in run:
+            out += [
+                f"The same {run['compile_cache_hits']} programs again from the compile cache (`nx.compile_cache`, "
+                f"what a second `nx.load` of this model does: lower each program, load the stored executable): "
+                f"{run['compile_from_cache_s']:.1f} s against the cold compile's {run['compile_s']:.1f} s.",
+                "",
+            ]
         if "cached_load_s" in run:
             out += [
                 f"Saved as a compiled artifact (`model.save`, {run['artifact_bytes'] / 1e6:.0f} MB, {run['save_s']:.1f} s), "
