@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import jax
 import pytest
 from click.testing import CliRunner
 from jax import monitoring
@@ -72,6 +73,12 @@ def test_other_buckets_options_or_flags_are_new_entries(saved_case, tmp_path, mo
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
     assert a.compile_cache.key(lowered, {}, a) != base
     monkeypatch.delenv("XLA_FLAGS")
+    effort = jax.config.jax_exec_time_optimization_effort  # jax copies it into the compile options
+    jax.config.update("jax_exec_time_optimization_effort", 0.5)
+    try:
+        assert a.compile_cache.key(lowered, {}, a) != base
+    finally:
+        jax.config.update("jax_exec_time_optimization_effort", effort)
     assert a.compile_cache.key(a.lower(2, 1, 64, False), {}, a) != base
     assert a.compile_cache.key(a.lower(*key), {}, a) == base  # deterministic
 

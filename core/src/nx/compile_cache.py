@@ -2,9 +2,10 @@
 instead of compiling them (SmolLM2-135M's 11 default programs: 13 s of XLA compile -> ~5 s of
 lowering and loading on 2 cores; lowering still runs, it is what the cache is keyed on).
 
-An entry's key is the sha256 of the lowered program's text, the XLA compiler options, ``XLA_FLAGS``,
-the devices and `nx.artifacts.environment` (nx / jax / jaxlib versions, platform, CPU features):
-any change to nx, a plugin, jax, the options or the machine makes a new entry, never a stale hit.
+An entry's key is the sha256 of the lowered program's text, the XLA compiler options (nx's and
+those jax derives from its settings), ``XLA_FLAGS``, the devices and `nx.artifacts.environment`
+(nx / jax / jaxlib versions, platform, CPU features): any change to nx, a plugin, jax, the options
+or the machine makes a new entry, never a stale hit.
 Each entry carries the sha256 of its bytes and is written atomically; an entry that does not
 verify or load is deleted and the program compiled again. The oldest entries (by last use) go
 once the cache exceeds ``$NX_CACHE_MAX_MB`` (default 2048). The tokenizers transformers converts
@@ -39,6 +40,9 @@ _MAGIC = b"nx-compiled-program 1\n"
 _SUFFIX = ".nxprog"
 _SUBDIR = "programs"
 _TOKENIZERS = "tokenizers"
+#: jax settings that jax copies into the XLA compile options (not visible in the lowered text).
+_JAX_COMPILE_CONFIG = ("jax_exec_time_optimization_effort", "jax_memory_fitting_effort", "jax_optimization_level",
+                       "jax_memory_fitting_level", "jax_use_shardy_partitioner")
 
 
 def default_directory() -> Path | None:
@@ -107,10 +111,13 @@ class CompileCache:
 
     def key(self, lowered: Any, options: dict, model: Any) -> str:
         """The entry name for `lowered` compiled with `options` for `model`'s devices."""
+        import jax
+
         from nx.artifacts import environment
 
         context = {
             "options": options,
+            "jax_compile_config": {name: str(getattr(jax.config, name, None)) for name in _JAX_COMPILE_CONFIG},
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "environment": environment(model),
             "devices": [int(d.id) for d in model.mesh.devices.flat],
