@@ -133,15 +133,18 @@ def test_two_processes_agree_with_one(saved_case, tmp_path):
     char_tokenizer().save_pretrained(tmp_path)
     args = ["generate", "llama", str(tmp_path), "-p", "Hello there", "-n", "16", "--n-positions", "64",
             "--context-length-estimate", "32"]
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES",)}
+    cache = tmp_path / "compile-cache"
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES",)} | {"NX_CACHE_DIR": str(cache)}
 
     def run(*extra):
         return subprocess.run([sys.executable, "-m", "nx.cli", *args, *extra], capture_output=True, text=True,
                               env=env, timeout=400)
 
     one = run()
+    stored = sorted((cache / "programs").iterdir())
     two = run("--tp", "2", "--num-processes", "2")
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-3000:]
+    assert stored and sorted((cache / "programs").iterdir()) == stored  # multi-process programs are not cached
     text = "".join(line for line in two.stdout.splitlines(keepends=True) if not line.startswith("[Gloo]"))
     assert text == one.stdout and one.stdout.strip()

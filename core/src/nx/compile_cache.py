@@ -93,8 +93,12 @@ class CompileCache:
     # ---- the one entry point -------------------------------------------------------------------
     def compile(self, lowered: Any, options: dict, model: Any) -> Any:
         """`lowered` compiled with `options`, from the cache if an entry matches, else compiled and
-        stored (a backend that cannot serialize, or a read-only directory, just skips storing)."""
-        if not self.usable():
+        stored (a backend that cannot serialize, or a read-only directory, just skips storing).
+        Multi-process runs (``jax.distributed``) always compile: like artifacts, their programs are
+        not serialized."""
+        import jax
+
+        if jax.process_count() > 1 or not self.usable():
             return lowered.compile(options)
         key = self.key(lowered, options, model)
         exe = self._load(key, model)
