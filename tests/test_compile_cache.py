@@ -114,6 +114,11 @@ def test_disabled_cache_writes_nothing(saved_case, tmp_path, monkeypatch):
     monkeypatch.delenv("NX_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_directory() == tmp_path / "xdg" / "nx"
+    monkeypatch.setenv("NX_CACHE_MAX_MB", "512")
+    assert CompileCache(tmp_path).max_bytes == 512 * 2**20
+    monkeypatch.setenv("NX_CACHE_MAX_MB", "lots")
+    with pytest.raises(nx.ConfigError, match="NX_CACHE_MAX_MB='lots' is not a size"):
+        nx.load("llama", path, compile=False, **OPTS)
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")

@@ -64,7 +64,13 @@ class CompileCache:
     def __init__(self, directory: str | os.PathLike, max_bytes: int | None = None) -> None:
         self.directory = Path(directory).expanduser()
         if max_bytes is None:
-            max_bytes = int(float(os.environ.get(MAX_MB_ENV, DEFAULT_MAX_MB)) * 2**20)
+            value = os.environ.get(MAX_MB_ENV, "").strip() or str(DEFAULT_MAX_MB)
+            try:
+                max_bytes = int(float(value) * 2**20)
+            except ValueError:
+                from nx.errors import ConfigError
+
+                raise ConfigError(f"{MAX_MB_ENV}={value!r} is not a size; give the cache limit in MiB, e.g. 2048") from None
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
@@ -107,10 +113,9 @@ class CompileCache:
                 self.misses += 1
             else:
                 self.hits += 1
-        if exe is not None:
-            return exe
-        exe = lowered.compile(options)
-        self._store(key, exe)
+        if exe is None:
+            exe = lowered.compile(options)
+            self._store(key, exe)
         return exe
 
     def key(self, lowered: Any, options: dict, model: Any) -> str:

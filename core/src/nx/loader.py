@@ -70,15 +70,16 @@ def load(
     restored with its compiled programs and no XLA compile; its buckets, amp, tp and quantization
     are fixed, so only options equal to the artifact's (or left at their defaults) are accepted.
     """
+    cache = CompileCache.from_setting(compile_cache)  # a bad NX_CACHE_MAX_MB fails before any reading
     if artifacts.is_artifact(family_or_path if path is None else path):  # a saved compiled model
-        options = {k: v for k, v in locals().items() if k not in ("family_or_path", "path", "registry")}
+        options = {k: v for k, v in locals().items() if k not in ("family_or_path", "path", "registry", "cache")}
         model = artifacts.load(
             family_or_path if path is None else path,
             family=None if path is None else str(family_or_path),
             options=options,
             registry=registry,
         )
-        model.compile_cache = CompileCache.from_setting(compile_cache)  # for programs built on demand
+        model.compile_cache = cache  # for programs built on demand
         return model.warmup(progress) if warmup else model
     registry = registry or default_registry()
     config = RuntimeConfig.build(
@@ -102,7 +103,6 @@ def load(
     quant = as_quant_config(quant)
     check_memory(family, spec, config, device_memory, quant)
     params = build_params(family, spec, hf_tensors(family, ckpt), progress=progress)
-    cache = CompileCache.from_setting(compile_cache)
     hf_config, tokenizer_loader = ckpt.config, ckpt.tokenizer_loader(cache)
     del ckpt  # let the checkpoint and its open files go before the weights are placed
     model = NxModel(family, spec, params, config, hf_config, tokenizer_loader, quant=quant)

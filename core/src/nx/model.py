@@ -205,8 +205,9 @@ class NxModel:
         self.artifact_path: Any = None
         #: Directory receiving each program's HLO (text and HloModuleProto) when it compiles.
         self.dump_to: str | None = os.environ.get(dump.ENV) or None
-        #: Where compiled programs are looked up and stored (`nx.compile_cache`); None compiles each.
-        self.compile_cache: CompileCache | None = CompileCache.from_setting(True)
+        #: Where compiled programs are looked up and stored (`nx.compile_cache`; `nx.load` sets it);
+        #: None compiles each.
+        self.compile_cache: CompileCache | None = None
 
     def _cast(self, a: np.ndarray):
         if is_quantized(a):  # int8 values and f32 scales stay as they are
