@@ -168,6 +168,10 @@ def test_cli_cache_info_and_clear(saved_case, tmp_path, monkeypatch):
     n = len(model.program_shapes())
     res = CliRunner().invoke(main, ["cache", "info"])
     assert res.exit_code == 0 and f"{n} programs" in res.output and str(tmp_path) in res.output
+    res = CliRunner().invoke(main, ["compile", "llama", path, "--out", str(tmp_path / "art"), "--batch-size", "2",
+                                    "--n-positions", "32,64", "--context-length-estimate", "16"])
+    assert res.exit_code == 0, res.output
+    assert f"({n} of {n} programs from the compile cache)" in res.stderr
     res = CliRunner().invoke(main, ["cache", "clear"])
     assert res.exit_code == 0 and f"removed {n} programs" in res.output
     assert CompileCache(tmp_path).entries() == []

@@ -73,6 +73,14 @@ def main() -> None:
     """nx: LLM inference from Hugging Face checkpoints, compiled with XLA."""
 
 
+def _from_cache(model) -> str:
+    """" (k of n programs from the compile cache)" when the compile cache supplied any, else ""."""
+    cache = model.compile_cache
+    if cache is None or not cache.hits:
+        return ""
+    return f" ({cache.hits} of {cache.hits + cache.misses} programs from the compile cache)"
+
+
 @main.command("list-models")
 def list_models() -> None:
     """List installed model families and the plugins that provide them."""
@@ -163,9 +171,7 @@ def generate(
     )
     load_s = time.perf_counter() - t0
     loaded = "load" if model.artifact_path else "load+compile"  # an artifact compiles nothing
-    cache = model.compile_cache
-    if cache is not None and cache.hits:
-        loaded += f" ({cache.hits} of {cache.hits + cache.misses} programs from the compile cache)"
+    loaded += _from_cache(model)
     tok = model.tokenizer
     if tok is None:
         raise nx.CheckpointError("the checkpoint ships no tokenizer; nx generate needs one to encode --prompt")
@@ -381,7 +387,7 @@ def compile_cmd(
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     click.echo(
         f"compiled {len(model._executables)} programs into {out} ({size / 2**20:.1f} MiB) | load {t1 - t0:.1f}s | "
-        f"compile+save {t2 - t1:.1f}s ({n_workers} workers)" + (f" | HLO in {dump_hlo}" if dump_hlo else ""),
+        f"compile+save {t2 - t1:.1f}s ({n_workers} workers){_from_cache(model)}" + (f" | HLO in {dump_hlo}" if dump_hlo else ""),
         err=True,
     )
     click.echo(out)
