@@ -78,10 +78,8 @@ class CompileCache:
         self._usable: bool | None = None
 
     @classmethod
-    def from_setting(cls, setting: bool | str | os.PathLike | CompileCache | None = True) -> CompileCache | None:
+    def from_setting(cls, setting: bool | str | os.PathLike | None = True) -> CompileCache | None:
         """`nx.load`'s ``compile_cache``: True (or None) the default directory, False none, else a directory."""
-        if isinstance(setting, CompileCache):
-            return setting
         if setting is False:
             return None
         if setting is True or setting is None:
@@ -194,26 +192,25 @@ class CompileCache:
             return False
         return True
 
-    def entries(self) -> list[Path]:
-        """The cached programs, least recently used first."""
+    def _sized_entries(self) -> list[tuple[Path, int]]:
+        """(entry, bytes) of the cached programs, least recently used first (one stat each)."""
         if not self.programs_dir.is_dir():
             return []
         found = []
         for f in self.programs_dir.glob("*" + _SUFFIX):
             try:
-                found.append((f.stat().st_mtime, f))
+                st = f.stat()
             except FileNotFoundError:  # removed by another process meanwhile
                 continue
-        return [f for _, f in sorted(found)]
+            found.append((st.st_mtime, f, st.st_size))
+        return [(f, size) for _, f, size in sorted(found)]
+
+    def entries(self) -> list[Path]:
+        """The cached programs, least recently used first."""
+        return [f for f, _ in self._sized_entries()]
 
     def size_bytes(self) -> int:
-        total = 0
-        for f in self.entries():
-            try:
-                total += f.stat().st_size
-            except FileNotFoundError:
-                continue
-        return total
+        return sum(size for _, size in self._sized_entries())
 
     def clear(self) -> int:
         """Delete every program and cached tokenizer; returns how many programs there were."""
@@ -273,15 +270,9 @@ class CompileCache:
 
     def prune(self) -> None:
         """Delete the least recently used entries until the cache fits `max_bytes`."""
-        entries = self.entries()
-        sizes = []
-        for f in entries:
-            try:
-                sizes.append(f.stat().st_size)
-            except FileNotFoundError:
-                sizes.append(0)
-        total = sum(sizes)
-        for f, size in zip(entries, sizes):
+        entries = self._sized_entries()
+        total = sum(size for _, size in entries)
+        for f, size in entries:
             if total <= self.max_bytes:
                 break
             f.unlink(missing_ok=True)
