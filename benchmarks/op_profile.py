@@ -10,6 +10,7 @@ name. Each weight dot also gets its achieved bandwidth (weight bytes / time).
     python benchmarks/op_profile.py                         # batch-1 decode over 256 positions
     python benchmarks/op_profile.py --batch 8
     python benchmarks/op_profile.py --tokens 128            # the 128-token prefill
+    python benchmarks/op_profile.py --quant s8              # int8 weights
     python benchmarks/op_profile.py --json out.json
 
 The thunk times add up to the program's execution (the remainder is the executor's own overhead
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=256, help="positions attended (the position bucket)")
     ap.add_argument("--positions", type=int, default=None, help="cache positions (default: the window)")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--quant", default=None, help="s8: int8 weights (nx.QuantizationConfig)")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     contexts = [args.tokens] if args.tokens > 1 else [16]
     positions = sorted({args.window, args.positions or args.window})
     model = nx.load("llama", str(gguf), batch_size=args.batch, n_positions=positions,
-                    context_length_estimate=contexts, compile=False, progress=False)
+                    context_length_estimate=contexts, compile=False, progress=False, quant=args.quant)
     res = profile(model, args.batch, args.tokens, args.window, args.steps)
     print(f"batch {args.batch}, {args.tokens} token(s) per row, window {args.window} of {positions[-1]} positions: "
           f"{res['step_ms']:.2f} ms per call (median, unprofiled), thunks {res['thunks_ms']:.2f} ms (profiled)")

@@ -22,7 +22,7 @@ COMMANDS = """\
 ```bash
 . .venv/bin/activate
 pip install -c constraints.txt -e './core[bench]'   # llama-cpp-python (builds llama.cpp) + matplotlib
-python benchmarks/compare.py          # nx, HF eager, llama.cpp f32/bf16/q8_0 + bandwidth probe + nx bench
+python benchmarks/compare.py          # nx f32/s8, HF eager, llama.cpp f32/bf16/q8_0 + bandwidth probe + nx bench
 python benchmarks/chart.py            # benchmarks/results/decode.png
 python benchmarks/report.py           # this file
 ```"""
@@ -34,6 +34,29 @@ def fmt(x, spec=".1f", scale=1.0) -> str:
 
 def loadavg(values) -> str:
     return "-" if not values else " / ".join(f"{x:.2f}" for x in values)
+
+
+def int8_lines(rows: list[dict]) -> list[str]:
+    """nx's int8 weights (s8) against llama.cpp's 8-bit q8_0 and against nx f32, where measured."""
+
+    def row(engine, precision, batch=1):
+        return next((r for r in rows if r["engine"] == engine and r["precision"] == precision and r["batch"] == batch), None)
+
+    def ratio(a, b, key):
+        return f"{a[key] / b[key]:.2f}x" if a and b and key in a and key in b else "-"
+
+    out = []
+    for b in sorted({r["batch"] for r in rows if r["engine"] == "nx" and r["precision"] == "s8"}):
+        s8, f32, q8 = row("nx", "s8", b), row("nx", "f32", b), row("llama.cpp", "q8_0", b)
+        parts = [f"decode {ratio(s8, f32, 'decode_tokens_per_s')} and TTFT 128 {ratio(s8, f32, 'ttft128_s')} of nx f32"]
+        if q8:
+            parts.append(f"decode {ratio(s8, q8, 'decode_tokens_per_s')} and TTFT 128 {ratio(s8, q8, 'ttft128_s')} "
+                         "of llama.cpp q8_0")
+        out.append(f"- nx s8, batch {b}: " + "; ".join(parts).replace(" and TTFT 128 - ", " ") + ".")
+    if out:
+        out = ["", "int8 weights (nx `s8`: per-channel int8, on CPU int8 dots; llama.cpp `q8_0`: int8 in blocks of 32):",
+               ""] + out
+    return out
 
 
 def render(data: dict, note: str | None) -> str:
@@ -64,12 +87,12 @@ def render(data: dict, note: str | None) -> str:
         "",
         "| engine | precision | batch | decode tok/s | p50 ms/step | p99 ms/step | TTFT ms "
         f"({s['prompt_tokens']} tok) | TTFT ms ({s['ttft_prompt_tokens']} tok) | MB/token | GB/s | % roofline | "
-        "nx / this (decode) | nx / this (TTFT 128) | load 1m |",
+        "nx f32 / this (decode) | nx f32 / this (TTFT 128) | load 1m |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows = data["rows"]
     for r in rows:
-        mine = next((x for x in rows if x["engine"] == "nx" and x["batch"] == r["batch"]), None)
+        mine = next((x for x in rows if x["engine"] == "nx" and x["precision"] == "f32" and x["batch"] == r["batch"]), None)
         dec = mine["decode_tokens_per_s"] / r["decode_tokens_per_s"] if mine and r is not mine else None
         ttft = (mine["ttft128_s"] / r["ttft128_s"]
                 if mine and r is not mine and "ttft128_s" in mine and "ttft128_s" in r else None)
@@ -81,6 +104,7 @@ def render(data: dict, note: str | None) -> str:
             f"{fmt(dec, '.2f')}{'x' if dec else ''} | {fmt(ttft, '.2f')}{'x' if ttft else ''} | "
             f"{loadavg(r.get('load_average_1m'))} |"
         )
+    out += int8_lines(rows)
     out += [
         "",
         "MB/token: bytes a decode step reads per generated token (weights / batch; nx adds the KV cache its "

@@ -178,7 +178,7 @@ def _flat_params(params: Any) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     def note(name: Any, leaf: Any) -> None:
         if is_quantized(leaf):
             quantized[name.q.rsplit(".", 1)[0]] = {"dequant_dtype": leaf.dequant_dtype, "dtype": leaf.dtype,
-                                                   "blocked": leaf.blocked}
+                                                   "int8_dot": leaf.int8_dot}
 
     names = tree_names(params)
     jax.tree.map(note, names, params, is_leaf=is_quantized)
@@ -227,7 +227,8 @@ def _params_tree(flat: dict[str, np.ndarray], quantized: dict[str, dict], n_laye
             q, scale = flat.pop(f"{name}.q"), flat.pop(f"{name}.scale")
         except KeyError as exc:
             raise ArtifactError(f"the artifact's weights lack {exc.args[0]}; the artifact is damaged; recompile it") from exc
-        flat[name] = QuantizedWeight(q, scale, info["dequant_dtype"], info.get("dtype"), bool(info.get("blocked", True)))
+        int8_dot = info.get("int8_dot", info.get("blocked", True))  # "blocked": the CPU formulation before int8 dots
+        flat[name] = QuantizedWeight(q, scale, info["dequant_dtype"], info.get("dtype"), bool(int8_dot))
     return nest(flat, n_layers)
 
 

@@ -4,8 +4,9 @@ Every 2-D floating parameter (linear weights ``[out, in]``, embedding / lm-head 
 ``[rows, hidden]``) becomes a `nx.ops.quant.QuantizedWeight`: symmetric per-output-channel int8
 ``q = round(w / scale)`` with ``scale = max|w| / 127`` per output channel (f32), i.e. per row:
 the output channel of a linear weight, one token or position of a table. Norm weights and
-biases (1-D) always stay in floating point. Dequantization happens inside the compiled program
-(`nx.ops.linear`, `nx.ops.lm_head`, `nx.ops.embed`), so every family gets int8 for free.
+biases (1-D) always stay in floating point. The int8 weights are multiplied inside the compiled
+program (`nx.ops.linear`, `nx.ops.lm_head`, `nx.ops.embed`; on CPU as int8 dots, see
+`nx.ops.quant`), so every family gets int8 for free.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class QuantizationConfig:
 
     - `quant_dtype`: storage type; ``"s8"`` (symmetric int8, per-output-channel f32 scales).
     - `dequant_dtype`: dtype the int8 weights are converted to inside the program for the matmul
-      (``"f32"``, ``"bf16"``, ``"f16"``); None follows the model's `amp`.
+      (``"f32"``, ``"bf16"``, ``"f16"``) on accelerators; None follows the model's `amp`. The CPU
+      backend never converts them: its matmuls are int8 dots on ~15-bit activation terms.
     - `no_quantize`: nx parameter-name patterns (fnmatch) left in floating point, matched against
       the full name (``layers.3.qkv.w``) and the name within a layer (``qkv.w``), e.g.
       ``("embed.w", "lm_head.w")`` or ``("layers.0.*",)``. Norms and biases are never quantized.
@@ -114,7 +116,7 @@ def _join(prefix: str, key: Any) -> str:
 def quantize_params(params: dict, config: QuantizationConfig, amp: str = "f32", backend: str = "cpu") -> dict:
     """Replace every quantizable leaf of a numpy parameter tree (nested as `nx.params.nest` builds
     it) by a `QuantizedWeight`; returns a new tree (the input is not modified). `amp` is the
-    model's activation dtype; on the ``cpu`` `backend` matmuls convert int8 tile by tile."""
+    model's activation dtype; on the ``cpu`` `backend` matmuls run as int8 dots (`nx.ops.quant`)."""
     from nx.ops.quant import QuantizedWeight
 
     dequant = config.dequant_dtype or amp

@@ -1,4 +1,4 @@
-"""int8 weights inside the compiled programs: the `QuantizedWeight` pytree and its dequantization.
+"""int8 weights inside the compiled programs: the `QuantizedWeight` pytree and its matmuls.
 
 A quantized weight is ``q`` (int8, the weight's own shape: ``[out, in]`` for a linear weight,
 ``[vocab, hidden]`` for an embedding / lm-head table) and ``scale`` (f32, one per output channel,
@@ -7,18 +7,22 @@ tensor-parallel sharding by role applies unchanged: a column-parallel weight spl
 and ``scale`` with them, a row-parallel weight splits ``q``'s columns and replicates ``scale``, a
 vocabulary-parallel table splits both along vocab.
 
-`dequant_dtype` is static (pytree aux data): the dtype the int8 values are converted to for the
-matmul. The products are scaled per output *after* the dot, ``(x @ q.T) * scale`` (one multiply
-per output instead of one per weight). On XLA:CPU what matters most is converting the
-int8 values tile by tile inside a loop: converting whole weights, with or without the scale, made
-XLA materialize f32 copies of every weight per step and decoded SmolLM2-135M 5x slower than f32
-(7 against 36 tokens/s), while the tiled loop runs at f32 speed (38 tokens/s) from a quarter of
-the bytes (``benchmarks/int8.py``).
+Two matmul formulations, chosen per weight at load time (`int8_dot`, static pytree aux data):
+
+- **int8 dot** (the CPU backend): the weight stays int8 and the activations are split into two
+  int8 terms per row, ``x ~= hi * s_hi + lo * s_lo`` (``lo`` quantizes what ``hi`` left over, so
+  together they carry ~15 bits of each row, more than bf16's 8), and one int8 x int8 -> int32 dot
+  multiplies both terms at once. On XLA:CPU that dot runs 2-4x faster than an f32 one from a
+  quarter of the bytes, while converting int8 weights to f32 inside the program ran at or below f32
+  speed (SmolLM2-135M, 2 cores: decode 61 vs 41 tokens/s, 128-token prefill 87 vs 231 ms; the
+  measurements are in BENCHMARKS.md). The two terms also fill the second row that keeps a
+  one-token matmul off XLA:CPU's slow int8 matrix-vector path.
+- **dequantize** (accelerators): ``(x @ q.T) * scale`` with ``q`` converted to `dequant_dtype`,
+  a conversion XLA fuses into the dot there.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -33,12 +37,12 @@ class QuantizedWeight:
 
     A jax pytree with leaves ``q`` and ``scale`` (their dotted names end in ``.q`` / ``.scale``) and
     the static `dequant_dtype` (``"f32"``, ``"bf16"`` or ``"f16"``). `dtype` is the model's
-    activation dtype (its ``amp``; rows looked up from a table come out in it) and `blocked` whether
-    matmuls convert the int8 values tile by tile in a loop (right for XLA:CPU; accelerators fuse the
-    conversion into the dot, so nx sets it only for the cpu backend), both static too.
+    activation dtype (its ``amp``; rows looked up from a table come out in it) and `int8_dot`
+    whether matmuls run as int8 dots on int8 activation terms (set for the cpu backend) instead of
+    converting ``q`` to `dequant_dtype` (accelerators), both static too.
     """
 
-    __slots__ = ("q", "scale", "dequant_dtype", "dtype", "blocked")
+    __slots__ = ("q", "scale", "dequant_dtype", "dtype", "int8_dot")
 
     def __init__(
         self,
@@ -46,13 +50,13 @@ class QuantizedWeight:
         scale: Any,
         dequant_dtype: str = "f32",
         dtype: str | None = None,
-        blocked: bool = True,
+        int8_dot: bool = True,
     ) -> None:
         self.q = q
         self.scale = scale
         self.dequant_dtype = dequant_dtype
         self.dtype = dtype or dequant_dtype
-        self.blocked = blocked
+        self.int8_dot = int8_dot
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -73,17 +77,17 @@ class QuantizedWeight:
     def __repr__(self) -> str:
         return (
             f"QuantizedWeight(q={self.q!r}, scale={self.scale!r}, dequant_dtype={self.dequant_dtype!r}, "
-            f"dtype={self.dtype!r}, blocked={self.blocked})"
+            f"dtype={self.dtype!r}, int8_dot={self.int8_dot})"
         )
 
 
 def _flatten_with_keys(w: QuantizedWeight):
     keys = (jax.tree_util.GetAttrKey("q"), jax.tree_util.GetAttrKey("scale"))
-    return tuple(zip(keys, (w.q, w.scale))), (w.dequant_dtype, w.dtype, w.blocked)
+    return tuple(zip(keys, (w.q, w.scale))), (w.dequant_dtype, w.dtype, w.int8_dot)
 
 
 def _flatten(w: QuantizedWeight):
-    return (w.q, w.scale), (w.dequant_dtype, w.dtype, w.blocked)
+    return (w.q, w.scale), (w.dequant_dtype, w.dtype, w.int8_dot)
 
 
 def _unflatten(aux, children) -> QuantizedWeight:
@@ -97,47 +101,39 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedWeight)
 
 
-#: Elements of int8 weight converted per step of the blocked loops below. Converting a whole
-#: weight at once makes XLA:CPU materialize f32 copies of every weight as temporaries (measured
-#: 2 tokens/s on SmolLM2-135M); converting cache-sized tiles inside a loop keeps them hot.
-TILE = int(os.environ.get("NX_INT8_TILE", 64 * 1024))
-#: Tile size when many activation rows share each converted tile (prompt encoding).
-TILE_PREFILL = int(os.environ.get("NX_INT8_TILE_PREFILL", 256 * 1024))
-
-
-def _n_blocks(rows: int, cols: int, m: int = 1) -> int:
-    """Fewest equal blocks of `rows` whose tiles hold at most a tile of elements (1: no blocking);
-    `m` is the number of activation rows multiplied with each tile."""
-    tile = TILE if m <= 8 else TILE_PREFILL
-    if tile <= 0 or rows * cols <= tile:
-        return 1
-    for nb in range(-(-rows * cols // tile), rows + 1):
-        if rows % nb == 0:
-            return nb
-    return 1
-
-
 def matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
     """f32 ``x @ (q * scale).T`` for an ``[out, in]`` weight or ``[vocab, hidden]`` table, computed
-    as ``(x @ q.T) * scale``: blocks of int8 rows are converted one at a time in a loop (each block
-    yields a slice of the outputs) and the per-row scales applied once to the result."""
-    dt = w.compute_dtype
+    as ``(x @ q.T) * scale`` (the per-row scales applied once to the products)."""
     n, k = w.q.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).astype(dt)
+    x2 = x.reshape(-1, k)
     dims = (((1,), (1,)), ((), ()))
-    nb = _n_blocks(n, k, x2.shape[0]) if w.blocked else 1
-    if nb == 1:
-        y = lax.dot_general(x2, w.q.astype(dt), dims, preferred_element_type=jnp.float32)
+    if w.int8_dot:
+        terms, scales = int8_terms(x2)
+        acc = lax.dot_general(terms, w.q, dims, preferred_element_type=jnp.int32)
+        acc = acc.astype(jnp.float32) * scales
+        m = x2.shape[0]
+        y = acc[:m] + acc[m:]
     else:
-        qb = w.q.reshape(nb, n // nb, k)
-
-        def body(carry, qi):
-            return carry, lax.dot_general(x2, qi.astype(dt), dims, preferred_element_type=jnp.float32)
-
-        _, ys = lax.scan(body, 0, qb)  # [nb, M, n // nb]
-        y = jnp.moveaxis(ys, 0, 1).reshape(x2.shape[0], n)
+        dt = w.compute_dtype
+        y = lax.dot_general(x2.astype(dt), w.q.astype(dt), dims, preferred_element_type=jnp.float32)
     return (y * w.scale).reshape(*lead, n)
+
+
+def int8_terms(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Rows ``x [m, k]`` as int8 ``[2m, k]`` and f32 scales ``[2m, 1]``: ``x ~= hi * s_hi + lo * s_lo``
+    with ``hi`` (rows ``:m``) the symmetric per-row int8 rounding of ``x`` and ``lo`` (rows ``m:``)
+    that of the remainder, so each row keeps ~15 bits relative to its largest element."""
+
+    def round_rows(v):
+        scale = jnp.max(jnp.abs(v), axis=-1, keepdims=True) / 127.0
+        scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero row (padding) stays zero
+        return jnp.round(v / scale), scale
+
+    x = x.astype(jnp.float32)
+    hi, s_hi = round_rows(x)
+    lo, s_lo = round_rows(x - hi * s_hi)
+    return jnp.concatenate([hi, lo]).astype(jnp.int8), jnp.concatenate([s_hi, s_lo])
 
 
 def take_rows(w: QuantizedWeight, ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
