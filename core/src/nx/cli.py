@@ -219,7 +219,7 @@ def generate(
 @click.option("--new-tokens", default=128, show_default=True, type=int, help="Tokens generated per run (EOS banned).")
 @model_options
 @click.option("--tp-degree", default=1, show_default=True, type=int, help="Tensor-parallel degree.")
-@click.option("--dequant-dtype", default=None, type=click.Choice(["f32", "bf16", "f16"]), help="int8 dequantizes to this (default: --amp).")
+@click.option("--dequant-dtype", default=None, type=click.Choice(["f32", "bf16", "f16"]), help="int8 weights convert to this for matmuls on accelerators (default: --amp); the CPU runs int8 dots.")
 @click.option("--cached-load/--no-cached-load", default=True, show_default=True,
               help="Also save a compiled artifact (model.save) to a temporary directory and time nx.load from it.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random prompt ids.")
@@ -327,7 +327,7 @@ def cache_clear() -> None:
 @click.option("--prompt-batch-size", default=None, type=int, help="Prompt rows encoded once and broadcast (default: batch size).")
 @model_options
 @click.option("--tp", "tp_degree", default=1, show_default=True, type=int, help="Tensor-parallel degree.")
-@click.option("--dequant-dtype", default=None, type=click.Choice(["f32", "bf16", "f16"]), help="int8 dequantizes to this (default: --amp).")
+@click.option("--dequant-dtype", default=None, type=click.Choice(["f32", "bf16", "f16"]), help="int8 weights convert to this for matmuls on accelerators (default: --amp); the CPU runs int8 dots.")
 @click.option("--no-quantize", default=None, help="Comma list of parameter-name patterns kept in floating point.")
 @click.option("--sampling", is_flag=True, help="Also compile the sampling variant of every program.")
 @click.option("--dump-hlo", default=None, type=click.Path(file_okay=False), help="Also write each program's HLO (text + .pb) here.")
