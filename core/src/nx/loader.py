@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,6 +102,14 @@ def load(
     spec = family.spec_from_config(ckpt.config)
     scan.block_size(spec.n_layers, config.unroll)  # a bad unroll fails before any weight is read
     quant = as_quant_config(quant)
+    if config.backend == "cpu" and config.amp == "f16" and quant is None:
+        warnings.warn(
+            "nx: amp='f16' on the CPU backend is slow: XLA:CPU has no f16 matmul kernels and converts every "
+            "weight to f32 at each call (SmolLM2-135M decodes ~6x slower than in f32); use amp='bf16' or 'f32' "
+            "on CPU, or int8 weights (quant='s8')",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     check_memory(family, spec, config, device_memory, quant)
     params = build_params(family, spec, hf_tensors(family, ckpt), progress=progress)
     hf_config, tokenizer_loader = ckpt.config, ckpt.tokenizer_loader(cache)

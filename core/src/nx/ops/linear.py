@@ -16,7 +16,7 @@ SMALL_ROWS = 16  # up to this many token rows, XLA:CPU's matmuls run faster as `
 
 def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
     """``x @ w.T`` in `dtype` for ``w [out, in]``, which may be an int8 `nx.ops.quant.QuantizedWeight`
-    (dequantized in the program).
+    (multiplied in the program, see `nx.ops.quant`).
 
     Products of a few rows (batched decode) are computed as ``(w @ x.T).T``: XLA:CPU's YNNPACK
     matmuls read the weight faster that way (SmolLM2 decode step at batch 4: 53 -> 43 ms, batch 8:
@@ -27,20 +27,37 @@ def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
     small (SmolLM2's 576x576 attention output projection streamed at 13.5 GB/s against 22-27 for
     the larger weights), so a small weight is multiplied as a batch of its two row halves, which
     runs on two (decode step -1.1 ms, -4%).
+
+    bf16/f16 products accumulate in f32 and are rounded to `dtype` after the dot, as a bf16 GEMM
+    does: asked for a bf16 result, XLA:CPU instead converted both operands to f32 at every call
+    (SmolLM2 bf16 decode 7 tokens/s); a single bf16 row also gets a zero second row, since XLA:CPU
+    runs one-row bf16 products on a matrix-vector path at ~2 GB/s (bf16 decode 7 -> 35 tokens/s,
+    batch 8 55 -> 223, 128-token prefill 245 -> 76 ms).
     """
     if quant.is_quantized(w):
         return quant.matmul(x, w).astype(dtype)
-    w = w.astype(x.dtype)
+    return _products(x, w.astype(x.dtype)).astype(dtype)
+
+
+def _products(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """``x @ w.T`` accumulated and returned in f32 (bf16/f16 inputs too: XLA:CPU upcasts both
+    operands of a bf16-output dot to f32 at every call, whole weights included)."""
+    f32 = jnp.float32
     rows = x.size // x.shape[-1]
+    if rows == 1 and x.dtype != f32:
+        # one bf16/f16 row: a zero second row takes it off XLA:CPU's slow matrix-vector path
+        x2 = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])
+        y = lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+        return y[:1].reshape(*x.shape[:-1], w.shape[0])
     if 1 < rows <= SMALL_ROWS:
-        y = lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())), preferred_element_type=dtype)
+        y = lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())), preferred_element_type=f32)
         return jnp.moveaxis(y, 0, -1)
     if rows == 1 and w.size < SPLIT_BELOW and w.shape[0] % 2 == 0:
         halves = w.reshape(2, w.shape[0] // 2, w.shape[1])
         xb = jnp.broadcast_to(x.reshape(1, 1, -1), (2, 1, x.shape[-1]))
-        y = lax.dot_general(xb, halves, (((2,), (2,)), ((0,), (0,))), preferred_element_type=dtype)
+        y = lax.dot_general(xb, halves, (((2,), (2,)), ((0,), (0,))), preferred_element_type=f32)
         return y.reshape(*x.shape[:-1], w.shape[0])
-    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=f32)
 
 
 def linear(x: jnp.ndarray, p: dict) -> jnp.ndarray:
