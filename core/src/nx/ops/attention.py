@@ -39,11 +39,26 @@ def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarr
     """Write keys and values ``[B, T, kvh, d]`` into one layer's ``(K, V)`` caches at position `slot`."""
     k_cache, v_cache = caches
     zero = jnp.zeros((), jnp.int32)
-    keys = jnp.swapaxes(_rows(k), 1, 2).astype(k_cache.dtype)  # [rows, d, T]
+    keys = jnp.swapaxes(_rows(k), 1, 2)  # [rows, d, T]
     return (
-        lax.dynamic_update_slice(k_cache, keys, (zero, zero, slot)),
-        lax.dynamic_update_slice(v_cache, _rows(v).astype(v_cache.dtype), (zero, slot, zero)),
+        _write(k_cache, keys, (zero, zero, slot)),
+        _write(v_cache, _rows(v), (zero, slot, zero)),
     )
+
+
+def _write(cache: jnp.ndarray, update: jnp.ndarray, start: tuple) -> jnp.ndarray:
+    """``cache`` with ``update`` (cast to the cache's dtype) written at ``start``, in place.
+
+    A 16-bit float cache is written through its unsigned-integer view: XLA:CPU computes a bf16
+    dynamic-update-slice in f32, converting the whole cache both ways at every step (a copy of
+    every layer's cache per token) instead of writing the new entries in place."""
+    update = update.astype(cache.dtype)
+    if cache.dtype.itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
+        return lax.dynamic_update_slice(cache, update, start)
+    as_bits = lax.dynamic_update_slice(
+        lax.bitcast_convert_type(cache, jnp.uint16), lax.bitcast_convert_type(update, jnp.uint16), start
+    )
+    return lax.bitcast_convert_type(as_bits, cache.dtype)
 
 
 def cache_windows(caches: tuple, window: int, kv_heads: int, every: int = 1) -> tuple:
