@@ -12,11 +12,12 @@ Two matmul formulations, chosen per weight at load time (`int8_dot`, static pytr
 - **int8 dot** (the CPU backend): the weight stays int8 and the activations are split into two
   int8 terms per row, ``x ~= hi * s_hi + lo * s_lo`` (``lo`` quantizes what ``hi`` left over, so
   together they carry ~15 bits of each row, more than bf16's 8), and one int8 x int8 -> int32 dot
-  multiplies both terms at once. On XLA:CPU that dot runs 2-4x faster than an f32 one from a
-  quarter of the bytes, while converting int8 weights to f32 inside the program ran at or below f32
-  speed (SmolLM2-135M, 2 cores: decode 61 vs 41 tokens/s, 128-token prefill 87 vs 231 ms; the
-  measurements are in BENCHMARKS.md). The two terms also fill the second row that keeps a
-  one-token matmul off XLA:CPU's slow int8 matrix-vector path.
+  multiplies both terms at once. On XLA:CPU that dot beats the f32 one (SmolLM2-135M's weight
+  matmuls: 13 vs 22 ms per decode step, 25 vs 109 ms per 128-token prefill), while an int8 weight
+  converted to f32 inside the program is materialized at every call (7 tokens/s). SmolLM2-135M on
+  2 cores decodes at 61 tokens/s against 40 in f32 and encodes 128 tokens in 92 against 142 ms
+  (BENCHMARKS.md). The two terms also fill the second row that keeps a one-token matmul off
+  XLA:CPU's slow int8 matrix-vector path.
 - **dequantize** (accelerators): ``(x @ q.T) * scale`` with ``q`` converted to `dequant_dtype`,
   a conversion XLA fuses into the dot there.
 """
