@@ -47,11 +47,13 @@ def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarr
 
 
 def _write(cache: jnp.ndarray, update: jnp.ndarray, start: tuple) -> jnp.ndarray:
-    """``cache`` with ``update`` (cast to the cache's dtype) written at ``start``, in place.
+    """``cache`` with ``update`` (cast to the cache's dtype) written at ``start``.
 
-    A 16-bit float cache is written through its unsigned-integer view: XLA:CPU computes a bf16
-    dynamic-update-slice in f32, converting the whole cache both ways at every step (a copy of
-    every layer's cache per token) instead of writing the new entries in place."""
+    A 16-bit float cache is written through its unsigned-integer view (bit-identical): XLA:CPU
+    computes a bf16 dynamic-update-slice in f32, converting the whole cache both ways at every
+    step. Through the view it stays 16-bit (SmolLM2 bf16 decode: 2.2 -> 0.98 ms of cache writes
+    per step), though XLA:CPU still copies the cache behind the bitcast rather than writing in
+    place; f32 caches are updated in place as before."""
     update = update.astype(cache.dtype)
     if cache.dtype.itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
         return lax.dynamic_update_slice(cache, update, start)
