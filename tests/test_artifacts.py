@@ -307,7 +307,7 @@ def test_cli_compile_then_generate_from_the_artifact(ckpt, tmp_path):
         monitoring.unregister_event_duration_listener(listen)
     assert res.exit_code == 0, res.output
     assert "jit(run)" not in compiles
-    assert "[load " in res.stderr and "load+compile" not in res.stderr
+    assert "[load " in res.stderr and "| compile" not in res.stderr
     ref = nx.load("llama", ckpt, quant="s8", **OPTS)
     tok = ref.tokenizer
     ids = tok("Hello")["input_ids"]

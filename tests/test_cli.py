@@ -28,6 +28,18 @@ def test_generate_streams_text_and_reports(ckpt):
     assert "prompt 5 tokens" in res.stderr and "tokens/s" in res.stderr and "first token" in res.stderr
 
 
+def test_generate_compiles_only_the_programs_of_its_request(ckpt, monkeypatch):
+    """Five bucket programs exist; a 5-token prompt with 8 new tokens runs two, and a prompt too
+    long for its new tokens fails before anything compiles."""
+    monkeypatch.setenv("NX_CACHE_DIR", "off")
+    buckets = ["--n-positions", "32,64", "--context-length-estimate", "8,16,32"]
+    res = _run("generate", "llama", ckpt, "-p", "Hello", "-n", "8", *buckets)
+    assert res.exit_code == 0, res.output
+    assert "| compile 2 programs" in res.stderr and "prompt 5 tokens" in res.stderr
+    res = _run("generate", "llama", ckpt, "-p", "Hello", "-n", "60", *buckets)
+    assert res.exit_code == 2 and "needs 65 positions" in res.stderr and "compile" not in res.stderr
+
+
 def test_family_is_inferred_and_chat_template_applied(ckpt):
     res = _run("generate", ckpt, "-p", "Hi", "--chat", *FAST)
     assert res.exit_code == 0, res.output
@@ -71,7 +83,7 @@ def test_unroll_and_quant_flags_keep_greedy_text(ckpt):
     plain = _run("generate", "llama", ckpt, "-p", "Hello", *FAST)
     scanned = _run("generate", "llama", ckpt, "-p", "Hello", "--unroll", "1", *FAST)
     assert plain.exit_code == 0 and scanned.exit_code == 0, scanned.output
-    assert scanned.stdout == plain.stdout and "load+compile" in scanned.stderr
+    assert scanned.stdout == plain.stdout and "| compile 2 programs" in scanned.stderr
     int8 = _run("generate", "llama", ckpt, "-p", "Hello", "--quant", "s8", "--unroll", "1", *FAST)
     assert int8.exit_code == 0 and int8.stdout.strip(), int8.output
 

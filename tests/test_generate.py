@@ -62,6 +62,37 @@ def test_parallel_compile_builds_each_program_once_on_several_threads(saved_case
     assert_same_greedy(hf, model, ids, mask, 12)
 
 
+@pytest.mark.parametrize(
+    "n_positions, buckets, length, new, sample",
+    [
+        ([32, 64], [8, 16], 5, 4, False),  # one prefill bucket, one decode window
+        ([32, 64], [8, 16], 20, 6, False),  # chunked prompt: 16 + 8
+        ([32, 64], [8, 16], 30, 20, False),  # decode crosses from window 32 to 64
+        ([32, 64], [8, 16], 63, 1, False),  # four chunks, one new token: no decode step
+        ([20], [16], 18, 2, True),  # the last chunk starts early to fit the cache; sampled programs
+    ],
+)
+def test_request_shapes_are_the_programs_generate_runs(saved_case, monkeypatch, n_positions, buckets, length, new, sample):
+    """`nx generate` compiles only `request_shapes`: it must name every program the request calls."""
+    from nx.model import NxModel
+
+    hf, path = saved_case(CASE)
+    model = nx.load("llama", path, n_positions=n_positions, context_length_estimate=buckets,
+                    compile=False, progress=False)
+    used, real = [], NxModel.executable
+
+    def spy(self, *key):
+        used.append(key)
+        return real(self, *key)
+
+    monkeypatch.setattr(NxModel, "executable", spy)
+    ids, mask = left_padded([length], CASE.vocab, seed=length)
+    model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=sample, seed=0)
+    assert sorted(model.request_shapes(length, new, sample)) == sorted(set(used))
+    with pytest.raises(nx.BucketError, match="max_new_tokens"):
+        model.request_shapes(length, n_positions[-1], sample)
+
+
 def test_eos_stops_each_row_and_pads_like_hf(pair):
     hf, model = pair
     ids, mask = left_padded([7, 4], CASE.vocab, seed=11)

@@ -145,14 +145,18 @@ def generate(
 ) -> None:
     """Generate text: ``nx generate [FAMILY] PATH --prompt ...`` (FAMILY inferred when omitted).
 
-    Greedy by default; any of --temperature/--top-k/--top-p switches to sampling. Text streams to stdout as it is produced; timing goes to stderr.
+    Greedy by default; any of --temperature/--top-k/--top-p switches to sampling. Only the programs
+    this prompt and --max-new-tokens run are compiled (or taken from the compile cache), not every
+    bucket. Text streams to stdout as it is produced; timing goes to stderr.
     """
+    import dataclasses
     import time
 
     from transformers import TextStreamer
 
     import nx
     from nx import distributed
+    from nx.generation import SamplingParams
 
     if num_processes > 1 and distributed.num_processes() == 1:
         sys.exit(distributed.launch(sys.argv[1:], num_processes))
@@ -168,10 +172,8 @@ def generate(
         tp_degree=tp_degree,
         quant=_quant_config(quant),
         unroll=unroll,
+        compile=False,  # only the programs this request runs compile, below
     )
-    load_s = time.perf_counter() - t0
-    loaded = "load" if model.artifact_path else "load+compile"  # an artifact compiles nothing
-    loaded += _from_cache(model)
     tok = model.tokenizer
     if tok is None:
         raise nx.CheckpointError("the checkpoint ships no tokenizer; nx generate needs one to encode --prompt")
@@ -186,17 +188,24 @@ def generate(
         raise nx.InputError("the prompt is empty; pass some text with --prompt")
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if leader else None
     sampling = temperature is not None or top_k is not None or top_p is not None
+    knobs = SamplingParams(
+        sampling, 1.0 if temperature is None else temperature, top_k, 1.0 if top_p is None else top_p, repetition_penalty, seed
+    ).validated()  # bad flags fail before anything compiles
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    shapes = model.request_shapes(len(ids), max_new_tokens, sampling)
+    todo = [s for s in shapes if s not in model.compiled_shapes]  # an artifact holds its greedy programs
+    model.compile(shapes=todo)
+    compile_s = time.perf_counter() - t1
+    loaded = f"load {load_s:.1f}s"
+    if todo:
+        loaded += f" | compile {len(todo)} programs {compile_s:.1f}s{_from_cache(model)}"
     out = model.generate(
         [ids],
         max_new_tokens=max_new_tokens,
         streamer=streamer,
         return_dict=True,
-        do_sample=sampling,
-        temperature=1.0 if temperature is None else temperature,
-        top_k=top_k,
-        top_p=1.0 if top_p is None else top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
+        **dataclasses.asdict(knobs),
     )
     if not leader:
         return
@@ -205,7 +214,7 @@ def generate(
     decode_s = t["total_s"] - t["first_token_s"]
     rate = (t["new_tokens"] - 1) / decode_s if t["new_tokens"] > 1 and decode_s > 0 else float("nan")
     click.echo(
-        f"[{loaded} {load_s:.1f}s | prompt {t['prompt_tokens']} tokens | new {t['new_tokens']} tokens | "
+        f"[{loaded} | prompt {t['prompt_tokens']} tokens | new {t['new_tokens']} tokens | "
         f"first token {t['first_token_s'] * 1000:.0f} ms | decode {rate:.1f} tokens/s]",
         err=True,
     )
@@ -386,7 +395,7 @@ def compile_cmd(
     t2 = time.perf_counter()
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     click.echo(
-        f"compiled {len(model._executables)} programs into {out} ({size / 2**20:.1f} MiB) | load {t1 - t0:.1f}s | "
+        f"compiled {len(model.compiled_shapes)} programs into {out} ({size / 2**20:.1f} MiB) | load {t1 - t0:.1f}s | "
         f"compile+save {t2 - t1:.1f}s ({n_workers} workers){_from_cache(model)}" + (f" | HLO in {dump_hlo}" if dump_hlo else ""),
         err=True,
     )

@@ -258,6 +258,11 @@ class NxModel:
             (b, 1, p, False) for p in self.config.n_positions
         ]
 
+    @property
+    def compiled_shapes(self) -> list[tuple[int, int, int, bool]]:
+        """Keys of the programs compiled (or loaded) so far, in the order they were built."""
+        return list(self._executables)
+
     def _abstract_inputs(self, rows: int, n_tokens: int) -> tuple[decoder.StepInputs, SamplingInputs]:
         b, v = self.config.batch_size, self.spec.vocab_size
         rep = self._replicated
@@ -352,30 +357,54 @@ class NxModel:
         """Encode the prompts (chunked when longer than the largest context bucket) and choose
         the first new token. Returns (run state, first tokens, logits)."""
         rows, length = ids.shape
-        cfg = self.config
         self._check_prompt_fits(length)
         run = self._new_run(ids, pad, sp)
         pad_dev = self._put(pad.astype(np.int32))
-        start = 0
-        while True:
-            remaining = length - start
-            c = min(buckets.pick(list(cfg.context_buckets), min(remaining, cfg.context_buckets[-1]), "", ""),
-                    cfg.max_positions)
-            start = min(start, cfg.max_positions - c)  # re-encode a little rather than overflow the cache
+        for start, c, window in self._prompt_chunks(length):
             chunk = np.zeros((rows, c), np.int32)
             n = min(c, length - start)
             chunk[:, :n] = ids[:, start : start + n]
-            window = buckets.pick(list(cfg.n_positions), start + c, "", "")
             final = start + c >= length
             tokens, logits, seen = self._call(
                 run, chunk, window, start, pad_dev, (length - 1 - start) if final else c - 1, suppress
             )
-            if final:
-                break
-            start += c
         run.sampling = run.sampling._replace(seen=seen)
         run.slot = length
         return run, tokens, logits
+
+    def _prompt_chunks(self, length: int) -> Iterator[tuple[int, int, int]]:
+        """(start, tokens, window) of each program call that encodes a `length`-token prompt: one
+        context bucket, or chunks of the largest one for longer prompts (the last chunk starts early
+        enough to fit the cache, re-encoding a few tokens rather than overflowing it)."""
+        cfg = self.config
+        start = 0
+        while True:
+            c = min(buckets.pick(list(cfg.context_buckets), min(length - start, cfg.context_buckets[-1]), "", ""),
+                    cfg.max_positions)
+            start = min(start, cfg.max_positions - c)
+            yield start, c, buckets.pick(list(cfg.n_positions), start + c, "", "")
+            if start + c >= length:
+                return
+            start += c
+
+    def _decode_windows(self, length: int, max_new_tokens: int) -> list[int]:
+        """The position buckets the decode steps after a `length`-token prompt use: the step that
+        writes slot s attends over the smallest bucket holding s + 1 positions; the last new token
+        is never fed back."""
+        pos = list(self.config.n_positions)
+        return sorted({buckets.pick(pos, s + 1, "", "") for s in range(length, length + max_new_tokens - 1)})
+
+    def request_shapes(self, prompt_length: int, max_new_tokens: int, sample: bool = False) -> list[tuple[int, int, int, bool]]:
+        """The programs ((rows, tokens, window, sample) keys, as `compile(shapes=...)` takes) that
+        generating `max_new_tokens` after a `prompt_length`-token prompt runs. ``nx generate``
+        compiles only these: a one-off request needs one or two of the default eleven programs,
+        and a sampled one none of the greedy ones. Raises `BucketError` if the request cannot fit."""
+        self._check_prompt_fits(prompt_length)
+        self._check_total_fits(prompt_length, max_new_tokens, f"max_new_tokens={max_new_tokens}", "lower max_new_tokens")
+        pb, b = self.config.prompt_batch_size, self.config.batch_size
+        prefill = [(pb, c, window, sample) for _, c, window in self._prompt_chunks(prompt_length)]
+        decode = [(b, 1, window, sample) for window in self._decode_windows(prompt_length, max_new_tokens)]
+        return list(dict.fromkeys(prefill + decode))
 
     def _check_prompt_fits(self, length: int) -> None:
         if length > self.config.max_positions:
