@@ -27,12 +27,20 @@ def _hf(hf, ids, mask, new, eos):
         return hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0)
 
 
-def test_warmup_compiles_every_program_and_changes_no_result(saved_case):
-    """Warm-up leaves placeholder keys and values in the cache; greedy tokens must still be HF's."""
+def test_warmup_compiles_every_program_and_changes_no_result(saved_case, monkeypatch):
+    """Warm-up (each program run as soon as a worker has built it, the runs taking turns on the KV
+    cache) leaves placeholder keys and values in the cache; greedy tokens must still be HF's."""
+    from nx.model import NxModel
+
     hf, path = saved_case(CASE)
     model = nx.load("llama", path, batch_size=2, n_positions=[32, 64], context_length_estimate=[8, 16],
                     compile=False, warmup=True, progress=False)
-    assert sorted(model._executables) == sorted(model.program_shapes())
+    assert sorted(model._executables) == sorted(model.program_shapes()) == sorted(model._warmed)
+    calls = []
+    monkeypatch.setattr(NxModel, "_call", lambda self, *a, **k: calls.append(a))
+    model.warmup()  # every program is warm already
+    assert calls == []
+    monkeypatch.undo()
     ids, mask = left_padded([7, 4], CASE.vocab, seed=10)
     assert_same_greedy(hf, model, ids, mask, 20)
 

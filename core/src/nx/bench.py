@@ -361,6 +361,7 @@ def _compile_from_cache(model: Any, progress: bool | None) -> dict[str, Any]:
     """Drop `model`'s programs and build them again from its (now filled) compile cache."""
     cache = model.compile_cache
     model._executables.clear()
+    model._warmed.clear()
     gc.collect()
     hits = cache.hits
     t0 = time.perf_counter()

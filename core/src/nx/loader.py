@@ -52,8 +52,8 @@ def load(
     first use instead. Compiled programs are kept in an on-disk cache and loaded from it when the
     same program is needed again (`nx.compile_cache`: ``$NX_CACHE_DIR`` or ``~/.cache/nx``;
     ``compile_cache`` False disables it, a path picks the directory). ``warmup=True`` also runs
-    each program once (`NxModel.warmup`), so the first requests do not pay XLA's first-call setup
-    (~0.5 s per prompt bucket on CPU).
+    each program once as soon as it is built (`NxModel.warmup`), so the first requests do not pay
+    XLA's first-call setup (~0.5 s per prompt bucket on CPU).
 
     `tp_degree` shards weights and KV cache over that many devices (on CPU nx creates the host
     devices itself if jax has not started yet); `devices` picks device ids (e.g. to run several
@@ -116,9 +116,9 @@ def load(
     del ckpt  # let the checkpoint and its open files go before the weights are placed
     model = NxModel(family, spec, params, config, hf_config, tokenizer_loader, quant=quant)
     model.compile_cache = cache
-    if compile:
-        model.compile(progress)
-    return model.warmup(progress) if warmup else model
+    if compile or warmup:
+        model.compile(progress, warm=warmup)  # each program warms up as soon as it is built
+    return model
 
 
 def ensure_cpu_devices(config: RuntimeConfig) -> None:
