@@ -43,7 +43,7 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
         k, v = jnp.repeat(k, ctx.rep, axis=0), jnp.repeat(v, ctx.rep, axis=0)
     cache = ops.update_caches(cache, k, v, ctx.slot)
     q, mask = _select(q, only), _select(ctx.mask, only)
-    o = ops.attend(q, *ops.cache_windows(cache, ctx.window, spec.kv_heads, ctx.rep), mask, spec.scale, ctx.bias)
+    o = ops.attend(q, *ops.cache_windows(cache, ctx.window, spec.kv_heads, ctx.rep, q.dtype), mask, spec.scale, ctx.bias)
     return ops.row_parallel_linear(o, p["o"], ctx.tp_axis), cache
 
 

@@ -242,7 +242,8 @@ class NxModel:
         if self.unroll:  # one stacked pair per layer of a scanned block
             shapes, pairs = tuple((s.n_layers // self.unroll, *shape) for shape in shapes), self.unroll
         where = NamedSharding(self.mesh, self.cache_spec)
-        zeros = jax.jit(lambda: tuple(jnp.zeros(shape, self.dtype) for shape in shapes), out_shardings=(where, where))
+        stored = ops.cache_dtype(self.dtype)  # 16-bit floats as their uint16 bits (see nx.ops.attention)
+        zeros = jax.jit(lambda: tuple(jnp.zeros(shape, stored) for shape in shapes), out_shardings=(where, where))
         return [zeros() for _ in range(pairs)]
 
     def layer_params(self) -> list[Any]:

@@ -13,6 +13,12 @@ parallelism the leading axis splits into whole kv heads.
 A program writes its new keys and values at `slot` (one `dynamic_update_slice` each, in place
 because the caches are donated) and then attends over the first `window` positions, masking
 padding and the future.
+
+16-bit float caches (``amp`` bf16 / f16) are held as their uint16 bits (`cache_dtype`): XLA:CPU
+computes a bf16 dynamic-update-slice in f32, converting the whole cache both ways at every step,
+and written through a uint16 view of a bf16 array it still copied the whole cache behind the
+bitcast (SmolLM2 bf16 decode at 256 positions: 27.3 ms per step with a 256-position cache, 46.5
+with a 2048-position one). Held as uint16, the write is in place and readers view it as floats.
 """
 
 from __future__ import annotations
@@ -29,6 +35,26 @@ def cache_shapes(batch: int, positions: int, kv_heads: int, head_dim: int) -> tu
     return (kv_heads * batch, head_dim, positions), (kv_heads * batch, positions, head_dim)
 
 
+def cache_dtype(dtype) -> jnp.dtype:
+    """How a cache of `dtype` values is stored: 16-bit floats as their uint16 bits, else as is."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def _stored(x: jnp.ndarray, cache: jnp.ndarray) -> jnp.ndarray:
+    """Keys or values as the cache stores them (16-bit floats bit for bit as uint16)."""
+    if cache.dtype == x.dtype:
+        return x
+    if cache.dtype == jnp.uint16 and x.dtype.itemsize == 2:
+        return lax.bitcast_convert_type(x, jnp.uint16)
+    return x.astype(cache.dtype)
+
+
+def _values(c: jnp.ndarray, dtype) -> jnp.ndarray:
+    """A stored cache (window) as `dtype` values."""
+    return lax.bitcast_convert_type(c, dtype) if c.dtype == jnp.uint16 else c
+
+
 def _rows(x: jnp.ndarray) -> jnp.ndarray:
     """``[B, T, kvh, d]`` -> ``[kvh * B, T, d]`` (kv-head major, like the caches)."""
     b, t, kvh, d = x.shape
@@ -36,42 +62,33 @@ def _rows(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarray) -> tuple:
-    """Write keys and values ``[B, T, kvh, d]`` into one layer's ``(K, V)`` caches at position `slot`."""
+    """Write keys and values ``[B, T, kvh, d]`` into one layer's ``(K, V)`` caches at position `slot`
+    (in place: one `dynamic_update_slice` each of the stored values, see `cache_dtype`)."""
     k_cache, v_cache = caches
     zero = jnp.zeros((), jnp.int32)
     keys = jnp.swapaxes(_rows(k), 1, 2)  # [rows, d, T]
     return (
-        _write(k_cache, keys, (zero, zero, slot)),
-        _write(v_cache, _rows(v), (zero, slot, zero)),
+        lax.dynamic_update_slice(k_cache, _stored(keys, k_cache), (zero, zero, slot)),
+        lax.dynamic_update_slice(v_cache, _stored(_rows(v), v_cache), (zero, slot, zero)),
     )
 
 
-def _write(cache: jnp.ndarray, update: jnp.ndarray, start: tuple) -> jnp.ndarray:
-    """``cache`` with ``update`` (cast to the cache's dtype) written at ``start``.
-
-    A 16-bit float cache is written through its unsigned-integer view (bit-identical): XLA:CPU
-    computes a bf16 dynamic-update-slice in f32, converting the whole cache both ways at every
-    step. Through the view it stays 16-bit (SmolLM2 bf16 decode: 2.2 -> 0.98 ms of cache writes
-    per step), though XLA:CPU still copies the cache behind the bitcast rather than writing in
-    place; f32 caches are updated in place as before."""
-    update = update.astype(cache.dtype)
-    if cache.dtype.itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
-        return lax.dynamic_update_slice(cache, update, start)
-    as_bits = lax.dynamic_update_slice(
-        lax.bitcast_convert_type(cache, jnp.uint16), lax.bitcast_convert_type(update, jnp.uint16), start
-    )
-    return lax.bitcast_convert_type(as_bits, cache.dtype)
-
-
-def cache_windows(caches: tuple, window: int, kv_heads: int, every: int = 1) -> tuple:
-    """The first `window` positions of one layer's ``(K, V)`` caches; with ``every > 1`` only every
-    `every`-th batch row of each kv head (rows that context broadcasting filled identically)."""
+def cache_windows(caches: tuple, window: int, kv_heads: int, every: int = 1, dtype=None) -> tuple:
+    """The first `window` positions of one layer's ``(K, V)`` caches as `dtype` values (what a
+    16-bit cache stores; see `cache_dtype`); with ``every > 1`` only every `every`-th batch row of
+    each kv head (rows that context broadcasting filled identically)."""
     k, v = caches
-    if window < v.shape[1]:
+    if window < v.shape[1] or k.dtype == jnp.uint16:
         # A gather, not a slice: XLA:CPU fuses a slice of the updated cache with the update itself,
-        # duplicating the in-place write, and then copies both whole caches at every step.
+        # duplicating the in-place write, and then copies both whole caches at every step. It does
+        # the same with the float view of a whole uint16 cache, so that is gathered too (a copy of
+        # the window, converted on the way, as every smaller window is).
         idx = jnp.arange(window, dtype=jnp.int32)
         k, v = jnp.take(k, idx, axis=2), jnp.take(v, idx, axis=1)
+    if k.dtype == jnp.uint16:
+        if dtype is None:
+            raise ValueError("cache_windows: a uint16 (16-bit float) cache needs the dtype its values have")
+        k, v = _values(k, dtype), _values(v, dtype)
     if every == 1:
         return k, v
 
