@@ -215,6 +215,16 @@ def test_foreign_manifest_asks_to_recompile(copy, key, value, message):
     assert "recompile" in str(err.value) or "JAX_NUM_CPU_DEVICES" in str(err.value)
 
 
+def test_older_format_asks_to_recompile(copy):
+    """A format-2 artifact's bf16/f16 programs take 16-bit caches, not today's uint16 ones."""
+    mf = copy / artifacts.MANIFEST
+    m = json.loads(mf.read_text())
+    m["format"] = artifacts.FORMAT - 1
+    mf.write_text(json.dumps(m))
+    with pytest.raises(nx.ArtifactError, match=f"nx reads format {artifacts.FORMAT}; recompile"):
+        nx.load(copy)
+
+
 def test_unreadable_manifest_is_an_artifact_error(copy):
     (copy / artifacts.MANIFEST).write_text("{not json")
     with pytest.raises(nx.ArtifactError, match="recompile"):

@@ -40,7 +40,9 @@ WEIGHTS = "weights.safetensors"
 PROGRAMS = "programs"
 #: 2: linear weights stored ``[out, in]`` and the KV-cache layout of `nx.ops.attention` (format 1: ``[in, out]``,
 #: caches ``[batch, positions, kv_heads, head_dim]``); programs and weights of format 1 do not fit either.
-FORMAT = 2
+#: 3: 16-bit KV caches are uint16 program arguments (`nx.ops.attention.cache_dtype`); a format-2 bf16/f16
+#: program takes bf16/f16 caches.
+FORMAT = 3
 
 #: CPU features an XLA:CPU executable may have been compiled to use (it targets the host CPU).
 _CPU_FEATURES = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512bw",
