@@ -48,3 +48,17 @@ def test_bf16_cache_reads_the_same_in_any_window(saved_case):
         assert model.caches[0][0].dtype == np.uint16
         outs.append(np.asarray(model.generate(ids, max_new_tokens=20, min_new_tokens=20)))
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_uint16_cache_takes_only_16_bit_float_bits():
+    """Writing f32 keys into a uint16 (16-bit float) cache would be a value cast, not the bits."""
+    import jax.numpy as jnp
+
+    from nx import ops
+
+    caches = tuple(jnp.zeros(s, ops.cache_dtype(jnp.bfloat16)) for s in ops.cache_shapes(1, 8, 2, 4))
+    kv = jnp.ones((1, 1, 2, 4), jnp.bfloat16) * 1.5
+    k, v = ops.update_caches(caches, kv, kv, jnp.int32(3))
+    assert k.dtype == jnp.uint16 and float(ops.cache_windows((k, v), 8, 2, dtype=jnp.bfloat16)[1][0, 3, 0]) == 1.5
+    with pytest.raises(TypeError, match="bf16 or f16"):
+        ops.update_caches(caches, kv.astype(jnp.float32), kv.astype(jnp.float32), jnp.int32(3))

@@ -45,9 +45,11 @@ def _stored(x: jnp.ndarray, cache: jnp.ndarray) -> jnp.ndarray:
     """Keys or values as the cache stores them (16-bit floats bit for bit as uint16)."""
     if cache.dtype == x.dtype:
         return x
-    if cache.dtype == jnp.uint16 and x.dtype.itemsize == 2:
-        return lax.bitcast_convert_type(x, jnp.uint16)
-    return x.astype(cache.dtype)
+    if cache.dtype != jnp.uint16:
+        return x.astype(cache.dtype)
+    if cache_dtype(x.dtype) != jnp.uint16:  # the bits of which 16-bit float? (not a value cast)
+        raise TypeError(f"a uint16 cache holds 16-bit float bits; keys and values must be bf16 or f16, got {x.dtype}")
+    return lax.bitcast_convert_type(x, jnp.uint16)
 
 
 def _values(c: jnp.ndarray, dtype) -> jnp.ndarray:
