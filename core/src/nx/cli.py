@@ -193,13 +193,13 @@ def generate(
     ).validated()  # bad flags fail before anything compiles
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    shapes = model.request_shapes(len(ids), max_new_tokens, sampling)
-    todo = [s for s in shapes if s not in model.compiled_shapes]  # an artifact holds its greedy programs
-    model.compile(shapes=todo)
+    built = len(model.compiled_shapes)  # an artifact holds its greedy programs already
+    model.compile(shapes=model.request_shapes(len(ids), max_new_tokens, sampling))
+    built = len(model.compiled_shapes) - built
     compile_s = time.perf_counter() - t1
     loaded = f"load {load_s:.1f}s"
-    if todo:
-        loaded += f" | compile {len(todo)} programs {compile_s:.1f}s{_from_cache(model)}"
+    if built:
+        loaded += f" | compile {built} programs {compile_s:.1f}s{_from_cache(model)}"
     out = model.generate(
         [ids],
         max_new_tokens=max_new_tokens,

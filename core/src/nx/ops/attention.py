@@ -52,11 +52,6 @@ def _stored(x: jnp.ndarray, cache: jnp.ndarray) -> jnp.ndarray:
     return lax.bitcast_convert_type(x, jnp.uint16)
 
 
-def _values(c: jnp.ndarray, dtype) -> jnp.ndarray:
-    """A stored cache (window) as `dtype` values."""
-    return lax.bitcast_convert_type(c, dtype) if c.dtype == jnp.uint16 else c
-
-
 def _rows(x: jnp.ndarray) -> jnp.ndarray:
     """``[B, T, kvh, d]`` -> ``[kvh * B, T, d]`` (kv-head major, like the caches)."""
     b, t, kvh, d = x.shape
@@ -90,7 +85,7 @@ def cache_windows(caches: tuple, window: int, kv_heads: int, every: int = 1, dty
     if k.dtype == jnp.uint16:
         if dtype is None:
             raise ValueError("cache_windows: a uint16 (16-bit float) cache needs the dtype its values have")
-        k, v = _values(k, dtype), _values(v, dtype)
+        k, v = lax.bitcast_convert_type(k, dtype), lax.bitcast_convert_type(v, dtype)
     if every == 1:
         return k, v
 
