@@ -2,6 +2,15 @@
 
 On x86 CPUs with AVX-512, XLA:CPU still vectorizes for 256-bit registers by default; asking for
 512-bit vectors measured ~6-8% faster batch-1 decode of SmolLM2 on an AVX-512 Xeon (BENCHMARKS.md).
+
+Every program rounds where it says it rounds: by default XLA may skip a bf16/f16 rounding
+between two fused ops ("excess precision"), and which ones it skips depends on how the program
+is laid out, so a model's bf16 tokens changed with `unroll` (tiny models: 46-100% of greedy tokens
+equal between the scanned and the unrolled program; now identical). It costs SmolLM2 bf16 on the
+CPU 0-5% of decode speed and 0-10% of prompt time (BENCHMARKS.md; unmeasured on GPUs);
+f32 programs compile to the same HLO. Not set for PJRT plugins (Neuron), which may not accept
+XLA debug options.
+
 A value the user already put in ``XLA_FLAGS`` wins.
 """
 
@@ -11,6 +20,8 @@ import functools
 import os
 
 VECTOR_WIDTH = "xla_cpu_prefer_vector_width"
+EXCESS_PRECISION = "xla_allow_excess_precision"
+EXACT_ROUNDING_PLATFORMS = ("cpu", "gpu", "cuda")  # XLA's own backends; plugins (Neuron) may reject it
 
 
 def default_workers() -> int:
@@ -32,8 +43,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def compiler_options(platform: str) -> dict[str, int]:
+def compiler_options(platform: str) -> dict[str, int | bool]:
     """Options for `Lowered.compile(compiler_options=...)` of a program running on `platform`."""
-    if platform != "cpu" or VECTOR_WIDTH in os.environ.get("XLA_FLAGS", ""):
-        return {}
-    return {VECTOR_WIDTH: 512} if "avx512f" in cpu_flags() else {}
+    user = os.environ.get("XLA_FLAGS", "")
+    options: dict[str, int | bool] = {}
+    if platform in EXACT_ROUNDING_PLATFORMS and EXCESS_PRECISION not in user:
+        options[EXCESS_PRECISION] = False
+    if platform == "cpu" and VECTOR_WIDTH not in user and "avx512f" in cpu_flags():
+        options[VECTOR_WIDTH] = 512
+    return options
