@@ -39,7 +39,7 @@ ids = tok.apply_chat_template([{{"role": "user", "content": "What is the capital
                               add_generation_prompt=True, return_dict=True)["input_ids"]
 tokens = model.generate([ids], max_new_tokens=16).tolist()
 print(json.dumps(dict(imports=t_import - t0, read=t_read - t_import, compile=t_compile - t_read,
-                      save=t_save - t_compile, programs=len(model._executables), tokens=tokens, ids=ids)))
+                      save=t_save - t_compile, programs=len(model.compiled_shapes), tokens=tokens, ids=ids)))
 """
 
 CACHED = """

@@ -56,6 +56,22 @@ def test_second_load_compiles_nothing_and_matches_hf(saved_case, tmp_path, compi
     assert_same_greedy(hf, second, ids, mask, 20)
 
 
+def test_dropped_programs_come_back_from_the_cache(saved_case, tmp_path, compiles):
+    """`drop_programs()` frees every program; the next generate rebuilds what it runs from the
+    compile cache (no XLA compile) and gives the same tokens."""
+    _, path = saved_case(CASE)
+    model = nx.load("llama", path, compile_cache=tmp_path, **OPTS)
+    ids, mask = left_padded([7, 4], CASE.vocab, seed=21)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    model.drop_programs()
+    assert model.compiled_shapes == []
+    compiles.clear()
+    hits = model.compile_cache.hits
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    assert out.tolist() == ref.tolist()
+    assert _programs(compiles) == [] and model.compile_cache.hits - hits == len(model.compiled_shapes) > 0
+
+
 def test_other_buckets_options_or_flags_are_new_entries(saved_case, tmp_path, monkeypatch):
     _, path = saved_case(CASE)
     a = nx.load("llama", path, compile_cache=tmp_path, **OPTS)

@@ -360,8 +360,7 @@ def run(
 def _compile_from_cache(model: Any, progress: bool | None) -> dict[str, Any]:
     """Drop `model`'s programs and build them again from its (now filled) compile cache."""
     cache = model.compile_cache
-    model._executables.clear()
-    model._warmed.clear()
+    model.drop_programs()
     gc.collect()
     hits = cache.hits
     t0 = time.perf_counter()

@@ -267,6 +267,13 @@ class NxModel:
         """Keys of the programs compiled (or loaded) so far, in the order they were built."""
         return list(self._executables)
 
+    def drop_programs(self) -> None:
+        """Forget every compiled program and free its memory; each is built again (from the
+        compile cache, if one is set) when next needed. Weights and KV caches stay."""
+        with self._run_lock:
+            self._executables.clear()
+            self._warmed.clear()
+
     def _abstract_inputs(self, rows: int, n_tokens: int) -> tuple[decoder.StepInputs, SamplingInputs]:
         b, v = self.config.batch_size, self.spec.vocab_size
         rep = self._replicated
