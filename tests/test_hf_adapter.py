@@ -47,3 +47,17 @@ def test_sampling_and_num_return_sequences(saved_case):
     with torch.no_grad():
         ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert all(torch.equal(r, ref[0]) for r in greedy_like)
+
+
+def test_beam_search_matches_hf(saved_case):
+    """HF's beam search (3 beams for each of 2 left-padded prompts) through nx: the beams are
+    reordered between steps, which nx follows by re-encoding; the result is HF's."""
+    case = LLAMA_CASES[0]
+    hf, path = saved_case(case)
+    m = nx.load("llama", path, batch_size=6, progress=False, **BUCKETS)
+    adapter = HuggingFaceGenerationModelAdapter(hf.config, m)
+    ids, mask = left_padded([10, 6], case.vocab, seed=31)
+    kw = dict(attention_mask=mask, max_new_tokens=20, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ref = hf.generate(ids, **kw)
+    assert torch.equal(adapter.generate(ids, **kw), ref)
