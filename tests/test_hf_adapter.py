@@ -49,15 +49,22 @@ def test_sampling_and_num_return_sequences(saved_case):
     assert all(torch.equal(r, ref[0]) for r in greedy_like)
 
 
-def test_beam_search_matches_hf(saved_case):
-    """HF's beam search (3 beams for each of 2 left-padded prompts) through nx: the beams are
-    reordered between steps, which nx follows by re-encoding; the result is HF's."""
+@pytest.mark.parametrize("opts", [{}, {"tp_degree": 2}, {"unroll": 1}], ids=["plain", "tp2", "scanned"])
+def test_beam_search_matches_hf(saved_case, opts):
+    """HF's beam search (3 beams for each of 2 left-padded prompts) through nx: beams reordered
+    between steps have their KV cache rows gathered on the device, so the prompts are encoded
+    once, and the result is HF's."""
     case = LLAMA_CASES[0]
     hf, path = saved_case(case)
-    m = nx.load("llama", path, batch_size=6, progress=False, **BUCKETS)
+    m = nx.load("llama", path, batch_size=6, progress=False, **BUCKETS, **opts)
     adapter = HuggingFaceGenerationModelAdapter(hf.config, m)
     ids, mask = left_padded([10, 6], case.vocab, seed=31)
     kw = dict(attention_mask=mask, max_new_tokens=20, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         ref = hf.generate(ids, **kw)
+    starts, reorders = [], []
+    start, reorder = m._start, m._reorder
+    m._start = lambda *a, **k: starts.append(1) or start(*a, **k)
+    m._reorder = lambda run, rows: reorders.append(rows.tolist()) or reorder(run, rows)
     assert torch.equal(adapter.generate(ids, **kw), ref)
+    assert len(starts) == 1 and reorders  # beams were reordered, never re-encoded

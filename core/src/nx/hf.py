@@ -39,7 +39,7 @@ class HuggingFaceGenerationModelAdapter(PreTrainedModel, GenerationMixin):
 
     def reset_generation(self) -> None:
         self._run: Any = None
-        self._seen: np.ndarray | None = None
+        self._seen: np.ndarray | None = None  # the rows (token ids and attention mask) last run
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -50,19 +50,28 @@ class HuggingFaceGenerationModelAdapter(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         ids = input_ids.detach().cpu().numpy()
+        mask = None if attention_mask is None else attention_mask.detach().cpu().numpy()
+        rows = np.concatenate([ids, np.ones_like(ids) if mask is None else mask], axis=1)
         m = self.nx_model
-        prev = self._seen
-        if (
-            self._run is not None
-            and prev is not None
-            and ids.shape[0] == prev.shape[0]
-            and ids.shape[1] == prev.shape[1] + 1
-            and np.array_equal(ids[:, :-1], prev)
-        ):
-            _, logits = m._next(self._run, m._put(ids[:, -1].astype(np.int32)))
+        source = self._continued_rows(rows)
+        if source is None:
+            self._run, _, logits = m._start(*m._prepare(ids, mask), SamplingParams())
         else:
-            clean, pad = m._prepare(ids, None if attention_mask is None else attention_mask.cpu().numpy())
-            self._run, _, logits = m._start(clean, pad, SamplingParams())
-        self._seen = ids
+            if not np.array_equal(source, np.arange(len(source))):
+                m._reorder(self._run, source)
+            _, logits = m._next(self._run, m._put(ids[:, -1].astype(np.int32)))
+        self._seen = rows
         out = torch.from_numpy(np.array(logits, dtype=np.float32))[:, None, :]
         return CausalLMOutputWithPast(logits=out)
+
+    def _continued_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """For a batch that extends rows run before by one token each (token ids and mask side by
+        side), the earlier row each one continues; None when it is a new batch to encode."""
+        prev = self._seen
+        if self._run is None or prev is None or rows.shape != (prev.shape[0], prev.shape[1] + 2):
+            return None
+        n = prev.shape[1] // 2
+        before = np.concatenate([rows[:, :n], rows[:, n + 1 : -1]], axis=1)  # drop the new token and its mask bit
+        where = {r.tobytes(): i for i, r in enumerate(prev)}
+        source = [where.get(r.tobytes()) for r in before]
+        return None if None in source else np.array(source)

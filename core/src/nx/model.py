@@ -136,6 +136,27 @@ def _program(model: NxModel, window: int, sample: bool):
     return jax.jit(run, donate_argnums=(1,), out_shardings=out_shardings)
 
 
+def _row_gather(model: NxModel) -> Callable:
+    """A program taking every layer's caches and ``rows [batch]`` to the caches with batch row i
+    copied from row ``rows[i]``. Cache rows are ``kv_heads x batch`` (head-major; a scanned
+    block's stacked caches have a leading layer axis) and each device gathers its own heads."""
+    batch_axis = 1 if model.unroll else 0
+
+    def gather(caches, rows):
+        def one(c):
+            lead = c.shape[:batch_axis]
+            grouped = c.reshape(*lead, -1, rows.shape[0], *c.shape[batch_axis + 1 :])
+            return jnp.take(grouped, rows, axis=batch_axis + 1).reshape(c.shape)
+
+        return jax.tree.map(one, caches)
+
+    cache_specs = [(model.cache_spec, model.cache_spec)] * len(model.caches)
+    if model.config.tp_degree > 1:
+        gather = jax.shard_map(gather, mesh=model.mesh, in_specs=(cache_specs, P()), out_specs=cache_specs)
+    kv = NamedSharding(model.mesh, model.cache_spec)
+    return jax.jit(gather, donate_argnums=(0,), out_shardings=[(kv, kv)] * len(model.caches))
+
+
 @dataclass
 class _Run:
     """Device-side state of one in-flight batch between program calls."""
@@ -204,6 +225,7 @@ class NxModel:
         self._executables: dict[tuple[int, int, int, bool], Any] = {}
         self._warmed: set[tuple[int, int, int, bool]] = set()  # programs `warmup` has run
         self._run_lock = threading.Lock()
+        self._gather_rows: Callable | None = None  # `_reorder`'s program, built on first use
         #: The artifact directory this model was restored from (`nx.load(dir)`), else None.
         self.artifact_path: Any = None
         #: Directory receiving each program's HLO (text and HloModuleProto) when it compiles.
@@ -476,6 +498,19 @@ class NxModel:
         run.sampling = run.sampling._replace(seen=seen)
         run.slot += 1
         return tokens, logits
+
+    def _reorder(self, run: _Run, rows: np.ndarray) -> None:
+        """Make batch row i continue what row ``rows[i]`` held so far (beam search keeps some
+        beams, duplicates others): gathers the KV caches, the padding and the seen-token masks
+        instead of encoding the reordered sequences again."""
+        rows = np.asarray(rows, np.int32)
+        if self._gather_rows is None:
+            self._gather_rows = _row_gather(self)
+        with self._run_lock:
+            self.caches = self._gather_rows(self.caches, self._put(rows))
+        # small per-row inputs go through the host, so they stay placed as every program expects
+        run.pad = self._put(self._host(run.pad)[rows])
+        run.sampling = run.sampling._replace(seen=self._put(self._host(run.sampling.seen)[rows]))
 
     # ---- public API --------------------------------------------------------------------------
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
