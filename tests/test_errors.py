@@ -171,3 +171,12 @@ def test_bad_generate_inputs(small_model, ids, mask, match):
 def test_bad_max_new_tokens(small_model):
     with pytest.raises(nx.InputError, match="max_new_tokens must be a positive int"):
         small_model.generate([[1, 2], [3, 4]], max_new_tokens=0)
+
+
+def test_unsupported_generate_option_is_named(small_model):
+    """An HF-only option such as num_beams gets an NxError naming it and the adapter, not a TypeError."""
+    ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(nx.InputError, match=r"does not take num_beams.*HuggingFaceGenerationModelAdapter"):
+        small_model.generate(ids, max_new_tokens=2, num_beams=4)
+    with pytest.raises(nx.InputError, match=r"does not take no_repeat_ngram_size"):
+        next(small_model.stream(ids, max_new_tokens=2, no_repeat_ngram_size=3))

@@ -9,6 +9,7 @@ Token choice (greedy or sampling) happens inside the program; only token ids cro
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import time
@@ -537,6 +538,7 @@ class NxModel:
 
     def stream(self, input_ids: Any, attention_mask: Any = None, **kwargs) -> Iterator[np.ndarray]:
         """Like `generate`, but yields each step's new tokens ``[batch]`` as soon as it exists."""
+        _check_generate_options(kwargs)
         for host, _ in self._generate_steps(input_ids, attention_mask, **kwargs):
             yield host
 
@@ -563,6 +565,7 @@ class NxModel:
         """
         import torch
 
+        _check_generate_options(kwargs)
         prompt = _as_int_array(input_ids, "input_ids")
         rep = self.config.broadcast
         if streamer is not None:
@@ -765,3 +768,16 @@ def _as_int_array(x: Any, name: str) -> np.ndarray:
     if a.ndim != 2 or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_) or a.size == 0):
         raise InputError(f"{name} must be a 2-D array of integer token ids, got shape {a.shape} dtype {a.dtype}")
     return a.astype(np.int64)
+
+
+def _check_generate_options(kwargs: dict) -> None:
+    """Name the options `generate` / `stream` do not take (HF users pass ``num_beams`` and the like)
+    instead of failing with a bare TypeError."""
+    known = set(inspect.signature(NxModel._generate_steps).parameters) - {"self", "input_ids", "attention_mask"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise InputError(
+            f"generate() does not take {', '.join(unknown)}; its options are max_new_tokens, streamer, "
+            f"output_scores, return_dict, {', '.join(sorted(known - {'max_new_tokens'}))}. Beam search and "
+            "transformers' other generation strategies run on nx through nx.hf.HuggingFaceGenerationModelAdapter"
+        )
