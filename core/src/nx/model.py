@@ -9,6 +9,7 @@ Token choice (greedy or sampling) happens inside the program; only token ids cro
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import threading
@@ -110,7 +111,7 @@ def _program(model: NxModel, window: int, sample: bool):
         return decoder.step(local, params, caches, inp, window, axis, spec.vocab_size, model.unroll)
 
     if tp > 1:
-        cache_specs = [(model.cache_spec, model.cache_spec)] * len(model.caches)
+        cache_specs = _per_cache(model, model.cache_spec)
         forward = jax.shard_map(
             forward,
             mesh=model.mesh,
@@ -133,8 +134,13 @@ def _program(model: NxModel, window: int, sample: bool):
     # after a run is the same program (on one device XLA would otherwise hand them back replicated,
     # a different lowering and so a different compile-cache key).
     rep, kv = model._replicated, NamedSharding(model.mesh, model.cache_spec)
-    out_shardings = (rep, rep, [(kv, kv)] * len(model.caches), rep)
+    out_shardings = (rep, rep, _per_cache(model, kv), rep)
     return jax.jit(run, donate_argnums=(1,), out_shardings=out_shardings)
+
+
+def _per_cache(model: NxModel, leaf: Any) -> list[tuple[Any, Any]]:
+    """`leaf` (a partition spec or sharding) for the K and V cache of every layer pair."""
+    return [(leaf, leaf)] * len(model.caches)
 
 
 def _row_gather(model: NxModel) -> Callable:
@@ -151,11 +157,10 @@ def _row_gather(model: NxModel) -> Callable:
 
         return jax.tree.map(one, caches)
 
-    cache_specs = [(model.cache_spec, model.cache_spec)] * len(model.caches)
     if model.config.tp_degree > 1:
+        cache_specs = _per_cache(model, model.cache_spec)
         gather = jax.shard_map(gather, mesh=model.mesh, in_specs=(cache_specs, P()), out_specs=cache_specs)
-    kv = NamedSharding(model.mesh, model.cache_spec)
-    return jax.jit(gather, donate_argnums=(0,), out_shardings=[(kv, kv)] * len(model.caches))
+    return jax.jit(gather, donate_argnums=(0,), out_shardings=_per_cache(model, NamedSharding(model.mesh, model.cache_spec)))
 
 
 @dataclass
@@ -538,7 +543,7 @@ class NxModel:
 
     def stream(self, input_ids: Any, attention_mask: Any = None, **kwargs) -> Iterator[np.ndarray]:
         """Like `generate`, but yields each step's new tokens ``[batch]`` as soon as it exists."""
-        _check_generate_options(kwargs)
+        _check_generate_options(NxModel.stream, kwargs)
         for host, _ in self._generate_steps(input_ids, attention_mask, **kwargs):
             yield host
 
@@ -565,7 +570,7 @@ class NxModel:
         """
         import torch
 
-        _check_generate_options(kwargs)
+        _check_generate_options(NxModel.generate, kwargs)
         prompt = _as_int_array(input_ids, "input_ids")
         rep = self.config.broadcast
         if streamer is not None:
@@ -770,14 +775,20 @@ def _as_int_array(x: Any, name: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _check_generate_options(kwargs: dict) -> None:
+def _check_generate_options(method: Callable, kwargs: dict) -> None:
     """Name the options `generate` / `stream` do not take (HF users pass ``num_beams`` and the like)
     instead of failing with a bare TypeError."""
-    known = set(inspect.signature(NxModel._generate_steps).parameters) - {"self", "input_ids", "attention_mask"}
-    unknown = sorted(set(kwargs) - known)
+    unknown = sorted(set(kwargs) - _generate_options(method))
     if unknown:
         raise InputError(
-            f"generate() does not take {', '.join(unknown)}; its options are max_new_tokens, streamer, "
-            f"output_scores, return_dict, {', '.join(sorted(known - {'max_new_tokens'}))}. Beam search and "
-            "transformers' other generation strategies run on nx through nx.hf.HuggingFaceGenerationModelAdapter"
+            f"{method.__name__}() does not take {', '.join(unknown)}; its options are "
+            f"{', '.join(sorted(_generate_options(method)))}. Beam search and transformers' other generation "
+            "strategies run on nx through nx.hf.HuggingFaceGenerationModelAdapter"
         )
+
+
+@functools.cache
+def _generate_options(method: Callable) -> frozenset[str]:
+    """The keyword options `method` takes itself or passes on to `NxModel._generate_steps`."""
+    names = set(inspect.signature(method).parameters) | set(inspect.signature(NxModel._generate_steps).parameters)
+    return frozenset(names - {"self", "input_ids", "attention_mask", "kwargs"})
