@@ -77,13 +77,14 @@ def profile(model, rows: int, tokens: int, window: int, steps: int) -> dict:
     from nx.generation import SamplingParams
 
     exe = model.executable(rows, tokens, window, False)
-    run, tok, _ = model._start(np.ones((rows, 8), np.int64), np.zeros(rows, np.int32), SamplingParams())
-    ids = model._put(np.ones((rows, tokens), np.int32))
-    inp = decoder.StepInputs(ids, model._put(np.int32(window - tokens)), run.pad, model._put(np.int32(0)))
+    session = model.session(model.prepare(np.ones((rows, 8), np.int64)), SamplingParams())
+    session.start()
+    ids = model.put(np.ones((rows, tokens), np.int32))
+    inp = decoder.StepInputs(ids, model.put(np.int32(window - tokens)), session.pad, model.put(np.int32(0)))
 
     def call():
-        out = exe(model.params, model.caches, inp, run.sampling)
-        model.caches = out[2]
+        out = exe(model.params, model.caches, inp, session.sampling)
+        model.kv.swap(out[2])
         jax.block_until_ready(out[0])
 
     for _ in range(5):

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from nx.errors import (
@@ -22,11 +21,7 @@ from nx.errors import (
     WeightKeyError,
 )
 from nx.hookspecs import hookimpl
-
-try:
-    __version__ = version("nx-core")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
+from nx.version import __version__
 
 if TYPE_CHECKING:
     from nx.convert import save_pretrained_split

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from nx import buckets, xla_options
+from nx.config import RuntimeConfig
 from nx.errors import ConfigError, NxError
 
 DEFAULT_BATCH_SIZES = (1, 8)
@@ -111,17 +112,13 @@ def tree_nbytes(tree: Any) -> int:
     return int(sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(tree)))
 
 
-def decode_windows(model: Any, prompt_tokens: int, new_tokens: int) -> list[int]:
-    """The position bucket each decode step runs in (step t feeds the token at slot prompt + t - 1)."""
-    pos = list(model.config.n_positions)
-    return [buckets.pick(pos, prompt_tokens + t, "", "") for t in range(1, new_tokens)]
-
-
 def bytes_per_step(model: Any, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
     """Weight bytes and mean KV-cache bytes one decode step reads (see the module docstring)."""
     weights = tree_nbytes(model.params)
     cache = tree_nbytes(model.caches)
-    windows = decode_windows(model, prompt_tokens, new_tokens) or [model.config.n_positions[0]]
+    # step t feeds the token at slot prompt + t - 1
+    windows = [buckets.decode_window(model.config, prompt_tokens + t - 1) for t in range(1, new_tokens)]
+    windows = windows or [model.config.n_positions[0]]
     kv = float(np.mean([cache * w / model.config.max_positions for w in windows]))
     return {"weight_bytes_per_step": weights, "kv_bytes_per_step": kv, "bytes_per_step": weights + kv}
 
@@ -223,13 +220,9 @@ def bench_model(model: Any, prompt_lengths: Sequence[int], new_tokens: int, seed
 
 
 def _check_fits(n_positions: int | Sequence[int], prompt_lengths: Sequence[int], new_tokens: int) -> None:
-    largest = buckets.position_buckets(n_positions)[-1]
     need = max(prompt_lengths) + new_tokens
-    if need > largest:
-        raise ConfigError(
-            f"a {max(prompt_lengths)}-token prompt plus {new_tokens} new tokens needs {need} positions but the "
-            f"largest n_positions bucket is {largest}; pass --n-positions {need} or lower --prompt-lengths/--new-tokens"
-        )
+    buckets.check_fits(RuntimeConfig.build(n_positions=n_positions), max(prompt_lengths), new_tokens,
+                       f"{new_tokens} new tokens", f"pass --n-positions {need} or lower --prompt-lengths/--new-tokens")
 
 
 def run(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 from nx.errors import BucketError, ConfigError
 
@@ -51,3 +52,84 @@ def pick(buckets: list[int], needed: int, what: str, hint: str) -> int:
         if b >= needed:
             return b
     raise BucketError(f"{what} needs {needed} positions but the largest bucket is {buckets[-1]}; {hint}")
+
+
+# ---- which program serves what: pure functions of a RuntimeConfig (see nx.config) -------------
+class ProgramKey(NamedTuple):
+    """Which program: `rows` x `tokens` fed at once, attending over `window` positions, greedy or
+    sampling; an `insert` program encodes one prompt into a chosen batch row (continuous batching)."""
+
+    rows: int
+    tokens: int
+    window: int
+    sample: bool = False
+    insert: bool = False
+
+    @property
+    def name(self) -> str:
+        """File-name form: ``prefill_b1_t64_w128``, ``decode_b4_w256``, ``insert_t64_w128`` (+ ``_sample``)."""
+        if self.insert:
+            base = f"insert_t{self.tokens}_w{self.window}"
+        elif self.tokens == 1:
+            base = f"decode_b{self.rows}_w{self.window}"
+        else:
+            base = f"prefill_b{self.rows}_t{self.tokens}_w{self.window}"
+        return base + ("_sample" if self.sample else "")
+
+
+def default_keys(config: Any, sample: bool = False) -> list[ProgramKey]:
+    """The programs a model builds up front: a prefill per prompt bucket (over the smallest
+    position bucket holding it, as `prompt_chunks` picks) and a decode step per position bucket."""
+    pos = list(config.n_positions)
+    return [ProgramKey(config.prompt_batch_size, c, pick(pos, c, "", ""), sample) for c in config.context_buckets] + [
+        ProgramKey(config.batch_size, 1, p, sample) for p in pos
+    ]
+
+
+def prompt_chunks(config: Any, length: int) -> Iterator[tuple[int, int, int]]:
+    """(start, tokens, window) of each prefill call encoding a `length`-token prompt: one prompt
+    bucket, or chunks of the largest one; the last chunk starts early enough to fit the cache,
+    re-encoding a few tokens rather than overflowing it."""
+    ctx, pos = list(config.context_buckets), list(config.n_positions)
+    start = 0
+    while True:
+        c = min(pick(ctx, min(length - start, ctx[-1]), "", ""), config.max_positions)
+        start = min(start, config.max_positions - c)
+        yield start, c, pick(pos, start + c, "", "")
+        if start + c >= length:
+            return
+        start += c
+
+
+def decode_window(config: Any, slot: int) -> int:
+    """The position bucket of the decode step writing cache slot `slot`."""
+    return pick(list(config.n_positions), slot + 1, "generation", "load the model with a larger n_positions")
+
+
+def decode_windows(config: Any, length: int, max_new_tokens: int) -> list[int]:
+    """The position buckets the decode steps after a `length`-token prompt use (the last new
+    token is never fed back)."""
+    return sorted({decode_window(config, s) for s in range(length, length + max_new_tokens - 1)})
+
+
+def request_keys(config: Any, length: int, max_new_tokens: int, sample: bool = False) -> list[ProgramKey]:
+    """The programs generating `max_new_tokens` after a `length`-token prompt runs."""
+    check_fits(config, length, max_new_tokens, f"max_new_tokens={max_new_tokens}", "lower max_new_tokens")
+    prefill = [ProgramKey(config.prompt_batch_size, c, w, sample) for _, c, w in prompt_chunks(config, length)]
+    decode = [ProgramKey(config.batch_size, 1, w, sample) for w in decode_windows(config, length, max_new_tokens)]
+    return list(dict.fromkeys(prefill + decode))
+
+
+def check_fits(config: Any, length: int, extra: int = 0, what: str = "", hint: str = "") -> None:
+    """A `length`-token prompt plus `extra` more positions must fit the largest position bucket."""
+    top = config.max_positions
+    if length > top:
+        raise BucketError(
+            f"a prompt of {length} tokens is longer than the largest n_positions bucket {top}; "
+            "load the model with a larger n_positions"
+        )
+    if length + extra > top:
+        raise BucketError(
+            f"a prompt of {length} tokens plus {what} needs {length + extra} positions but the largest "
+            f"n_positions bucket is {top}; load the model with a larger n_positions or {hint}"
+        )

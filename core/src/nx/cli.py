@@ -7,16 +7,24 @@ Heavy libraries (jax, torch, transformers) are imported inside commands that nee
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
-from nx.errors import NxError
+from nx import config
+from nx.errors import ConfigError, NxError
 
 
 def _int_list(value: str | None) -> list[int] | int | None:
+    """``"128"`` -> 128, ``"128,256"`` -> [128, 256] (bucket flags); anything else is a usage error."""
     if value is None:
         return None
-    parts = [int(p) for p in value.split(",") if p.strip()]
+    try:
+        parts = [int(p) for p in value.split(",") if p.strip()]
+    except ValueError:
+        parts = []
+    if not parts:
+        raise click.BadParameter(f"expected an int or a comma list of ints, got {value!r}")
     return parts[0] if len(parts) == 1 else parts
 
 
@@ -31,32 +39,42 @@ class _NxGroup(click.Group):
             sys.exit(2)
 
 
-#: How a model is compiled: the options generate, bench and compile share (see `nx.load`).
-_MODEL_OPTIONS = (
-    click.option("--n-positions", default="1024", show_default=True, help="Position buckets: an int or a comma list."),
-    click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list."),
-    click.option("--amp", default="f32", show_default=True, type=click.Choice(["f32", "bf16", "f16"])),
-    click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron."),
-    click.option("--quant", default=None, type=click.Choice(["s8"]), help="Store 2-D weights as int8."),
-    click.option(
-        "--unroll", type=int, default=None,
-        help="Layers per scanned block (a divisor of the layer count): faster compiles, slower CPU decode. "
-        "Default: every layer unrolled.",
-    ),
-)
+#: click type of each load option that has a CLI flag (others are plain strings).
+_FLAG_TYPES = {"batch_size": int, "prompt_batch_size": int, "tp_degree": int, "unroll": int,
+               "amp": click.Choice(list(config.AMP)), "quant": click.Choice(list(config.QUANT))}
+_DEFAULT_FLAGS = ("n_positions", "context_length_estimate", "amp", "backend", "tp_degree", "unroll", "quant")
 
 
-def model_options(command):
-    """Add `_MODEL_OPTIONS` to a command."""
-    for option in reversed(_MODEL_OPTIONS):
-        command = option(command)
-    return command
+def model_options(*names: str):
+    """Add the CLI flags of these load options (default: how a model is compiled), with the help
+    text, defaults and flag names of `nx.config.OPTIONS`, so every command spells them alike."""
+
+    def decorate(command):
+        for name in reversed(names or _DEFAULT_FLAGS):
+            o = config.BY_NAME[name]
+            kind = _FLAG_TYPES.get(name, str)
+            default = o.default if o.default is None or kind is not str else str(o.default)
+            command = click.option(o.flag, name, type=kind, default=default, show_default=o.default is not None,
+                                   help=o.help)(command)
+        return command
+
+    return decorate
+
+
+def _load_kwargs(dequant_dtype: str | None = None, no_quantize: str | None = None, **values: Any) -> dict:
+    """The CLI values of load options as `nx.load` keywords (bucket lists parsed, quantization
+    options combined into one `QuantizationConfig`)."""
+    out = dict(values)
+    for name in ("n_positions", "context_length_estimate"):
+        if name in out:
+            out[name] = _int_list(out[name])
+    out["quant"] = _quant_config(out.get("quant"), dequant_dtype, no_quantize)
+    return out
 
 
 def _quant_config(quant: str | None, dequant_dtype: str | None = None, no_quantize: str | None = None):
     """The `QuantizationConfig` of the --quant options (None without --quant; its sub-options alone
     are an error)."""
-    from nx.errors import ConfigError
     from nx.quant import QuantizationConfig, patterns
 
     if quant is None:
@@ -109,13 +127,12 @@ def list_models() -> None:
 @click.option("--prompt", "-p", required=True, help="Text to continue (or the user message with --chat).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @click.option("--max-new-tokens", "-n", default=64, show_default=True, type=int)
-@model_options
+@model_options()
 @click.option("--temperature", type=float, default=None, help="Sample with this temperature (default: greedy).")
 @click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens.")
 @click.option("--top-p", type=float, default=None, help="Sample from the smallest set with this probability mass.")
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
-@click.option("--tp", "tp_degree", type=int, default=1, show_default=True, help="Tensor-parallel degree.")
 @click.option(
     "--num-processes",
     type=int,
@@ -129,19 +146,13 @@ def generate(
     prompt: str,
     chat: bool,
     max_new_tokens: int,
-    n_positions: str,
-    context_length_estimate: str | None,
-    amp: str,
-    backend: str,
     temperature: float | None,
     top_k: int | None,
     top_p: float | None,
     repetition_penalty: float,
     seed: int | None,
-    tp_degree: int,
     num_processes: int,
-    quant: str | None,
-    unroll: int | None,
+    **load: Any,
 ) -> None:
     """Generate text: ``nx generate [FAMILY] PATH --prompt ...`` (FAMILY inferred when omitted).
 
@@ -163,17 +174,7 @@ def generate(
     leader = distributed.is_leader()
     t0 = time.perf_counter()
     args = (target, path) if path else (target,)
-    model = nx.load(
-        *args,
-        n_positions=_int_list(n_positions),
-        context_length_estimate=_int_list(context_length_estimate),
-        amp=amp,
-        backend=backend,
-        tp_degree=tp_degree,
-        quant=_quant_config(quant),
-        unroll=unroll,
-        compile=False,  # only the programs this request runs compile, below
-    )
+    model = nx.load(*args, **_load_kwargs(**load), compile=False)  # only this request's programs compile, below
     tok = model.tokenizer
     if tok is None:
         raise nx.CheckpointError("the checkpoint ships no tokenizer; nx generate needs one to encode --prompt")
@@ -226,8 +227,7 @@ def generate(
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Comma list; one model load per batch size.")
 @click.option("--prompt-lengths", default="16,128,512", show_default=True, help="Comma list of prompt lengths (random ids).")
 @click.option("--new-tokens", default=128, show_default=True, type=int, help="Tokens generated per run (EOS banned).")
-@model_options
-@click.option("--tp-degree", default=1, show_default=True, type=int, help="Tensor-parallel degree.")
+@model_options()
 @click.option("--dequant-dtype", default=None, type=click.Choice(["f32", "bf16", "f16"]), help="int8 weights convert to this for matmuls on accelerators (default: --amp); the CPU runs int8 dots.")
 @click.option("--cached-load/--no-cached-load", default=True, show_default=True,
               help="Also save a compiled artifact (model.save) to a temporary directory and time nx.load from it.")
@@ -239,17 +239,10 @@ def bench(
     batch_sizes: str,
     prompt_lengths: str,
     new_tokens: int,
-    amp: str,
-    n_positions: str,
-    context_length_estimate: str | None,
-    backend: str,
-    tp_degree: int,
-    quant: str | None,
-    dequant_dtype: str | None,
     cached_load: bool,
     seed: int,
     as_json: bool,
-    unroll: int | None,
+    **load: Any,
 ) -> None:
     """Measure compile time, time to first token, decode tokens/s, latency, memory and bandwidth.
 
@@ -269,22 +262,13 @@ def bench(
             raise click.BadParameter(f"expected a comma list of ints, got {value!r}", param_hint=name)
         return out
 
-    options: dict = {"tp_degree": tp_degree} if tp_degree != 1 else {}
-    if unroll is not None:
-        options["unroll"] = unroll
-    qc = _quant_config(quant, dequant_dtype)
-    if qc is not None:
-        options["quant"] = qc
+    options = {k: v for k, v in _load_kwargs(**load).items() if v != config.BY_NAME[k].default or k == "n_positions"}
     result = nx_bench.run(
         target,
         path,
         batch_sizes=ints(batch_sizes, "--batch-sizes"),
         prompt_lengths=ints(prompt_lengths, "--prompt-lengths"),
         new_tokens=new_tokens,
-        amp=amp,
-        n_positions=_int_list(n_positions),
-        context_length_estimate=_int_list(context_length_estimate),
-        backend=backend,
         seed=seed,
         cached_load=cached_load,
         progress=False,
@@ -332,10 +316,7 @@ def cache_clear() -> None:
 @click.argument("target")
 @click.argument("path", required=False)
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
-@click.option("--batch-size", default=1, show_default=True, type=int)
-@click.option("--prompt-batch-size", default=None, type=int, help="Prompt rows encoded once and broadcast (default: batch size).")
-@model_options
-@click.option("--tp", "tp_degree", default=1, show_default=True, type=int, help="Tensor-parallel degree.")
+@model_options("batch_size", "prompt_batch_size", *_DEFAULT_FLAGS)
 @click.option("--dequant-dtype", default=None, type=click.Choice(["f32", "bf16", "f16"]), help="int8 weights convert to this for matmuls on accelerators (default: --amp); the CPU runs int8 dots.")
 @click.option("--no-quantize", default=None, help="Comma list of parameter-name patterns kept in floating point.")
 @click.option("--sampling", is_flag=True, help="Also compile the sampling variant of every program.")
@@ -345,20 +326,10 @@ def compile_cmd(
     target: str,
     path: str | None,
     out: str,
-    batch_size: int,
-    prompt_batch_size: int | None,
-    n_positions: str,
-    context_length_estimate: str | None,
-    amp: str,
-    backend: str,
-    tp_degree: int,
-    quant: str | None,
-    dequant_dtype: str | None,
-    no_quantize: str | None,
     sampling: bool,
     dump_hlo: str | None,
     workers: int | None,
-    unroll: int | None,
+    **load: Any,
 ) -> None:
     """Compile every bucket and save a servable artifact: ``nx compile [FAMILY] PATH --out DIR``.
 
@@ -368,30 +339,16 @@ def compile_cmd(
     from pathlib import Path
 
     import nx
-    from nx import artifacts
     from nx.xla_options import default_workers
 
-    qc = _quant_config(quant, dequant_dtype, no_quantize)
     t0 = time.perf_counter()
     args = (target, path) if path else (target,)
-    model = nx.load(
-        *args,
-        batch_size=batch_size,
-        prompt_batch_size=prompt_batch_size,
-        n_positions=_int_list(n_positions),
-        context_length_estimate=_int_list(context_length_estimate),
-        amp=amp,
-        backend=backend,
-        tp_degree=tp_degree,
-        quant=qc,
-        unroll=unroll,
-        compile=False,
-    )
+    model = nx.load(*args, **_load_kwargs(**load), compile=False)
     if dump_hlo:
         model.dump_to = dump_hlo
     t1 = time.perf_counter()
     n_workers = workers or default_workers()
-    artifacts.save(model, out, sampling=sampling, workers=n_workers)
+    model.save(out, sampling=sampling, workers=n_workers)
     t2 = time.perf_counter()
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     click.echo(

@@ -1,9 +1,8 @@
 """An on-disk cache of compiled programs: loading a model again deserializes its programs
-instead of compiling them (SmolLM2-135M's 11 default programs: 13 s of XLA compile -> ~5 s of
-lowering and loading on 2 cores; lowering still runs, it is what the cache is keyed on).
+instead of compiling them (lowering still runs: it is what the cache is keyed on).
 
 An entry's key is the sha256 of the lowered program's text, the XLA compiler options (nx's and
-those jax derives from its settings), ``XLA_FLAGS``, the devices and `nx.artifacts.environment`
+those jax derives from its settings), ``XLA_FLAGS``, the devices and `nx.executables.environment`
 (nx / jax / jaxlib versions, platform, CPU features): any change to nx, a plugin, jax, the options
 or the machine makes a new entry, never a stale hit.
 Each entry carries the sha256 of its bytes and is written atomically; an entry that does not
@@ -31,6 +30,9 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from nx import executables
+from nx.errors import ArtifactError, ConfigError
 
 ENV = "NX_CACHE_DIR"
 MAX_MB_ENV = "NX_CACHE_MAX_MB"
@@ -68,8 +70,6 @@ class CompileCache:
             try:
                 max_bytes = int(float(value) * 2**20)
             except ValueError:
-                from nx.errors import ConfigError
-
                 raise ConfigError(f"{MAX_MB_ENV}={value!r} is not a size; give the cache limit in MiB, e.g. 2048") from None
         self.max_bytes = max_bytes
         self.hits = 0
@@ -95,7 +95,7 @@ class CompileCache:
         return f"CompileCache({str(self.directory)!r}, hits={self.hits}, misses={self.misses})"
 
     # ---- the one entry point -------------------------------------------------------------------
-    def compile(self, lowered: Any, options: dict, model: Any) -> Any:
+    def compile(self, lowered: Any, options: dict, devices: list, deserialize: Callable[[bytes], Any]) -> Any:
         """`lowered` compiled with `options`, from the cache if an entry matches, else compiled and
         stored (a backend that cannot serialize, or a read-only directory, just skips storing).
         Multi-process runs (``jax.distributed``) always compile: like artifacts, their programs are
@@ -104,8 +104,8 @@ class CompileCache:
 
         if jax.process_count() > 1 or not self.usable():
             return lowered.compile(options)
-        key = self.key(lowered, options, model)
-        exe = self._load(key, model)
+        key = self.key(lowered, options, devices)
+        exe = self._load(key, deserialize)
         with self._lock:
             if exe is None:
                 self.misses += 1
@@ -116,18 +116,16 @@ class CompileCache:
             self._store(key, exe)
         return exe
 
-    def key(self, lowered: Any, options: dict, model: Any) -> str:
-        """The entry name for `lowered` compiled with `options` for `model`'s devices."""
+    def key(self, lowered: Any, options: dict, devices: list) -> str:
+        """The entry name for `lowered` compiled with `options` for `devices`."""
         import jax
-
-        from nx.artifacts import environment
 
         context = {
             "options": options,
             "jax_compile_config": {name: str(getattr(jax.config, name, None)) for name in _JAX_COMPILE_CONFIG},
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "environment": environment(model),
-            "devices": [int(d.id) for d in model.mesh.devices.flat],
+            "environment": executables.environment(devices),
+            "devices": [int(d.id) for d in devices],
         }
         h = hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode())
         h.update(lowered.as_text().encode())
@@ -224,9 +222,7 @@ class CompileCache:
     def _path(self, key: str) -> Path:
         return self.programs_dir / (key + _SUFFIX)
 
-    def _load(self, key: str, model: Any) -> Any:
-        from nx.executables import from_bytes
-
+    def _load(self, key: str, deserialize: Callable[[bytes], Any]) -> Any:
         f = self._path(key)
         try:
             data = f.read_bytes()
@@ -238,7 +234,7 @@ class CompileCache:
             f.unlink(missing_ok=True)  # truncated or damaged: compile again
             return None
         try:
-            exe = from_bytes(blob, model)
+            exe = deserialize(blob)
         except Exception:  # XLA's own error types: an entry this jaxlib cannot load
             f.unlink(missing_ok=True)
             return None
@@ -247,11 +243,8 @@ class CompileCache:
         return exe
 
     def _store(self, key: str, exe: Any) -> None:
-        from nx.errors import ArtifactError
-        from nx.executables import to_bytes
-
         try:
-            blob = to_bytes(exe)
+            blob = executables.to_bytes(exe)
         except ArtifactError:  # this backend cannot serialize: nothing to cache
             return
         data = _MAGIC + hashlib.sha256(blob).hexdigest().encode("ascii") + blob

@@ -21,13 +21,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nx.buckets import ProgramKey
+
 ENV = "NX_DUMP_TO"
 
 
-def program_name(rows: int, n_tokens: int, window: int, sample: bool = False) -> str:
-    """``prefill_b<rows>_t<tokens>_w<window>`` or ``decode_b<rows>_w<window>`` (+ ``_sample``)."""
-    name = f"decode_b{rows}_w{window}" if n_tokens == 1 else f"prefill_b{rows}_t{n_tokens}_w{window}"
-    return name + ("_sample" if sample else "")
+def program_name(rows: int, n_tokens: int, window: int, sample: bool = False, insert: bool = False) -> str:
+    """``prefill_b<rows>_t<tokens>_w<window>``, ``decode_b<rows>_w<window>`` or ``insert_t<tokens>_w<window>``
+    (+ ``_sample``)."""
+    return ProgramKey(rows, n_tokens, window, sample, insert).name
 
 
 def _input_names(lowered: Any) -> list[dict]:

@@ -18,6 +18,8 @@ import weakref
 from typing import Any
 
 from nx.errors import ArtifactError
+from nx.version import __version__
+from nx.xla_options import cpu_flags
 
 _SOURCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loaded program -> its bytes
 _SOURCE_LOCK = threading.Lock()
@@ -38,25 +40,49 @@ def to_bytes(executable: Any) -> bytes:
     return blob
 
 
-def from_bytes(blob: bytes, model: Any) -> Any:
-    """A program of `model` (any of its buckets) loaded from `to_bytes` output onto its devices.
+def from_bytes(blob: bytes, in_tree: Any, out_tree: Any, devices: list) -> Any:
+    """A program loaded from `to_bytes` output onto `devices`, taking and returning the pytrees
+    `in_tree` / `out_tree` (`nx.programs.ProgramSet.trees`).
 
     XLA reports bad bytes with its own error types; callers turn those into `ArtifactError`.
     """
-    import jax
     from jax.experimental import serialize_executable
 
-    from nx.decoder import StepInputs
-    from nx.sampling import SamplingInputs
-
-    devices = list(model.mesh.devices.flat)
-    out_tree = jax.tree.structure((0, 0, [(0, 0)] * len(model.caches), 0))
-    in_tree = jax.tree.structure(
-        ((model.params, model.caches, StepInputs(*[0] * 4), SamplingInputs(*[0] * len(SamplingInputs._fields))), {})
-    )
     executable = serialize_executable.deserialize_and_load(
         blob, in_tree, out_tree, backend=devices[0].client, execution_devices=devices
     )
     with _SOURCE_LOCK:
         _SOURCE[executable] = bytes(blob)
     return executable
+
+
+#: CPU features an XLA:CPU executable may have been compiled to use (it targets the host CPU).
+CPU_FEATURES = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512bw",
+                "avx512dq", "avx512vl", "avx512cd", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
+                "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "sve")
+
+
+def cpu_features() -> list[str]:
+    """The instruction-set features of this CPU that compiled programs may depend on."""
+    return sorted(cpu_flags() & set(CPU_FEATURES))
+
+
+def environment(devices: list) -> dict:
+    """What a serialized executable depends on: versions, platform, devices (and CPU features)."""
+    import jax
+    import jaxlib
+
+    dev = devices[0]
+    env = {
+        "nx_version": __version__,
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "platform": dev.platform,
+        "platform_version": dev.client.platform_version,
+        "device_kind": dev.device_kind,
+        "device_count": len(devices),
+        "process_device_count": len(jax.devices(dev.platform)),
+    }
+    if dev.platform == "cpu":
+        env["cpu_features"] = cpu_features()
+    return env

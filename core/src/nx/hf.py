@@ -16,14 +16,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nx.generation import SamplingParams
 from nx.model import NxModel
+from nx.session import Session
 
 
 class HuggingFaceGenerationModelAdapter(PreTrainedModel, GenerationMixin):
     """Wrap `nx_model` so ``adapter.generate(...)`` is Hugging Face's ``generate()``.
 
     The nx model's `batch_size` must equal the number of sequences HF runs (prompts times
-    ``num_return_sequences``). Call `reset_generation()` between unrelated generate calls if
-    you interleave them with other use of the same nx model.
+    ``num_return_sequences``). Each ``generate()`` call holds one `nx.session.Session` (every
+    row of the nx model's KV cache) until it returns.
     """
 
     main_input_name = "input_ids"
@@ -38,8 +39,17 @@ class HuggingFaceGenerationModelAdapter(PreTrainedModel, GenerationMixin):
         self.reset_generation()
 
     def reset_generation(self) -> None:
-        self._run: Any = None
+        """Close the open session, if any (``generate`` does it when it returns)."""
+        if getattr(self, "_session", None) is not None:
+            self._session.close()
+        self._session: Session | None = None
         self._seen: np.ndarray | None = None  # the rows (token ids and attention mask) last run
+
+    def generate(self, *args: Any, **kwargs: Any):
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.reset_generation()
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -55,11 +65,13 @@ class HuggingFaceGenerationModelAdapter(PreTrainedModel, GenerationMixin):
         m = self.nx_model
         source = self._continued_rows(rows)
         if source is None:
-            self._run, _, logits = m._start(*m._prepare(ids, mask), SamplingParams())
+            self.reset_generation()
+            self._session = m.session(m.prepare(ids, mask), SamplingParams())
+            _, logits = self._session.start()
         else:
             if not np.array_equal(source, np.arange(len(source))):
-                m._reorder(self._run, source)
-            _, logits = m._next(self._run, m._put(ids[:, -1].astype(np.int32)))
+                self._session.reorder(source)
+            _, logits = self._session.step(m.put(ids[:, -1].astype(np.int32)))
         self._seen = rows
         out = torch.from_numpy(np.array(logits, dtype=np.float32))[:, None, :]
         return CausalLMOutputWithPast(logits=out)
@@ -68,7 +80,7 @@ class HuggingFaceGenerationModelAdapter(PreTrainedModel, GenerationMixin):
         """For a batch that extends rows run before by one token each (token ids and mask side by
         side), the earlier row each one continues; None when it is a new batch to encode."""
         prev = self._seen
-        if self._run is None or prev is None or rows.shape != (prev.shape[0], prev.shape[1] + 2):
+        if self._session is None or prev is None or rows.shape != (prev.shape[0], prev.shape[1] + 2):
             return None
         n = prev.shape[1] // 2
         before = np.concatenate([rows[:, :n], rows[:, n + 1 : -1]], axis=1)  # drop the new token and its mask bit

@@ -2,90 +2,51 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+from jax._src import xla_bridge
+
 from nx import artifacts, distributed, memory, scan, sharding
+from nx import config as config_mod
 from nx.checkpoint import Checkpoint, TensorSource, open_checkpoint
 from nx.compile_cache import CompileCache
-from nx.errors import CheckpointError
+from nx.config import RuntimeConfig
+from nx.errors import ArtifactError, CheckpointError, ConfigError
 from nx.family import Family
-from nx.model import AMP_DTYPES, NxModel, RuntimeConfig, select_devices
+from nx.model import NxModel
 from nx.params import build_params
+from nx.placement import AMP_DTYPES, select_devices
 from nx.quant import as_config as as_quant_config
 from nx.quant import weight_bytes as quant_weight_bytes
 from nx.registry import Registry, default_registry
 
 
-def load(
-    family_or_path: str | os.PathLike,
-    path: str | os.PathLike | None = None,
-    *,
-    batch_size: int = 1,
-    prompt_batch_size: int | None = None,
-    n_positions: int | Sequence[int] = 1024,
-    context_length_estimate: int | Sequence[int] | None = None,
-    amp: str = "f32",
-    backend: str = "cpu",
-    tp_degree: int = 1,
-    devices: Sequence[int] | None = None,
-    unroll: int | None = None,
-    device_memory: int | None = None,
-    quant: Any = None,
-    compile: bool = True,
-    compile_cache: bool | str | os.PathLike = True,
-    warmup: bool = False,
-    progress: bool | None = None,
-    registry: Registry | None = None,
-) -> NxModel:
-    """Load a checkpoint and compile it.
+def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = None, *,
+         registry: Registry | None = None, **options: Any) -> NxModel:
+    """Load a checkpoint (or a compiled artifact) and compile it.
 
     ``nx.load("llama", path)`` uses the named family; ``nx.load(path)`` infers it from the
     checkpoint's ``model_type``. `path` is an HF model directory (safetensors, sharded safetensors
-    or pytorch_model.bin) or a ``.gguf`` file. `n_positions` and `context_length_estimate` are the
-    position and prompt buckets (an int means powers of two up to it); longer prompts are encoded
-    in chunks of the largest prompt bucket. `prompt_batch_size` < `batch_size` encodes each prompt
-    once and broadcasts it to ``batch_size // prompt_batch_size`` output rows. Every bucket's program
-    compiles now, in parallel threads (`NxModel.compile`); with ``compile=False`` each compiles on
-    first use instead. Compiled programs are kept in an on-disk cache and loaded from it when the
-    same program is needed again (`nx.compile_cache`: ``$NX_CACHE_DIR`` or ``~/.cache/nx``;
-    ``compile_cache`` False disables it, a path picks the directory). ``warmup=True`` also runs
-    each program once as soon as it is built (`NxModel.warmup`), so the first requests do not pay
-    XLA's first-call setup (~0.5 s per prompt bucket on CPU).
+    or pytorch_model.bin) or a ``.gguf`` file, or a directory written by ``model.save`` /
+    ``nx compile``, restored with its compiled programs (its baked options are fixed: only equal
+    values are accepted). Options (`nx.config.OPTIONS`, each checked before any file is read):
 
-    `tp_degree` shards weights and KV cache over that many devices (on CPU nx creates the host
-    devices itself if jax has not started yet); `devices` picks device ids (e.g. to run several
-    models side by side on disjoint devices); `device_memory` overrides the bytes per device used
-    by the fit check (weights + KV cache must fit in ``device_memory * tp_degree``).
-
-    `unroll` (a divisor of the layer count) compiles a block of that many layers once and scans it
-    over the stack: faster compiles of deep models, slower decode on CPU (see `nx.scan`); the
-    default None unrolls every layer.
-
-    `quant` (``nx.QuantizationConfig(...)`` or ``"s8"``) stores 2-D weights as int8 with
-    per-output-channel scales, dequantized inside the compiled programs.
-
-    A directory written by ``model.save`` / ``nx compile`` (it holds ``nx-artifact.json``) is
-    restored with its compiled programs and no XLA compile; its buckets, amp, tp and quantization
-    are fixed, so only options equal to the artifact's (or left at their defaults) are accepted.
+{options}
     """
-    cache = CompileCache.from_setting(compile_cache)  # a bad NX_CACHE_MAX_MB fails before any reading
-    if artifacts.is_artifact(family_or_path if path is None else path):  # a saved compiled model
-        options = {k: v for k, v in locals().items() if k not in ("family_or_path", "path", "registry", "cache")}
-        model = artifacts.load(
-            family_or_path if path is None else path,
-            family=None if path is None else str(family_or_path),
-            options=options,
-            registry=registry,
-        )
+    opts = config_mod.validate(options)
+    cache = CompileCache.from_setting(opts["compile_cache"])  # a bad NX_CACHE_MAX_MB fails before any reading
+    target = family_or_path if path is None else path
+    if artifacts.is_artifact(target):
+        model = load_artifact(target, None if path is None else str(family_or_path), options, registry)
         model.compile_cache = cache  # for programs built on demand
-        return model.warmup(progress) if warmup else model
+        return model.warmup(opts["progress"]) if opts["warmup"] else model
     registry = registry or default_registry()
-    config = RuntimeConfig.build(
-        batch_size, n_positions, context_length_estimate, amp, backend, prompt_batch_size, tp_degree, devices, unroll
-    )
+    config = RuntimeConfig.build(**{k: opts[k] for k in RUNTIME_OPTIONS})
     distributed.initialize_from_env()
     ensure_cpu_devices(config)
     if path is None:
@@ -101,30 +62,70 @@ def load(
             )
     spec = family.spec_from_config(ckpt.config)
     scan.block_size(spec.n_layers, config.unroll)  # a bad unroll fails before any weight is read
-    quant = as_quant_config(quant)
+    quant = as_quant_config(opts["quant"])
     if config.backend == "cpu" and config.amp == "f16" and quant is None:
         warnings.warn(
             "nx: amp='f16' on the CPU backend is slow: XLA:CPU has no f16 matmul kernels and converts every "
-            "weight to f32 at each call (SmolLM2-135M decodes ~6x slower than in f32); use amp='bf16' or 'f32' "
-            "on CPU, or int8 weights (quant='s8')",
+            "weight to f32 at each call; use amp='bf16' or 'f32' on CPU, or int8 weights (quant='s8')",
             RuntimeWarning,
             stacklevel=2,
         )
-    check_memory(family, spec, config, device_memory, quant)
-    params = build_params(family, spec, hf_tensors(family, ckpt), progress=progress)
+    check_memory(family, spec, config, opts["device_memory"], quant)
+    params = build_params(family, spec, hf_tensors(family, ckpt), progress=opts["progress"])
     hf_config, tokenizer_loader = ckpt.config, ckpt.tokenizer_loader(cache)
     del ckpt  # let the checkpoint and its open files go before the weights are placed
     model = NxModel(family, spec, params, config, hf_config, tokenizer_loader, quant=quant)
     model.compile_cache = cache
-    if compile or warmup:
-        model.compile(progress, warm=warmup)  # each program warms up as soon as it is built
+    if opts["compile"] or opts["warmup"]:
+        model.compile(opts["progress"], warm=opts["warmup"])  # each program warms up as soon as it is built
+    return model
+
+
+load.__signature__ = config_mod.signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("family_or_path", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+     inspect.Parameter("registry", inspect.Parameter.KEYWORD_ONLY, default=None)])
+load.__doc__ = load.__doc__.format(options=config_mod.options_doc())  # type: ignore[union-attr]
+RUNTIME_OPTIONS = ("batch_size", "prompt_batch_size", "n_positions", "context_length_estimate", "amp", "backend",
+                   "tp_degree", "devices", "unroll")
+
+
+def load_artifact(path: str | os.PathLike, family: str | None = None, options: dict | None = None,
+                  registry: Registry | None = None, verify: bool = True) -> NxModel:
+    """Restore an `NxModel` from an artifact directory with no XLA compile. `family`, if given, must
+    be the artifact's; `options` given to ``nx.load`` that differ from their defaults must equal the
+    artifact's. ``verify=False`` skips the sha256 checks (the version/platform checks always run)."""
+    contents = artifacts.read(path)
+    if family is not None and family != contents.family:
+        raise ConfigError(f"{str(path)!r} is a compiled {contents.family!r} artifact, not {family!r}; "
+                          f"use nx.load({str(path)!r})")
+    artifacts.check_options(contents, options or {})
+    ensure_cpu_devices(contents.config)
+    artifacts.check_environment(contents.manifest, contents.path)
+    if verify:
+        artifacts.verify(contents)
+    fam = (registry or default_registry()).get(contents.family)
+    if not contents.manifest.get("hf_config"):
+        raise ArtifactError(f"{str(path)!r} has no config.json (the model had no Hugging Face config); recompile it")
+    from transformers import AutoConfig  # heavy: only when restoring
+
+    hf_config = AutoConfig.from_pretrained(str(path))
+    spec = fam.spec_from_config(hf_config)
+    if artifacts.jsonable(spec) != contents.manifest.get("spec"):
+        raise ArtifactError(
+            f"the installed {fam.name} plugin ({fam.distribution} {fam.version}) describes this model differently "
+            f"from the one that compiled {str(path)!r} ({contents.manifest.get('plugin')}); recompile the artifact"
+        )
+    model = NxModel(fam, spec, contents.params(spec.n_layers), contents.config, hf_config,
+                    artifacts.tokenizer_loader(contents), quant=contents.quant, prepared=True)
+    for key, exe in artifacts.load_programs(contents.programs(), model.programs.deserialize):
+        model.programs.add(key, exe)
+    model.artifact_path = contents.path
     return model
 
 
 def ensure_cpu_devices(config: RuntimeConfig) -> None:
     """Make enough host devices for tensor parallelism on CPU, if jax has not started yet."""
-    import jax
-    from jax._src import xla_bridge
 
     if config.backend != "cpu" or xla_bridge.backends_are_initialized() or distributed.num_processes() > 1:
         return
@@ -135,7 +136,6 @@ def ensure_cpu_devices(config: RuntimeConfig) -> None:
 
 def check_memory(family: Family, spec, config: RuntimeConfig, per_device: int | None, quant: Any = None) -> None:
     """Fail before reading weights if weights + KV cache cannot fit the chosen devices."""
-    import jax.numpy as jnp
 
     sharding.check_degree(spec, config.tp_degree)
     devs = select_devices(config)

@@ -8,35 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from nx.errors import ShapeMismatchError, WeightKeyError
+from nx.errors import PluginError, ShapeMismatchError, WeightKeyError
 from nx.family import Family, Weight
+from nx.names import is_known
 from nx.progress import track
 from nx.spec import ModelSpec
-
-#: Tensor-parallel role of each parameter by its name within a layer / the model. Column-parallel
-#: weights split their output dim, row-parallel ones their input dim (followed by an all-reduce).
-ROLES: dict[str, str] = {
-    "qkv.w": "column",
-    "qkv.b": "column",
-    "up.w": "column",
-    "up.b": "column",
-    "o.w": "row",
-    "down.w": "row",
-    "embed.w": "vocab",
-    "lm_head.w": "vocab",
-    "lm_head.b": "vocab",
-}
-
-
-def role(name: str) -> str:
-    """The sharding role of a parameter name such as ``layers.3.qkv.w`` ("replicated" if none).
-
-    Leaves below a weight (e.g. ``qkv.w.q`` / ``qkv.w.scale`` of a quantized weight) share its role.
-    """
-    parts = name.split(".")
-    if parts[0] == "layers":
-        parts = parts[2:]
-    return ROLES.get(".".join(parts[:2]), "replicated")
 
 
 def _few(keys: set[str], n: int = 6) -> str:
@@ -69,6 +45,12 @@ def build_params(
 ) -> dict:
     """Read, convert and shape-check every parameter; returns the nested numpy tree."""
     weight_map = family.weights(spec)
+    unknown = sorted(n for n in weight_map if not is_known(n))
+    if unknown:
+        raise PluginError(
+            f"the {family.name} plugin maps checkpoint tensors to unknown nx parameter names {_few(set(unknown))}; "
+            "a plugin must use the names in nx.names (e.g. layers.0.qkv.w); fix or update the plugin"
+        )
     check_keys(family, weight_map, set(tensors))
     flat: dict[str, np.ndarray] = {}
     for name, w in track(weight_map.items(), "loading weights", total=len(weight_map), enabled=progress):

@@ -10,22 +10,24 @@ import jax.numpy as jnp
 
 
 class SamplingInputs(NamedTuple):
-    """Traced per-call sampling state (`seen` is carried from step to step on the device)."""
+    """Traced per-row sampling state (`seen` is carried from step to step on the device), so rows
+    with different settings share one program call."""
 
-    temperature: jnp.ndarray  # [B] f32
+    temperature: jnp.ndarray  # [B] f32; 0 in a sampling program: that row is greedy
     top_k: jnp.ndarray  # [B] i32, <= 0 disables
     top_p: jnp.ndarray  # [B] f32, 1.0 disables
-    penalty: jnp.ndarray  # [] f32 repetition penalty, 1.0 disables
+    penalty: jnp.ndarray  # [B] f32 repetition penalty, 1.0 disables
     seen: jnp.ndarray  # [B, V] bool: tokens already in each row (for the penalty)
-    suppress: jnp.ndarray  # [V] bool: tokens that may not be chosen this step (EOS before min_new_tokens)
-    key: jnp.ndarray  # PRNG key data for this step
+    suppress: jnp.ndarray  # [B, V] bool: tokens a row may not choose this step (EOS before min_new_tokens)
+    key: jnp.ndarray  # [B, key] PRNG key data of each row (folded with the position each step)
 
 
 def process(logits: jnp.ndarray, s: SamplingInputs) -> jnp.ndarray:
     """Repetition penalty (HF's rule: divide positive, multiply negative) and suppression."""
-    penalized = jnp.where(logits > 0, logits / s.penalty, logits * s.penalty)
+    penalty = s.penalty[:, None]
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
     logits = jnp.where(s.seen, penalized, logits)
-    return jnp.where(s.suppress[None, :], -jnp.inf, logits)
+    return jnp.where(s.suppress, -jnp.inf, logits)
 
 
 def filter_top_k_top_p(logits: jnp.ndarray, top_k: jnp.ndarray, top_p: jnp.ndarray) -> jnp.ndarray:
@@ -42,15 +44,18 @@ def filter_top_k_top_p(logits: jnp.ndarray, top_k: jnp.ndarray, top_p: jnp.ndarr
     return jnp.where((logits >= kth) & (logits >= pth), logits, -jnp.inf)
 
 
-def choose(logits: jnp.ndarray, s: SamplingInputs, sample: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Pick the next token of every row; returns (tokens [B] i32, updated `seen`)."""
+def choose(logits: jnp.ndarray, s: SamplingInputs, sample: bool, position: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Pick the next token of every row; returns (tokens [B] i32, updated `seen`). Row b draws
+    with its key folded with ``position[b]``, so a seeded row repeats whatever shares its call."""
     logits = process(logits.astype(jnp.float32), s)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sample:
-        scaled = logits / s.temperature[:, None]
-        scaled = filter_top_k_top_p(scaled, s.top_k, s.top_p)
-        key = jax.random.wrap_key_data(s.key)
-        tokens = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+        scaled = filter_top_k_top_p(logits / temperature, s.top_k, s.top_p)
+        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(s.key), position)
+        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, scaled).astype(jnp.int32)
+        tokens = jnp.where(s.temperature > 0, drawn, greedy)
     else:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = greedy
     seen = s.seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
     return tokens, seen

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from nx import names
 from nx.errors import ConfigError
-from nx.params import role
+from nx.names import role
 from nx.spec import ModelSpec
 
 AXIS = "tp"
@@ -93,13 +94,13 @@ def relayout(params: dict, spec: ModelSpec, tp: int) -> dict:
     qkv = _qkv_rows(spec, tp)
     gate_up = _gate_up_rows(spec, tp) if spec.gated_mlp else None
     for layer in params["layers"]:
-        for name, rows in (("qkv", qkv), ("up", gate_up)):
+        for name, rows in ((names.QKV, qkv), (names.UP, gate_up)):
             if rows is None:
                 continue
             for kind, arr in layer[name].items():  # weight [out, in] and bias [out]: rows are outputs
                 layer[name][kind] = np.take(arr, rows, axis=0)
     vp = padded_vocab(spec, tp)
-    for name in ("embed", "lm_head"):
+    for name in (names.EMBED, names.LM_HEAD):
         for kind, arr in params.get(name, {}).items():
             if arr.shape[0] == spec.vocab_size and vp != spec.vocab_size:
                 pad = np.zeros((vp - arr.shape[0], *arr.shape[1:]), arr.dtype)
@@ -108,7 +109,7 @@ def relayout(params: dict, spec: ModelSpec, tp: int) -> dict:
 
 
 def partition_spec(name: str, ndim: int):
-    """The PartitionSpec of one parameter leaf from its dotted name (see `nx.params.ROLES`)."""
+    """The PartitionSpec of one parameter leaf from its dotted name (see `nx.names.ROLES`)."""
     from jax.sharding import PartitionSpec as P
 
     r = role(name)

@@ -6,13 +6,21 @@ only translates its config and checkpoint keys; it never re-implements attention
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
+
+from nx.errors import ConfigError
 
 Norm = Literal["layer", "rms"]
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu"]
 Positions = Literal["learned", "rope", "alibi"]
 RopeStyle = Literal["half", "interleaved"]
+#: How a transformer block wires its residuals (`nx.decoder.BLOCKS` implements each):
+#: "sequential" x + attn(norm(x)), then + mlp(norm'(.)) (pre-norm: GPT-2, LLaMA, OPT-125m ...);
+#: "parallel" x + attn(norm(x)) + mlp(norm'(x)) (GPT-NeoX); "parallel_shared_norm" the same with one
+#: norm for both branches (GPT-J); "post_norm" norm(x + attn(x)), then norm'(. + mlp(.)) (OPT-350m);
+#: "sequential_from_norm" pre-norm whose residual is the normed input (a BLOOM option).
+Block = Literal["sequential", "parallel", "parallel_shared_norm", "post_norm", "sequential_from_norm"]
 
 
 @dataclass(frozen=True)
@@ -53,17 +61,15 @@ class ModelSpec:
     max_positions: int = 2048  # size of a learned position table / trained context
     position_offset: int = 0  # OPT stores positions shifted by 2
     rope: RopeSpec | None = None
-    parallel_residual: bool = False  # x + attn(ln(x)) + mlp(ln'(x))
-    shared_norm: bool = False  # parallel residual with one norm for both branches (GPT-J)
-    post_norm: bool = False  # norm after the residual add (OPT-350m)
-    residual_from_norm: bool = False  # pre-norm block whose residual is the normed input (BLOOM option)
+    block: Block = "sequential"
     embed_norm: bool = False  # norm right after the embedding (BLOOM)
     final_norm: bool = True
     tied_lm_head: bool = True
     lm_head_bias: bool = False
     project_dim: int | None = None  # OPT word_embed_proj_dim when it differs from hidden
     attn_scale: float | None = None  # None: 1/sqrt(head_dim)
-    extras: dict = field(default_factory=dict, compare=False, hash=False)
+    attention_bias: bool = False  # q/k/v and output projections have biases
+    mlp_bias: bool = False  # MLP projections have biases
 
     @property
     def kv_heads(self) -> int:
@@ -83,14 +89,12 @@ class ModelSpec:
         return (self.n_heads + 2 * self.kv_heads) * self.head_dim
 
     def __post_init__(self) -> None:
-        from nx.errors import ConfigError
-
         if self.n_heads % self.kv_heads:
             raise ConfigError(
                 f"{self.model_type}: num_attention_heads={self.n_heads} is not a multiple of "
                 f"num_key_value_heads={self.kv_heads}; fix the checkpoint's config.json."
             )
-        if self.residual_from_norm and (self.parallel_residual or self.post_norm):
-            raise ConfigError(f"{self.model_type}: residual_from_norm applies to sequential pre-norm blocks only")
+        if self.block not in Block.__args__:
+            raise ConfigError(f"{self.model_type}: block={self.block!r} is not one of {', '.join(Block.__args__)}")
         if self.positions == "rope" and self.rope is None:
             raise ConfigError(f"{self.model_type}: rotary positions need a RopeSpec")

@@ -1,15 +1,9 @@
 """XLA compiler options nx sets per program (never process-wide, so other jax code is unaffected).
 
-On x86 CPUs with AVX-512, XLA:CPU still vectorizes for 256-bit registers by default; asking for
-512-bit vectors measured ~6-8% faster batch-1 decode of SmolLM2 on an AVX-512 Xeon (BENCHMARKS.md).
-
-Every program rounds where it says it rounds: by default XLA may skip a bf16/f16 rounding
-between two fused ops ("excess precision"), and which ones it skips depends on how the program
-is laid out, so a model's bf16 tokens changed with `unroll` (tiny models: 46-100% of greedy tokens
-equal between the scanned and the unrolled program; now identical). It costs SmolLM2 bf16 on the
-CPU 0-5% of decode speed and 0-10% of prompt time (BENCHMARKS.md; unmeasured on GPUs);
-f32 programs compile to the same HLO. Not set for PJRT plugins (Neuron), which may not accept
-XLA debug options.
+On x86 CPUs with AVX-512, programs are vectorized for 512-bit registers (XLA:CPU defaults to 256).
+Every program rounds where it says it rounds (no XLA "excess precision"), so 16-bit results do not
+depend on how XLA fused a program; not set for PJRT plugins (Neuron), which may reject XLA debug
+options. The measurements are in BENCHMARKS.md.
 
 A value the user already put in ``XLA_FLAGS`` wins.
 """

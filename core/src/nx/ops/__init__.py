@@ -2,7 +2,15 @@
 
 from nx.ops.activations import activation
 from nx.ops.alibi import alibi_slopes
-from nx.ops.attention import attend, cache_dtype, cache_shapes, cache_windows, causal_padding_mask, update_caches
+from nx.ops.attention import (
+    attend,
+    cache_dtype,
+    cache_row,
+    cache_shapes,
+    cache_windows,
+    causal_padding_mask,
+    update_caches,
+)
 from nx.ops.embedding import embed, logits
 from nx.ops.linear import linear, lm_head, row_parallel_linear
 from nx.ops.mlp import mlp
@@ -15,6 +23,7 @@ __all__ = [
     "apply_rotary",
     "attend",
     "cache_dtype",
+    "cache_row",
     "cache_shapes",
     "cache_windows",
     "causal_padding_mask",

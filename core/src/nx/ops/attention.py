@@ -1,24 +1,11 @@
 """Attention over the on-device KV cache.
 
 Cache layout per layer, kv-head major (row ``k * batch + b``): keys ``[kv_heads * batch, head_dim,
-positions]`` (transposed) and values ``[kv_heads * batch, positions, head_dim]``. Each cache is then
-exactly the operand its attention dot takes, in the plain ``[rows, inner] x [inner, cols]`` form
-(queries x keys, probabilities x values, batched over rows), so XLA:CPU updates the caches in place
-and reads them where they lie. Measured on SmolLM2 decode (256 positions, batch 1): the former
-``[batch, positions, kv_heads, head_dim]`` layout made XLA copy every layer's K and V window into
-a transposed layout at each step (2.8 of 27 ms), and untransposed keys made the scores dot read them
-at a third of the speed (2.0 against 0.8 ms; 8.9 against 4.4 ms at batch 8). Under tensor
-parallelism the leading axis splits into whole kv heads.
-
-A program writes its new keys and values at `slot` (one `dynamic_update_slice` each, in place
-because the caches are donated) and then attends over the first `window` positions, masking
-padding and the future.
-
-16-bit float caches (``amp`` bf16 / f16) are held as their uint16 bits (`cache_dtype`): XLA:CPU
-computes a bf16 dynamic-update-slice in f32, converting the whole cache both ways at every step,
-and written through a uint16 view of a bf16 array it still copied the whole cache behind the
-bitcast (SmolLM2 bf16 decode at 256 positions: 27.3 ms per step with a 256-position cache, 46.5
-with a 2048-position one). Held as uint16, the write is in place and readers view it as floats.
+positions]`` (transposed) and values ``[kv_heads * batch, positions, head_dim]``, each exactly the
+operand its attention dot takes, so XLA updates the caches in place and reads them where they lie.
+16-bit float caches are held as their uint16 bits (`cache_dtype`) so the write stays in place.
+Under tensor parallelism the leading axis splits into whole kv heads. The measurements behind
+these choices are in BENCHMARKS.md ("Design measurements behind nx.ops").
 """
 
 from __future__ import annotations
@@ -52,22 +39,34 @@ def _stored(x: jnp.ndarray, cache: jnp.ndarray) -> jnp.ndarray:
     return lax.bitcast_convert_type(x, jnp.uint16)
 
 
-def _rows(x: jnp.ndarray) -> jnp.ndarray:
-    """``[B, T, kvh, d]`` -> ``[kvh * B, T, d]`` (kv-head major, like the caches)."""
-    b, t, kvh, d = x.shape
-    return x.transpose(2, 0, 1, 3).reshape(kvh * b, t, d)
+def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarray, first=None, rep: int = 1) -> tuple:
+    """Write keys and values ``[b, T, kvh, d]`` into one layer's ``(K, V)`` caches: token row ``i``
+    at positions ``slot[i] ..`` of batch rows ``first[i] .. first[i] + rep - 1`` (default
+    ``first[i] = i * rep``; `rep` > 1 when one prompt row fills several batch rows).
 
-
-def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarray) -> tuple:
-    """Write keys and values ``[B, T, kvh, d]`` into one layer's ``(K, V)`` caches at position `slot`
-    (in place: one `dynamic_update_slice` each of the stored values, see `cache_dtype`)."""
+    One in-place `dynamic_update_slice` per token row (see `cache_dtype`), so rows may sit at
+    different positions (continuous batching)."""
     k_cache, v_cache = caches
+    kvh = k.shape[2]
+    kc = k_cache.reshape(kvh, -1, *k_cache.shape[1:])  # [kvh, batch, d, P]: a batch row is one index
+    vc = v_cache.reshape(kvh, -1, *v_cache.shape[1:])  # [kvh, batch, P, d]
     zero = jnp.zeros((), jnp.int32)
-    keys = jnp.swapaxes(_rows(k), 1, 2)  # [rows, d, T]
-    return (
-        lax.dynamic_update_slice(k_cache, _stored(keys, k_cache), (zero, zero, slot)),
-        lax.dynamic_update_slice(v_cache, _stored(_rows(v), v_cache), (zero, slot, zero)),
-    )
+    for i in range(k.shape[0]):
+        row = jnp.int32(i * rep) if first is None else first[i]
+        ki = jnp.repeat(k[i].transpose(1, 2, 0)[:, None], rep, axis=1)  # [kvh, rep, d, T]
+        vi = jnp.repeat(v[i].transpose(1, 0, 2)[:, None], rep, axis=1)  # [kvh, rep, T, d]
+        kc = lax.dynamic_update_slice(kc, _stored(ki, kc), (zero, row, zero, slot[i]))
+        vc = lax.dynamic_update_slice(vc, _stored(vi, vc), (zero, row, slot[i], zero))
+    return kc.reshape(k_cache.shape), vc.reshape(v_cache.shape)
+
+
+def cache_row(caches: tuple, row: jnp.ndarray, kv_heads: int) -> tuple:
+    """Batch row `row` of one layer's ``(K, V)`` caches, laid out as a one-row cache."""
+    out = []
+    for c in caches:
+        grouped = c.reshape(kv_heads, -1, *c.shape[1:])
+        out.append(lax.dynamic_slice_in_dim(grouped, row, 1, axis=1).reshape(kv_heads, *c.shape[1:]))
+    return tuple(out)
 
 
 def cache_windows(caches: tuple, window: int, kv_heads: int, every: int = 1, dtype=None) -> tuple:
@@ -76,10 +75,7 @@ def cache_windows(caches: tuple, window: int, kv_heads: int, every: int = 1, dty
     each kv head (rows that context broadcasting filled identically)."""
     k, v = caches
     if window < v.shape[1] or k.dtype == jnp.uint16:
-        # A gather, not a slice: XLA:CPU fuses a slice of the updated cache with the update itself,
-        # duplicating the in-place write, and then copies both whole caches at every step. It does
-        # the same with the float view of a whole uint16 cache, so that is gathered too (a copy of
-        # the window, converted on the way, as every smaller window is).
+        # a gather, not a slice: XLA:CPU fuses a slice with the in-place update and copies both caches
         idx = jnp.arange(window, dtype=jnp.int32)
         k, v = jnp.take(k, idx, axis=2), jnp.take(v, idx, axis=1)
     if k.dtype == jnp.uint16:
@@ -96,10 +92,10 @@ def cache_windows(caches: tuple, window: int, kv_heads: int, every: int = 1, dty
 
 
 def causal_padding_mask(slot: jnp.ndarray, pad: jnp.ndarray, n_tokens: int, window: int) -> jnp.ndarray:
-    """``[B, T, W]`` bool: query at slot ``slot+t`` may see key slot ``j`` iff ``pad[b] <= j <= slot+t``."""
-    q = slot + jnp.arange(n_tokens, dtype=jnp.int32)
+    """``[B, T, W]`` bool: row b's query at ``slot[b]+t`` may see key slot ``j`` iff ``pad[b] <= j <= slot[b]+t``."""
+    q = slot[:, None] + jnp.arange(n_tokens, dtype=jnp.int32)[None, :]
     j = jnp.arange(window, dtype=jnp.int32)
-    return (j[None, None, :] <= q[None, :, None]) & (j[None, None, :] >= pad[:, None, None])
+    return (j[None, None, :] <= q[:, :, None]) & (j[None, None, :] >= pad[:, None, None])
 
 
 def attend(
@@ -117,11 +113,8 @@ def attend(
     ``[B, T, H * d]``. Softmax runs in f32.
 
     A prompt of more than `QUERY_BLOCK` tokens (a multiple of it) attends one block of queries at
-    a time, so its f32 scores take ``H * QUERY_BLOCK * W`` floats per row at once, not ``H * T *
-    W`` (8192 tokens of 32 heads would need 8.6 GB). Block ``i`` also leaves out the window's last
-    ``(blocks - 1 - i) * QUERY_BLOCK`` keys: the window holds ``slot + T`` positions, so those are
-    all in the block's future (masked anyway). SmolLM2 on 2 cores: 1024-token prefill 1.7 -> 1.2 s,
-    4096 tokens ~12.6 s (blocks without the trim) -> 9.7 s.
+    a time, bounding its f32 scores to ``H * QUERY_BLOCK * W`` per row; block ``i`` leaves out the
+    window's last ``(blocks - 1 - i) * QUERY_BLOCK`` keys, all in its future.
     """
     t = q.shape[1]
     if t <= QUERY_BLOCK or t % QUERY_BLOCK:

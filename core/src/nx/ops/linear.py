@@ -1,7 +1,5 @@
-"""Dense layers. Weights are stored ``[out, in]``, as torch's ``nn.Linear`` stores them: each
-output is the dot product of the input with one contiguous weight row, which is also the faster
-layout for the matrix-vector products of decoding on XLA:CPU (the lm head's ``[vocab, hidden]``
-table is the same kind of matrix)."""
+"""Dense layers over weights stored ``[out, in]`` as torch stores them (contiguous output rows:
+the faster layout for decode's matrix-vector products)."""
 
 from __future__ import annotations
 
@@ -10,38 +8,21 @@ from jax import lax
 
 from nx.ops import quant
 
-SPLIT_BELOW = 1 << 19  # elements: XLA:CPU ran 768x576 matvecs on one thread, 960x576 on two
-SMALL_ROWS = 16  # up to this many token rows, XLA:CPU's matmuls run faster as ``w @ x.T``
+SPLIT_BELOW = 1 << 19  # weights below this many elements: one-row products split in two (two threads)
+SMALL_ROWS = 16  # up to this many token rows, products run as ``w @ x.T``
 
 
 def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
-    """``x @ w.T`` in `dtype` for ``w [out, in]``, which may be an int8 `nx.ops.quant.QuantizedWeight`
-    (multiplied in the program, see `nx.ops.quant`).
-
-    Products of a few rows (batched decode) are computed as ``(w @ x.T).T``: XLA:CPU's YNNPACK
-    matmuls read the weight faster that way (SmolLM2 decode step at batch 4: 53 -> 43 ms, batch 8:
-    62 -> 54 ms, batch 16: 81 -> 77 ms) and transposing the few activation rows costs little. From
-    32 rows (prefill) the transposes and slower matmuls outweigh it.
-
-    One row is a matrix-vector product. XLA:CPU runs one on a single thread when the weight is
-    small (SmolLM2's 576x576 attention output projection streamed at 13.5 GB/s against 22-27 for
-    the larger weights), so a small weight is multiplied as a batch of its two row halves, which
-    runs on two (decode step -1.1 ms, -4%).
-
-    bf16/f16 products accumulate in f32 and are rounded to `dtype` after the dot, as a bf16 GEMM
-    does: asked for a bf16 result, XLA:CPU instead converted both operands to f32 at every call
-    (SmolLM2 bf16 decode 7 tokens/s); a single bf16 row also gets a zero second row, since XLA:CPU
-    runs one-row bf16 products on a matrix-vector path at ~2 GB/s (bf16 decode 7 -> 35 tokens/s,
-    batch 8 55 -> 223, 128-token prefill 245 -> 76 ms).
-    """
+    """``x @ w.T`` in `dtype` for ``w [out, in]`` (or an int8 `nx.ops.quant.QuantizedWeight`),
+    accumulated in f32. The formulation depends on the row count, because XLA:CPU's matmul paths
+    differ that much (BENCHMARKS.md, "Design measurements behind nx.ops")."""
     if quant.is_quantized(w):
         return quant.matmul(x, w).astype(dtype)
     return _products(x, w.astype(x.dtype)).astype(dtype)
 
 
 def _products(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """``x @ w.T`` accumulated and returned in f32 (bf16/f16 inputs too: XLA:CPU upcasts both
-    operands of a bf16-output dot to f32 at every call, whole weights included)."""
+    """``x @ w.T`` accumulated and returned in f32 (bf16/f16 inputs too)."""
     f32 = jnp.float32
     rows = x.size // x.shape[-1]
     if rows == 1 and x.dtype != f32:
@@ -71,11 +52,7 @@ def linear(x: jnp.ndarray, p: dict) -> jnp.ndarray:
 def row_parallel_linear(x: jnp.ndarray, p: dict, axis: str | None = None) -> jnp.ndarray:
     """A linear whose input dim is split over tensor-parallel `axis`: partial products are summed
     with one all-reduce before the (replicated) bias is added. Plain `linear` when `axis` is None.
-
-    The partial products are summed in f32 and rounded to a 16-bit `amp` dtype once, as one
-    device's f32-accumulated product is: rounding each device's part first made bf16 greedy
-    tokens depend on the tp degree (tiny Llama, 30 tokens: 82% equal at tp 2 against tp 1). The
-    all-reduce then moves f32 activations, twice the bytes of bf16 ones (one row per token)."""
+    Partial products are summed in f32 and rounded once, so the tp degree cannot change rounding."""
     y = project(x, p["w"], jnp.float32)
     if axis is not None:
         y = lax.psum(y, axis)

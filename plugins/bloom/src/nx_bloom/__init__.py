@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import nx
+from nx import names as N
 from nx.errors import ConfigError
 from nx.family import Family, WeightMap, dense, norm, per_head_qkv, tensor
 from nx.spec import ModelSpec
@@ -29,7 +30,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         positions="alibi",
         max_positions=getattr(cfg, "seq_length", None) or 2048,  # ALiBi has no table; informational
         embed_norm=True,
-        residual_from_norm=bool(getattr(cfg, "apply_residual_connection_post_layernorm", False)),
+        block="sequential_from_norm" if getattr(cfg, "apply_residual_connection_post_layernorm", False) else "sequential",
         tied_lm_head=bool(getattr(cfg, "tie_word_embeddings", True)),
         # pretraining_tp / slow_but_exact only split the same matmuls into slices: same math, ignored.
     )
@@ -39,20 +40,20 @@ def weights(spec: ModelSpec) -> WeightMap:
     h, v, inter = spec.hidden_size, spec.vocab_size, spec.intermediate_size
     top = "transformer."
     w = {
-        "embed.w": tensor(top + "word_embeddings.weight", (v, h)),
-        **norm(top + "word_embeddings_layernorm", "embed_norm", h),
-        **norm(top + "ln_f", "final_norm", h),
+        f"{N.EMBED}.{N.W}": tensor(top + "word_embeddings.weight", (v, h)),
+        **norm(top + "word_embeddings_layernorm", N.EMBED_NORM, h),
+        **norm(top + "ln_f", N.FINAL_NORM, h),
     }
     if not spec.tied_lm_head:
-        w["lm_head.w"] = tensor("lm_head.weight", (v, h))  # [vocab, hidden], like a tied table
+        w[f"{N.LM_HEAD}.{N.W}"] = tensor("lm_head.weight", (v, h))  # [vocab, hidden], like a tied table
     for i in range(spec.n_layers):
-        src, dst = f"{top}h.{i}.", f"layers.{i}."
-        w |= norm(src + "input_layernorm", dst + "attn_norm", h)
-        w |= norm(src + "post_attention_layernorm", dst + "mlp_norm", h)
-        w |= per_head_qkv(src + "self_attention.query_key_value", dst + "qkv", spec.n_heads, spec.head_dim, h)
-        w |= dense(src + "self_attention.dense", dst + "o", (h, h))
-        w |= dense(src + "mlp.dense_h_to_4h", dst + "up", (h, inter))
-        w |= dense(src + "mlp.dense_4h_to_h", dst + "down", (inter, h))
+        src, dst = f"{top}h.{i}.", N.layer(i)
+        w |= norm(src + "input_layernorm", dst + N.ATTN_NORM, h)
+        w |= norm(src + "post_attention_layernorm", dst + N.MLP_NORM, h)
+        w |= per_head_qkv(src + "self_attention.query_key_value", dst + N.QKV, spec.n_heads, spec.head_dim, h)
+        w |= dense(src + "self_attention.dense", dst + N.O, (h, h))
+        w |= dense(src + "mlp.dense_h_to_4h", dst + N.UP, (h, inter))
+        w |= dense(src + "mlp.dense_4h_to_h", dst + N.DOWN, (inter, h))
     return w
 
 

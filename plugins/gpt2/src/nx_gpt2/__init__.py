@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import nx
+from nx import names as N
 from nx.errors import ConfigError
 from nx.family import Family, WeightMap, dense, norm, tensor
 from nx.hfconfig import activation_name
@@ -36,20 +37,20 @@ def spec_from_config(cfg: Any) -> ModelSpec:
 def weights(spec: ModelSpec) -> WeightMap:
     h, v, inter = spec.hidden_size, spec.vocab_size, spec.intermediate_size
     w = {
-        "embed.w": tensor("transformer.wte.weight", (v, h)),
-        "pos.w": tensor("transformer.wpe.weight", (spec.max_positions, h)),
-        **norm("transformer.ln_f", "final_norm", h),
+        f"{N.EMBED}.{N.W}": tensor("transformer.wte.weight", (v, h)),
+        f"{N.POS}.{N.W}": tensor("transformer.wpe.weight", (spec.max_positions, h)),
+        **norm("transformer.ln_f", N.FINAL_NORM, h),
     }
     if not spec.tied_lm_head:
-        w["lm_head.w"] = tensor("lm_head.weight", (v, h))  # kept [vocab, hidden] like a tied table
+        w[f"{N.LM_HEAD}.{N.W}"] = tensor("lm_head.weight", (v, h))  # kept [vocab, hidden] like a tied table
     for i in range(spec.n_layers):
-        src, dst = f"transformer.h.{i}.", f"layers.{i}."
-        w |= norm(src + "ln_1", dst + "attn_norm", h) | norm(src + "ln_2", dst + "mlp_norm", h)
+        src, dst = f"transformer.h.{i}.", N.layer(i)
+        w |= norm(src + "ln_1", dst + N.ATTN_NORM, h) | norm(src + "ln_2", dst + N.MLP_NORM, h)
         # Conv1D weights are stored [in, out]; dense(conv1d=True) transposes them to [out, in]
-        w |= dense(src + "attn.c_attn", dst + "qkv", (h, 3 * h), conv1d=True)
-        w |= dense(src + "attn.c_proj", dst + "o", (h, h), conv1d=True)
-        w |= dense(src + "mlp.c_fc", dst + "up", (h, inter), conv1d=True)
-        w |= dense(src + "mlp.c_proj", dst + "down", (inter, h), conv1d=True)
+        w |= dense(src + "attn.c_attn", dst + N.QKV, (h, 3 * h), conv1d=True)
+        w |= dense(src + "attn.c_proj", dst + N.O, (h, h), conv1d=True)
+        w |= dense(src + "mlp.c_fc", dst + N.UP, (h, inter), conv1d=True)
+        w |= dense(src + "mlp.c_proj", dst + N.DOWN, (inter, h), conv1d=True)
     return w
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import nx
+from nx import names as N
 from nx.errors import ConfigError
 from nx.family import Family, WeightMap, dense, fused_dense, norm, tensor
 from nx.hfconfig import activation_name
@@ -48,8 +49,7 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         positions="rope",
         max_positions=cfg.n_positions,
         rope=RopeSpec(ROPE_THETA, rotary_dim, "interleaved"),
-        parallel_residual=True,
-        shared_norm=True,
+        block="parallel_shared_norm",
         tied_lm_head=bool(getattr(cfg, "tie_word_embeddings", False)),
         lm_head_bias=True,
     )
@@ -58,19 +58,19 @@ def spec_from_config(cfg: Any) -> ModelSpec:
 def weights(spec: ModelSpec) -> WeightMap:
     h, v, inter = spec.hidden_size, spec.vocab_size, spec.intermediate_size
     w = {
-        "embed.w": tensor("transformer.wte.weight", (v, h)),
-        **norm("transformer.ln_f", "final_norm", h),
-        "lm_head.b": tensor("lm_head.bias", (v,)),
+        f"{N.EMBED}.{N.W}": tensor("transformer.wte.weight", (v, h)),
+        **norm("transformer.ln_f", N.FINAL_NORM, h),
+        f"{N.LM_HEAD}.{N.B}": tensor("lm_head.bias", (v,)),
     }
     if not spec.tied_lm_head:
-        w["lm_head.w"] = tensor("lm_head.weight", (v, h))  # [vocab, hidden], like the embedding
+        w[f"{N.LM_HEAD}.{N.W}"] = tensor("lm_head.weight", (v, h))  # [vocab, hidden], like the embedding
     for i in range(spec.n_layers):
-        src, dst = f"transformer.h.{i}.", f"layers.{i}."
-        w |= norm(src + "ln_1", dst + "attn_norm", h)
-        w |= fused_dense(tuple(f"{src}attn.{n}_proj" for n in "qkv"), dst + "qkv", (h, spec.qkv_dim), bias=False)
-        w |= dense(src + "attn.out_proj", dst + "o", (h, h), bias=False)
-        w |= dense(src + "mlp.fc_in", dst + "up", (h, inter))
-        w |= dense(src + "mlp.fc_out", dst + "down", (inter, h))
+        src, dst = f"transformer.h.{i}.", N.layer(i)
+        w |= norm(src + "ln_1", dst + N.ATTN_NORM, h)
+        w |= fused_dense(tuple(f"{src}attn.{n}_proj" for n in "qkv"), dst + N.QKV, (h, spec.qkv_dim), bias=False)
+        w |= dense(src + "attn.out_proj", dst + N.O, (h, h), bias=False)
+        w |= dense(src + "mlp.fc_in", dst + N.UP, (h, inter))
+        w |= dense(src + "mlp.fc_out", dst + N.DOWN, (inter, h))
     return w
 
 

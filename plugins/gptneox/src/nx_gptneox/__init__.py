@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import nx
+from nx import names as N
 from nx.errors import ConfigError
 from nx.family import Family, WeightMap, dense, norm, per_head_qkv, tensor
 from nx.hfconfig import activation_name, partial_rotary_factor, rope_parameters
@@ -41,26 +42,26 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         positions="rope",
         max_positions=cfg.max_position_embeddings,
         rope=RopeSpec(theta, rotary_dim, "half", scaling),
-        parallel_residual=bool(getattr(cfg, "use_parallel_residual", True)),
+        block="parallel" if getattr(cfg, "use_parallel_residual", True) else "sequential",
         tied_lm_head=bool(getattr(cfg, "tie_word_embeddings", False)),
-        extras={"attention_bias": bool(getattr(cfg, "attention_bias", True))},
+        attention_bias=bool(getattr(cfg, "attention_bias", True)),
     )
 
 
 def weights(spec: ModelSpec) -> WeightMap:
     h, v, inter = spec.hidden_size, spec.vocab_size, spec.intermediate_size
-    bias = spec.extras.get("attention_bias", True)
-    w = {"embed.w": tensor("gpt_neox.embed_in.weight", (v, h)), **norm("gpt_neox.final_layer_norm", "final_norm", h)}
+    bias = spec.attention_bias
+    w = {f"{N.EMBED}.{N.W}": tensor("gpt_neox.embed_in.weight", (v, h)), **norm("gpt_neox.final_layer_norm", N.FINAL_NORM, h)}
     if not spec.tied_lm_head:
-        w["lm_head.w"] = tensor("embed_out.weight", (v, h))  # [vocab, hidden], like the embedding
+        w[f"{N.LM_HEAD}.{N.W}"] = tensor("embed_out.weight", (v, h))  # [vocab, hidden], like the embedding
     for i in range(spec.n_layers):
-        src, dst = f"gpt_neox.layers.{i}.", f"layers.{i}."
-        w |= norm(src + "input_layernorm", dst + "attn_norm", h)
-        w |= norm(src + "post_attention_layernorm", dst + "mlp_norm", h)
-        w |= per_head_qkv(src + "attention.query_key_value", dst + "qkv", spec.n_heads, spec.head_dim, h, bias)
-        w |= dense(src + "attention.dense", dst + "o", (h, h), bias)
-        w |= dense(src + "mlp.dense_h_to_4h", dst + "up", (h, inter))
-        w |= dense(src + "mlp.dense_4h_to_h", dst + "down", (inter, h))
+        src, dst = f"gpt_neox.layers.{i}.", N.layer(i)
+        w |= norm(src + "input_layernorm", dst + N.ATTN_NORM, h)
+        w |= norm(src + "post_attention_layernorm", dst + N.MLP_NORM, h)
+        w |= per_head_qkv(src + "attention.query_key_value", dst + N.QKV, spec.n_heads, spec.head_dim, h, bias)
+        w |= dense(src + "attention.dense", dst + N.O, (h, h), bias)
+        w |= dense(src + "mlp.dense_h_to_4h", dst + N.UP, (h, inter))
+        w |= dense(src + "mlp.dense_4h_to_h", dst + N.DOWN, (inter, h))
     return w
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 import nx
+from nx import names as N
 from nx.checkpoint import unpermute_gguf_rotary
 from nx.family import Family, WeightMap, dense, fused_dense, norm, tensor
 from nx.hfconfig import activation_name, rope_parameters
@@ -35,29 +36,27 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         max_positions=cfg.max_position_embeddings,
         rope=RopeSpec(theta, head_dim, "half", scaling),
         tied_lm_head=bool(getattr(cfg, "tie_word_embeddings", False)),
-        extras={
-            "attention_bias": bool(getattr(cfg, "attention_bias", False)),
-            "mlp_bias": bool(getattr(cfg, "mlp_bias", False)),
-        },
+        attention_bias=bool(getattr(cfg, "attention_bias", False)),
+        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
     )
 
 
 def weights(spec: ModelSpec) -> WeightMap:
     h, v, d = spec.hidden_size, spec.vocab_size, spec.head_dim
     inter = spec.intermediate_size
-    attn_bias, mlp_bias = spec.extras.get("attention_bias", False), spec.extras.get("mlp_bias", False)
-    w = {"embed.w": tensor("model.embed_tokens.weight", (v, h)), **norm("model.norm", "final_norm", h, bias=False)}
+    attn_bias, mlp_bias = spec.attention_bias, spec.mlp_bias
+    w = {f"{N.EMBED}.{N.W}": tensor("model.embed_tokens.weight", (v, h)), **norm("model.norm", N.FINAL_NORM, h, bias=False)}
     if not spec.tied_lm_head:
-        w["lm_head.w"] = tensor("lm_head.weight", (v, h))  # [vocab, hidden], like the embedding
+        w[f"{N.LM_HEAD}.{N.W}"] = tensor("lm_head.weight", (v, h))  # [vocab, hidden], like the embedding
     for i in range(spec.n_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        w |= norm(src + "input_layernorm", dst + "attn_norm", h, bias=False)
-        w |= norm(src + "post_attention_layernorm", dst + "mlp_norm", h, bias=False)
+        src, dst = f"model.layers.{i}.", N.layer(i)
+        w |= norm(src + "input_layernorm", dst + N.ATTN_NORM, h, bias=False)
+        w |= norm(src + "post_attention_layernorm", dst + N.MLP_NORM, h, bias=False)
         qkv = tuple(f"{src}self_attn.{n}_proj" for n in "qkv")
-        w |= fused_dense(qkv, dst + "qkv", (h, spec.qkv_dim), attn_bias)
-        w |= dense(src + "self_attn.o_proj", dst + "o", (spec.n_heads * d, h), attn_bias)
-        w |= fused_dense((src + "mlp.gate_proj", src + "mlp.up_proj"), dst + "up", (h, 2 * inter), mlp_bias)
-        w |= dense(src + "mlp.down_proj", dst + "down", (inter, h), mlp_bias)
+        w |= fused_dense(qkv, dst + N.QKV, (h, spec.qkv_dim), attn_bias)
+        w |= dense(src + "self_attn.o_proj", dst + N.O, (spec.n_heads * d, h), attn_bias)
+        w |= fused_dense((src + "mlp.gate_proj", src + "mlp.up_proj"), dst + N.UP, (h, 2 * inter), mlp_bias)
+        w |= dense(src + "mlp.down_proj", dst + N.DOWN, (inter, h), mlp_bias)
     return w
 
 

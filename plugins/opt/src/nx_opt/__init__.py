@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import nx
+from nx import names as N
 from nx.errors import ConfigError
 from nx.family import Family, WeightMap, dense, fused_dense, norm, tensor
 from nx.hfconfig import activation_name
@@ -39,12 +40,13 @@ def spec_from_config(cfg: Any) -> ModelSpec:
         positions="learned",
         max_positions=cfg.max_position_embeddings,
         position_offset=POSITION_OFFSET,
-        post_norm=not pre_norm,
+        block="sequential" if pre_norm else "post_norm",
         # OPTDecoder builds its final LayerNorm only for pre-norm models (and not for old fine-tunes)
         final_norm=pre_norm and not getattr(cfg, "_remove_final_layer_norm", False),
         tied_lm_head=bool(getattr(cfg, "tie_word_embeddings", True)),
         project_dim=proj if proj != hidden else None,
-        extras={"bias": bool(getattr(cfg, "enable_bias", True))},
+        attention_bias=bool(getattr(cfg, "enable_bias", True)),
+        mlp_bias=bool(getattr(cfg, "enable_bias", True)),
     )
 
 
@@ -52,25 +54,25 @@ def weights(spec: ModelSpec) -> WeightMap:
     h, v, e, inter = spec.hidden_size, spec.vocab_size, spec.embed_dim, spec.intermediate_size
     top = "model.decoder."
     w = {
-        "embed.w": tensor(top + "embed_tokens.weight", (v, e)),
-        "pos.w": tensor(top + "embed_positions.weight", (spec.max_positions + spec.position_offset, h)),
+        f"{N.EMBED}.{N.W}": tensor(top + "embed_tokens.weight", (v, e)),
+        f"{N.POS}.{N.W}": tensor(top + "embed_positions.weight", (spec.max_positions + spec.position_offset, h)),
     }
     if spec.final_norm:
-        w |= norm(top + "final_layer_norm", "final_norm", h)
+        w |= norm(top + "final_layer_norm", N.FINAL_NORM, h)
     if spec.project_dim:
-        w |= dense(top + "project_in", "project_in", (e, h), bias=False)
-        w |= dense(top + "project_out", "project_out", (h, e), bias=False)
+        w |= dense(top + "project_in", N.PROJECT_IN, (e, h), bias=False)
+        w |= dense(top + "project_out", N.PROJECT_OUT, (h, e), bias=False)
     if not spec.tied_lm_head:
-        w["lm_head.w"] = tensor("lm_head.weight", (v, e))  # [vocab, embed], like a tied table
-    bias = spec.extras.get("bias", True)
+        w[f"{N.LM_HEAD}.{N.W}"] = tensor("lm_head.weight", (v, e))  # [vocab, embed], like a tied table
+    bias = spec.attention_bias  # OPT's enable_bias sets both
     for i in range(spec.n_layers):
-        src, dst = f"{top}layers.{i}.", f"layers.{i}."
-        w |= norm(src + "self_attn_layer_norm", dst + "attn_norm", h)
-        w |= norm(src + "final_layer_norm", dst + "mlp_norm", h)
-        w |= fused_dense(tuple(f"{src}self_attn.{n}_proj" for n in "qkv"), dst + "qkv", (h, spec.qkv_dim), bias)
-        w |= dense(src + "self_attn.out_proj", dst + "o", (h, h), bias)
-        w |= dense(src + "fc1", dst + "up", (h, inter), bias)
-        w |= dense(src + "fc2", dst + "down", (inter, h), bias)
+        src, dst = f"{top}layers.{i}.", N.layer(i)
+        w |= norm(src + "self_attn_layer_norm", dst + N.ATTN_NORM, h)
+        w |= norm(src + "final_layer_norm", dst + N.MLP_NORM, h)
+        w |= fused_dense(tuple(f"{src}self_attn.{n}_proj" for n in "qkv"), dst + N.QKV, (h, spec.qkv_dim), bias)
+        w |= dense(src + "self_attn.out_proj", dst + N.O, (h, h), bias)
+        w |= dense(src + "fc1", dst + N.UP, (h, inter), bias)
+        w |= dense(src + "fc2", dst + N.DOWN, (inter, h), bias)
     return w
 
 

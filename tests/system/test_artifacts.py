@@ -19,10 +19,10 @@ from click.testing import CliRunner
 from jax import monitoring
 
 import nx
-from nx import artifacts, decoder, dump, xla_options
+from nx import artifacts, dump, xla_options
 from nx.cli import main
-from nx.generation import SamplingParams
-from nx.model import NxModel
+from nx.loader import load_artifact
+from nx.programs import ProgramSet
 from tests.cases.llama import CASES
 from tests.conftest import char_tokenizer, hf_greedy, left_padded
 
@@ -124,7 +124,7 @@ def test_tensor_parallel_int8_artifact_loads_in_a_fresh_process(ckpt, tmp_path):
         qkv = model.params["layers"][0]["qkv"]["w"]
         print(json.dumps(dict(
             tokens=model.generate({PROMPT!r}, max_new_tokens=10, eos_token_id=[]).tolist(),
-            shards=[list(s.data.shape) for s in qkv.q.addressable_shards], compiled=len(model._executables))))
+            shards=[list(s.data.shape) for s in qkv.q.addressable_shards], compiled=len(model.compiled_shapes))))
         """
     )
     assert r["tokens"] == ref
@@ -144,17 +144,17 @@ def test_bf16_artifact_round_trips_in_process(ckpt, tmp_path):
 def test_warmup_runs_each_saved_program_once_and_changes_no_result(saved, monkeypatch):
     _, ref, out = saved
     ran = []
-    real_call = NxModel._call
+    real_run = ProgramSet.run
 
-    def spy(self, run, tokens, window, *args, **kwargs):
-        ran.append((*tokens.shape, window))
-        return real_call(self, run, tokens, window, *args, **kwargs)
+    def spy(self, key, *args, **kwargs):
+        ran.append(tuple(key[:3]))
+        return real_run(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(NxModel, "_call", spy)
+    monkeypatch.setattr(ProgramSet, "run", spy)
     model = nx.load(out, warmup=True, progress=False)
     shapes = model.program_shapes()
     assert sorted(ran) == sorted((rows, n, window) for rows, n, window, _ in shapes)
-    assert sorted(model._executables) == sorted(shapes)  # the artifact's programs: nothing compiled
+    assert sorted(model.compiled_shapes) == sorted(shapes)  # the artifact's programs: nothing compiled
     assert model.generate(PROMPT, max_new_tokens=20, eos_token_id=[]).tolist() == ref
 
 
@@ -185,7 +185,7 @@ def test_undeserializable_program_is_an_artifact_error_from_the_loading_threads(
     f = copy / "programs" / "decode_b1_w64.xla"
     f.write_bytes(f.read_bytes()[:1000])  # checksums skipped: XLA itself must reject it
     with pytest.raises(nx.ArtifactError, match="cannot load the compiled program programs/decode_b1_w64.xla"):
-        artifacts.load(copy, verify=False)
+        load_artifact(copy, verify=False)
 
 
 def test_missing_file_is_an_artifact_error(copy):
@@ -281,14 +281,13 @@ def test_dumped_hlo_proto_compiles_and_runs_like_the_nx_program(ckpt, tmp_path, 
     assert meta["xla_options"] == xla_options.compiler_options("cpu")  # compile_proto applies them
 
     ids = np.random.default_rng(0).integers(3, CASE.vocab, (1, 16)).astype(np.int32)
-    run = model._new_run(ids, np.zeros(1, np.int32), SamplingParams())
-    inp = decoder.StepInputs(model._put(ids), model._put(np.int32(0)), model._put(np.zeros(1, np.int32)),
-                             model._put(np.int32(15)))
-    flat = jax.tree.leaves((model.params, model._new_caches(), inp, run.sampling))
+    inp, smp = jax.tree.map(lambda s: model.put(np.zeros(s.shape, s.dtype)), model.programs.abstract_inputs(key))
+    inp = inp._replace(tokens=model.put(ids), last=model.put(np.int32(15)))
+    flat = jax.tree.leaves((model.params, model.kv.allocate(), inp, smp))
     kept = dump.kept_inputs(model.lower(*key))
     assert len(kept) == len(meta["parameters"])
     got = dump.compile_proto(proto).execute([flat[i] for i in kept])
-    want = jax.tree.leaves(model.executable(*key)(model.params, model._new_caches(), inp, run.sampling))
+    want = jax.tree.leaves(model.executable(*key)(model.params, model.kv.allocate(), inp, smp))
     assert len(got) == len(want)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

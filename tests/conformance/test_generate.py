@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import nx
+from nx.programs import ProgramSet
 from tests.cases.llama import CASES
 from tests.conftest import assert_same_greedy, left_padded
 
@@ -30,14 +31,13 @@ def _hf(hf, ids, mask, new, eos):
 def test_warmup_compiles_every_program_and_changes_no_result(saved_case, monkeypatch):
     """Warm-up (each program run as soon as a worker has built it, the runs taking turns on the KV
     cache) leaves placeholder keys and values in the cache; greedy tokens must still be HF's."""
-    from nx.model import NxModel
 
     hf, path = saved_case(CASE)
     model = nx.load("llama", path, batch_size=2, n_positions=[32, 64], context_length_estimate=[8, 16],
                     compile=False, warmup=True, progress=False)
-    assert sorted(model._executables) == sorted(model.program_shapes()) == sorted(model._warmed)
+    assert sorted(model.compiled_shapes) == sorted(model.program_shapes()) == sorted(model.programs.warmed)
     calls = []
-    monkeypatch.setattr(NxModel, "_call", lambda self, *a, **k: calls.append(a))
+    monkeypatch.setattr(ProgramSet, "run", lambda self, *a, **k: calls.append(a))
     model.warmup()  # every program is warm already
     assert calls == []
     monkeypatch.undo()
@@ -48,21 +48,20 @@ def test_warmup_compiles_every_program_and_changes_no_result(saved_case, monkeyp
 def test_parallel_compile_builds_each_program_once_on_several_threads(saved_case, monkeypatch):
     import threading
 
-    from nx.model import NxModel
 
     hf, path = saved_case(CASE)
     model = nx.load("llama", path, batch_size=2, n_positions=[32, 64], context_length_estimate=[8, 16],
                     compile=False, compile_cache=False, progress=False)  # XLA compiles, not the cache
-    built, real = [], NxModel.executable
+    built, real = [], ProgramSet.get
 
-    def spy(self, *key):
+    def spy(self, key):
         built.append((key, threading.get_ident()))
-        return real(self, *key)
+        return real(self, key)
 
-    monkeypatch.setattr(NxModel, "executable", spy)
+    monkeypatch.setattr(ProgramSet, "get", spy)
     model.compile(workers=2)
     keys = [k for k, _ in built]
-    assert sorted(keys) == sorted(model.program_shapes()) == sorted(model._executables)  # each once
+    assert sorted(keys) == sorted(model.program_shapes()) == sorted(model.compiled_shapes)  # each once
     assert len({thread for _, thread in built}) == 2
     model.compile(workers=2)  # nothing left to build
     assert len(built) == len(keys)
@@ -82,18 +81,17 @@ def test_parallel_compile_builds_each_program_once_on_several_threads(saved_case
 )
 def test_request_shapes_are_the_programs_generate_runs(saved_case, monkeypatch, n_positions, buckets, length, new, sample):
     """`nx generate` compiles only `request_shapes`: it must name every program the request calls."""
-    from nx.model import NxModel
 
     hf, path = saved_case(CASE)
     model = nx.load("llama", path, n_positions=n_positions, context_length_estimate=buckets,
                     compile=False, progress=False)
-    used, real = [], NxModel.executable
+    used, real = [], ProgramSet.get
 
-    def spy(self, *key):
+    def spy(self, key):
         used.append(key)
-        return real(self, *key)
+        return real(self, key)
 
-    monkeypatch.setattr(NxModel, "executable", spy)
+    monkeypatch.setattr(ProgramSet, "get", spy)
     ids, mask = left_padded([length], CASE.vocab, seed=length)
     model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=sample, seed=0)
     assert sorted(model.request_shapes(length, new, sample)) == sorted(set(used))
@@ -202,7 +200,7 @@ def test_long_prompts_are_encoded_in_chunks(pair):
     ref = _hf(hf, ids, mask, 20, eos=None)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
     assert torch.equal(out, ref)
-    chunk_programs = {k for k in model._executables if k[1] == 16 and k[2] > 16}
+    chunk_programs = {k for k in model.compiled_shapes if k[1] == 16 and k[2] > 16}
     assert chunk_programs, "expected prefill programs attending past their own chunk"
 
 

@@ -7,6 +7,7 @@ import torch
 
 import nx
 from nx.hf import HuggingFaceGenerationModelAdapter
+from nx.session import Session
 from tests.cases.gpt2 import CASES as GPT2_CASES
 from tests.cases.llama import CASES as LLAMA_CASES
 from tests.conftest import left_padded
@@ -50,7 +51,7 @@ def test_sampling_and_num_return_sequences(saved_case):
 
 
 @pytest.mark.parametrize("opts", [{}, {"tp_degree": 2}, {"unroll": 1}], ids=["plain", "tp2", "scanned"])
-def test_beam_search_matches_hf(saved_case, opts):
+def test_beam_search_matches_hf(saved_case, opts, monkeypatch):
     """HF's beam search (3 beams for each of 2 left-padded prompts) through nx: beams reordered
     between steps have their KV cache rows gathered on the device, so the prompts are encoded
     once, and the result is HF's."""
@@ -63,8 +64,8 @@ def test_beam_search_matches_hf(saved_case, opts):
     with torch.no_grad():
         ref = hf.generate(ids, **kw)
     starts, reorders = [], []
-    start, reorder = m._start, m._reorder
-    m._start = lambda *a, **k: starts.append(1) or start(*a, **k)
-    m._reorder = lambda run, rows: reorders.append(rows.tolist()) or reorder(run, rows)
+    start, reorder = Session.start, Session.reorder
+    monkeypatch.setattr(Session, "start", lambda self, *a, **k: starts.append(1) or start(self, *a, **k))
+    monkeypatch.setattr(Session, "reorder", lambda self, rows: reorders.append(rows.tolist()) or reorder(self, rows))
     assert torch.equal(adapter.generate(ids, **kw), ref)
     assert len(starts) == 1 and reorders  # beams were reordered, never re-encoded

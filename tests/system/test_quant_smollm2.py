@@ -7,7 +7,7 @@ import pytest
 
 import nx
 from nx.quant import nbytes
-from tests.test_smollm2 import smollm2_gguf
+from tests.system.test_smollm2 import smollm2_gguf
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ import pytest
 from tests.cases.gpt2 import CASES
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OURS = ("nx", "nx_", "_nx", "__editable__", "nx_core", "nx_plugin")
 
 

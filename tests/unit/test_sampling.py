@@ -164,7 +164,7 @@ def test_context_broadcasting_shares_the_prompt(saved_case):
     assert greedy.shape == (5, 23)
     assert all(torch.equal(row, greedy[0]) for row in greedy)
     assert torch.equal(greedy[:1], one.generate(ids, max_new_tokens=12, eos_token_id=[]))
-    assert any(k[0] == 1 and k[1] > 1 for k in m._executables), "prefill should run on the single prompt row"
+    assert any(k[0] == 1 and k[1] > 1 for k in m.compiled_shapes), "prefill should run on the single prompt row"
     k0 = np.asarray(m.caches[0][0])[:, :11]
     assert all(np.array_equal(k0[r], k0[0]) for r in range(5)), "every row holds the prompt's cache"
     s1 = m.generate(ids, max_new_tokens=12, do_sample=True, temperature=1.5, top_k=None, seed=1, eos_token_id=[])

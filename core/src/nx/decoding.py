@@ -1,0 +1,256 @@
+"""Host-side generation loops over a `Session`: `generate`, `stream`, next-token logits and
+teacher forcing, with Hugging Face's knob names and every input checked before any program runs.
+
+These functions see a model only through `Generates` (config, spec, HF config, sessions, host
+copies), never its params, mesh or programs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from nx import buckets
+from nx.config import RuntimeConfig
+from nx.errors import InputError
+from nx.generation import SamplingParams, hits_stop, normalize_stop
+from nx.session import Prompt, Session
+from nx.spec import ModelSpec
+
+
+class Generates(Protocol):
+    """What the loops need of a model (`nx.NxModel` provides it)."""
+
+    config: RuntimeConfig
+    spec: ModelSpec
+    hf_config: Any
+
+    def session(self, prompt: Prompt, sampling: SamplingParams) -> Session: ...
+
+    def host(self, a: Any) -> np.ndarray: ...
+
+    def put(self, a: Any) -> Any: ...
+
+
+@dataclass
+class GenerateOutput:
+    """`sequences` ``[batch, prompt + new]`` (torch.long), raw per-step `scores` if asked, timings."""
+
+    sequences: Any
+    scores: list[np.ndarray] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+def as_int_array(x: Any, name: str) -> np.ndarray:
+    """A 2-D int64 array of token ids from a list, numpy array or torch tensor (1-D: one row)."""
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu().numpy()
+    try:
+        a = np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{name} must be a 2-D array of token ids (rows of equal length): {exc}") from exc
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2 or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_) or a.size == 0):
+        raise InputError(f"{name} must be a 2-D array of integer token ids, got shape {a.shape} dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def prepare(model: Generates, input_ids: Any, attention_mask: Any) -> Prompt:
+    """Checked prompt rows: the batch the model was compiled for, left padding, ids in the vocabulary."""
+    ids = as_int_array(input_ids, "input_ids")
+    if ids.shape[1] == 0:
+        raise InputError("input_ids is empty; give at least one prompt token")
+    want = model.config.prompt_batch_size
+    if ids.shape[0] != want:
+        knob = "prompt_batch_size" if model.config.broadcast > 1 else "batch_size"
+        raise InputError(
+            f"got a batch of {ids.shape[0]} prompt(s) but the model was compiled for {knob}={want}; "
+            f"pass exactly that many rows or reload with batch_size={ids.shape[0]}"
+        )
+    if attention_mask is None:
+        mask = np.ones_like(ids)
+    else:
+        mask = as_int_array(attention_mask, "attention_mask")
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if (np.diff(mask, axis=1) < 0).any():
+        raise InputError(
+            "attention_mask is not left-padded (a 1 is followed by a 0); pad prompts on the left, "
+            "e.g. tokenizer.padding_side = 'left'"
+        )
+    pad = ids.shape[1] - mask.sum(1)
+    if (pad >= ids.shape[1]).any():
+        raise InputError("a row of attention_mask is all zeros; every prompt needs at least one token")
+    real = mask.astype(bool)
+    vocab = model.spec.vocab_size
+    bad = real & ((ids < 0) | (ids >= vocab))
+    if bad.any():
+        raise InputError(
+            f"token id {int(ids[bad][0])} is outside the vocabulary [0, {vocab}); "
+            "was the prompt encoded with this model's tokenizer?"
+        )
+    buckets.check_fits(model.config, ids.shape[1])
+    return Prompt(np.where(real, ids, 0).astype(np.int32), pad.astype(np.int32))
+
+
+def eos_ids(model: Generates, eos: int | Sequence[int] | None) -> np.ndarray:
+    """The EOS ids given, else the HF config's, else none."""
+    if eos is None and model.hf_config is not None:
+        eos = getattr(model.hf_config, "eos_token_id", None)
+    if eos is None:
+        return np.zeros(0, np.int64)
+    return np.atleast_1d(np.asarray(eos, np.int64))
+
+
+def pad_id(model: Generates, pad: int | None, eos: np.ndarray) -> int:
+    """The id finished rows are padded with: given, else the HF config's, else the first EOS, else 0."""
+    if pad is None and model.hf_config is not None:
+        pad = getattr(model.hf_config, "pad_token_id", None)
+    if pad is None:
+        pad = int(eos[0]) if eos.size else 0
+    return int(pad)
+
+
+# ---- loops ------------------------------------------------------------------------------------
+def steps(
+    model: Generates,
+    input_ids: Any,
+    attention_mask: Any = None,
+    max_new_tokens: int = 32,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop: Sequence[int] | Sequence[Sequence[int]] | None = None,
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """Each step's new tokens ``[batch]`` on the host (finished rows padded) and its logits."""
+    sp = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed).validated()
+    prompt = prepare(model, input_ids, attention_mask)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
+        raise InputError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
+    buckets.check_fits(model.config, prompt.length, max_new_tokens, f"max_new_tokens={max_new_tokens}",
+                       "lower max_new_tokens")
+    eos = eos_ids(model, eos_token_id)
+    fill = pad_id(model, pad_token_id, eos)
+    stops = normalize_stop(stop)
+    vocab = model.spec.vocab_size
+    ban = np.zeros((model.config.batch_size, vocab), bool)
+    ban[:, eos[(eos >= 0) & (eos < vocab)]] = True
+    ban_eos, no_ban = model.put(ban), model.put(np.zeros_like(ban))
+
+    b = model.config.batch_size
+    done = np.zeros(b, bool)
+    rows: list[list[int]] = [[] for _ in range(b)]
+    with model.session(prompt, sp) as session:
+        tokens, logits = session.start(ban_eos if min_new_tokens > 0 else None)
+        for t in range(max_new_tokens):
+            # Queue step t+1 before waiting for step t's tokens: it reads them on the device, so its
+            # dispatch and this loop's host work overlap step t (one extra step when rows finish early).
+            queued = None
+            if t + 1 < max_new_tokens:
+                queued = session.step(tokens, ban_eos if t + 1 < min_new_tokens else no_ban)
+            host = np.where(done, fill, model.host(tokens))
+            yield host, logits
+            if queued is not None:
+                tokens, logits = queued
+            done |= np.isin(host, eos)
+            if stops:
+                for r in range(b):
+                    rows[r].append(int(host[r]))
+                    done[r] |= hits_stop(rows[r], stops)
+            if done.all():
+                return
+
+
+def generate(model: Generates, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 32, *,
+             streamer: Any = None, output_scores: bool = False, return_dict: bool = False, **kwargs: Any):
+    """`NxModel.generate` (see there): a ``torch.LongTensor [batch, prompt + new]`` or a `GenerateOutput`."""
+    import torch
+
+    check_options(generate, kwargs)
+    prompt = as_int_array(input_ids, "input_ids")
+    rep = model.config.broadcast
+    if streamer is not None:
+        streamer.put(torch.as_tensor(np.repeat(prompt, rep, axis=0)))
+    t0 = time.perf_counter()
+    new, scores, t_first = [], [], None
+    for host, logits in steps(model, input_ids, attention_mask, max_new_tokens, **kwargs):
+        t_first = t_first or time.perf_counter()
+        new.append(host)
+        if output_scores:
+            scores.append(model.host(logits))
+        if streamer is not None:
+            streamer.put(torch.as_tensor(host, dtype=torch.long))
+    t_end = time.perf_counter()
+    if streamer is not None:
+        streamer.end()
+    seq = torch.as_tensor(np.concatenate([np.repeat(prompt, rep, axis=0), np.stack(new, 1)], 1), dtype=torch.long)
+    if not return_dict:
+        return seq
+    timings = {"first_token_s": t_first - t0, "total_s": t_end - t0, "new_tokens": len(new),
+               "prompt_tokens": prompt.shape[1]}
+    return GenerateOutput(seq, scores if output_scores else None, timings)
+
+
+def stream(model: Generates, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Iterator[np.ndarray]:
+    """`NxModel.stream`: each step's new tokens ``[batch]`` as soon as they exist."""
+    check_options(stream, kwargs)
+    for host, _ in steps(model, input_ids, attention_mask, **kwargs):
+        yield host
+
+
+def logits(model: Generates, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+    """Next-token logits ``[batch, vocab]`` (f32) after the prompt: one prefill."""
+    with model.session(prepare(model, input_ids, attention_mask), SamplingParams()) as session:
+        return model.host(session.start()[1])
+
+
+def forced_logits(model: Generates, input_ids: Any, continuation: Any, attention_mask: Any = None) -> np.ndarray:
+    """Teacher forcing: logits ``[batch, n + 1, vocab]`` after the prompt and after each of the `n`
+    tokens of `continuation` ``[batch, n]``, fed one decode step at a time."""
+    prompt = prepare(model, input_ids, attention_mask)
+    cont = as_int_array(continuation, "continuation")
+    if cont.shape[0] != model.config.batch_size:
+        raise InputError(f"continuation has {cont.shape[0]} rows but the model decodes batch_size={model.config.batch_size}")
+    buckets.check_fits(model.config, prompt.length, cont.shape[1], f"a continuation of {cont.shape[1]} tokens",
+                       "shorten it")
+    with model.session(prompt, SamplingParams()) as session:
+        _, out = session.start()
+        out = [model.host(out)]
+        for t in range(cont.shape[1]):
+            out.append(model.host(session.step(cont[:, t].astype(np.int32))[1]))
+    return np.stack(out, axis=1)
+
+
+def check_options(method: Callable, kwargs: dict) -> None:
+    """Name the options `generate` / `stream` do not take (HF users pass ``num_beams`` and the
+    like) instead of failing with a bare TypeError."""
+    unknown = sorted(set(kwargs) - _options(method))
+    if unknown:
+        raise InputError(
+            f"{method.__name__}() does not take {', '.join(unknown)}; its options are "
+            f"{', '.join(sorted(_options(method)))}. Beam search and transformers' other generation "
+            "strategies run on nx through nx.hf.HuggingFaceGenerationModelAdapter"
+        )
+
+
+@functools.cache
+def _options(method: Callable) -> frozenset[str]:
+    """The keyword options `method` takes itself or passes on to `steps`."""
+    names = set(inspect.signature(method).parameters) | set(inspect.signature(steps).parameters)
+    return frozenset(names - {"model", "input_ids", "attention_mask", "kwargs"})

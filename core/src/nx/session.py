@@ -1,0 +1,129 @@
+"""`Session`: one batch of sequences advancing through the model, step by step.
+
+A session holds every row of the KV cache while it is open (`start` .. `close`), so no other
+generation can overwrite its keys and values: another thread's session waits for the rows, and a
+second session opened by the same thread is an `InputError` (it could only deadlock or corrupt).
+`generate`, `stream`, the Hugging Face adapter, `nx bench` and warm-up runs all go through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from nx import buckets, decoder
+from nx.config import RuntimeConfig
+from nx.errors import InputError
+from nx.generation import SamplingParams
+from nx.programs import ProgramKey, ProgramSet
+from nx.sampling import SamplingInputs
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Checked prompt rows: token ids ``[rows, length]`` (0 on padding) and each row's left padding."""
+
+    ids: np.ndarray
+    pad: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[1])
+
+
+def row_keys(seed: int, rows: int) -> np.ndarray:
+    """PRNG key data ``[rows, ..]`` from one seed: row b's key is the seed's folded with b, so the
+    rows of one batch draw differently and the same seed repeats them."""
+    key = jax.random.key(seed)
+    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(key, b))) for b in range(rows)])
+
+
+class Session:
+    """The state of one batch between program calls: the next cache slot, padding, sampling."""
+
+    def __init__(self, programs: ProgramSet, config: RuntimeConfig, prompt: Prompt, sampling: SamplingParams) -> None:
+        self.programs, self.config, self.prompt = programs, config, prompt
+        self.sample = sampling.do_sample
+        self._put = programs.placement.put
+        self._rows = programs.kv.acquire(config.batch_size, wait=True)  # every row, for this session only
+        self.slot = 0  # cache position the next fed token is written to
+        self.pad = self._put(np.repeat(prompt.pad, config.broadcast).astype(np.int32))
+        self.sampling = self._sampling_inputs(sampling)
+        self.closed = False
+
+    def _sampling_inputs(self, sp: SamplingParams) -> SamplingInputs:
+        b, v, rep = self.config.batch_size, self.programs.spec.vocab_size, self.config.broadcast
+        ids, pad = self.prompt.ids, self.prompt.pad
+        seen = np.zeros((b, v), bool)
+        rows = np.repeat(np.arange(ids.shape[0]), rep)
+        real = np.arange(ids.shape[1])[None, :] >= np.repeat(pad, rep)[:, None]
+        r, c = np.nonzero(real)
+        seen[r, ids[rows[r], c]] = True
+        put = self._put
+        return SamplingInputs(
+            put(np.full((b,), sp.temperature, np.float32)), put(np.full((b,), sp.top_k or 0, np.int32)),
+            put(np.full((b,), sp.top_p, np.float32)), put(np.full((b,), sp.repetition_penalty, np.float32)),
+            put(seen), put(np.zeros((b, v), bool)), put(row_keys(sp.seed_or_random(), b)),
+        )
+
+    def _call(self, tokens, window: int, slot: int, pad, last: int, suppress=None):
+        if self.closed:
+            raise InputError("this generation session is closed; start a new one")
+        rows, n = tokens.shape
+        if isinstance(tokens, np.ndarray):
+            tokens = self._put(tokens.astype(np.int32))
+        inp = decoder.StepInputs(tokens, self._put(np.full(rows, slot, np.int32)), pad, self._put(np.int32(last)),
+                                 self._put(np.int32(0)))
+        smp = self.sampling if suppress is None else self.sampling._replace(suppress=suppress)
+        tokens, logits, seen = self.programs.run(ProgramKey(rows, n, window, self.sample), inp, smp)
+        self.sampling = self.sampling._replace(seen=seen)
+        return tokens, logits
+
+    def start(self, suppress=None) -> tuple[jax.Array, jax.Array]:
+        """Encode the prompt (in chunks when longer than the largest prompt bucket) and choose the
+        first new token of every row; returns (tokens ``[batch]``, logits ``[batch, vocab]``)."""
+        ids, length = self.prompt.ids, self.prompt.length
+        pad = self._put(self.prompt.pad.astype(np.int32))
+        for start, c, window in buckets.prompt_chunks(self.config, length):
+            chunk = np.zeros((ids.shape[0], c), np.int32)
+            n = min(c, length - start)
+            chunk[:, :n] = ids[:, start : start + n]
+            last = (length - 1 - start) if start + c >= length else c - 1
+            tokens, logits = self._call(chunk, window, start, pad, last, suppress)
+        self.slot = length
+        return tokens, logits
+
+    def step(self, tokens: jax.Array, suppress=None) -> tuple[jax.Array, jax.Array]:
+        """Feed one token per row (``[batch]``, on the device or host); returns the next (tokens, logits)."""
+        window = buckets.decode_window(self.config, self.slot)
+        tokens, logits = self._call(tokens[:, None], window, self.slot, self.pad, 0, suppress)
+        self.slot += 1
+        return tokens, logits
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Make row i continue what row ``rows[i]`` held so far (beam search): gathers the KV cache,
+        padding and seen-token masks on the devices instead of encoding the sequences again."""
+        rows = np.asarray(rows, np.int32)
+        host = self.programs.placement.host
+        self.programs.kv.reorder(rows)
+        self.pad = self._put(host(self.pad)[rows])
+        self.sampling = self.sampling._replace(seen=self._put(host(self.sampling.seen)[rows]))
+
+    def close(self) -> None:
+        """Give the cache rows back (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self.programs.kv.release(self._rows)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # an abandoned stream must not hold the rows forever
+        if not getattr(self, "closed", True):
+            self.close()
+

@@ -1,0 +1,94 @@
+"""Bucket policy and load options as pure functions of a RuntimeConfig: nothing compiles here."""
+
+from __future__ import annotations
+
+import pytest
+
+import nx
+from nx import buckets
+from nx.buckets import ProgramKey
+from nx.config import BAKED, OPTIONS, RuntimeConfig, validate
+
+
+def cfg(**kw) -> RuntimeConfig:
+    return RuntimeConfig.build(**kw)
+
+
+def test_default_keys_are_a_prefill_per_prompt_bucket_and_a_decode_per_position_bucket():
+    c = cfg(batch_size=4, prompt_batch_size=2, n_positions=[64, 256], context_length_estimate=[16, 128])
+    assert buckets.default_keys(c) == [
+        ProgramKey(2, 16, 64), ProgramKey(2, 128, 256), ProgramKey(4, 1, 64), ProgramKey(4, 1, 256)]
+    assert ProgramKey(2, 16, 64).name == "prefill_b2_t16_w64"
+    assert ProgramKey(4, 1, 256, True).name == "decode_b4_w256_sample"
+
+
+@pytest.mark.parametrize(
+    ("length", "chunks"),
+    [
+        (10, [(0, 16, 64)]),  # one bucket holds it
+        (16, [(0, 16, 64)]),
+        (40, [(0, 32, 64), (32, 16, 64)]),  # longer than the largest prompt bucket: chunks, the rest in the smallest fit
+        (250, [(0, 32, 64), (32, 32, 64), (64, 32, 128), (96, 32, 128), (128, 32, 256), (160, 32, 256),
+               (192, 32, 256), (224, 32, 256)]),
+    ],
+)
+def test_prompt_chunks_cover_the_prompt_in_bucket_sized_pieces(length, chunks):
+    c = cfg(n_positions=[64, 128, 256], context_length_estimate=[16, 32])
+    got = list(buckets.prompt_chunks(c, length))
+    assert got == chunks
+    assert got[-1][0] + got[-1][1] >= length  # every token is encoded
+    assert all(start + n <= window for start, n, window in got)  # each chunk fits its window
+
+
+def test_last_chunk_starts_early_rather_than_overflow_the_cache():
+    c = cfg(n_positions=[64], context_length_estimate=[48])
+    assert list(buckets.prompt_chunks(c, 60)) == [(0, 48, 64), (16, 48, 64)]  # re-encodes 32 tokens
+
+
+def test_decode_windows_and_request_keys():
+    c = cfg(n_positions=[32, 64], context_length_estimate=[16])
+    assert buckets.decode_window(c, 31) == 32 and buckets.decode_window(c, 32) == 64
+    assert buckets.decode_windows(c, 30, 4) == [32, 64]  # slots 30, 31, 32 are fed back
+    assert buckets.request_keys(c, 10, 8) == [ProgramKey(1, 16, 32), ProgramKey(1, 1, 32)]
+    assert buckets.request_keys(c, 10, 8, sample=True)[0].sample
+
+
+def test_fit_checks_name_the_limit_and_the_fix():
+    c = cfg(n_positions=64)
+    with pytest.raises(nx.BucketError, match="longer than the largest n_positions bucket 64"):
+        buckets.check_fits(c, 65)
+    with pytest.raises(nx.BucketError, match="needs 70 positions.*lower max_new_tokens"):
+        buckets.request_keys(c, 60, 10)
+    with pytest.raises(nx.BucketError, match="larger n_positions"):
+        buckets.decode_window(c, 64)
+
+
+def test_load_options_are_one_schema():
+    assert {"batch_size", "n_positions", "tp_degree", "quant", "unroll"} <= set(BAKED)
+    assert validate({})["n_positions"] == 1024
+    with pytest.raises(nx.ConfigError, match="unknown load option.*tp_dgree.*valid options"):
+        validate({"tp_dgree": 2})
+    for bad in ("128", 128.5, True, [], [64, "x"]):
+        with pytest.raises(nx.ConfigError, match="n_positions must be"):
+            validate({"n_positions": bad})
+    with pytest.raises(nx.ConfigError, match="amp must be one of f32, bf16, f16"):
+        validate({"amp": "fp8"})
+    with pytest.raises(nx.ConfigError, match="prompt_batch_size=3 must divide batch_size=4"):
+        cfg(batch_size=4, prompt_batch_size=3)
+    assert all(o.help for o in OPTIONS)  # every option explains itself (nx.load docstring, --help)
+
+
+def test_nx_load_signature_and_cli_flags_come_from_the_schema():
+    import inspect
+
+    from click.testing import CliRunner
+
+    from nx.cli import main
+
+    params = inspect.signature(nx.load).parameters
+    assert [o.name for o in OPTIONS] == [p for p in params if p not in ("family_or_path", "path", "registry")]
+    for command in ("generate", "bench", "compile"):
+        out = CliRunner().invoke(main, [command, "--help"]).output
+        assert "--tp" in out and "--tp-degree" not in out and "--n-positions" in out and "Position buckets" in out
+    bad = CliRunner().invoke(main, ["generate", "x", "--prompt", "hi", "--n-positions", "abc"])
+    assert bad.exit_code == 2 and "expected an int or a comma list of ints" in bad.output
