@@ -1,4 +1,5 @@
-"""The ``nx`` command line: ``nx list-models``, ``nx generate``, ``nx bench``, ``nx compile`` and ``nx cache``.
+"""The ``nx`` command line: ``nx list-models``, ``nx generate``, ``nx serve``, ``nx bench``, ``nx compile`` and
+``nx cache``.
 
 Heavy libraries (jax, torch, transformers) are imported inside commands that need them, so
 ``nx list-models`` stays fast.
@@ -218,6 +219,135 @@ def generate(
         f"first token {t['first_token_s'] * 1000:.0f} ms | decode {rate:.1f} tokens/s]",
         err=True,
     )
+
+
+def serving_shapes(model, sampling: bool) -> list[tuple[int, int, int, bool]]:
+    """Every program a served request can run: the prefill chunks of each prompt length that
+    leaves room for one new token and the decode step of each position bucket, greedy and (with
+    `sampling`) sampled. Compiled before the server accepts traffic, so no request waits for XLA."""
+    cfg = model.config
+    shapes: list[tuple[int, int, int, bool]] = []
+    for sample in (False, True) if sampling else (False,):
+        for length in range(1, cfg.max_positions):
+            shapes += model.request_shapes(length, 1, sample)  # one new token: prefill programs only
+        shapes += [(cfg.batch_size, 1, p, sample) for p in cfg.n_positions]
+    return list(dict.fromkeys(shapes))
+
+
+@main.command()
+@click.argument("target")
+@click.argument("path", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--batch-size", default=None, type=int,
+    help="Rows decoded together, i.e. requests generating at once. Default: 8, or a saved artifact's.",
+)
+@click.option("--max-queue", default=256, show_default=True, type=int, help="Waiting requests before answering 429.")
+@click.option(
+    "--model-name", default=None,
+    help="The model id clients send and /v1/models lists. Default: the checkpoint's file or directory name.",
+)
+@model_options
+@click.option("--tp", "tp_degree", type=int, default=1, show_default=True, help="Tensor-parallel degree.")
+@click.option(
+    "--sampling/--no-sampling", default=True, show_default=True,
+    help="Also compile the sampling programs before serving (else the first sampled requests compile them).",
+)
+@click.option(
+    "--shutdown-timeout", default=30.0, show_default=True, type=float,
+    help="Seconds SIGTERM waits for running requests before cancelling them.",
+)
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(
+    target: str,
+    path: str | None,
+    host: str,
+    port: int,
+    batch_size: int | None,
+    max_queue: int,
+    model_name: str | None,
+    n_positions: str,
+    context_length_estimate: str | None,
+    amp: str,
+    backend: str,
+    quant: str | None,
+    unroll: int | None,
+    tp_degree: int,
+    sampling: bool,
+    shutdown_timeout: float,
+    log_level: str,
+) -> None:
+    """Serve OpenAI's HTTP API: ``nx serve [FAMILY] PATH --port 8000`` (a checkpoint or a saved artifact).
+
+    POST /v1/completions and /v1/chat/completions (streaming with SSE), GET /v1/models, /health
+    and /metrics (Prometheus). Every program requests can run is compiled (or loaded from the
+    compile cache) and warmed up before the server accepts traffic. SIGTERM drains running
+    requests (up to --shutdown-timeout) and exits 0.
+    """
+    import logging
+    import signal
+    import time
+    from pathlib import Path
+
+    import uvicorn
+
+    import nx
+    from nx import artifacts
+    from nx.serve import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("nx.serve")
+    where = path or target
+    if batch_size is None and not artifacts.is_artifact(where):
+        batch_size = 8
+    t0 = time.perf_counter()
+    args = (target, path) if path else (target,)
+    model = nx.load(
+        *args,
+        **({} if batch_size is None else {"batch_size": batch_size}),
+        n_positions=_int_list(n_positions),
+        context_length_estimate=_int_list(context_length_estimate),
+        amp=amp,
+        backend=backend,
+        tp_degree=tp_degree,
+        quant=_quant_config(quant),
+        unroll=unroll,
+        compile=False,  # compiled below, every program a request can run
+        progress=False,
+    )
+    if model.tokenizer is None:
+        raise nx.CheckpointError("the checkpoint ships no tokenizer; nx serve needs one to read and write text")
+    log.info("loaded %r in %.1fs", model, time.perf_counter() - t0)
+    shapes = serving_shapes(model, sampling)
+    todo = [s for s in shapes if s not in model.compiled_shapes]
+    log.info("compiling %d programs (%d loaded with the model) and warming them up ...", len(todo), len(shapes) - len(todo))
+    t1 = time.perf_counter()
+    model.compile(progress=False, shapes=shapes, warm=True)
+    log.info("compiled in %.1fs%s", time.perf_counter() - t1, _from_cache(model))
+
+    name = model_name or Path(where).name
+    engine = nx.Engine(model, max_queue=max_queue)
+    app = create_app(engine, name, shutdown_timeout=shutdown_timeout)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=shutdown_timeout
+    )
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if not self.should_exit:
+                log.info("ready on http://%s:%d (model %r, batch size %d)", host, port, name, model.config.batch_size)
+
+    # uvicorn re-raises the signal that stopped it once shutdown is done; a no-op handler makes
+    # that a clean return (exit 0) instead of death by SIGTERM.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("server stopped")
 
 
 @main.command()
