@@ -92,7 +92,7 @@ def create_app(engine: Any, model_name: str, *, shutdown_timeout: float | None =
                 404, f"The model {name!r} does not exist: this server serves {model_name!r}", "model", "model_not_found"
             )
 
-    def fit(prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
+    def fit(prompt_ids: list[int], max_tokens: int | None, param: str, name: str = "max_tokens") -> int:
         """`max_tokens`, or everything left when None; 400 when the request cannot fit."""
         if len(prompt_ids) >= max_positions:
             raise ApiError(
@@ -107,10 +107,10 @@ def create_app(engine: Any, model_name: str, *, shutdown_timeout: float | None =
         if len(prompt_ids) + max_tokens > max_positions:
             raise ApiError(
                 400,
-                f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens is more than the "
-                f"{max_positions} positions this model serves; lower max_tokens to at most "
+                f"{name}={max_tokens} plus the prompt's {len(prompt_ids)} tokens is more than the "
+                f"{max_positions} positions this model serves; lower {name} to at most "
                 f"{max_positions - len(prompt_ids)}",
-                "max_tokens",
+                name,
                 "context_length_exceeded",
             )
         return max_tokens
@@ -217,12 +217,7 @@ def create_app(engine: Any, model_name: str, *, shutdown_timeout: float | None =
             raise ApiError(400, f"the chat template rejected the messages: {exc}", "messages", "invalid_value") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        try:
-            n = fit(ids, max_tokens, "messages")
-        except ApiError as exc:
-            if exc.param == "max_tokens":
-                exc.param = param
-            raise
+        n = fit(ids, max_tokens, "messages", param)
         gen = submit("chat", ids, n, body)
         rid, model_id = f"chatcmpl-{uuid.uuid4().hex}", model_name
         gen.id = rid
