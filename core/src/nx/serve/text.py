@@ -46,9 +46,9 @@ class StopMatcher:
     """Finds OpenAI text stop sequences in generated text.
 
     `feed` returns the text that may be sent now and whether a stop sequence was hit (the text
-    is then cut just before it). Without a hit it holds back the last ``len(longest stop) - 1``
-    characters, which could be the start of a stop sequence, so a streamed answer never shows
-    text that a later token turns into a stop.
+    is then cut just before it). Without a hit it holds back the longest tail of the text that
+    begins a stop sequence, so a streamed answer never shows text that a later token turns into
+    a stop.
     """
 
     def __init__(self, stops: list[str]) -> None:
@@ -67,7 +67,15 @@ class StopMatcher:
         if found:
             self.text, self.hit = self.text[: min(found)], True
             return self._release(len(self.text)), True
-        return self._release(len(self.text) - self.hold), False
+        return self._release(len(self.text) - self._held()), False
+
+    def _held(self) -> int:
+        """Length of the longest tail of the text that is the start of a stop sequence."""
+        for k in range(min(self.hold, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
 
     def flush(self) -> str:
         """Everything not sent yet (generation ended without a stop)."""
