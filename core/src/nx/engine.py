@@ -175,6 +175,7 @@ class Engine:
         with self._lock:
             queued, self._queue = list(self._queue), collections.deque()
             running = self._running
+            self._finished += len(queued)
         for req in queued:
             req._cancelled = True
             req._finish("cancelled")
@@ -254,6 +255,7 @@ class Engine:
                 self._queue.remove(req)
             except ValueError:
                 return  # running (the loop sees the flag) or already finished
+            self._finished += 1
         req._finish("cancelled")
 
     def stats(self) -> dict:
