@@ -223,10 +223,13 @@ def test_client_disconnect_cancels_and_frees_the_row(server):
                 data.append(json.loads(line[6:]))
             if len(data) == 3:
                 break
+    # a client that gives up on a non-streaming answer cancels it too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(5, read=0.05))
     deadline = time.monotonic() + 20
     while server.metric("nx_running_rows") != 0 or server.metric(
-            'nx_requests_total{endpoint="completions",finish_reason="cancelled"}') != cancelled + 1:
-        assert time.monotonic() < deadline, "the disconnected request still holds its row"
+            'nx_requests_total{endpoint="completions",finish_reason="cancelled"}') != cancelled + 2:
+        assert time.monotonic() < deadline, "a disconnected request still holds its row"
         time.sleep(0.05)
     assert server.metric("nx_queue_depth") == 0
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "next", "max_tokens": 4, "temperature": 0}, timeout=60)
