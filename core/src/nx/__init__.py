@@ -25,6 +25,7 @@ from nx.version import __version__
 
 if TYPE_CHECKING:
     from nx.convert import save_pretrained_split
+    from nx.engine import Engine, EngineClosedError, QueueFullError
     from nx.loader import load
     from nx.model import NxModel
     from nx.quant import QuantizationConfig
@@ -34,11 +35,14 @@ __all__ = [
     "BucketError",
     "CheckpointError",
     "ConfigError",
+    "Engine",
+    "EngineClosedError",
     "InputError",
     "NxError",
     "NxModel",
     "PluginError",
     "QuantizationConfig",
+    "QueueFullError",
     "ResourceError",
     "ShapeMismatchError",
     "UnknownFamilyError",
@@ -59,6 +63,10 @@ def __getattr__(name: str) -> Any:
         from nx.model import NxModel
 
         return NxModel
+    if name in ("Engine", "EngineClosedError", "QueueFullError"):
+        from nx import engine
+
+        return getattr(engine, name)
     if name == "QuantizationConfig":
         from nx.quant import QuantizationConfig
 

@@ -56,7 +56,8 @@ PROGRAMS = "programs"
 #: caches ``[batch, positions, kv_heads, head_dim]``); programs and weights of format 1 do not fit either.
 #: 3: 16-bit KV caches are uint16 program arguments (`nx.ops.attention.cache_dtype`); a format-2 bf16/f16
 #: program takes bf16/f16 caches.
-FORMAT = 3
+#: 4: programs take each row's own cache position and per-row sampling state; insert programs.
+FORMAT = 4
 
 def is_artifact(path: str | os.PathLike | None) -> bool:
     """Whether `path` is a directory written by `write` (it holds an ``nx-artifact.json``)."""
@@ -232,7 +233,7 @@ def write(out: Path, *, programs: list[tuple[ProgramKey, bytes]], params: dict, 
     for key, blob in sorted(programs):
         rel = f"{PROGRAMS}/{key.name}.xla"
         (out / rel).write_bytes(blob)
-        entries.append({"rows": key.rows, "tokens": key.tokens, "window": key.window, "sample": key.sample, "file": rel})
+        entries.append({**key._asdict(), "file": rel})
     flat, quantized = _flat_params(params)
     _write_weights(flat, out / WEIGHTS)
     if hf_config is not None:
@@ -262,8 +263,8 @@ class Contents:
         return _params_tree(_read_weights(self.path / WEIGHTS), self.manifest.get("quantized", {}), n_layers)
 
     def programs(self) -> list[tuple[ProgramKey, Path]]:
-        return [(ProgramKey(int(p["rows"]), int(p["tokens"]), int(p["window"]), bool(p["sample"])), self.path / p["file"])
-                for p in self.manifest["programs"]]
+        return [(ProgramKey(int(p["rows"]), int(p["tokens"]), int(p["window"]), bool(p["sample"]),
+                            bool(p.get("insert", False))), self.path / p["file"]) for p in self.manifest["programs"]]
 
 
 def read(path: str | os.PathLike, verify: bool = True) -> Contents:

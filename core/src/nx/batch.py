@@ -44,10 +44,7 @@ class ContinuousBatch:
     def program_keys(self, sample: bool = False) -> list[ProgramKey]:
         """Every program `insert` and `step` can run: an insert per prompt bucket, a decode step per
         position bucket (compile them before serving, so no request waits for XLA)."""
-        cfg = self.config
-        pos = list(cfg.n_positions)
-        inserts = [ProgramKey(1, c, buckets.pick(pos, c, "", ""), sample, True) for c in cfg.context_buckets]
-        return inserts + [ProgramKey(cfg.batch_size, 1, p, sample) for p in pos]
+        return buckets.serving_keys(self.config, sample)
 
     def _sampling(self) -> SamplingInputs:
         put = self._put

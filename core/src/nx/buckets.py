@@ -86,6 +86,14 @@ def default_keys(config: Any, sample: bool = False) -> list[ProgramKey]:
     ]
 
 
+def serving_keys(config: Any, sample: bool = False) -> list[ProgramKey]:
+    """The programs continuous batching runs (`nx.batch`): an insert per prompt bucket (over the
+    smallest position bucket holding it) and a decode step per position bucket."""
+    pos = list(config.n_positions)
+    inserts = [ProgramKey(1, c, pick(pos, c, "", ""), sample, True) for c in config.context_buckets]
+    return inserts + [ProgramKey(config.batch_size, 1, p, sample) for p in pos]
+
+
 def prompt_chunks(config: Any, length: int) -> Iterator[tuple[int, int, int]]:
     """(start, tokens, window) of each prefill call encoding a `length`-token prompt: one prompt
     bucket, or chunks of the largest one; the last chunk starts early enough to fit the cache,

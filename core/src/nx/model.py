@@ -184,15 +184,16 @@ class NxModel:
         """
         return decoding.generate(self, input_ids, attention_mask, max_new_tokens, **kwargs)
 
-    def save(self, directory: Any, *, sampling: bool = False, progress: bool | None = None,
+    def save(self, directory: Any, *, sampling: bool = False, serving: bool = False, progress: bool | None = None,
              workers: int | None = None) -> Path:
         """Save weights (as the programs take them), compiled programs, tokenizer, HF config and a
-        manifest; ``nx.load(directory)`` then serves without the checkpoint and without compiling.
+        manifest; ``nx.load(directory)`` then runs without the checkpoint and without compiling.
 
         Every bucket's greedy program is compiled first if it is not yet (``sampling=True`` adds
-        the sampling variants); programs compiled on demand before are saved too."""
+        the sampling variants, ``serving=True`` the programs `nx.Engine` / ``nx serve`` run);
+        programs compiled on demand before are saved too."""
         out = artifacts.prepare_directory(directory)
-        keys = self.program_shapes()
+        keys = self.program_shapes() + (buckets.serving_keys(self.config) if serving else [])
         if sampling:
             keys += [k._replace(sample=True) for k in keys]
         self.compile(progress, workers=workers, shapes=keys)
