@@ -24,11 +24,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nx import buckets, decoder, dump, memory, ops, scan, sharding, xla_options
+from nx import buckets, decoder, dump, inputs, memory, ops, scan, sharding, xla_options
 from nx.compile_cache import CompileCache
 from nx.errors import BucketError, ConfigError, InputError
 from nx.family import Family
-from nx.generation import SamplingParams, hits_stop, normalize_stop
+from nx.generation import GenerationOptions, SamplingParams, hits_stop
 from nx.ops.quant import is_quantized
 from nx.progress import track
 from nx.quant import quantize_params
@@ -530,7 +530,8 @@ class NxModel:
         the `n` tokens of `continuation` ``[batch, n]``, fed one decode step at a time (whatever
         the model itself would have chosen). Compares models position by position cheaply."""
         ids, pad = self._prepare(input_ids, attention_mask)
-        cont = _as_int_array(continuation, "continuation")
+        cont = inputs.token_array(continuation, "continuation")
+        inputs.check_vocabulary(cont, self.spec.vocab_size, "continuation")
         if cont.shape[0] != self.config.batch_size:
             raise InputError(f"continuation has {cont.shape[0]} rows but the model decodes batch_size={self.config.batch_size}")
         self._check_total_fits(ids.shape[1], cont.shape[1], f"a continuation of {cont.shape[1]} tokens", "shorten it")
@@ -571,7 +572,10 @@ class NxModel:
         import torch
 
         _check_generate_options(NxModel.generate, kwargs)
-        prompt = _as_int_array(input_ids, "input_ids")
+        GenerationOptions.check(
+            max_new_tokens=max_new_tokens, streamer=streamer, output_scores=output_scores, return_dict=return_dict, **kwargs
+        )  # before the streamer sees the prompt
+        prompt = inputs.token_array(input_ids, "input_ids")
         rep = self.config.broadcast
         if streamer is not None:
             streamer.put(torch.as_tensor(np.repeat(prompt, rep, axis=0)))
@@ -614,18 +618,19 @@ class NxModel:
         pad_token_id: int | None = None,
         stop: Sequence[int] | Sequence[Sequence[int]] | None = None,
     ) -> Iterator[tuple[np.ndarray, jax.Array]]:
-        sp = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed).validated()
+        opts = GenerationOptions.check(
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, stop=stop,
+        )
+        sp, max_new_tokens, min_new_tokens = opts.sampling, opts.max_new_tokens, opts.min_new_tokens
         ids, pad = self._prepare(input_ids, attention_mask)
         length = ids.shape[1]
         self._check_prompt_fits(length)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
-            raise InputError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
         self._check_total_fits(length, max_new_tokens, f"max_new_tokens={max_new_tokens}", "lower max_new_tokens")
-        eos = self._eos_ids(eos_token_id)
-        pad_id = self._pad_id(pad_token_id, eos)
-        stops = normalize_stop(stop)
+        eos = self._eos_ids(opts.eos_token_id)
+        pad_id = self._pad_id(opts.pad_token_id, eos)
+        stops = opts.stops
         ban = np.zeros(self.spec.vocab_size, bool)
         ban[eos[(eos >= 0) & (eos < self.spec.vocab_size)]] = True
         ban_eos, no_ban = self._put(ban), self._put(np.zeros_like(ban))
@@ -655,38 +660,8 @@ class NxModel:
 
     # ---- input checking ----------------------------------------------------------------------
     def _prepare(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
-        ids = _as_int_array(input_ids, "input_ids")
-        if ids.shape[1] == 0:
-            raise InputError("input_ids is empty; give at least one prompt token")
-        want = self.config.prompt_batch_size
-        if ids.shape[0] != want:
-            knob = "prompt_batch_size" if self.config.broadcast > 1 else "batch_size"
-            raise InputError(
-                f"got a batch of {ids.shape[0]} prompt(s) but the model was compiled for {knob}={want}; "
-                f"pass exactly that many rows or reload with batch_size={ids.shape[0]}"
-            )
-        if attention_mask is None:
-            mask = np.ones_like(ids)
-        else:
-            mask = _as_int_array(attention_mask, "attention_mask")
-            if mask.shape != ids.shape:
-                raise InputError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
-        if (np.diff(mask, axis=1) < 0).any():
-            raise InputError(
-                "attention_mask is not left-padded (a 1 is followed by a 0); pad prompts on the left, "
-                "e.g. tokenizer.padding_side = 'left'"
-            )
-        pad = ids.shape[1] - mask.sum(1)
-        if (pad >= ids.shape[1]).any():
-            raise InputError("a row of attention_mask is all zeros; every prompt needs at least one token")
-        real = mask.astype(bool)
-        bad = real & ((ids < 0) | (ids >= self.spec.vocab_size))
-        if bad.any():
-            raise InputError(
-                f"token id {int(ids[bad][0])} is outside the vocabulary [0, {self.spec.vocab_size}); "
-                "was the prompt encoded with this model's tokenizer?"
-            )
-        return np.where(real, ids, 0).astype(np.int32), pad.astype(np.int32)
+        knob = "prompt_batch_size" if self.config.broadcast > 1 else "batch_size"
+        return inputs.prompts(input_ids, attention_mask, self.spec.vocab_size, self.config.prompt_batch_size, knob)
 
     def _eos_ids(self, eos: int | Sequence[int] | None) -> np.ndarray:
         if eos is None and self.hf_config is not None:
@@ -759,20 +734,6 @@ def select_devices(config: RuntimeConfig) -> list:
             f"them, or start Python with JAX_NUM_CPU_DEVICES={config.tp_degree}"
         )
     return available[: config.tp_degree]
-
-
-def _as_int_array(x: Any, name: str) -> np.ndarray:
-    if type(x).__module__.startswith("torch"):
-        x = x.detach().cpu().numpy()
-    try:
-        a = np.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"{name} must be a 2-D array of token ids (rows of equal length): {exc}") from exc
-    if a.ndim == 1:
-        a = a[None, :]
-    if a.ndim != 2 or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_) or a.size == 0):
-        raise InputError(f"{name} must be a 2-D array of integer token ids, got shape {a.shape} dtype {a.dtype}")
-    return a.astype(np.int64)
 
 
 def _check_generate_options(method: Callable, kwargs: dict) -> None:
