@@ -16,7 +16,10 @@ from nx.errors import NxError
 def _int_list(value: str | None) -> list[int] | int | None:
     if value is None:
         return None
-    parts = [int(p) for p in value.split(",") if p.strip()]
+    try:
+        parts = [int(p) for p in value.split(",") if p.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an int or a comma-separated list of ints, e.g. 128 or 128,512") from None
     return parts[0] if len(parts) == 1 else parts
 
 

@@ -17,6 +17,7 @@ from nx.params import build_params
 from nx.quant import as_config as as_quant_config
 from nx.quant import weight_bytes as quant_weight_bytes
 from nx.registry import Registry, default_registry
+from nx.spec import check_load
 
 
 def load(
@@ -100,6 +101,7 @@ def load(
                 f"{', '.join(family.model_types)}; use nx.load({str(path)!r}) to pick the family automatically"
             )
     spec = family.spec_from_config(ckpt.config)
+    check_load(spec, config.max_positions, len(ckpt.tensors))  # before any weight is read
     scan.block_size(spec.n_layers, config.unroll)  # a bad unroll fails before any weight is read
     quant = as_quant_config(quant)
     if config.backend == "cpu" and config.amp == "f16" and quant is None:
