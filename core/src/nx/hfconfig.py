@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -81,9 +82,10 @@ def rope_parameters(cfg: Any, default_theta: float = 10000.0, theta_attr: str = 
         raise ConfigError(
             f"{cfg.model_type}: rope scaling {kind!r} is not supported yet; supported: {', '.join(sorted(_ROPE_TYPES))}"
         )
+    theta = positive_number(theta, "rope_theta", cfg.model_type)
     if kind == "default":
-        return float(theta), None
-    return float(theta), tuple(sorted(scaling.items()))
+        return theta, None
+    return theta, tuple(sorted(scaling.items()))
 
 
 def partial_rotary_factor(cfg: Any, default: float = 1.0) -> float:
@@ -93,6 +95,14 @@ def partial_rotary_factor(cfg: Any, default: float = 1.0) -> float:
     value = params.get("partial_rotary_factor")
     if value is None:
         value = get(cfg, "partial_rotary_factor", "rotary_pct", default=default)
+    return positive_number(value, "partial_rotary_factor", getattr(cfg, "model_type", ""))
+
+
+def positive_number(value: Any, name: str, model_type: str = "") -> float:
+    """Config field `name` as a float, if it is a finite number > 0; else a `ConfigError`."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"{model_type}: {name}={value!r} must be a finite number > 0; fix the config")
     return float(value)
 
 
