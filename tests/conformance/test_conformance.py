@@ -97,7 +97,7 @@ def test_missing_keys_are_reported(case, saved_case, tmp_path):
     del state[dropped]
     save_file(state, f"{tmp_path}/model.safetensors")
     with pytest.raises(nx.WeightKeyError, match="missing") as err:
-        nx.load(case.family, tmp_path, compile=False, progress=False)
+        nx.load(case.family, tmp_path, compile=False, progress=False, **BUCKETS)
     assert dropped in str(err.value)
 
 

@@ -10,6 +10,7 @@ import re
 import pytest
 
 import nx
+import nx.buckets
 from tests.cases.llama import CASES
 
 CASE = CASES[0]
@@ -29,9 +30,24 @@ def test_programs_never_copy_a_whole_cache(saved_case, rows, tokens, amp):
         lines = entry.splitlines()
         copies = [line for line in lines if (m := COPY.search(line)) and m.group(1) in shapes]
         assert not copies, f"window {window}: {copies[:2]}"
-        # each layer's K and V are written once, in place (no duplicated update fused into a reader)
+        # each layer's K and V are written once per row and kv head, in place (no duplicated update
+        # fused into a reader)
         updates = sum(line.count("dynamic-update-slice") for line in lines if " fusion(" in line and "caches" in line)
-        assert updates <= 2 * model.spec.n_layers
+        assert updates <= 2 * model.spec.n_layers * rows * model.spec.kv_heads
+
+
+@pytest.mark.parametrize("amp", ["f32", "bf16"])
+def test_insert_programs_never_copy_a_whole_cache(saved_case, amp):
+    """The continuous-batching insert (one prompt into one row of a batch of 3) writes and reads
+    that row in place too."""
+    _, path = saved_case(CASE)
+    model = nx.load("llama", path, batch_size=3, n_positions=[32, 64], context_length_estimate=[16],
+                    amp=amp, compile=False, progress=False)
+    shapes = {"[" + ",".join(map(str, a.shape)) + "]" for a in model.caches[0]}
+    for key in model.programs.keys + nx.buckets.serving_keys(model.config):
+        entry = model.programs.lower(key).compile().as_text().split("ENTRY", 1)[1]
+        copies = [line for line in entry.splitlines() if (m := COPY.search(line)) and m.group(1) in shapes]
+        assert not copies, f"{key.name}: {copies[:2]}"
 
 
 def test_bf16_cache_reads_the_same_in_any_window(saved_case):
@@ -58,7 +74,7 @@ def test_uint16_cache_takes_only_16_bit_float_bits():
 
     caches = tuple(jnp.zeros(s, ops.cache_dtype(jnp.bfloat16)) for s in ops.cache_shapes(1, 8, 2, 4))
     kv = jnp.ones((1, 1, 2, 4), jnp.bfloat16) * 1.5
-    k, v = ops.update_caches(caches, kv, kv, jnp.int32(3))
+    k, v = ops.update_caches(caches, kv, kv, jnp.array([3], jnp.int32))
     assert k.dtype == jnp.uint16 and float(ops.cache_windows((k, v), 8, 2, dtype=jnp.bfloat16)[1][0, 3, 0]) == 1.5
     with pytest.raises(TypeError, match="bf16 or f16"):
-        ops.update_caches(caches, kv.astype(jnp.float32), kv.astype(jnp.float32), jnp.int32(3))
+        ops.update_caches(caches, kv.astype(jnp.float32), kv.astype(jnp.float32), jnp.array([3], jnp.int32))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import numbers
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from nx.errors import BucketError, ConfigError
@@ -19,16 +20,25 @@ def _powers_of_two(lo: int, hi: int) -> list[int]:
     return out + [hi]
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def parse(value: int | Sequence[int], name: str, minimum: int) -> list[int]:
-    """An int becomes powers of two from `minimum` up to it; a list is used as given (sorted)."""
-    if isinstance(value, int):
+    """An int becomes powers of two from `minimum` up to it; a list is used as given (sorted).
+
+    Only ints are taken (a str, float or bool is a `ConfigError`, never coerced): ``"128"`` once
+    became the buckets [1, 2, 8]."""
+    if _is_int(value):
         if value < 1:
             raise ConfigError(f"{name} must be positive, got {value}")
-        return _powers_of_two(min(minimum, value), value)
-    buckets = sorted({int(v) for v in value})
-    if not buckets or buckets[0] < 1:
+        return _powers_of_two(min(minimum, int(value)), int(value))
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{name} must be a positive int or a list of positive ints, got {value!r}")
+    items = list(value)
+    if not items or not all(_is_int(v) and v >= 1 for v in items):
         raise ConfigError(f"{name} must be a positive int or a non-empty list of positive ints, got {value!r}")
-    return buckets
+    return sorted({int(v) for v in items})
 
 
 def position_buckets(n_positions: int | Sequence[int]) -> list[int]:

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from nx.errors import CheckpointError
+from nx.errors import CheckpointError, ConfigError, NxError
+from nx.hfconfig import check_raw_config
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -34,9 +35,19 @@ class TensorSource(Mapping[str, np.ndarray]):
         self._read = read
 
     def __getitem__(self, key: str) -> np.ndarray:
+        """The tensor as numpy; a `CheckpointError` naming it if it cannot be read (the readers,
+        safetensors, gguf-py and torch, raise assorted error types on damaged files)."""
         if key not in self.shapes:
             raise KeyError(key)
-        return self._read(key)
+        try:
+            return self._read(key)
+        except NxError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot read tensor {key!r}: {type(exc).__name__}: {exc}; the checkpoint is corrupt, truncated "
+                "or stores it in a type nx cannot use (re-save or re-convert it)"
+            ) from exc
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -137,14 +148,36 @@ def _read_config(path: Path):
 
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc}); re-save the checkpoint") from exc
-    if "model_type" not in raw:
-        raise CheckpointError(f"{str(path)!r} has no 'model_type'; it is not a Hugging Face model config")
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise CheckpointError(f"{str(path)!r} has no 'model_type' string; it is not a Hugging Face model config")
+    from transformers import CONFIG_MAPPING
+
+    if raw["model_type"] not in CONFIG_MAPPING:
+        raise CheckpointError(
+            f"{str(path)!r} has model_type {raw['model_type']!r}, which transformers {_transformers_version()} "
+            "does not know; upgrade transformers or check config.json"
+        )
+    check_raw_config(raw, str(path))
+    return _hf_config(lambda: AutoConfig.from_pretrained(str(path.parent)), str(path))
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _hf_config(build: Callable[[], Any], where: str):
+    """`build()` (transformers making a config); a field of the wrong type or value (transformers 5
+    validates them strictly, with its own error types) is a `ConfigError` quoting its message."""
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
-        return AutoConfig.from_pretrained(str(path.parent))
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"transformers cannot read {str(path)!r}: {exc}") from exc
+        return build()
+    except (ValueError, KeyError, TypeError, ArithmeticError, AttributeError, StrictDataclassError) as exc:
+        raise ConfigError(f"{where} is not a valid config: {exc}; fix the config") from exc
 
 
 def _open_safetensors(file: Path) -> TensorSource:
@@ -199,12 +232,15 @@ def _safetensors_files(files: dict[str | None, Path]) -> TensorSource:
 
 
 def _torch_load(file: Path) -> dict:
+    """A ``torch.save`` file's state dict, unpickled with ``weights_only=True`` (never runs code).
+    Zip files (torch >= 1.6) are memory-mapped; the legacy format cannot be and is read whole."""
     import pickle
+    import zipfile
 
     import torch
 
     try:
-        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{str(file)!r} contains objects other than tensors and was not loaded (nx only loads "
@@ -212,6 +248,12 @@ def _torch_load(file: Path) -> dict:
         ) from exc
     except Exception as exc:
         raise CheckpointError(f"cannot read {str(file)!r}: {exc}; the file is corrupt or truncated") from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(
+            f"{str(file)!r} is not a state dict (a dict of name -> tensor); save model.state_dict(), "
+            "or save_pretrained()"
+        )
+    return state
 
 
 def _torch_state(states: list[dict]) -> TensorSource:
@@ -288,10 +330,16 @@ def _open_gguf(directory: Path, fname: str) -> Checkpoint:
         reader = gguf_reader(file)
     except Exception as exc:
         raise CheckpointError(f"cannot read GGUF file {str(file)!r}: {exc}; it is corrupt or truncated") from exc
-    cfg = gguf_config(reader)
+    try:
+        cfg = gguf_config(reader)
+    except NxError:
+        raise
+    except Exception as exc:  # metadata of unexpected types
+        raise CheckpointError(f"GGUF file {str(file)!r} has unreadable metadata ({exc}); it is corrupt") from exc
+    check_raw_config(cfg, f"GGUF file {str(file)!r}")
     digest = hashlib.sha256(reader.data[: reader.data_offset]).hexdigest()  # header, metadata, tensor index
     reader.fields.clear()  # metadata (the whole vocabulary as small arrays) is not needed after this
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    config = _hf_config(lambda: AutoConfig.for_model(cfg.pop("model_type"), **cfg), f"GGUF file {str(file)!r}")
     tensors = {t.name: t for t in reader.tensors}
 
     def read(name: str) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -47,6 +48,29 @@ _JAX_COMPILE_CONFIG = ("jax_exec_time_optimization_effort", "jax_memory_fitting_
                        "jax_memory_fitting_level", "jax_use_shardy_partitioner")
 
 
+def _max_bytes_from_env() -> int:
+    """``$NX_CACHE_MAX_MB`` (MiB, default 2048) in bytes; a `ConfigError` unless it is a number > 0."""
+    value = os.environ.get(MAX_MB_ENV, "").strip() or str(DEFAULT_MAX_MB)
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = math.nan
+    return _checked_max_bytes(mb * 2**20, f"{MAX_MB_ENV}={value!r}")
+
+
+def _checked_max_bytes(value: Any, what: str) -> int:
+    """`value` as a byte count > 0: a size of 0 or less would keep nothing (disable the cache with
+    ``NX_CACHE_DIR=off`` instead)."""
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 1
+    if not ok:
+        raise ConfigError(
+            f"{what} is not a size; give the cache limit in MiB as a number > 0, e.g. {MAX_MB_ENV}=2048 "
+            f"(to disable the cache set {ENV}=off)"
+        )
+    return int(value)
+
+
 def default_directory() -> Path | None:
     """Where the cache lives unless told otherwise (None: disabled through ``NX_CACHE_DIR=off``)."""
     value = os.environ.get(ENV, "").strip()
@@ -65,17 +89,12 @@ class CompileCache:
 
     def __init__(self, directory: str | os.PathLike, max_bytes: int | None = None) -> None:
         self.directory = Path(directory).expanduser()
-        if max_bytes is None:
-            value = os.environ.get(MAX_MB_ENV, "").strip() or str(DEFAULT_MAX_MB)
-            try:
-                max_bytes = int(float(value) * 2**20)
-            except ValueError:
-                raise ConfigError(f"{MAX_MB_ENV}={value!r} is not a size; give the cache limit in MiB, e.g. 2048") from None
-        self.max_bytes = max_bytes
+        self.max_bytes = _max_bytes_from_env() if max_bytes is None else _checked_max_bytes(max_bytes, "max_bytes")
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()
         self._usable: bool | None = None
+        self._read_only = False  # set when an entry could not be written or removed: stop trying
 
     @classmethod
     def from_setting(cls, setting: bool | str | os.PathLike | None = True) -> CompileCache | None:
@@ -231,18 +250,40 @@ class CompileCache:
         head = len(_MAGIC) + 64
         blob = data[head:]
         if data[: len(_MAGIC)] != _MAGIC or data[len(_MAGIC) : head].decode("ascii", "replace") != hashlib.sha256(blob).hexdigest():
-            f.unlink(missing_ok=True)  # truncated or damaged: compile again
+            self._remove(f)  # truncated or damaged: compile again
             return None
         try:
             exe = deserialize(blob)
         except Exception:  # XLA's own error types: an entry this jaxlib cannot load
-            f.unlink(missing_ok=True)
+            self._remove(f)
             return None
         with contextlib.suppress(OSError):
             os.utime(f)  # last use, for pruning
         return exe
 
+    def _remove(self, f: Path) -> None:
+        """Delete entry `f`; in a directory nx cannot write to, leave it (see `_cannot_write`)."""
+        try:
+            f.unlink(missing_ok=True)
+        except OSError as exc:
+            self._cannot_write(exc)
+
+    def _cannot_write(self, exc: OSError) -> None:
+        """The directory refused a write or a delete (read-only, full, not ours): warn once, then
+        compile without storing; entries that load are still used."""
+        with self._lock:
+            if self._read_only:
+                return
+            self._read_only = True
+        warnings.warn(
+            f"nx: cannot write to the compile cache {str(self.programs_dir)!r} ({exc}); programs are compiled "
+            f"but not stored. Make it writable, or set {ENV} to another directory (or {ENV}=off)",
+            RuntimeWarning, stacklevel=5,
+        )
+
     def _store(self, key: str, exe: Any) -> None:
+        if self._read_only:
+            return
         try:
             blob = executables.to_bytes(exe)
         except ArtifactError:  # this backend cannot serialize: nothing to cache
@@ -257,7 +298,8 @@ class CompileCache:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        except OSError:  # full or read-only disk: run uncached
+        except OSError as exc:  # full or read-only disk: run uncached
+            self._cannot_write(exc)
             return
         self.prune()
 
@@ -266,7 +308,7 @@ class CompileCache:
         entries = self._sized_entries()
         total = sum(size for _, size in entries)
         for f, size in entries:
-            if total <= self.max_bytes:
+            if total <= self.max_bytes or self._read_only:
                 break
-            f.unlink(missing_ok=True)
+            self._remove(f)
             total -= size

@@ -7,6 +7,7 @@ Kept free of jax so the CLI can build its flags without loading a backend.
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,13 +22,13 @@ QUANT = ("s8",)  # weight formats `quant` names (or an nx.QuantizationConfig)
 
 # ---- value checks: each returns the normalized value or raises ConfigError naming the option ----
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def positive_int(name: str, v: Any) -> int:
     if not _is_int(v) or v < 1:
         raise ConfigError(f"{name} must be a positive int, got {v!r}")
-    return v
+    return int(v)
 
 
 def optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
@@ -61,13 +62,13 @@ def int_list(name: str, v: Any) -> int | tuple[int, ...]:
         return positive_int(name, v)
     if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not v or not all(_is_int(x) and x > 0 for x in v):
         raise ConfigError(f"{name} must be a positive int or a non-empty list of positive ints, got {v!r}")
-    return tuple(v)
+    return tuple(int(x) for x in v)
 
 
 def device_ids(name: str, v: Any) -> tuple[int, ...]:
     if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not all(_is_int(x) and x >= 0 for x in v):
         raise ConfigError(f"{name} must be a list of device ids (ints >= 0), got {v!r}")
-    return tuple(v)
+    return tuple(int(x) for x in v)
 
 
 def cache_setting(name: str, v: Any) -> bool | str | os.PathLike:

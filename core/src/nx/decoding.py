@@ -16,10 +16,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from nx import buckets
+from nx import buckets, inputs
 from nx.config import RuntimeConfig
 from nx.errors import InputError
-from nx.generation import SamplingParams, hits_stop, normalize_stop
+from nx.generation import GenerationOptions, SamplingParams, hits_stop
 from nx.session import Prompt, Session
 from nx.spec import ModelSpec
 
@@ -48,57 +48,13 @@ class GenerateOutput:
 
 
 # ---- inputs -----------------------------------------------------------------------------------
-def as_int_array(x: Any, name: str) -> np.ndarray:
-    """A 2-D int64 array of token ids from a list, numpy array or torch tensor (1-D: one row)."""
-    if type(x).__module__.startswith("torch"):
-        x = x.detach().cpu().numpy()
-    try:
-        a = np.asarray(x)
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"{name} must be a 2-D array of token ids (rows of equal length): {exc}") from exc
-    if a.ndim == 1:
-        a = a[None, :]
-    if a.ndim != 2 or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_) or a.size == 0):
-        raise InputError(f"{name} must be a 2-D array of integer token ids, got shape {a.shape} dtype {a.dtype}")
-    return a.astype(np.int64)
-
-
 def prepare(model: Generates, input_ids: Any, attention_mask: Any) -> Prompt:
-    """Checked prompt rows: the batch the model was compiled for, left padding, ids in the vocabulary."""
-    ids = as_int_array(input_ids, "input_ids")
-    if ids.shape[1] == 0:
-        raise InputError("input_ids is empty; give at least one prompt token")
-    want = model.config.prompt_batch_size
-    if ids.shape[0] != want:
-        knob = "prompt_batch_size" if model.config.broadcast > 1 else "batch_size"
-        raise InputError(
-            f"got a batch of {ids.shape[0]} prompt(s) but the model was compiled for {knob}={want}; "
-            f"pass exactly that many rows or reload with batch_size={ids.shape[0]}"
-        )
-    if attention_mask is None:
-        mask = np.ones_like(ids)
-    else:
-        mask = as_int_array(attention_mask, "attention_mask")
-        if mask.shape != ids.shape:
-            raise InputError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
-    if (np.diff(mask, axis=1) < 0).any():
-        raise InputError(
-            "attention_mask is not left-padded (a 1 is followed by a 0); pad prompts on the left, "
-            "e.g. tokenizer.padding_side = 'left'"
-        )
-    pad = ids.shape[1] - mask.sum(1)
-    if (pad >= ids.shape[1]).any():
-        raise InputError("a row of attention_mask is all zeros; every prompt needs at least one token")
-    real = mask.astype(bool)
-    vocab = model.spec.vocab_size
-    bad = real & ((ids < 0) | (ids >= vocab))
-    if bad.any():
-        raise InputError(
-            f"token id {int(ids[bad][0])} is outside the vocabulary [0, {vocab}); "
-            "was the prompt encoded with this model's tokenizer?"
-        )
+    """Checked prompt rows (`nx.inputs.prompts`: the compiled batch, 0/1 left padding, ids in the
+    vocabulary) that fit the largest position bucket."""
+    knob = "prompt_batch_size" if model.config.broadcast > 1 else "batch_size"
+    ids, pad = inputs.prompts(input_ids, attention_mask, model.spec.vocab_size, model.config.prompt_batch_size, knob)
     buckets.check_fits(model.config, ids.shape[1])
-    return Prompt(np.where(real, ids, 0).astype(np.int32), pad.astype(np.int32))
+    return Prompt(ids, pad)
 
 
 def eos_ids(model: Generates, eos: int | Sequence[int] | None) -> np.ndarray:
@@ -137,17 +93,18 @@ def steps(
     stop: Sequence[int] | Sequence[Sequence[int]] | None = None,
 ) -> Iterator[tuple[np.ndarray, Any]]:
     """Each step's new tokens ``[batch]`` on the host (finished rows padded) and its logits."""
-    sp = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed).validated()
+    opts = GenerationOptions.check(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, stop=stop,
+    )
+    sp, max_new_tokens, min_new_tokens = opts.sampling, opts.max_new_tokens, opts.min_new_tokens
     prompt = prepare(model, input_ids, attention_mask)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
-        raise InputError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
     buckets.check_fits(model.config, prompt.length, max_new_tokens, f"max_new_tokens={max_new_tokens}",
                        "lower max_new_tokens")
-    eos = eos_ids(model, eos_token_id)
-    fill = pad_id(model, pad_token_id, eos)
-    stops = normalize_stop(stop)
+    eos = eos_ids(model, opts.eos_token_id)
+    fill = pad_id(model, opts.pad_token_id, eos)
+    stops = opts.stops
     vocab = model.spec.vocab_size
     ban = np.zeros((model.config.batch_size, vocab), bool)
     ban[:, eos[(eos >= 0) & (eos < vocab)]] = True
@@ -183,7 +140,9 @@ def generate(model: Generates, input_ids: Any, attention_mask: Any = None, max_n
     import torch
 
     check_options(generate, kwargs)
-    prompt = as_int_array(input_ids, "input_ids")
+    GenerationOptions.check(max_new_tokens=max_new_tokens, streamer=streamer, output_scores=output_scores,
+                            return_dict=return_dict, **kwargs)  # before the streamer sees the prompt
+    prompt = inputs.token_array(input_ids, "input_ids")
     rep = model.config.broadcast
     if streamer is not None:
         streamer.put(torch.as_tensor(np.repeat(prompt, rep, axis=0)))
@@ -224,7 +183,8 @@ def forced_logits(model: Generates, input_ids: Any, continuation: Any, attention
     """Teacher forcing: logits ``[batch, n + 1, vocab]`` after the prompt and after each of the `n`
     tokens of `continuation` ``[batch, n]``, fed one decode step at a time."""
     prompt = prepare(model, input_ids, attention_mask)
-    cont = as_int_array(continuation, "continuation")
+    cont = inputs.token_array(continuation, "continuation")
+    inputs.check_vocabulary(cont, model.spec.vocab_size, "continuation")
     if cont.shape[0] != model.config.batch_size:
         raise InputError(f"continuation has {cont.shape[0]} rows but the model decodes batch_size={model.config.batch_size}")
     buckets.check_fits(model.config, prompt.length, cont.shape[1], f"a continuation of {cont.shape[1]} tokens",

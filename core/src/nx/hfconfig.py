@@ -2,9 +2,47 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 from nx.errors import ConfigError
+
+#: Size fields of HF configs under their names across families: where present and not null, each
+#: must be a positive int (checked before transformers or a plugin divides by one of them).
+SIZE_FIELDS = (
+    "vocab_size", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer", "num_layers",
+    "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner", "ffn_dim",
+    "max_position_embeddings", "n_positions", "n_ctx", "head_dim", "rotary_dim", "word_embed_proj_dim",
+)
+_HIDDEN = ("hidden_size", "n_embd", "d_model")
+_HEADS = ("num_attention_heads", "n_head")
+
+
+def check_raw_config(raw: dict, where: str) -> None:
+    """Reject a config dict (config.json, or fields read from GGUF metadata) whose sizes cannot
+    describe a model: a size that is not a positive int, heads not dividing the hidden size (unless
+    ``head_dim`` is given), heads not a multiple of the kv heads. Raises `ConfigError` naming the
+    field; runs before transformers builds the config, which would divide by zero on some of them."""
+
+    def first(names: tuple[str, ...]) -> tuple[str, Any]:
+        return next(((n, raw[n]) for n in names if raw.get(n) is not None), ("", None))
+
+    for name in SIZE_FIELDS:
+        value = raw.get(name)
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}: {name}={value!r} must be a positive int; fix the config")
+    (hidden_name, hidden), (heads_name, heads) = first(_HIDDEN), first(_HEADS)
+    if hidden is not None and heads is not None and raw.get("head_dim") is None and hidden % heads:
+        raise ConfigError(
+            f"{where}: {hidden_name}={hidden} is not divisible by {heads_name}={heads}; fix the config "
+            "(or give head_dim)"
+        )
+    kv = raw.get("num_key_value_heads")
+    if heads is not None and kv is not None and heads % kv:
+        raise ConfigError(
+            f"{where}: {heads_name}={heads} is not a multiple of num_key_value_heads={kv}; fix the config"
+        )
 
 _ACTIVATIONS = {
     "gelu": "gelu",
@@ -20,12 +58,11 @@ _ACTIVATIONS = {
 
 def activation_name(hf_name: str, model_type: str = "") -> str:
     """nx's activation for an HF ``hidden_act`` / ``activation_function`` string."""
-    try:
-        return _ACTIVATIONS[hf_name]
-    except KeyError:
+    if not isinstance(hf_name, str) or hf_name not in _ACTIVATIONS:
         raise ConfigError(
             f"{model_type}: activation {hf_name!r} is not supported; supported: {', '.join(sorted(_ACTIVATIONS))}"
-        ) from None
+        )
+    return _ACTIVATIONS[hf_name]
 
 
 _ROPE_TYPES = {"default", "linear", "llama3"}
@@ -41,13 +78,14 @@ def rope_parameters(cfg: Any, default_theta: float = 10000.0, theta_attr: str = 
     scaling.pop("rope_theta", None)
     scaling.pop("partial_rotary_factor", None)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in _ROPE_TYPES:
+    if not isinstance(kind, str) or kind not in _ROPE_TYPES:
         raise ConfigError(
             f"{cfg.model_type}: rope scaling {kind!r} is not supported yet; supported: {', '.join(sorted(_ROPE_TYPES))}"
         )
+    theta = positive_number(theta, "rope_theta", cfg.model_type)
     if kind == "default":
-        return float(theta), None
-    return float(theta), tuple(sorted(scaling.items()))
+        return theta, None
+    return theta, tuple(sorted(scaling.items()))
 
 
 def partial_rotary_factor(cfg: Any, default: float = 1.0) -> float:
@@ -57,6 +95,14 @@ def partial_rotary_factor(cfg: Any, default: float = 1.0) -> float:
     value = params.get("partial_rotary_factor")
     if value is None:
         value = get(cfg, "partial_rotary_factor", "rotary_pct", default=default)
+    return positive_number(value, "partial_rotary_factor", getattr(cfg, "model_type", ""))
+
+
+def positive_number(value: Any, name: str, model_type: str = "") -> float:
+    """Config field `name` as a float, if it is a finite number > 0; else a `ConfigError`."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"{model_type}: {name}={value!r} must be a finite number > 0; fix the config")
     return float(value)
 
 

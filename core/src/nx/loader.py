@@ -24,6 +24,7 @@ from nx.placement import AMP_DTYPES, select_devices
 from nx.quant import as_config as as_quant_config
 from nx.quant import weight_bytes as quant_weight_bytes
 from nx.registry import Registry, default_registry
+from nx.spec import check_load
 
 
 def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = None, *,
@@ -61,6 +62,7 @@ def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = Non
                 f"{', '.join(family.model_types)}; use nx.load({str(path)!r}) to pick the family automatically"
             )
     spec = family.spec_from_config(ckpt.config)
+    check_load(spec, config.max_positions, len(ckpt.tensors))  # before any weight is read
     scan.block_size(spec.n_layers, config.unroll)  # a bad unroll fails before any weight is read
     quant = as_quant_config(opts["quant"])
     if config.backend == "cpu" and config.amp == "f16" and quant is None:

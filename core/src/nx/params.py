@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from nx.errors import PluginError, ShapeMismatchError, WeightKeyError
+from nx.errors import CheckpointError, PluginError, ShapeMismatchError, WeightKeyError
 from nx.family import Family, Weight
 from nx.names import is_known
 from nx.progress import track
@@ -43,7 +43,11 @@ def check_keys(family: Family, weight_map: Mapping[str, Weight], available: set[
 def build_params(
     family: Family, spec: ModelSpec, tensors: Mapping[str, np.ndarray], dtype: Any = np.float32, progress: bool | None = None
 ) -> dict:
-    """Read, convert and shape-check every parameter; returns the nested numpy tree."""
+    """Read, convert and shape-check every parameter; returns the nested numpy tree.
+
+    A checkpoint holding NaN or inf in any weight is refused with a `CheckpointError` naming the
+    tensors (after all are read, so the message lists every one): such a model can only produce
+    NaN logits, which greedy decoding turns into token 0 forever."""
     weight_map = family.weights(spec)
     unknown = sorted(n for n in weight_map if not is_known(n))
     if unknown:
@@ -53,6 +57,7 @@ def build_params(
         )
     check_keys(family, weight_map, set(tensors))
     flat: dict[str, np.ndarray] = {}
+    non_finite: set[str] = set()
     for name, w in track(weight_map.items(), "loading weights", total=len(weight_map), enabled=progress):
         arrays = [tensors[k] for k in w.keys]
         try:
@@ -69,7 +74,22 @@ def build_params(
                 "the weights do not match config.json"
             )
         flat[name] = np.asarray(out, dtype=dtype)
+        if not all_finite(flat[name]):
+            non_finite.update(w.keys)
+    if non_finite:
+        raise CheckpointError(
+            f"checkpoint tensor(s) {_few(non_finite)} hold NaN or infinite values, so the model can only "
+            "produce NaN logits; the file is damaged or the training diverged: use another copy or checkpoint"
+        )
     return nest(flat, spec.n_layers)
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether float array `a` has no NaN or inf. Its min and max are NaN or infinite if any element
+    is: two reductions, no temporary array the size of `a`."""
+    if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
+        return True
+    return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 
 
 def nest(flat: dict[str, Any], n_layers: int) -> dict:

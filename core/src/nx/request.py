@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from nx.errors import BucketError, InputError, NxError, ResourceError
-from nx.generation import SamplingParams, normalize_stop
+from nx.generation import GenerationOptions, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -45,28 +45,23 @@ def check_options(prompt: Sequence[int], vocab: int, max_positions: int, *, max_
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(min_new_tokens, int) or isinstance(min_new_tokens, bool) or not 0 <= min_new_tokens <= max_new_tokens:
-        raise InputError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
-    if len(ids) + max_new_tokens > max_positions:
-        raise BucketError(
-            f"a prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} needs {len(ids) + max_new_tokens} "
-            f"positions but the largest n_positions bucket is {max_positions}; shorten the prompt, lower "
-            "max_new_tokens or load the model with a larger n_positions"
-        )
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise InputError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
     sample = temperature > 0
-    sampling = SamplingParams(sample, float(temperature) if sample else 1.0, top_k, top_p, repetition_penalty,
-                              seed).validated()
-    if ignore_eos:
-        eos = ()
-    elif eos_token_id is None or isinstance(eos_token_id, int):
-        eos = eos_token_id
-    else:
-        eos = tuple(int(e) for e in eos_token_id)
-    return ids, RequestOptions(max_new_tokens, min_new_tokens, sampling, tuple(normalize_stop(stop)), eos)
+    opts = GenerationOptions.check(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=sample,
+        temperature=float(temperature) if sample else 1.0, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed, eos_token_id=None if ignore_eos else eos_token_id, stop=stop,
+    )
+    if len(ids) + opts.max_new_tokens > max_positions:
+        raise BucketError(
+            f"a prompt of {len(ids)} tokens plus max_new_tokens={opts.max_new_tokens} needs "
+            f"{len(ids) + opts.max_new_tokens} positions but the largest n_positions bucket is {max_positions}; "
+            "shorten the prompt, lower max_new_tokens or load the model with a larger n_positions"
+        )
+    eos = opts.eos_token_id
+    eos = () if ignore_eos else (tuple(eos) if isinstance(eos, list) else eos)
+    return ids, RequestOptions(opts.max_new_tokens, opts.min_new_tokens, opts.sampling, tuple(opts.stops), eos)
 
 
 class QueueFullError(ResourceError):

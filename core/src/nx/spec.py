@@ -6,8 +6,10 @@ only translates its config and checkpoint keys; it never re-implements attention
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from nx.errors import ConfigError
 
@@ -39,6 +41,14 @@ class RopeSpec:
     @property
     def scaling_dict(self) -> dict:
         return dict(self.scaling or ())
+
+    def __post_init__(self) -> None:
+        if not _is_real(self.theta) or not self.theta > 0:
+            raise ConfigError(f"rope theta must be a finite number > 0, got {self.theta!r}; fix config.json's rope_theta")
+        if not _is_int(self.rotary_dim) or self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ConfigError(f"rotary_dim must be an even int >= 2, got {self.rotary_dim!r}; fix config.json")
+        if self.style not in get_args(RopeStyle):
+            raise ConfigError(f"rope style must be one of {get_args(RopeStyle)}, got {self.style!r}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,27 @@ class ModelSpec:
         return (self.n_heads + 2 * self.kv_heads) * self.head_dim
 
     def __post_init__(self) -> None:
+        """Reject values no model has (a zero head count, a NaN epsilon, a float layer count), so a
+        broken config.json is one clear `ConfigError` instead of a ZeroDivisionError or NaN logits."""
+        where = f"{self.model_type}: "
+        fix = "; fix the checkpoint's config.json"
+        for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "head_dim", "intermediate_size", "max_positions"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"{where}{name} must be a positive int, got {value!r}{fix}")
+        for name in ("n_kv_heads", "project_dim"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ConfigError(f"{where}{name} must be a positive int or None, got {value!r}{fix}")
+        if not _is_int(self.position_offset) or self.position_offset < 0:
+            raise ConfigError(f"{where}position_offset must be an int >= 0, got {self.position_offset!r}")
+        if not _is_real(self.norm_eps) or self.norm_eps < 0:
+            raise ConfigError(f"{where}norm epsilon must be a finite number >= 0, got {self.norm_eps!r}{fix}")
+        if self.attn_scale is not None and not _is_real(self.attn_scale):
+            raise ConfigError(f"{where}attn_scale must be a finite number or None, got {self.attn_scale!r}")
+        for name, kind in (("norm", Norm), ("activation", Activation), ("positions", Positions)):
+            if getattr(self, name) not in get_args(kind):
+                raise ConfigError(f"{where}{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
         if self.n_heads % self.kv_heads:
             raise ConfigError(
                 f"{self.model_type}: num_attention_heads={self.n_heads} is not a multiple of "
@@ -98,3 +129,32 @@ class ModelSpec:
             raise ConfigError(f"{self.model_type}: block={self.block!r} is not one of {', '.join(Block.__args__)}")
         if self.positions == "rope" and self.rope is None:
             raise ConfigError(f"{self.model_type}: rotary positions need a RopeSpec")
+
+
+def check_load(spec: ModelSpec, n_positions: int, n_tensors: int) -> None:
+    """Whether `spec` can serve a load asking for `n_positions` positions (the largest bucket) from
+    a checkpoint of `n_tensors` tensors; a `ConfigError` saying what to change if not.
+
+    A learned position table has no row beyond its size: positions past it would read outside the
+    table (NaN logits, not an error). A config claiming more layers than the checkpoint has tensors
+    is not this checkpoint's config, and its weight map would be built before any key check fails.
+    """
+    if spec.positions == "learned" and n_positions > spec.max_positions:
+        raise ConfigError(
+            f"n_positions {n_positions} exceeds the {spec.max_positions} positions of this {spec.model_type} "
+            f"model's learned position table (config.json's n_positions / max_position_embeddings); load it "
+            f"with n_positions <= {spec.max_positions}"
+        )
+    if spec.n_layers > n_tensors:
+        raise ConfigError(
+            f"config.json gives {spec.n_layers} layers but the checkpoint holds only {n_tensors} tensors; "
+            "the config does not belong to these weights"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

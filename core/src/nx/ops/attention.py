@@ -46,18 +46,19 @@ def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarr
 
     One in-place `dynamic_update_slice` per token row (see `cache_dtype`), so rows may sit at
     different positions (continuous batching)."""
-    k_cache, v_cache = caches
+    kc, vc = caches
     kvh = k.shape[2]
-    kc = k_cache.reshape(kvh, -1, *k_cache.shape[1:])  # [kvh, batch, d, P]: a batch row is one index
-    vc = v_cache.reshape(kvh, -1, *v_cache.shape[1:])  # [kvh, batch, P, d]
+    batch = kc.shape[0] // kvh
     zero = jnp.zeros((), jnp.int32)
     for i in range(k.shape[0]):
         row = jnp.int32(i * rep) if first is None else first[i]
-        ki = jnp.repeat(k[i].transpose(1, 2, 0)[:, None], rep, axis=1)  # [kvh, rep, d, T]
-        vi = jnp.repeat(v[i].transpose(1, 0, 2)[:, None], rep, axis=1)  # [kvh, rep, T, d]
-        kc = lax.dynamic_update_slice(kc, _stored(ki, kc), (zero, row, zero, slot[i]))
-        vc = lax.dynamic_update_slice(vc, _stored(vi, vc), (zero, row, slot[i], zero))
-    return kc.reshape(k_cache.shape), vc.reshape(v_cache.shape)
+        ki = _stored(jnp.repeat(k[i].transpose(1, 2, 0)[:, None], rep, axis=1), kc)  # [kvh, rep, d, T]
+        vi = _stored(jnp.repeat(v[i].transpose(1, 0, 2)[:, None], rep, axis=1), vc)  # [kvh, rep, T, d]
+        for h in range(kvh):  # batch rows of one kv head are contiguous: one in-place write each
+            at = h * batch + row
+            kc = lax.dynamic_update_slice(kc, ki[h], (at, zero, slot[i]))
+            vc = lax.dynamic_update_slice(vc, vi[h], (at, slot[i], zero))
+    return kc, vc
 
 
 def cache_row(caches: tuple, row: jnp.ndarray, kv_heads: int) -> tuple:
