@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import warnings
@@ -121,6 +122,7 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
     for key, exe in artifacts.load_programs(contents.programs(), model.programs.deserialize):
         model.programs.add(key, exe)
     model.artifact_path = contents.path
+    model.programs.on_missing = functools.partial(artifacts.warn_missing_program, contents.path)
     return model
 
 

@@ -9,7 +9,7 @@ warms up and drops them, and runs one on the model's KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -43,6 +43,9 @@ class ProgramSet:
         self.compile_cache: CompileCache | None = None
         #: directory receiving each program's HLO (text and HloModuleProto) when it compiles
         self.dump_to: str | None = None
+        #: called with the key of each program about to be compiled (a loaded artifact sets it:
+        #: it should hold every program, so one it lacks is reported)
+        self.on_missing: Callable[[ProgramKey], None] | None = None
 
     # ---- what exists ---------------------------------------------------------------------------
     @property
@@ -141,6 +144,8 @@ class ProgramSet:
         """The compiled program of `key`, compiling (or loading from the compile cache) on first use."""
         key = ProgramKey(*key)
         if key not in self._executables:
+            if self.on_missing is not None:
+                self.on_missing(key)
             lowered = self.lower(key)
             options = xla_options.compiler_options(self.placement.device.platform)
             if self.dump_to:
