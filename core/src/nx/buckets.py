@@ -9,6 +9,8 @@ from nx.errors import BucketError, ConfigError
 
 MIN_POSITION_BUCKET = 128
 MIN_CONTEXT_BUCKET = 16
+#: How hints name the option, for Python and the command line alike.
+N_POSITIONS = "n_positions (--n-positions on the command line)"
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -135,7 +137,7 @@ def prefill_shapes(config: Any) -> list[tuple[int, int]]:
 
 def decode_window(config: Any, slot: int) -> int:
     """The position bucket of the decode step writing cache slot `slot`."""
-    return pick(list(config.n_positions), slot + 1, "generation", "load the model with a larger n_positions")
+    return pick(list(config.n_positions), slot + 1, "generation", f"load the model with a larger {N_POSITIONS}")
 
 
 def decode_windows(config: Any, length: int, max_new_tokens: int) -> list[int]:
@@ -146,7 +148,8 @@ def decode_windows(config: Any, length: int, max_new_tokens: int) -> list[int]:
 
 def request_keys(config: Any, length: int, max_new_tokens: int, sample: bool = False) -> list[ProgramKey]:
     """The programs generating `max_new_tokens` after a `length`-token prompt runs."""
-    check_fits(config, length, max_new_tokens, f"max_new_tokens={max_new_tokens}", "lower max_new_tokens")
+    check_fits(config, length, max_new_tokens, f"max_new_tokens={max_new_tokens}",
+               "lower max_new_tokens (--max-new-tokens)")
     prefill = [ProgramKey(config.prompt_batch_size, c, w, sample) for _, c, w in prompt_chunks(config, length)]
     decode = [ProgramKey(config.batch_size, 1, w, sample) for w in decode_windows(config, length, max_new_tokens)]
     return list(dict.fromkeys(prefill + decode))
@@ -158,10 +161,10 @@ def check_fits(config: Any, length: int, extra: int = 0, what: str = "", hint: s
     if length > top:
         raise BucketError(
             f"a prompt of {length} tokens is longer than the largest n_positions bucket {top}; "
-            "load the model with a larger n_positions"
+            f"load the model with a larger {N_POSITIONS}"
         )
     if length + extra > top:
         raise BucketError(
             f"a prompt of {length} tokens plus {what} needs {length + extra} positions but the largest "
-            f"n_positions bucket is {top}; load the model with a larger n_positions or {hint}"
+            f"n_positions bucket is {top}; load the model with a larger {N_POSITIONS} or {hint}"
         )

@@ -144,7 +144,7 @@ def steps(
     if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
         raise InputError(f"min_new_tokens must be an int in [0, max_new_tokens], got {min_new_tokens!r}")
     buckets.check_fits(model.config, prompt.length, max_new_tokens, f"max_new_tokens={max_new_tokens}",
-                       "lower max_new_tokens")
+                       "lower max_new_tokens (--max-new-tokens)")
     eos = eos_ids(model, eos_token_id)
     fill = pad_id(model, pad_token_id, eos)
     stops = normalize_stop(stop)

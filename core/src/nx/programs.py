@@ -24,7 +24,7 @@ from nx.buckets import ProgramKey
 from nx.compile_cache import CompileCache
 from nx.kvcache import KVCache
 from nx.placement import Placement
-from nx.progress import track
+from nx.progress import plural, track
 from nx.sampling import SamplingInputs, choose
 from nx.spec import ModelSpec
 
@@ -169,7 +169,7 @@ class ProgramSet:
             if warm:
                 self.warm(key)
 
-        what = ("compiling and warming up" if warm else "compiling") + f" {len(todo)} program{'s' * (len(todo) > 1)}"
+        what = ("compiling and warming up " if warm else "compiling ") + plural(len(todo), "program")
         with ThreadPoolExecutor(max_workers=max(1, workers or xla_options.default_workers())) as pool:
             done = as_completed([pool.submit(build, key) for key in todo])
             for fut in track(done, what, total=len(todo), enabled=progress):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from nx.cli import NxGroup, main
+from nx.cli import NxGroup, main, quiet_option
 
 
 @main.group("cache", cls=NxGroup)
@@ -23,7 +23,8 @@ def _default_cache():
 
 
 @cache_group.command("info")
-def cache_info() -> None:
+@quiet_option
+def cache_info(quiet: bool) -> None:
     """Show where the compile cache is, how many programs it holds and its size."""
     cache = _default_cache()
     if cache is not None:
@@ -34,7 +35,8 @@ def cache_info() -> None:
 
 
 @cache_group.command("clear")
-def cache_clear() -> None:
+@quiet_option
+def cache_clear(quiet: bool) -> None:
     """Delete every cached program and tokenizer (they are rebuilt when next needed)."""
     cache = _default_cache()
     if cache is not None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from nx.cli import main
+from nx.cli import main, quiet_option
 
 
 @main.command("list-models")
-def list_models() -> None:
+@quiet_option
+def list_models(quiet: bool) -> None:
     """List installed model families and the plugins that provide them."""
     from rich.console import Console
     from rich.table import Table
@@ -21,7 +22,7 @@ def list_models() -> None:
         table.add_row(fam.name, fam.distribution, fam.version, ", ".join(fam.model_types), fam.description)
     console = Console()
     console.print(table)
-    for f in reg.failures:
+    for f in [] if quiet else reg.failures:
         console.print(f"[yellow]skipped plugin {f.name} ({f.distribution}): {f.error}[/yellow]")
     if not reg.families():
         console.print("no families installed: pip install nx-plugin-llama (or another nx-plugin-*)")

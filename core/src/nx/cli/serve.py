@@ -6,14 +6,14 @@ from typing import Any
 
 import click
 
-from nx.cli import from_cache, load_kwargs, main, model_options
+from nx.cli import from_cache, load_kwargs, load_model, main, model_options, quiet_option, text_tokenizer
 
 
 @main.command()
 @click.argument("target")
 @click.argument("path", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port to listen on.")
 @click.option(
     "--batch-size", default=None, type=int,
     help="Rows decoded together, i.e. requests generating at once. Default: 8, or a saved artifact's.",
@@ -32,7 +32,9 @@ from nx.cli import from_cache, load_kwargs, main, model_options
     "--shutdown-timeout", default=30.0, show_default=True, type=float,
     help="Seconds SIGTERM waits for running requests before cancelling them.",
 )
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Least severe server log lines shown (info: start-up steps and one line per request).")
+@quiet_option
 def serve(
     target: str,
     path: str | None,
@@ -44,6 +46,7 @@ def serve(
     sampling: bool,
     shutdown_timeout: float,
     log_level: str,
+    quiet: bool,
     **load: Any,
 ) -> None:
     """Serve OpenAI's HTTP API: ``nx serve [FAMILY] PATH --port 8000`` (a checkpoint or a saved artifact).
@@ -51,7 +54,7 @@ def serve(
     POST /v1/completions and /v1/chat/completions (streaming with SSE), GET /v1/models, /health
     and /metrics (Prometheus). Every program requests can run is compiled (or loaded from the
     compile cache) and warmed up before the server accepts traffic. SIGTERM drains running
-    requests (up to --shutdown-timeout) and exits 0.
+    requests (up to --shutdown-timeout) and exits 0. --quiet logs warnings and errors only.
     """
     import logging
     import signal
@@ -62,25 +65,28 @@ def serve(
 
     import nx
     from nx import artifacts
+    from nx.progress import plural
     from nx.serve import create_app
 
+    if quiet and log_level in ("debug", "info"):
+        log_level = "warning"
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("nx.serve")
     where = path or target
     if batch_size is None and not artifacts.is_artifact(where):
         batch_size = 8
     t0 = time.perf_counter()
-    args = (target, path) if path else (target,)
     sized = {} if batch_size is None else {"batch_size": batch_size}
-    # compiled below: every program a request can run
-    model = nx.load(*args, **sized, **load_kwargs(**load), compile=False, progress=False)
-    if model.tokenizer is None:
-        raise nx.CheckpointError("the checkpoint ships no tokenizer; nx serve needs one to read and write text")
+    log.info("loading %s ...", where)
+    # compiled below: every program a request can run; its steps are logged here, not drawn
+    model = load_model(target, path, True, **sized, **load_kwargs(**load), progress=False)
+    text_tokenizer(model, where, "serve")
     log.info("loaded %r in %.1fs", model, time.perf_counter() - t0)
     engine = nx.Engine(model, max_queue=max_queue)
     shapes = engine.program_keys() + (engine.program_keys(sample=True) if sampling else [])
     todo = [s for s in shapes if s not in model.compiled_shapes]
-    log.info("compiling %d programs (%d loaded with the model) and warming them up ...", len(todo), len(shapes) - len(todo))
+    log.info("compiling %s (%d loaded with the model) and warming them up ...", plural(len(todo), "program"),
+             len(shapes) - len(todo))
     t1 = time.perf_counter()
     model.compile(progress=False, shapes=shapes, warm=True)
     log.info("compiled in %.1fs%s", time.perf_counter() - t1, from_cache(model))
