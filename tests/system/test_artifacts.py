@@ -20,6 +20,7 @@ from jax import monitoring
 
 import nx
 from nx import artifacts, dump, xla_options
+from nx.buckets import ProgramKey
 from nx.cli import main
 from nx.loader import load_artifact
 from nx.programs import ProgramSet
@@ -72,7 +73,8 @@ def test_manifest_describes_the_artifact(saved):
     assert m["environment"]["jax_version"] == jax.__version__ and m["environment"]["device_count"] == 1
     assert m["buckets"] == {"n_positions": [32, 64], "context_length_estimate": [16]}
     assert {p["file"] for p in m["programs"]} == {
-        "programs/prefill_b1_t16_w32.xla", "programs/decode_b1_w32.xla", "programs/decode_b1_w64.xla"
+        "programs/prefill_b1_t16_w32.xla", "programs/decode_b1_w32.xla", "programs/decode_b1_w64.xla",
+        "programs/prefill_b1_t16_w64.xla",  # the last chunk of prompts of 33..64 tokens
     }
     assert "layers.0.qkv.w" in m["quantized"] and m["spec"]["n_layers"] == model.spec.n_layers
     for rel in ("weights.safetensors", "config.json", "tokenizer.json", *(p["file"] for p in m["programs"])):
@@ -153,9 +155,27 @@ def test_warmup_runs_each_saved_program_once_and_changes_no_result(saved, monkey
     monkeypatch.setattr(ProgramSet, "run", spy)
     model = nx.load(out, warmup=True, progress=False)
     shapes = model.program_shapes()
-    assert sorted(ran) == sorted((rows, n, window) for rows, n, window, _ in shapes)
-    assert sorted(model.compiled_shapes) == sorted(shapes)  # the artifact's programs: nothing compiled
+    assert sorted(ran) == sorted((k.rows, k.tokens, k.window) for k in shapes)
+    assert sorted(model.compiled_shapes) == sorted(nx.buckets.all_keys(model.config))  # the artifact's: none compiled
     assert model.generate(PROMPT, max_new_tokens=20, eos_token_id=[]).tolist() == ref
+
+
+def test_artifact_serves_prompts_longer_than_its_prompt_buckets_without_compiling(saved, caplog):
+    """A 40-token prompt runs in chunks of 16 whose last one attends over the 64-position bucket:
+    the artifact holds that program, so nothing compiles and no warning is logged; a sampled
+    request needs programs it lacks, which are compiled after a warning naming them and the fix."""
+    model, _, out = saved
+    long_prompt = [[(7 * i) % 200 + 3 for i in range(40)]]
+    assert [w for _, _, w in nx.buckets.prompt_chunks(model.config, 40)] == [32, 32, 64]
+    ref = model.generate(long_prompt, max_new_tokens=8, eos_token_id=[]).tolist()
+    back = nx.load(out, progress=False)
+    held = list(back.compiled_shapes)
+    with caplog.at_level("WARNING", logger="nx"):
+        assert back.generate(long_prompt, max_new_tokens=8, eos_token_id=[]).tolist() == ref
+        assert back.compiled_shapes == held and not caplog.records
+        back.generate(PROMPT, max_new_tokens=2, do_sample=True, seed=0)
+    assert len(back.compiled_shapes) > len(held)
+    assert "has no program prefill_b1_t16_w32_sample" in caplog.text and "--sampling" in caplog.text
 
 
 def test_load_options_must_match_the_artifact(saved):
@@ -272,7 +292,7 @@ def test_dumped_hlo_proto_compiles_and_runs_like_the_nx_program(ckpt, tmp_path, 
     for stem in ("prefill_b1_t16_w32", "decode_b1_w32", "decode_b1_w64"):
         assert {f"{stem}.hlo.txt", f"{stem}.hlo.pb", f"{stem}.json"} <= set(names)
 
-    key = (1, 16, 32, False)
+    key = ProgramKey(1, 16, 32, False)
     proto = tmp_path / "hlo" / f"{dump.program_name(*key)}.hlo.pb"
     text = (tmp_path / "hlo" / f"{dump.program_name(*key)}.hlo.txt").read_text()
     assert dump.load_proto(proto).as_hlo_text() == text  # parses back to the same module
@@ -284,10 +304,10 @@ def test_dumped_hlo_proto_compiles_and_runs_like_the_nx_program(ckpt, tmp_path, 
     inp, smp = jax.tree.map(lambda s: model.put(np.zeros(s.shape, s.dtype)), model.programs.abstract_inputs(key))
     inp = inp._replace(tokens=model.put(ids), last=model.put(np.int32(15)))
     flat = jax.tree.leaves((model.params, model.kv.allocate(), inp, smp))
-    kept = dump.kept_inputs(model.lower(*key))
+    kept = dump.kept_inputs(model.programs.lower(key))
     assert len(kept) == len(meta["parameters"])
     got = dump.compile_proto(proto).execute([flat[i] for i in kept])
-    want = jax.tree.leaves(model.executable(*key)(model.params, model.kv.allocate(), inp, smp))
+    want = jax.tree.leaves(model.programs.get(key)(model.params, model.kv.allocate(), inp, smp))
     assert len(got) == len(want)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
@@ -300,7 +320,7 @@ def test_cli_compile_then_generate_from_the_artifact(ckpt, tmp_path):
         "--context-length-estimate", "16", "--dump-hlo", str(hlo), "--workers", "2",
     ])
     assert res.exit_code == 0, res.output
-    assert "compiled 3 programs" in res.stderr
+    assert "compiled 4 programs" in res.stderr  # 3 buckets + the last chunk of 33..64-token prompts
     assert artifacts.is_artifact(out) and (hlo / "decode_b1_w64.hlo.pb").exists()
 
     compiles: list[str] = []

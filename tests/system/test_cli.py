@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -72,10 +75,38 @@ def test_unknown_family_is_one_clear_line(ckpt):
     assert res.exit_code == 2 and "pip install nx-plugin-mamba" in res.stderr
 
 
-def test_checkpoint_without_tokenizer(saved_case):
+def _no_tokenizer_error(res):
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "has no usable tokenizer" in res.stderr
+    assert all(f in res.stderr for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt"))
+
+
+def test_checkpoint_without_tokenizer_files(saved_case):
+    """Text commands name the tokenizer files they looked for; token ids still generate."""
+    import nx
+
     _, path = saved_case(CASE)
-    res = _run("generate", "llama", path, "-p", "x", *FAST)
-    assert res.exit_code == 2 and "ships no tokenizer" in res.stderr
+    for command in ("generate", "chat"):
+        res = CliRunner().invoke(main, [command, "llama", path, "-p" if command == "generate" else "-n", "x" if
+                                        command == "generate" else "4", *FAST[:4]], input="hi\n")
+        _no_tokenizer_error(res)
+        assert f"nx {command} needs one" in res.stderr
+    model = nx.load("llama", path, n_positions=64, context_length_estimate=32, compile=False, progress=False)
+    assert model.tokenizer is None
+    assert model.generate([[5, 6, 7]], max_new_tokens=3, eos_token_id=[]).shape == (1, 6)
+
+
+def test_empty_tokenizer_counts_as_none(saved_case, tmp_path):
+    """transformers builds a tokenizer with no vocabulary from some directories instead of failing."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    _, path = saved_case(CASE)
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE())).save_pretrained(tmp_path)
+    _no_tokenizer_error(_run("generate", "llama", str(tmp_path), "-p", "x", *FAST))
 
 
 def test_unroll_and_quant_flags_keep_greedy_text(ckpt):
@@ -91,3 +122,75 @@ def test_unroll_and_quant_flags_keep_greedy_text(ckpt):
 def test_bad_unroll_is_one_clear_line(ckpt):
     res = _run("generate", "llama", ckpt, "-p", "Hi", "--unroll", "3", *FAST)
     assert res.exit_code == 2 and "valid values: [1, 2]" in res.stderr and "Traceback" not in res.output
+
+
+def test_progress_lines_off_a_terminal_and_quiet(ckpt, monkeypatch):
+    """Off a terminal (CliRunner's stderr is no tty) each step is a plain line with its time;
+    --quiet leaves stderr to errors, and the generated text is the same."""
+    monkeypatch.setenv("NX_CACHE_DIR", "off")
+    res = _run("generate", "llama", ckpt, "-p", "Hello", *FAST)
+    assert res.exit_code == 0, res.output
+    for line in (f"loading {ckpt} ...", "loading weights ...", "compiling 2 programs ...", "compiling 2 programs: done in"):
+        assert line in res.stderr, res.stderr
+    assert "tokens/s" in res.stderr
+    quiet = _run("generate", "llama", ckpt, "-p", "Hello", "--quiet", *FAST)
+    assert quiet.exit_code == 0 and quiet.stdout == res.stdout
+    assert quiet.stderr == "", quiet.stderr
+
+
+def test_several_prompts_run_as_one_batch_like_each_alone(ckpt, tmp_path):
+    """Two --prompt and a --prompts-file line make a batch of 3 left-padded rows (different
+    lengths); each labelled greedy answer equals that prompt's answer run alone."""
+    texts = ["Hello", "The quick brown fox", "Hi"]
+    file = tmp_path / "prompts.jsonl"
+    file.write_text(json.dumps({"prompt": texts[2]}) + "\n\n")
+    res = _run("generate", "llama", ckpt, "-p", texts[0], "-p", texts[1], "--prompts-file", str(file), *FAST)
+    assert res.exit_code == 0, res.output
+    assert "3 prompts" in res.stderr and "prompt 19 tokens" in res.stderr  # padded to the longest
+    lines = res.stdout.split("\n")
+    for n, text in enumerate(texts, 1):
+        at = lines.index(f"[{n}/3] {text}")
+        alone = _run("generate", "llama", ckpt, "-p", text, "-q", *FAST)
+        assert alone.exit_code == 0, alone.output
+        assert lines[at + 1] == alone.stdout.strip(), (text, res.stdout, alone.stdout)
+    assert any(lines[lines.index(f"[{n}/3] {t}") + 1] for n, t in enumerate(texts, 1))  # not all empty
+
+
+def test_prompts_file_errors_name_the_line(ckpt, tmp_path):
+    file = tmp_path / "bad.jsonl"
+    file.write_text('{"prompt": "ok"}\n{"text": "no"}\n')
+    res = _run("generate", "llama", ckpt, "--prompts-file", str(file), *FAST)
+    assert res.exit_code == 2 and "line 2 has no \"prompt\" string" in res.stderr
+    res = _run("generate", "llama", ckpt, *FAST)
+    assert res.exit_code == 2 and "--prompts-file" in res.output
+
+
+def _commands(group, prefix=()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def test_every_option_of_every_command_explains_itself():
+    """--help of every command (walked, not listed) shows help text for each option, and options
+    of the same name mean the same type everywhere (--quiet is on all)."""
+    seen: dict[str, str] = {}
+    names = []
+    for path, command in _commands(main):
+        names.append(" ".join(path))
+        res = _run(*path, "--help")
+        assert res.exit_code == 0, res.output
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help and param.help.strip(), f"nx {' '.join(path)} {param.opts[0]} has no help"
+                assert param.opts[0] in res.output
+                assert seen.setdefault(param.opts[0], param.type.name) == param.type.name, param.opts[0]
+        assert "--quiet" in res.output, path
+    assert {"generate", "chat", "serve", "bench", "compile", "list-models", "cache info", "cache clear"} <= set(names)
+
+
+def test_wrong_family_hint_shows_python_and_cli_syntax(ckpt):
+    res = _run("generate", "gpt2", ckpt, "-p", "x", *FAST)
+    assert res.exit_code == 2 and "nx.load(" in res.stderr and f"nx generate {ckpt}" in res.stderr

@@ -358,7 +358,7 @@ def test_saved_artifact_is_served_and_a_full_queue_answers_429(ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_chat_answer_is_sensible(tmp_path):
-    from tests.test_smollm2 import smollm2_gguf
+    from tests.system.test_smollm2 import smollm2_gguf
 
     gguf = smollm2_gguf()
     if gguf is None:

@@ -45,6 +45,33 @@ def test_last_chunk_starts_early_rather_than_overflow_the_cache():
     assert list(buckets.prompt_chunks(c, 60)) == [(0, 48, 64), (16, 48, 64)]  # re-encodes 32 tokens
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"n_positions": [64, 128, 256], "context_length_estimate": [16, 32]},
+        {"n_positions": [128, 200], "context_length_estimate": [16, 48]},  # 200 is no multiple of 48
+        {"n_positions": 256, "context_length_estimate": 256},  # no prompt is ever chunked
+        {"n_positions": [64, 256], "context_length_estimate": [64], "batch_size": 2},
+    ],
+)
+def test_prefill_shapes_are_every_chunk_of_every_prompt_length(options):
+    """What artifacts save (`all_keys`) and servers compile (`serving_keys`) is exactly what
+    `prompt_chunks` can ask for over every prompt length (brute force over all of them)."""
+    c = cfg(**options)
+    seen = sorted({(n, w) for length in range(1, c.max_positions + 1) for _, n, w in buckets.prompt_chunks(c, length)})
+    assert buckets.prefill_shapes(c) == seen
+    prefill = {(k.tokens, k.window) for k in buckets.all_keys(c) if k.tokens > 1}
+    assert prefill == set(seen) and set(buckets.default_keys(c)) <= set(buckets.all_keys(c))
+    inserts = {(k.tokens, k.window) for k in buckets.serving_keys(c, sample=True) if k.insert and k.sample}
+    assert inserts == set(seen)
+
+
+def test_all_keys_add_the_windows_long_prompts_need():
+    c = cfg(n_positions=[64, 128, 256], context_length_estimate=[16, 32])
+    extra = set(buckets.all_keys(c)) - set(buckets.default_keys(c))
+    assert extra == {ProgramKey(1, 32, 128), ProgramKey(1, 32, 256), ProgramKey(1, 16, 128), ProgramKey(1, 16, 256)}
+
+
 def test_decode_windows_and_request_keys():
     c = cfg(n_positions=[32, 64], context_length_estimate=[16])
     assert buckets.decode_window(c, 31) == 32 and buckets.decode_window(c, 32) == 64
@@ -91,4 +118,4 @@ def test_nx_load_signature_and_cli_flags_come_from_the_schema():
         out = CliRunner().invoke(main, [command, "--help"]).output
         assert "--tp" in out and "--tp-degree" not in out and "--n-positions" in out and "Position buckets" in out
     bad = CliRunner().invoke(main, ["generate", "x", "--prompt", "hi", "--n-positions", "abc"])
-    assert bad.exit_code == 2 and "expected an int or a comma list of ints" in bad.output
+    assert bad.exit_code == 2 and "'abc' is not an int or a comma-separated list of ints" in bad.output

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -295,6 +296,21 @@ def verify(contents: Contents) -> None:
 
 def tokenizer_loader(contents: Contents) -> Callable[[], Any] | None:
     return functools.partial(load_tokenizer, contents.path) if contents.manifest.get("tokenizer") else None
+
+
+def warn_missing_program(path: str | os.PathLike, key: ProgramKey) -> None:
+    """Log that the artifact at `path` lacks program `key`, which is compiled now, and how to save it
+    in the artifact: a loaded artifact should start serving without compiling, so this is worth fixing."""
+    if key.sample:
+        how = "with --sampling (Python: model.save(dir, sampling=True))"
+    elif key.insert:
+        how = "with --serving (Python: model.save(dir, serving=True))"
+    else:
+        how = ("(this nx saves every greedy program a prompt up to the largest --n-positions bucket runs; "
+               "longer requests need a larger --n-positions / --context-length-estimate)")
+    logging.getLogger("nx.artifacts").warning(
+        "the artifact %s has no program %s; compiling it now. To include it, rebuild the artifact: "
+        "nx compile ... --out %s %s", path, key.name, path, how)
 
 
 def check_options(contents: Contents, options: dict) -> None:

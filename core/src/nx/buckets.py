@@ -10,6 +10,8 @@ from nx.errors import BucketError, ConfigError
 
 MIN_POSITION_BUCKET = 128
 MIN_CONTEXT_BUCKET = 16
+#: How hints name the option, for Python and the command line alike.
+N_POSITIONS = "n_positions (--n-positions on the command line)"
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -89,39 +91,63 @@ class ProgramKey(NamedTuple):
 
 def default_keys(config: Any, sample: bool = False) -> list[ProgramKey]:
     """The programs a model builds up front: a prefill per prompt bucket (over the smallest
-    position bucket holding it, as `prompt_chunks` picks) and a decode step per position bucket."""
+    position bucket holding it, as `prompt_chunks` picks) and a decode step per position bucket.
+    Prompts longer than the largest prompt bucket need more prefill programs (`all_keys`)."""
     pos = list(config.n_positions)
     return [ProgramKey(config.prompt_batch_size, c, pick(pos, c, "", ""), sample) for c in config.context_buckets] + [
         ProgramKey(config.batch_size, 1, p, sample) for p in pos
     ]
 
 
+def all_keys(config: Any, sample: bool = False) -> list[ProgramKey]:
+    """Every program `generate` can run for any prompt length: `default_keys` plus the prefill
+    programs over larger position buckets that chunks of long prompts need (`prefill_shapes`)."""
+    prefill = [ProgramKey(config.prompt_batch_size, c, w, sample) for c, w in prefill_shapes(config)]
+    return list(dict.fromkeys(default_keys(config, sample) + prefill))
+
+
 def serving_keys(config: Any, sample: bool = False) -> list[ProgramKey]:
-    """The programs continuous batching runs (`nx.batch`): an insert per prompt bucket (over the
-    smallest position bucket holding it) and a decode step per position bucket."""
-    pos = list(config.n_positions)
-    inserts = [ProgramKey(1, c, pick(pos, c, "", ""), sample, True) for c in config.context_buckets]
-    return inserts + [ProgramKey(config.batch_size, 1, p, sample) for p in pos]
+    """Every program continuous batching (`nx.batch`) can run: an insert per prefill shape any
+    prompt length needs (`prefill_shapes`) and a decode step per position bucket."""
+    inserts = [ProgramKey(1, c, w, sample, True) for c, w in prefill_shapes(config)]
+    return inserts + [ProgramKey(config.batch_size, 1, p, sample) for p in config.n_positions]
+
+
+def _chunk(config: Any, start: int, length: int) -> tuple[int, int, int]:
+    """(start, tokens, window) of the prefill call encoding a `length`-token prompt from `start`:
+    the smallest prompt bucket holding the rest (at most the largest), moved back to fit the cache."""
+    ctx = list(config.context_buckets)
+    c = min(pick(ctx, min(length - start, ctx[-1]), "", ""), config.max_positions)
+    start = min(start, config.max_positions - c)
+    return start, c, pick(list(config.n_positions), start + c, "", "")
 
 
 def prompt_chunks(config: Any, length: int) -> Iterator[tuple[int, int, int]]:
     """(start, tokens, window) of each prefill call encoding a `length`-token prompt: one prompt
     bucket, or chunks of the largest one; the last chunk starts early enough to fit the cache,
     re-encoding a few tokens rather than overflowing it."""
-    ctx, pos = list(config.context_buckets), list(config.n_positions)
     start = 0
     while True:
-        c = min(pick(ctx, min(length - start, ctx[-1]), "", ""), config.max_positions)
-        start = min(start, config.max_positions - c)
-        yield start, c, pick(pos, start + c, "", "")
+        start, c, window = _chunk(config, start, length)
+        yield start, c, window
         if start + c >= length:
             return
         start += c
 
 
+def prefill_shapes(config: Any) -> list[tuple[int, int]]:
+    """Every (tokens, window) a prefill call can have for any prompt of 1..max_positions tokens,
+    smallest first: what an artifact must hold to serve every prompt length without compiling.
+
+    Every chunk but the last is a full largest bucket, so each chunk of a prompt is the last
+    chunk of some prompt length; that one starts at the multiple of the largest bucket below it."""
+    top = config.context_buckets[-1]
+    return sorted({_chunk(config, (n - 1) // top * top, n)[1:] for n in range(1, config.max_positions + 1)})
+
+
 def decode_window(config: Any, slot: int) -> int:
     """The position bucket of the decode step writing cache slot `slot`."""
-    return pick(list(config.n_positions), slot + 1, "generation", "load the model with a larger n_positions")
+    return pick(list(config.n_positions), slot + 1, "generation", f"load the model with a larger {N_POSITIONS}")
 
 
 def decode_windows(config: Any, length: int, max_new_tokens: int) -> list[int]:
@@ -132,7 +158,8 @@ def decode_windows(config: Any, length: int, max_new_tokens: int) -> list[int]:
 
 def request_keys(config: Any, length: int, max_new_tokens: int, sample: bool = False) -> list[ProgramKey]:
     """The programs generating `max_new_tokens` after a `length`-token prompt runs."""
-    check_fits(config, length, max_new_tokens, f"max_new_tokens={max_new_tokens}", "lower max_new_tokens")
+    check_fits(config, length, max_new_tokens, f"max_new_tokens={max_new_tokens}",
+               "lower max_new_tokens (--max-new-tokens)")
     prefill = [ProgramKey(config.prompt_batch_size, c, w, sample) for _, c, w in prompt_chunks(config, length)]
     decode = [ProgramKey(config.batch_size, 1, w, sample) for w in decode_windows(config, length, max_new_tokens)]
     return list(dict.fromkeys(prefill + decode))
@@ -144,10 +171,10 @@ def check_fits(config: Any, length: int, extra: int = 0, what: str = "", hint: s
     if length > top:
         raise BucketError(
             f"a prompt of {length} tokens is longer than the largest n_positions bucket {top}; "
-            "load the model with a larger n_positions"
+            f"load the model with a larger {N_POSITIONS}"
         )
     if length + extra > top:
         raise BucketError(
             f"a prompt of {length} tokens plus {what} needs {length + extra} positions but the largest "
-            f"n_positions bucket is {top}; load the model with a larger n_positions or {hint}"
+            f"n_positions bucket is {top}; load the model with a larger {N_POSITIONS} or {hint}"
         )

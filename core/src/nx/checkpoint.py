@@ -80,16 +80,43 @@ class Checkpoint:
         return functools.partial(cache.tokenizer, self.gguf_digest, load)
 
 
+#: Files a Hugging Face tokenizer is read from (any one kind is enough), as error messages name them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json + merges.txt",
+                   "vocab.txt")
+
+
 def load_tokenizer(path: Path, gguf_file: str | None = None):
-    """The tokenizer in checkpoint directory `path` (or in its `gguf_file`), or None if none."""
+    """The tokenizer in checkpoint directory `path` (or in its `gguf_file`), or None if it has no
+    usable one (`usable_tokenizer`)."""
     from transformers import AutoTokenizer
 
     try:
         if gguf_file:
-            return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
-        return AutoTokenizer.from_pretrained(str(path))
+            return usable_tokenizer(AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file))
+        return usable_tokenizer(AutoTokenizer.from_pretrained(str(path)))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def usable_tokenizer(tok: Any) -> Any:
+    """`tok` if it turns text into token ids, else None: transformers builds an empty tokenizer
+    (no vocabulary, "a" encodes to nothing) from some directories instead of failing."""
+    try:
+        if tok is None or len(tok) == 0 or not tok.encode("a", add_special_tokens=False):
+            return None
+    except Exception:  # a tokenizer that cannot even encode "a" is no tokenizer
+        return None
+    return tok
+
+
+def missing_tokenizer(where: str | os.PathLike, needed_by: str) -> CheckpointError:
+    """The error for a model without a usable tokenizer where `needed_by` needs one for text."""
+    return CheckpointError(
+        f"{str(where)!r} has no usable tokenizer (looked for {', '.join(TOKENIZER_FILES)} beside config.json, "
+        f"or the tokenizer metadata of a .gguf file); {needed_by} needs one to turn text into token ids. "
+        "Copy the tokenizer files of the original model into the checkpoint directory "
+        "(model.generate(ids) with token ids needs none)"
+    )
 
 
 def _to_numpy(t) -> np.ndarray:

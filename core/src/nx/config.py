@@ -124,7 +124,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("compile_cache", True, "Keep compiled programs on disk (True: $NX_CACHE_DIR or ~/.cache/nx; False: off; "
            "or a directory).", cache_setting),
     Option("warmup", False, "Run each program once at load so first requests skip XLA's first-call setup.", flag),
-    Option("progress", None, "Show progress bars (default: when stderr is a terminal).", optional(flag)),
+    Option("progress", None, "Report progress on stderr: True = bars on a terminal, plain lines otherwise; False = "
+           "nothing; default: bars on a terminal only.", optional(flag)),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 BAKED = tuple(o.name for o in OPTIONS if o.baked)

@@ -101,7 +101,7 @@ def steps(
     sp, max_new_tokens, min_new_tokens = opts.sampling, opts.max_new_tokens, opts.min_new_tokens
     prompt = prepare(model, input_ids, attention_mask)
     buckets.check_fits(model.config, prompt.length, max_new_tokens, f"max_new_tokens={max_new_tokens}",
-                       "lower max_new_tokens")
+                       "lower max_new_tokens (--max-new-tokens)")
     eos = eos_ids(model, opts.eos_token_id)
     fill = pad_id(model, opts.pad_token_id, eos)
     stops = opts.stops

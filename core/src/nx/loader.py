@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import warnings
@@ -59,7 +60,8 @@ def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = Non
         if ckpt.model_type not in family.model_types:
             raise CheckpointError(
                 f"{str(path)!r} is a {ckpt.model_type!r} checkpoint but family {family.name!r} accepts "
-                f"{', '.join(family.model_types)}; use nx.load({str(path)!r}) to pick the family automatically"
+                f"{', '.join(family.model_types)}; leave the family out to pick it from the checkpoint: "
+                f"nx.load({str(path)!r}) in Python, nx generate {path} (or nx chat, serve ...) on the command line"
             )
     spec = family.spec_from_config(ckpt.config)
     check_load(spec, config.max_positions, len(ckpt.tensors))  # before any weight is read
@@ -99,8 +101,8 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
     artifact's. ``verify=False`` skips the sha256 checks (the version/platform checks always run)."""
     contents = artifacts.read(path)
     if family is not None and family != contents.family:
-        raise ConfigError(f"{str(path)!r} is a compiled {contents.family!r} artifact, not {family!r}; "
-                          f"use nx.load({str(path)!r})")
+        raise ConfigError(f"{str(path)!r} is a compiled {contents.family!r} artifact, not {family!r}; leave the "
+                          f"family out: nx.load({str(path)!r}) in Python, nx generate {path} on the command line")
     artifacts.check_options(contents, options or {})
     ensure_cpu_devices(contents.config)
     artifacts.check_environment(contents.manifest, contents.path)
@@ -123,6 +125,7 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
     for key, exe in artifacts.load_programs(contents.programs(), model.programs.deserialize):
         model.programs.add(key, exe)
     model.artifact_path = contents.path
+    model.programs.on_missing = functools.partial(artifacts.warn_missing_program, contents.path)
     return model
 
 

@@ -43,9 +43,10 @@ def check_fits(
         return
     fitting = [d for d in valid_degrees if total <= per_device * d and d <= available]
     hint = (
-        f"use tp_degree={fitting[0]}"
+        f"use tp_degree={fitting[0]} (--tp {fitting[0]})"
         if fitting
-        else "no tp degree fits the available devices; lower batch_size/n_positions, use amp='bf16' or int8 weights"
+        else "no tp degree fits the available devices; lower batch_size/n_positions, use amp='bf16' or int8 weights "
+        "(--batch-size, --n-positions, --amp bf16, --quant s8)"
     )
     gib = 2**30
     raise ResourceError(

@@ -189,11 +189,13 @@ class NxModel:
         """Save weights (as the programs take them), compiled programs, tokenizer, HF config and a
         manifest; ``nx.load(directory)`` then runs without the checkpoint and without compiling.
 
-        Every bucket's greedy program is compiled first if it is not yet (``sampling=True`` adds
-        the sampling variants, ``serving=True`` the programs `nx.Engine` / ``nx serve`` run);
-        programs compiled on demand before are saved too."""
+        Every greedy program a prompt of any length up to the largest position bucket runs is
+        compiled first if it is not yet (`buckets.all_keys`: long prompts run in chunks over larger
+        windows), so the artifact never compiles for a greedy request; ``sampling=True`` adds the
+        sampling variants, ``serving=True`` the programs `nx.Engine` / ``nx serve`` run. Programs
+        compiled on demand before are saved too."""
         out = artifacts.prepare_directory(directory)
-        keys = self.program_shapes() + (buckets.serving_keys(self.config) if serving else [])
+        keys = buckets.all_keys(self.config) + (buckets.serving_keys(self.config) if serving else [])
         if sampling:
             keys += [k._replace(sample=True) for k in keys]
         self.compile(progress, workers=workers, shapes=keys)

@@ -9,7 +9,7 @@ warms up and drops them, and runs one on the model's KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -24,7 +24,7 @@ from nx.buckets import ProgramKey
 from nx.compile_cache import CompileCache
 from nx.kvcache import KVCache
 from nx.placement import Placement
-from nx.progress import track
+from nx.progress import plural, track
 from nx.sampling import SamplingInputs, choose
 from nx.spec import ModelSpec
 
@@ -43,6 +43,9 @@ class ProgramSet:
         self.compile_cache: CompileCache | None = None
         #: directory receiving each program's HLO (text and HloModuleProto) when it compiles
         self.dump_to: str | None = None
+        #: called with the key of each program about to be compiled (a loaded artifact sets it:
+        #: it should hold every program, so one it lacks is reported)
+        self.on_missing: Callable[[ProgramKey], None] | None = None
 
     # ---- what exists ---------------------------------------------------------------------------
     @property
@@ -141,6 +144,8 @@ class ProgramSet:
         """The compiled program of `key`, compiling (or loading from the compile cache) on first use."""
         key = ProgramKey(*key)
         if key not in self._executables:
+            if self.on_missing is not None:
+                self.on_missing(key)
             lowered = self.lower(key)
             options = xla_options.compiler_options(self.placement.device.platform)
             if self.dump_to:
@@ -164,7 +169,7 @@ class ProgramSet:
             if warm:
                 self.warm(key)
 
-        what = ("compiling and warming up" if warm else "compiling") + f" {len(todo)} program{'s' * (len(todo) > 1)}"
+        what = ("compiling and warming up " if warm else "compiling ") + plural(len(todo), "program")
         with ThreadPoolExecutor(max_workers=max(1, workers or xla_options.default_workers())) as pool:
             done = as_completed([pool.submit(build, key) for key in todo])
             for fut in track(done, what, total=len(todo), enabled=progress):

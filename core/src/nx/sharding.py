@@ -43,7 +43,8 @@ def check_degree(spec: ModelSpec, tp: int) -> None:
     if not _fits(spec, tp):
         raise ConfigError(
             f"tp_degree={tp} does not divide this model: {spec.n_heads} attention heads, {spec.kv_heads} kv heads, "
-            f"MLP width {spec.intermediate_size}. Valid tp degrees: {valid_degrees(spec)}"
+            f"MLP width {spec.intermediate_size}. Valid tp degrees: {valid_degrees(spec)} (tp_degree= in Python, "
+            "--tp on the command line)"
         )
 
 

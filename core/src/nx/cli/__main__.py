@@ -1,0 +1,5 @@
+"""``python -m nx.cli ...``: the same as the ``nx`` command."""
+
+from nx.cli import main
+
+main()
