@@ -37,7 +37,11 @@ _MODEL_OPTIONS = (
     click.option("--context-length-estimate", default=None, help="Prompt buckets: an int or a comma list."),
     click.option("--amp", default="f32", show_default=True, type=click.Choice(["f32", "bf16", "f16"])),
     click.option("--backend", default="cpu", show_default=True, help="PJRT platform: cpu, cuda, neuron."),
-    click.option("--quant", default=None, type=click.Choice(["s8"]), help="Store 2-D weights as int8."),
+    click.option(
+        "--quant", default=None, type=click.Choice(["s8", "s4", "f32"]),
+        help="Store 2-D weights as int8 / 4-bit; f32 dequantizes a GGUF file's blocks (by default kept quantized).",
+    ),
+    click.option("--group-size", type=int, default=None, help="Inputs per quantization scale (s4 default 32; s8: per row)."),
     click.option(
         "--unroll", type=int, default=None,
         help="Layers per scanned block (a divisor of the layer count): faster compiles, slower CPU decode. "
@@ -53,18 +57,21 @@ def model_options(command):
     return command
 
 
-def _quant_config(quant: str | None, dequant_dtype: str | None = None, no_quantize: str | None = None):
-    """The `QuantizationConfig` of the --quant options (None without --quant; its sub-options alone
-    are an error)."""
+def _quant_config(
+    quant: str | None, dequant_dtype: str | None = None, no_quantize: str | None = None, group_size: int | None = None
+):
+    """The `QuantizationConfig` of the --quant options (None without --quant, ``"f32"`` for --quant
+    f32; its sub-options without s8 / s4 are an error)."""
     from nx.errors import ConfigError
     from nx.quant import QuantizationConfig, patterns
 
-    if quant is None:
-        given = [flag for flag, v in (("--dequant-dtype", dequant_dtype), ("--no-quantize", no_quantize)) if v]
+    if quant in (None, "f32"):
+        given = [flag for flag, v in (("--dequant-dtype", dequant_dtype), ("--no-quantize", no_quantize),
+                                      ("--group-size", group_size)) if v]
         if given:
-            raise ConfigError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --quant s8")
-        return None
-    return QuantizationConfig(quant, dequant_dtype, patterns(no_quantize))
+            raise ConfigError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --quant s8 or s4")
+        return quant
+    return QuantizationConfig(quant, dequant_dtype, patterns(no_quantize), group_size)
 
 
 @click.group(cls=_NxGroup)
@@ -141,6 +148,7 @@ def generate(
     tp_degree: int,
     num_processes: int,
     quant: str | None,
+    group_size: int | None,
     unroll: int | None,
 ) -> None:
     """Generate text: ``nx generate [FAMILY] PATH --prompt ...`` (FAMILY inferred when omitted).
@@ -170,7 +178,7 @@ def generate(
         amp=amp,
         backend=backend,
         tp_degree=tp_degree,
-        quant=_quant_config(quant),
+        quant=_quant_config(quant, group_size=group_size),
         unroll=unroll,
         compile=False,  # only the programs this request runs compile, below
     )
@@ -245,6 +253,7 @@ def bench(
     backend: str,
     tp_degree: int,
     quant: str | None,
+    group_size: int | None,
     dequant_dtype: str | None,
     cached_load: bool,
     seed: int,
@@ -272,7 +281,7 @@ def bench(
     options: dict = {"tp_degree": tp_degree} if tp_degree != 1 else {}
     if unroll is not None:
         options["unroll"] = unroll
-    qc = _quant_config(quant, dequant_dtype)
+    qc = _quant_config(quant, dequant_dtype, group_size=group_size)
     if qc is not None:
         options["quant"] = qc
     result = nx_bench.run(
@@ -353,6 +362,7 @@ def compile_cmd(
     backend: str,
     tp_degree: int,
     quant: str | None,
+    group_size: int | None,
     dequant_dtype: str | None,
     no_quantize: str | None,
     sampling: bool,
@@ -371,7 +381,7 @@ def compile_cmd(
     from nx import artifacts
     from nx.xla_options import default_workers
 
-    qc = _quant_config(quant, dequant_dtype, no_quantize)
+    qc = _quant_config(quant, dequant_dtype, no_quantize, group_size)
     t0 = time.perf_counter()
     args = (target, path) if path else (target,)
     model = nx.load(

@@ -15,6 +15,7 @@ from nx.family import Family
 from nx.model import AMP_DTYPES, NxModel, RuntimeConfig, select_devices
 from nx.params import build_params
 from nx.quant import as_config as as_quant_config
+from nx.quant import check_groups, map_rows
 from nx.quant import weight_bytes as quant_weight_bytes
 from nx.registry import Registry, default_registry
 
@@ -64,8 +65,9 @@ def load(
     over the stack: faster compiles of deep models, slower decode on CPU (see `nx.scan`); the
     default None unrolls every layer.
 
-    `quant` (``nx.QuantizationConfig(...)`` or ``"s8"``) stores 2-D weights as int8 with
-    per-output-channel scales, dequantized inside the compiled programs.
+    `quant` (``nx.QuantizationConfig(...)``, ``"s8"`` or ``"s4"``) stores 2-D weights as int8 with
+    per-output-channel scales (or per-group ones) or as 4-bit with per-group scales, multiplied
+    inside the compiled programs.
 
     A directory written by ``model.save`` / ``nx compile`` (it holds ``nx-artifact.json``) is
     restored with its compiled programs and no XLA compile; its buckets, amp, tp and quantization
@@ -144,6 +146,7 @@ def check_memory(family: Family, spec, config: RuntimeConfig, per_device: int | 
         spec, family.weights(spec), config.batch_size, config.max_positions, itemsize
     )
     if quant is not None:
+        check_groups(family.weights(spec), quant, config.tp_degree)
         weights = quant_weight_bytes(family.weights(spec), quant, itemsize)
     per_device = per_device or memory.device_memory(devs[0])
     memory.check_fits(weights, cache, per_device, config.tp_degree, sharding.valid_degrees(spec), len(devs[0].client.devices()))
@@ -169,4 +172,4 @@ def hf_tensors(family: Family, ckpt: Checkpoint) -> TensorSource:
         if mapped is not None:
             renamed[mapped[0]] = (name, mapped[1])
     shapes = {hf: ckpt.tensors.shapes[g] for hf, (g, _) in renamed.items()}
-    return TensorSource(shapes, lambda hf: renamed[hf][1](ckpt.tensors[renamed[hf][0]]))
+    return TensorSource(shapes, lambda hf: map_rows(renamed[hf][1], ckpt.tensors[renamed[hf][0]]))

@@ -11,6 +11,7 @@ import numpy as np
 from nx.errors import ShapeMismatchError, WeightKeyError
 from nx.family import Family, Weight
 from nx.progress import track
+from nx.quant import QuantizedArray
 from nx.spec import ModelSpec
 
 #: Tensor-parallel role of each parameter by its name within a layer / the model. Column-parallel
@@ -86,7 +87,7 @@ def build_params(
                 f"{name} should have shape {w.shape} but the checkpoint gives {tuple(out.shape)} (from {got}); "
                 "the weights do not match config.json"
             )
-        flat[name] = np.asarray(out, dtype=dtype)
+        flat[name] = out if isinstance(out, QuantizedArray) else np.asarray(out, dtype=dtype)  # GGUF blocks stay
     return nest(flat, spec.n_layers)
 
 
