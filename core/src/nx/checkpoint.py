@@ -55,6 +55,14 @@ class Checkpoint:
     format: str
     gguf_file: str | None = None
     gguf_digest: str | None = None  # sha256 of a GGUF file's metadata (vocabulary, chat template ...)
+    #: A GGUF file's tensors with quantized blocks kept in nx's layouts (`nx.gguf_quant.keep_quantized`).
+    gguf_quantized: Any = None
+
+    @property
+    def gguf_quantized_tensors(self) -> TensorSource | None:
+        if self.gguf_quantized is None:
+            return None
+        return TensorSource(self.tensors.shapes, self.gguf_quantized)
 
     @property
     def model_type(self) -> str:
@@ -283,6 +291,8 @@ def _open_gguf(directory: Path, fname: str) -> Checkpoint:
     import gguf
     from transformers import AutoConfig
 
+    from nx.gguf_quant import QuantizedTensors
+
     file = directory / fname
     try:
         reader = gguf_reader(file)
@@ -300,4 +310,5 @@ def _open_gguf(directory: Path, fname: str) -> Checkpoint:
         return np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
 
     source = TensorSource({n: tuple(int(d) for d in reversed(t.shape)) for n, t in tensors.items()}, read)
-    return Checkpoint(directory, config, source, "gguf", gguf_file=fname, gguf_digest=digest)
+    quantized = QuantizedTensors(file, reader.tensors, read)
+    return Checkpoint(directory, config, source, "gguf", gguf_file=fname, gguf_digest=digest, gguf_quantized=quantized)

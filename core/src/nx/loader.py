@@ -12,6 +12,7 @@ from nx.checkpoint import Checkpoint, TensorSource, open_checkpoint
 from nx.compile_cache import CompileCache
 from nx.errors import CheckpointError
 from nx.family import Family
+from nx.gguf_quant import keep_quantized
 from nx.model import AMP_DTYPES, NxModel, RuntimeConfig, select_devices
 from nx.params import build_params
 from nx.quant import as_config as as_quant_config
@@ -67,7 +68,8 @@ def load(
 
     `quant` (``nx.QuantizationConfig(...)``, ``"s8"`` or ``"s4"``) stores 2-D weights as int8 with
     per-output-channel scales (or per-group ones) or as 4-bit with per-group scales, multiplied
-    inside the compiled programs.
+    inside the compiled programs. A GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks load
+    quantized by default (`nx.gguf_quant`, logged); ``quant="f32"`` dequantizes them instead.
 
     A directory written by ``model.save`` / ``nx compile`` (it holds ``nx-artifact.json``) is
     restored with its compiled programs and no XLA compile; its buckets, amp, tp and quantization
@@ -103,7 +105,7 @@ def load(
             )
     spec = family.spec_from_config(ckpt.config)
     scan.block_size(spec.n_layers, config.unroll)  # a bad unroll fails before any weight is read
-    quant = as_quant_config(quant)
+    quant = as_quant_config(keep_quantized(ckpt) if quant is None else quant)  # a GGUF's blocks stay quantized
     if config.backend == "cpu" and config.amp == "f16" and quant is None:
         warnings.warn(
             "nx: amp='f16' on the CPU backend is slow: XLA:CPU has no f16 matmul kernels and converts every "
