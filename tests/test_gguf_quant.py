@@ -43,6 +43,8 @@ def test_decoding_matches_the_gguf_reference(kind):
     assert isinstance(got, QuantizedArray) and (got.bits, got.group_size) == (bits, group)
     assert got.shape == shape and got.scale.shape == (6, 3 * block // group)
     assert (got.zero is not None) == (kind in ("Q4_1", "Q4_K"))
+    # a block's own f16 scale stays f16 (the decoded tensor takes the file's bytes); K-quants' are products
+    assert got.scale.dtype == (np.float16 if kind in ("Q8_0", "Q4_0", "Q4_1") else np.float32)
     ref = gguf_dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(shape)
     np.testing.assert_array_equal(got.dequantize(), ref)  # bit for bit
     # rows stay rows: a row permutation of the blocks is the same permutation of the decoded rows

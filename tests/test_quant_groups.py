@@ -204,3 +204,15 @@ def test_s4_under_tensor_parallelism_and_group_checks(saved_case, tmp_path):
     w = back.params["layers"][0]["o"]["w"]
     assert (w.bits, w.group_size, w.q.dtype) == (4, 32, np.uint8)
     np.testing.assert_array_equal(back.logits(ids), a)
+
+
+def test_cli_quant_options():
+    from nx.cli import _quant_config
+
+    assert _quant_config("s4", group_size=64) == QuantizationConfig("s4", group_size=64)
+    assert _quant_config("s8") == QuantizationConfig("s8") and _quant_config("f32") == "f32"
+    assert _quant_config(None) is None
+    with pytest.raises(nx.ConfigError, match="--group-size needs --quant s8 or s4"):
+        _quant_config(None, group_size=32)
+    with pytest.raises(nx.ConfigError, match="--group-size needs"):
+        _quant_config("f32", group_size=32)

@@ -3,7 +3,9 @@
 Each supported llama.cpp block type maps onto `nx.quant.QuantizedArray` (values, per-group f32
 scales, optional per-group offsets; rows are the tensor's outputs) with numpy operations over all
 blocks at once. The values dequantize to exactly llama.cpp's (``gguf.quants`` is the reference in
-tests/test_gguf_quant.py):
+tests/test_gguf_quant.py). Scales and offsets that are a block's own f16 fields (Q8_0, Q4_0, Q4_1)
+stay f16, so the decoded weights take the file's bytes (the programs widen them to f32); the
+K-quants' products of two scales are f32:
 
 ============ ============================================ ==========================================
 type         block                                        nx layout
@@ -37,26 +39,26 @@ log = logging.getLogger("nx")
 LAYOUTS: dict[str, tuple[int, int]] = {"Q8_0": (8, 32), "Q4_0": (4, 32), "Q4_1": (4, 32), "Q4_K": (4, 32), "Q6_K": (8, 16)}
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    """Little-endian f16 from the last axis' 2 bytes, as f32 ``[...]``."""
-    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+def _f16(b: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """Little-endian f16 from the last axis' 2 bytes, as `dtype` ``[...]``."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(dtype)
 
 
 def _q8_0(blocks: np.ndarray) -> QuantizedArray:
     rows = blocks.shape[0]
     v = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, -1)
-    return QuantizedArray(v, _f16(blocks[..., :2]), 8, 32)
+    return QuantizedArray(v, _f16(blocks[..., :2], np.float16), 8, 32)
 
 
 def _q4_0(blocks: np.ndarray) -> QuantizedArray:
     rows = blocks.shape[0]
-    return QuantizedArray(np.ascontiguousarray(blocks[..., 2:]).reshape(rows, -1), _f16(blocks[..., :2]), 4, 32)
+    return QuantizedArray(np.ascontiguousarray(blocks[..., 2:]).reshape(rows, -1), _f16(blocks[..., :2], np.float16), 4, 32)
 
 
 def _q4_1(blocks: np.ndarray) -> QuantizedArray:
     rows = blocks.shape[0]
     q = np.ascontiguousarray(blocks[..., 4:]).reshape(rows, -1)
-    return QuantizedArray(q, _f16(blocks[..., :2]), 4, 32, zero=_f16(blocks[..., 2:4]))
+    return QuantizedArray(q, _f16(blocks[..., :2], np.float16), 4, 32, zero=_f16(blocks[..., 2:4], np.float16))
 
 
 def k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -58,7 +58,7 @@ class QuantizedWeight:
     int8 activation terms, set for the cpu backend, instead of converting ``q`` to `dequant_dtype`
     on accelerators), `bits` (8: ``q`` int8 ``[out, in]``; 4: ``q`` packed uint8 ``[out, in / 2]``)
     and `group_size` (None: one f32 scale per row, ``scale [out]``; else ``scale`` and ``zero``
-    f32 ``[out, in / group_size]``, see the module docstring).
+    ``[out, in / group_size]``, f32 or f16 (GGUF's own f16 block scales), see the module docstring).
     """
 
     __slots__ = ("q", "scale", "zero", "dequant_dtype", "dtype", "int8_dot", "bits", "group_size")
@@ -162,9 +162,9 @@ def _dequantize(v: jnp.ndarray, scale: jnp.ndarray, zero: Any, group_size: int |
     """f32 ``v * scale (+ zero)`` for values ``[..., in]`` and per-row or per-group scales."""
     if group_size is None:
         return v.astype(jnp.float32) * scale[..., None]
-    w = _grouped(v, group_size).astype(jnp.float32) * scale[..., None]
+    w = _grouped(v, group_size).astype(jnp.float32) * scale[..., None].astype(jnp.float32)
     if zero is not None:
-        w = w + zero[..., None]
+        w = w + zero[..., None].astype(jnp.float32)
     return w.reshape(v.shape)
 
 
@@ -211,14 +211,14 @@ def _grouped_matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
             preferred_element_type=jnp.int32,
         )  # [groups, 2m, out]
         acc = acc.astype(jnp.float32) * scales[None]
-        y = jnp.sum((acc[:, :m] + acc[:, m:]) * w.scale.T[:, None, :], axis=0)
+        y = jnp.sum((acc[:, :m] + acc[:, m:]) * w.scale.T[:, None, :].astype(jnp.float32), axis=0)
     else:
         dt = jnp.float32 if w.int8_dot else w.compute_dtype
         weight = _dequantize(w.values(), w.scale, None, gs).astype(dt)
         y = lax.dot_general(x.astype(dt), weight, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if w.zero is not None:
         sums = jnp.sum(_grouped(x.astype(jnp.float32), gs), axis=-1)  # [m, groups]
-        y = y + lax.dot_general(sums, w.zero, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = y + lax.dot_general(sums, w.zero.astype(jnp.float32), (((1,), (1,)), ((), ())))
     return y
 
 
