@@ -77,7 +77,7 @@ def tiny_gguf(saved_case, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-def test_gguf_loads_quantized_with_the_dequantized_tokens(tiny_gguf, kind, caplog):
+def test_gguf_loads_quantized_with_the_dequantized_tokens(tiny_gguf, kind, caplog, tmp_path):
     path = tiny_gguf[kind]
     with caplog.at_level(logging.INFO, logger="nx"):
         q = nx.load(path, **OPTS)
@@ -96,7 +96,12 @@ def test_gguf_loads_quantized_with_the_dequantized_tokens(tiny_gguf, kind, caplo
     np.testing.assert_array_equal(a, b)
     # q/k rows un-permuted alike in values and scales: the dequantized weights are the f32 model's
     np.testing.assert_allclose(np.asarray(qkv.dequantize()), np.asarray(ref.params["layers"][0]["qkv"]["w"]), rtol=1e-6)
-    if kind == "Q4_1":  # tensor parallelism splits the groups of row-parallel weights
+    if kind == "Q4_1":  # tensor parallelism splits the groups of row-parallel weights; artifacts keep them
         two = nx.load(path, tp_degree=2, **OPTS)
         c = two.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy()
         np.testing.assert_array_equal(a, c)
+        q.save(tmp_path / "art")
+        back = nx.load(tmp_path / "art")
+        w = back.params["layers"][0]["qkv"]["w"]
+        assert (w.bits, w.group_size, w.scale.dtype, w.zero.dtype) == (4, 32, np.float16, np.float16)
+        np.testing.assert_array_equal(back.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy(), a)

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from nx.quant import QuantizationConfig, QuantizedArray
+from nx import memory
+from nx.quant import QuantizationConfig, QuantizedArray, aligned
 
 log = logging.getLogger("nx")
 
@@ -116,9 +117,10 @@ def config_for(type_name: str) -> QuantizationConfig:
 
 class QuantizedTensors:
     """A GGUF file's tensors with supported quantized blocks decoded by `decode`, others through
-    `fallback` (f32). Each read copies just that tensor's bytes from the file (no mapping), so the
-    file's pages do not stay resident next to the decoded weights (they would count in the
-    process's resident memory as long as the mapping lives)."""
+    `fallback` (f32). Each read maps just that tensor's bytes and unmaps them once decoded, so the
+    file's pages do not stay resident next to the decoded weights (they count in the process's
+    resident memory as long as a mapping lives), trims the heap of the decoding's temporaries, and
+    returns `aligned` arrays, which the CPU backend places without a copy."""
 
     def __init__(self, file: Path, tensors: list[Any], fallback: Any) -> None:
         self.file = file
@@ -140,7 +142,13 @@ class QuantizedTensors:
         offset, n, kind, shape = self.where[name]
         if kind not in LAYOUTS or len(shape) != 2:
             return self.fallback(name)
-        return decode(np.fromfile(self.file, dtype=np.uint8, count=n, offset=offset), kind, shape)
+        raw = np.memmap(self.file, dtype=np.uint8, mode="r", offset=offset, shape=(n,))
+        try:
+            out = decode(raw, kind, shape).map_rows(lambda a: aligned(a, base=raw))  # own, aligned memory
+        finally:
+            raw._mmap.close()  # noqa: SLF001 (unmapped now: its pages leave the resident set)
+        memory.return_freed_memory()  # the decoding's temporaries, so holes do not pile up in the heap
+        return out
 
 
 def keep_quantized(ckpt: Any) -> QuantizationConfig | None:

@@ -29,8 +29,9 @@ sharding splits their rows and row-parallel sharding splits their groups (`nx.qu
 makes shards end on group boundaries). 4-bit values are packed two per byte (uint8
 ``[out, in / 2]``), llama.cpp's order within a group: byte ``j`` holds value ``j`` in its low
 nibble and value ``j + group_size / 2`` in its high one; a nibble ``n`` is ``v = n - 8``
-(symmetric) or ``v = n`` (affine). Packed uint8 rather than ``jnp.int4``: the same bytes as GGUF
-files hold, and plain uint8 shifts and masks that every XLA backend compiles (see BENCHMARKS.md).
+(symmetric) or ``v = n`` (affine). Packed uint8 rather than ``jnp.int4``: XLA:CPU (jax 0.10) keeps
+an int4 array at one byte per value on the device and rejects int4 dots, while packed bytes halve
+the memory, are what GGUF files hold, and unpack with shifts and masks every backend compiles.
 In the program the nibbles are unpacked to int8 and multiplied like int8 weights: on CPU a
 group-batched int8 dot (int32 per group, times the group scales, summed in f32) for up to
 ``group_size / 2`` token rows, beyond which the int32 partial sums would outweigh an f32 copy of
