@@ -105,3 +105,21 @@ def test_gguf_loads_quantized_with_the_dequantized_tokens(tiny_gguf, kind, caplo
         w = back.params["layers"][0]["qkv"]["w"]
         assert (w.bits, w.group_size, w.scale.dtype, w.zero.dtype) == (4, 32, np.float16, np.float16)
         np.testing.assert_array_equal(back.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy(), a)
+
+
+def test_reads_own_aligned_memory(tiny_gguf):
+    """Decoded tensors share no memory with the file and start on 64-byte boundaries (the CPU
+    backend then places them without a copy); q/k un-permuted rows too."""
+    from nx.checkpoint import open_checkpoint
+    from nx.gguf_quant import keep_quantized
+
+    ckpt = open_checkpoint(tiny_gguf["Q4_1"])
+    assert keep_quantized(ckpt) == nx.QuantizationConfig("s4", group_size=32)
+    for name in ("blk.0.attn_q.weight", "token_embd.weight", "blk.1.ffn_down.weight"):
+        a = ckpt.tensors[name]
+        assert isinstance(a, QuantizedArray)
+        for part in (a.q, a.scale, a.zero):
+            if part is not None:
+                assert part.ctypes.data % 64 == 0 and part.flags.c_contiguous
+    norm = ckpt.tensors["blk.0.attn_norm.weight"]
+    assert isinstance(norm, np.ndarray) and norm.dtype == np.float32  # F32 tensors read as before
