@@ -166,7 +166,7 @@ def run_nx(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
             log(f"nx {precision}: batch {b}: load + compile (n_positions={n_positions})")
             model, times = load_and_compile(lambda b=b, precision=precision: nx.load(
                 "llama", gguf, batch_size=b, n_positions=n_positions, amp="bf16" if precision == "bf16" else "f32",
-                compile=False, progress=False, quant="s8" if precision == "s8" else None))
+                compile=False, progress=False, quant="s8" if precision == "s8" else "f32"))
             log(f"nx {precision}: batch {b}: decode")
             ids128 = prompt_ids(tokenizer, 1, args.ttft_prompt_tokens) if b == 1 else None
             row = nx_row(model, prompt_ids(tokenizer, b, args.prompt_tokens), ids128, args)
@@ -382,7 +382,7 @@ def needed_positions(args) -> int:
 def run_nx_bench(gguf: Path, args) -> dict[str, Any]:
     """`nx bench` at batch 1 with nx's default buckets, in a fresh process (clean compile and RSS)."""
     cmd = [sys.executable, "-m", "nx.cli", "bench", "llama", str(gguf), "--batch-sizes", "1",
-           "--prompt-lengths", str(args.ttft_prompt_tokens), "--new-tokens", str(args.new_tokens), "--json"]
+           "--prompt-lengths", str(args.ttft_prompt_tokens), "--new-tokens", str(args.new_tokens), "--json", "--quant", "f32"]
     log("nx bench (fresh process, default buckets): " + " ".join(cmd[2:]))
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

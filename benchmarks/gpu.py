@@ -96,7 +96,7 @@ def run_nx(path: Path, name: str, dtype: str, args) -> list[dict[str, Any]]:
         log(f"nx {name} {dtype}: batch {b}: load + compile")
         model, times = load_and_compile(lambda b=b: nx.load(
             "llama", path, batch_size=b, n_positions=args.n_positions, amp=dtype, backend=args.backend,
-            context_length_estimate=args.context_buckets, compile=False, progress=False))
+            context_length_estimate=args.context_buckets, compile=False, progress=False, quant="f32"))
         vocab = model.spec.vocab_size
         ids128 = nx_bench.random_prompt(vocab, 1, args.ttft_prompt_tokens, seed=128) if b == 1 else None
         row = nx_row(model, nx_bench.random_prompt(vocab, b, args.prompt_tokens, seed=b), ids128, args)

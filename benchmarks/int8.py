@@ -76,7 +76,7 @@ def main() -> None:
     for v in variants:
         with formulation(v):
             t = time.perf_counter()
-            models[v] = nx.load("llama", gguf, quant=None if v == "f32" else "s8", **opts)
+            models[v] = nx.load("llama", gguf, quant="f32" if v == "f32" else "s8", **opts)
             print(f"loaded + compiled {v} in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
 
     tok = next(iter(models.values())).tokenizer

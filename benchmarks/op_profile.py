@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=256, help="positions attended (the position bucket)")
     ap.add_argument("--positions", type=int, default=None, help="cache positions (default: the window)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--quant", default=None, help="s8: int8 weights (nx.QuantizationConfig)")
+    ap.add_argument("--quant", default="f32", help="s8 / s4: quantized weights; f32 (default): the GGUF dequantized")
     ap.add_argument("--amp", default="f32", choices=("f32", "bf16", "f16"))
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)

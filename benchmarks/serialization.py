@@ -88,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "artifact")
         first = run(FIRST.format(gguf=str(gguf), pos=ints(args.n_positions), ctx=ints(args.context_length_estimate),
-                                 quant=args.quant, workers=args.workers, out=out))
+                                 quant=args.quant or "f32", workers=args.workers, out=out))
         cached = [run(CACHED.format(out=out, ids=first["ids"])) for _ in range(args.repeats)]
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     same = all(c["tokens"] == first["tokens"] for c in cached)

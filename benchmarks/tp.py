@@ -62,7 +62,8 @@ def main() -> None:
         for name, path, degrees in targets:
             for tp in degrees:
                 t0 = time.perf_counter()
-                m = nx.load("llama", path, tp_degree=tp, n_positions=[256], context_length_estimate=[32], progress=False)
+                m = nx.load("llama", path, tp_degree=tp, n_positions=[256], context_length_estimate=[32], progress=False,
+                            quant="f32")
                 load_s = time.perf_counter() - t0
                 rate = decode_rate(m, 20, args.new_tokens)
                 rows.append({"model": name, "tp": tp, "decode_tokens_per_s": rate, "load_compile_s": load_s})

@@ -64,7 +64,7 @@ def _measure(unroll: str, gguf: Path, prompt_tokens: int, new_tokens: int) -> di
     """One `nx bench` run of one unroll setting ('none' or a block size)."""
     block = None if unroll.lower() == "none" else int(unroll)
     res = nx_bench.run("llama", str(gguf), batch_sizes=(1,), prompt_lengths=(prompt_tokens,),
-                       new_tokens=new_tokens, n_positions=256, cached_load=False, unroll=block)
+                       new_tokens=new_tokens, n_positions=256, cached_load=False, unroll=block, quant="f32")
     run = res["runs"][0]
     p = run["prompts"][0]
     return {"unroll": block, "compile_s": run["compile_s"], "n_programs": run["n_programs"],

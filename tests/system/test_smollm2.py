@@ -38,7 +38,8 @@ def hf():
 
 @pytest.fixture(scope="module")
 def model():
-    return nx.load("llama", GGUF, batch_size=1, n_positions=[128], context_length_estimate=[64], progress=False)
+    return nx.load("llama", GGUF, batch_size=1, n_positions=[128], context_length_estimate=[64], progress=False,
+                   quant="f32")  # dequantized, as HF loads it
 
 
 def _chat(tok, text: str) -> torch.Tensor:

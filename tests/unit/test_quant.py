@@ -48,7 +48,7 @@ def test_round_trip_error_is_at_most_half_a_step_per_channel(axis):
 
 def test_config_validates_and_matches_patterns():
     with pytest.raises(nx.ConfigError, match="quant_dtype"):
-        QuantizationConfig(quant_dtype="s4")
+        QuantizationConfig(quant_dtype="s3")
     with pytest.raises(nx.ConfigError, match="dequant_dtype"):
         QuantizationConfig(dequant_dtype="f64")
     c = QuantizationConfig(no_quantize=("lm_head.w", "layers.0.*", "down.w"))

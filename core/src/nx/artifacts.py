@@ -151,7 +151,8 @@ def _flat_params(params: Any) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     def note(name: Any, leaf: Any) -> None:
         if is_quantized(leaf):
             quantized[name.q.rsplit(".", 1)[0]] = {"dequant_dtype": leaf.dequant_dtype, "dtype": leaf.dtype,
-                                                   "int8_dot": leaf.int8_dot}
+                                                   "int8_dot": leaf.int8_dot, "bits": leaf.bits,
+                                                   "group_size": leaf.group_size}
 
     names = tree_names(params)
     jax.tree.map(note, names, params, is_leaf=is_quantized)
@@ -192,7 +193,9 @@ def _params_tree(flat: dict[str, np.ndarray], quantized: dict[str, dict], n_laye
         except KeyError as exc:
             raise ArtifactError(f"the artifact's weights lack {exc.args[0]}; the artifact is damaged; recompile it") from exc
         int8_dot = info.get("int8_dot", info.get("blocked", True))  # "blocked": the CPU formulation before int8 dots
-        flat[name] = QuantizedWeight(q, scale, info["dequant_dtype"], info.get("dtype"), bool(int8_dot))
+        flat[name] = QuantizedWeight(q, scale, info["dequant_dtype"], info.get("dtype"), bool(int8_dot),
+                                     zero=flat.pop(f"{name}.zero", None), bits=info.get("bits", 8),
+                                     group_size=info.get("group_size"))
     return nest(flat, n_layers)
 
 
@@ -326,8 +329,8 @@ def check_options(contents: Contents, options: dict) -> None:
         elif key == "context_length_estimate":
             given = tuple(buckets.context_buckets(given, list(runtime.n_positions)))
         elif key == "quant":
-            given = as_config(given).to_dict()
-            if given.get("dequant_dtype") is None and quant:
+            given = as_config(given).to_dict() if as_config(given) else None  # "f32": no quantization
+            if given and given.get("dequant_dtype") is None and quant:
                 given["dequant_dtype"] = quant.get("dequant_dtype")
         if given != baked[key]:
             raise ConfigError(

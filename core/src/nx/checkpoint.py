@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from nx import memory
 from nx.errors import CheckpointError, ConfigError, NxError
+from nx.gguf_quant import QuantizedTensors
 from nx.hfconfig import check_raw_config
 
 SAFETENSORS = "model.safetensors"
@@ -66,6 +68,14 @@ class Checkpoint:
     format: str
     gguf_file: str | None = None
     gguf_digest: str | None = None  # sha256 of a GGUF file's metadata (vocabulary, chat template ...)
+    #: A GGUF file's tensors with quantized blocks kept in nx's layouts (`nx.gguf_quant.keep_quantized`).
+    gguf_quantized: Any = None
+
+    @property
+    def gguf_quantized_tensors(self) -> TensorSource | None:
+        if self.gguf_quantized is None:
+            return None
+        return TensorSource(self.tensors.shapes, self.gguf_quantized)
 
     @property
     def model_type(self) -> str:
@@ -352,6 +362,7 @@ def _open_gguf(directory: Path, fname: str) -> Checkpoint:
     import gguf
     from transformers import AutoConfig
 
+
     file = directory / fname
     try:
         reader = gguf_reader(file)
@@ -366,6 +377,7 @@ def _open_gguf(directory: Path, fname: str) -> Checkpoint:
     check_raw_config(cfg, f"GGUF file {str(file)!r}")
     digest = hashlib.sha256(reader.data[: reader.data_offset]).hexdigest()  # header, metadata, tensor index
     reader.fields.clear()  # metadata (the whole vocabulary as small arrays) is not needed after this
+    memory.return_freed_memory()  # the parsed metadata (the whole vocabulary) back to the OS before the weights load
     config = _hf_config(lambda: AutoConfig.for_model(cfg.pop("model_type"), **cfg), f"GGUF file {str(file)!r}")
     tensors = {t.name: t for t in reader.tensors}
 
@@ -375,4 +387,5 @@ def _open_gguf(directory: Path, fname: str) -> Checkpoint:
         return np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
 
     source = TensorSource({n: tuple(int(d) for d in reversed(t.shape)) for n, t in tensors.items()}, read)
-    return Checkpoint(directory, config, source, "gguf", gguf_file=fname, gguf_digest=digest)
+    quantized = QuantizedTensors(file, reader.tensors, read)
+    return Checkpoint(directory, config, source, "gguf", gguf_file=fname, gguf_digest=digest, gguf_quantized=quantized)

@@ -17,7 +17,7 @@ from nx import buckets
 from nx.errors import ConfigError
 
 AMP = ("f32", "bf16", "f16")
-QUANT = ("s8",)  # weight formats `quant` names (or an nx.QuantizationConfig)
+QUANT = ("s8", "s4", "gguf", "f32")  # what `quant` names (or an nx.QuantizationConfig); gguf keeps a file's blocks
 
 
 # ---- value checks: each returns the normalized value or raises ConfigError naming the option ----
@@ -116,8 +116,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("devices", None, "Device ids to run on (default: the first tp_degree).", optional(device_ids), baked=True),
     Option("unroll", None, "Layers per scanned block (a divisor of the layer count): faster compiles, slower CPU "
            "decode. Default: every layer unrolled.", optional(positive_int), "--unroll", baked=True),
-    Option("quant", None, "Store weights quantized: s8 = int8 with per-output-channel scales (or pass an "
-           "nx.QuantizationConfig).", anything, "--quant", baked=True),
+    Option("quant", None, "Store weights quantized: s8 = int8 (per-output-channel scales), s4 = 4-bit (scales per "
+           "group of 32 inputs), gguf = a GGUF file's Q8_0/Q4_x/Q6_K blocks as they are (by default only when "
+           "f32 weights would not fit), f32 = none.", anything, "--quant", baked=True),
     Option("device_memory", None, "Bytes per device for the fit check (default: what the device reports).",
            optional(positive_int)),
     Option("compile", True, "Compile every bucket's program at load (False: each on first use).", flag),

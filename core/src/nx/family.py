@@ -123,7 +123,9 @@ class Family:
       checkpoints saved from the bare base model (as many hub originals are) lack it, and nx adds
       it back, like ``transformers`` does.
     - `from_gguf(gguf_name, hf_config)` gives the HF name of a llama.cpp tensor and a function
-      fixing its layout (or None to drop it), for families that load GGUF files.
+      fixing its layout (or None to drop it), for families that load GGUF files. The function must
+      only reorder / select rows of a ``[rows, ...]`` array: nx applies it to a quantized tensor's
+      values and per-row-group scales alike (`nx.quant.map_rows`).
     """
 
     name: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import warnings
 from typing import Any
@@ -19,10 +20,12 @@ from nx.compile_cache import CompileCache
 from nx.config import RuntimeConfig
 from nx.errors import ArtifactError, CheckpointError, ConfigError
 from nx.family import Family
+from nx.gguf_quant import keep_quantized
 from nx.model import NxModel
 from nx.params import build_params
 from nx.placement import AMP_DTYPES, select_devices
 from nx.quant import as_config as as_quant_config
+from nx.quant import check_groups, map_rows
 from nx.quant import weight_bytes as quant_weight_bytes
 from nx.registry import Registry, default_registry
 from nx.spec import check_load
@@ -66,7 +69,7 @@ def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = Non
     spec = family.spec_from_config(ckpt.config)
     check_load(spec, config.max_positions, len(ckpt.tensors))  # before any weight is read
     scan.block_size(spec.n_layers, config.unroll)  # a bad unroll fails before any weight is read
-    quant = as_quant_config(opts["quant"])
+    quant = gguf_quant(opts["quant"], ckpt, family, spec, config, opts["device_memory"])
     if config.backend == "cpu" and config.amp == "f16" and quant is None:
         warnings.warn(
             "nx: amp='f16' on the CPU backend is slow: XLA:CPU has no f16 matmul kernels and converts every "
@@ -90,6 +93,7 @@ load.__signature__ = config_mod.signature(  # type: ignore[attr-defined]
      inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
      inspect.Parameter("registry", inspect.Parameter.KEYWORD_ONLY, default=None)])
 load.__doc__ = load.__doc__.format(options=config_mod.options_doc())  # type: ignore[union-attr]
+log = logging.getLogger("nx")
 RUNTIME_OPTIONS = ("batch_size", "prompt_batch_size", "n_positions", "context_length_estimate", "amp", "backend",
                    "tp_degree", "devices", "unroll")
 
@@ -129,6 +133,30 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
     return model
 
 
+def gguf_quant(requested: Any, ckpt: Checkpoint, family: Family, spec, config: RuntimeConfig,
+               per_device: int | None) -> Any:
+    """The quantization a load runs with. ``quant="gguf"`` keeps a GGUF file's quantized blocks
+    (`nx.gguf_quant`); by default they are kept only when the dequantized f32 weights would not
+    fit the devices (a 7B Q4 file on a small machine), since the grouped kernels are slower than
+    f32 ones on the CPU; either way the choice is logged."""
+    if requested == "gguf":
+        kept = keep_quantized(ckpt)
+        if kept is None:
+            raise ConfigError(f"quant='gguf' keeps a GGUF file's quantized blocks, but {str(ckpt.path)!r} holds "
+                              "none nx reads quantized (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K); drop quant or use 's8' / 's4'")
+        return kept
+    if requested is not None or getattr(ckpt, "gguf_quantized", None) is None:
+        return as_quant_config(requested)
+    itemsize = jnp.dtype(AMP_DTYPES[config.amp]).itemsize
+    weights, cache = memory.estimate_bytes(spec, family.weights(spec), config.batch_size, config.max_positions, itemsize)
+    budget = (per_device or memory.device_memory(select_devices(config)[0])) * config.tp_degree
+    if weights + cache <= budget:
+        log.info("GGUF holds quantized blocks: dequantizing them to %s (they fit, and float kernels are faster "
+                 "here); quant='gguf' keeps them quantized", config.amp)
+        return None
+    return keep_quantized(ckpt)
+
+
 def ensure_cpu_devices(config: RuntimeConfig) -> None:
     """Make enough host devices for tensor parallelism on CPU, if jax has not started yet."""
 
@@ -149,6 +177,7 @@ def check_memory(family: Family, spec, config: RuntimeConfig, per_device: int | 
         spec, family.weights(spec), config.batch_size, config.max_positions, itemsize
     )
     if quant is not None:
+        check_groups(family.weights(spec), quant, config.tp_degree)
         weights = quant_weight_bytes(family.weights(spec), quant, itemsize)
     per_device = per_device or memory.device_memory(devs[0])
     memory.check_fits(weights, cache, per_device, config.tp_degree, sharding.valid_degrees(spec), len(devs[0].client.devices()))
@@ -174,4 +203,4 @@ def hf_tensors(family: Family, ckpt: Checkpoint) -> TensorSource:
         if mapped is not None:
             renamed[mapped[0]] = (name, mapped[1])
     shapes = {hf: ckpt.tensors.shapes[g] for hf, (g, _) in renamed.items()}
-    return TensorSource(shapes, lambda hf: renamed[hf][1](ckpt.tensors[renamed[hf][0]]))
+    return TensorSource(shapes, lambda hf: map_rows(renamed[hf][1], ckpt.tensors[renamed[hf][0]]))

@@ -12,6 +12,7 @@ from nx.errors import CheckpointError, PluginError, ShapeMismatchError, WeightKe
 from nx.family import Family, Weight
 from nx.names import is_known
 from nx.progress import track
+from nx.quant import QuantizedArray
 from nx.spec import ModelSpec
 
 
@@ -73,8 +74,8 @@ def build_params(
                 f"{name} should have shape {w.shape} but the checkpoint gives {tuple(out.shape)} (from {got}); "
                 "the weights do not match config.json"
             )
-        flat[name] = np.asarray(out, dtype=dtype)
-        if not all_finite(flat[name]):
+        flat[name] = out if isinstance(out, QuantizedArray) else np.asarray(out, dtype=dtype)  # GGUF blocks stay
+        if not isinstance(out, QuantizedArray) and not all_finite(flat[name]):
             non_finite.update(w.keys)
     if non_finite:
         raise CheckpointError(

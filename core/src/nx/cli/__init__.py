@@ -56,6 +56,8 @@ QUANT_SUBOPTIONS = (
                       "(default: --amp); the CPU multiplies int8 directly."),
     click.option("--no-quantize", default=None,
                  help="With --quant: comma list of parameter-name patterns kept in floating point (e.g. lm_head.w)."),
+    click.option("--group-size", type=int, default=None,
+                 help="With --quant s8/s4: inputs sharing one scale (s4 default 32; s8 default: one per row)."),
 )
 
 
@@ -70,7 +72,8 @@ def model_options(*names: str):
             kind = FLAG_TYPES.get(name, str)
             default = o.default if o.default is None or kind is not str else str(o.default)
             if name == "quant":  # its sub-options follow it (decorators apply bottom-up)
-                command = QUANT_SUBOPTIONS[0](QUANT_SUBOPTIONS[1](command))
+                for sub_option in reversed(QUANT_SUBOPTIONS):
+                    command = sub_option(command)
             command = click.option(o.flag, name, type=kind, default=default, show_default=o.default is not None,
                                    help=o.help)(command)
         return command
@@ -78,28 +81,31 @@ def model_options(*names: str):
     return decorate
 
 
-def load_kwargs(dequant_dtype: str | None = None, no_quantize: str | None = None, **values: Any) -> dict:
+def load_kwargs(dequant_dtype: str | None = None, no_quantize: str | None = None, group_size: int | None = None,
+                **values: Any) -> dict:
     """The CLI values of load options as `nx.load` keywords (bucket lists parsed, quantization
     options combined into one `QuantizationConfig`)."""
     out = dict(values)
     for name in ("n_positions", "context_length_estimate"):
         if name in out:
             out[name] = int_list(out[name])
-    out["quant"] = quant_config(out.get("quant"), dequant_dtype, no_quantize)
+    out["quant"] = quant_config(out.get("quant"), dequant_dtype, no_quantize, group_size)
     return out
 
 
-def quant_config(quant: str | None, dequant_dtype: str | None = None, no_quantize: str | None = None):
-    """The `QuantizationConfig` of the --quant options (None without --quant; its sub-options alone
-    are an error)."""
+def quant_config(quant: str | None, dequant_dtype: str | None = None, no_quantize: str | None = None,
+                 group_size: int | None = None):
+    """The `QuantizationConfig` of the --quant options (None without --quant, ``"f32"`` for --quant
+    f32; its sub-options without s8 / s4 are an error)."""
     from nx.quant import QuantizationConfig, patterns
 
-    if quant is None:
-        given = [flag for flag, v in (("--dequant-dtype", dequant_dtype), ("--no-quantize", no_quantize)) if v]
+    if quant in (None, "f32", "gguf"):
+        given = [flag for flag, v in (("--dequant-dtype", dequant_dtype), ("--no-quantize", no_quantize),
+                                      ("--group-size", group_size)) if v]
         if given:
-            raise ConfigError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --quant s8")
-        return None
-    return QuantizationConfig(quant, dequant_dtype, patterns(no_quantize))
+            raise ConfigError(f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --quant s8 or s4")
+        return quant
+    return QuantizationConfig(quant, dequant_dtype, patterns(no_quantize), group_size)
 
 
 @click.group(cls=NxGroup)

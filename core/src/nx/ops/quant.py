@@ -1,4 +1,4 @@
-"""int8 weights inside the compiled programs: the `QuantizedWeight` pytree and its matmuls.
+"""int8 / int4 weights inside the compiled programs: the `QuantizedWeight` pytree and its matmuls.
 
 A quantized weight is ``q`` (int8, the weight's own shape: ``[out, in]`` for a linear weight,
 ``[vocab, hidden]`` for an embedding / lm-head table) and ``scale`` (f32, one per output channel,
@@ -20,6 +20,22 @@ Two matmul formulations, chosen per weight at load time (`int8_dot`, static pytr
   XLA:CPU's slow int8 matrix-vector path.
 - **dequantize** (accelerators): ``(x @ q.T) * scale`` with ``q`` converted to `dequant_dtype`,
   a conversion XLA fuses into the dot there.
+
+**Grouped weights** (``group_size`` set: ``quant="s4"``, GGUF's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K)
+have one scale per ``group_size`` consecutive inputs of a row, ``scale [out, in / group_size]``,
+and optionally a per-group offset ``zero`` of the same shape (affine: ``w = v * scale + zero``,
+GGUF's Q4_1 / Q4_K mins). Both are 2-D with rows along the outputs, so column- and vocab-parallel
+sharding splits their rows and row-parallel sharding splits their groups (`nx.quant.check_groups`
+makes shards end on group boundaries). 4-bit values are packed two per byte (uint8
+``[out, in / 2]``), llama.cpp's order within a group: byte ``j`` holds value ``j`` in its low
+nibble and value ``j + group_size / 2`` in its high one; a nibble ``n`` is ``v = n - 8``
+(symmetric) or ``v = n`` (affine). Packed uint8 rather than ``jnp.int4``: XLA:CPU (jax 0.10) keeps
+an int4 array at one byte per value on the device and rejects int4 dots, while packed bytes halve
+the memory, are what GGUF files hold, and unpack with shifts and masks every backend compiles.
+In the program the nibbles are unpacked to int8 and multiplied like int8 weights: on CPU a
+group-batched int8 dot (int32 per group, times the group scales, summed in f32) for up to
+``group_size / 2`` token rows, beyond which the int32 partial sums would outweigh an f32 copy of
+the weight, so prefill dequantizes the weight in the program and runs an f32 dot.
 """
 
 from __future__ import annotations
@@ -34,16 +50,19 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
 class QuantizedWeight:
-    """``q`` int8 ``[out, in]`` (a linear weight or a ``[vocab, hidden]`` table) and per-row ``scale``.
+    """``q`` int8 ``[out, in]`` (a linear weight or a ``[vocab, hidden]`` table) and its ``scale``.
 
-    A jax pytree with leaves ``q`` and ``scale`` (their dotted names end in ``.q`` / ``.scale``) and
-    the static `dequant_dtype` (``"f32"``, ``"bf16"`` or ``"f16"``). `dtype` is the model's
-    activation dtype (its ``amp``; rows looked up from a table come out in it) and `int8_dot`
-    whether matmuls run as int8 dots on int8 activation terms (set for the cpu backend) instead of
-    converting ``q`` to `dequant_dtype` (accelerators), both static too.
+    A jax pytree with leaves ``q``, ``scale`` and, for affine groups, ``zero`` (their dotted names
+    end in ``.q`` / ``.scale`` / ``.zero``; ``zero`` None is no leaf) and the static fields:
+    `dequant_dtype` (``"f32"``, ``"bf16"`` or ``"f16"``), `dtype` (the model's activation dtype,
+    its ``amp``: rows looked up from a table come out in it), `int8_dot` (matmuls as int8 dots on
+    int8 activation terms, set for the cpu backend, instead of converting ``q`` to `dequant_dtype`
+    on accelerators), `bits` (8: ``q`` int8 ``[out, in]``; 4: ``q`` packed uint8 ``[out, in / 2]``)
+    and `group_size` (None: one f32 scale per row, ``scale [out]``; else ``scale`` and ``zero``
+    ``[out, in / group_size]``, f32 or f16 (GGUF's own f16 block scales), see the module docstring).
     """
 
-    __slots__ = ("q", "scale", "dequant_dtype", "dtype", "int8_dot")
+    __slots__ = ("q", "scale", "zero", "dequant_dtype", "dtype", "int8_dot", "bits", "group_size")
 
     def __init__(
         self,
@@ -52,16 +71,25 @@ class QuantizedWeight:
         dequant_dtype: str = "f32",
         dtype: str | None = None,
         int8_dot: bool = True,
+        *,
+        zero: Any = None,
+        bits: int = 8,
+        group_size: int | None = None,
     ) -> None:
         self.q = q
         self.scale = scale
+        self.zero = zero
         self.dequant_dtype = dequant_dtype
         self.dtype = dtype or dequant_dtype
         self.int8_dot = int8_dot
+        self.bits = bits
+        self.group_size = group_size
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.q.shape)
+        """The weight's logical shape ``[out, in]`` (a 4-bit ``q`` holds half as many bytes)."""
+        *lead, n = self.q.shape
+        return (*lead, n * 8 // self.bits)
 
     @property
     def ndim(self) -> int:
@@ -71,28 +99,39 @@ class QuantizedWeight:
     def compute_dtype(self):
         return DTYPES[self.dequant_dtype]
 
+    def values(self) -> jnp.ndarray:
+        """The integer values ``v`` as int8 ``[out, in]`` (4-bit nibbles unpacked)."""
+        return unpack(self.q, self.bits, self.group_size, self.zero is None)
+
     def dequantize(self) -> jnp.ndarray:
-        """The full-precision weight ``q * scale`` (in `dequant_dtype`)."""
-        return (self.q.astype(jnp.float32) * self.scale[:, None]).astype(self.compute_dtype)
+        """The full-precision weight ``v * scale (+ zero)`` (in `dequant_dtype`)."""
+        return _dequantize(self.values(), self.scale, self.zero, self.group_size).astype(self.compute_dtype)
 
     def __repr__(self) -> str:
         return (
-            f"QuantizedWeight(q={self.q!r}, scale={self.scale!r}, dequant_dtype={self.dequant_dtype!r}, "
-            f"dtype={self.dtype!r}, int8_dot={self.int8_dot})"
+            f"QuantizedWeight(q={self.q!r}, scale={self.scale!r}, zero={self.zero!r}, bits={self.bits}, "
+            f"group_size={self.group_size}, dequant_dtype={self.dequant_dtype!r}, dtype={self.dtype!r}, "
+            f"int8_dot={self.int8_dot})"
         )
 
 
+def _aux(w: QuantizedWeight) -> tuple:
+    return (w.dequant_dtype, w.dtype, w.int8_dot, w.bits, w.group_size)
+
+
 def _flatten_with_keys(w: QuantizedWeight):
-    keys = (jax.tree_util.GetAttrKey("q"), jax.tree_util.GetAttrKey("scale"))
-    return tuple(zip(keys, (w.q, w.scale))), (w.dequant_dtype, w.dtype, w.int8_dot)
+    keys = (jax.tree_util.GetAttrKey("q"), jax.tree_util.GetAttrKey("scale"), jax.tree_util.GetAttrKey("zero"))
+    return tuple(zip(keys, (w.q, w.scale, w.zero))), _aux(w)
 
 
 def _flatten(w: QuantizedWeight):
-    return (w.q, w.scale), (w.dequant_dtype, w.dtype, w.int8_dot)
+    return (w.q, w.scale, w.zero), _aux(w)
 
 
 def _unflatten(aux, children) -> QuantizedWeight:
-    return QuantizedWeight(children[0], children[1], *aux)
+    dequant_dtype, dtype, int8_dot, bits, group_size = aux
+    q, scale, zero = children
+    return QuantizedWeight(q, scale, dequant_dtype, dtype, int8_dot, zero=zero, bits=bits, group_size=group_size)
 
 
 jax.tree_util.register_pytree_with_keys(QuantizedWeight, _flatten_with_keys, _unflatten, _flatten)
@@ -102,23 +141,86 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedWeight)
 
 
+def unpack(q: jnp.ndarray, bits: int, group_size: int | None, signed: bool = True) -> jnp.ndarray:
+    """int8 values ``[..., in]`` of `q`: int8 as is; packed 4-bit ``[..., in / 2]`` unpacked in its
+    groups (low nibbles first, then high ones), ``n - 8`` if `signed` (symmetric) else ``n``."""
+    if bits == 8:
+        return q
+    *lead, half = q.shape
+    g = q.reshape(*lead, half // (group_size // 2), group_size // 2)
+    v = jnp.concatenate([g & 0xF, g >> 4], axis=-1).astype(jnp.int8)
+    if signed:
+        v = v - jnp.int8(8)
+    return v.reshape(*lead, 2 * half)
+
+
+def _grouped(a: jnp.ndarray, group_size: int) -> jnp.ndarray:
+    """``[..., in]`` -> ``[..., in / group_size, group_size]``."""
+    return a.reshape(*a.shape[:-1], a.shape[-1] // group_size, group_size)
+
+
+def _dequantize(v: jnp.ndarray, scale: jnp.ndarray, zero: Any, group_size: int | None) -> jnp.ndarray:
+    """f32 ``v * scale (+ zero)`` for values ``[..., in]`` and per-row or per-group scales."""
+    if group_size is None:
+        return v.astype(jnp.float32) * scale[..., None]
+    w = _grouped(v, group_size).astype(jnp.float32) * scale[..., None].astype(jnp.float32)
+    if zero is not None:
+        w = w + zero[..., None].astype(jnp.float32)
+    return w.reshape(v.shape)
+
+
 def matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
-    """f32 ``x @ (q * scale).T`` for an ``[out, in]`` weight or ``[vocab, hidden]`` table, computed
-    as ``(x @ q.T) * scale`` (the per-row scales applied once to the products)."""
-    n, k = w.q.shape
+    """f32 ``x @ W.T`` for a quantized ``[out, in]`` weight or ``[vocab, hidden]`` table ``W``.
+
+    Per-row scales: ``(x @ v.T) * scale`` (the scales applied once to the products). Groups: see
+    `_grouped_matmul`."""
+    n, k = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
+    if w.group_size is not None:
+        return _grouped_matmul(x2, w).reshape(*lead, n)
     dims = (((1,), (1,)), ((), ()))
     if w.int8_dot:
         terms, scales = int8_terms(x2)
-        acc = lax.dot_general(terms, w.q, dims, preferred_element_type=jnp.int32)
+        acc = lax.dot_general(terms, w.values(), dims, preferred_element_type=jnp.int32)
         acc = acc.astype(jnp.float32) * scales
         m = x2.shape[0]
         y = acc[:m] + acc[m:]
     else:
         dt = w.compute_dtype
-        y = lax.dot_general(x2.astype(dt), w.q.astype(dt), dims, preferred_element_type=jnp.float32)
+        y = lax.dot_general(x2.astype(dt), w.values().astype(dt), dims, preferred_element_type=jnp.float32)
     return (y * w.scale).reshape(*lead, n)
+
+
+def _grouped_matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
+    """``x [m, in] @ W.T`` for grouped scales, f32 ``[m, out]``.
+
+    - CPU (`int8_dot`) and ``m <= group_size / 2``: the int8 activation terms and the int8 values,
+      both split into groups, go through one int8 dot batched over the groups (int32
+      ``[groups, 2m, out]``), which the group scales weight before the sum over groups; the
+      weight is read once, as int8 (4-bit unpacked in the fusion that feeds the dot).
+    - otherwise: the weight dequantized in the program (`dequant_dtype`, f32 on CPU) and one dot;
+      with many rows its cost is shared, and the int32 partial sums would be larger than it.
+    - affine groups add ``sum_g zero[:, g] * sum(x[:, group g])``, a small ``[m, groups]`` dot.
+    """
+    m, k = x.shape
+    gs = w.group_size
+    if w.int8_dot and m <= gs // 2:
+        terms, scales = int8_terms(x)
+        acc = lax.dot_general(
+            _grouped(terms, gs), _grouped(w.values(), gs), (((2,), (2,)), ((1,), (1,))),
+            preferred_element_type=jnp.int32,
+        )  # [groups, 2m, out]
+        acc = acc.astype(jnp.float32) * scales[None]
+        y = jnp.sum((acc[:, :m] + acc[:, m:]) * w.scale.T[:, None, :].astype(jnp.float32), axis=0)
+    else:
+        dt = jnp.float32 if w.int8_dot else w.compute_dtype
+        weight = _dequantize(w.values(), w.scale, None, gs).astype(dt)
+        y = lax.dot_general(x.astype(dt), weight, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if w.zero is not None:
+        sums = jnp.sum(_grouped(x.astype(jnp.float32), gs), axis=-1)  # [m, groups]
+        y = y + lax.dot_general(sums, w.zero.astype(jnp.float32), (((1,), (1,)), ((), ())))
+    return y
 
 
 def int8_terms(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -139,5 +241,9 @@ def int8_terms(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 def take_rows(w: QuantizedWeight, ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
     """Rows `ids` of a quantized ``[vocab, hidden]`` table, dequantized to `dtype`."""
-    rows = jnp.take(w.q, ids, axis=0).astype(jnp.float32)
-    return (rows * jnp.take(w.scale, ids, axis=0)[..., None]).astype(dtype)
+
+    def rows(a):
+        return None if a is None else jnp.take(a, ids, axis=0)
+
+    v = unpack(rows(w.q), w.bits, w.group_size, w.zero is None)
+    return _dequantize(v, rows(w.scale), rows(w.zero), w.group_size).astype(dtype)

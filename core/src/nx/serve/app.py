@@ -23,10 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nx.engine import EngineClosedError, QueueFullError
 from nx.errors import BucketError, InputError, NxError
 from nx.serve.metrics import CONTENT_TYPE, Metrics
 from nx.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse
 from nx.serve.text import Detokenizer, StopMatcher
+from nx.version import __version__
 
 logger = logging.getLogger("nx.serve")
 
@@ -37,8 +39,6 @@ def create_app(engine: Any, model_name: str, *, shutdown_timeout: float | None =
     Its lifespan starts the engine and, at shutdown (uvicorn's graceful SIGTERM), drains it:
     ``engine.shutdown(drain=True, timeout=shutdown_timeout)``.
     """
-    from nx.engine import EngineClosedError, QueueFullError
-
     state: dict[str, Any] = {"ready": False}
 
     @contextlib.asynccontextmanager
@@ -355,6 +355,4 @@ def _stream(gen: _Generation, events: AsyncIterator[str]) -> StreamingResponse:
 
 
 def _nx_version() -> str:
-    import nx
-
-    return nx.__version__
+    return __version__
