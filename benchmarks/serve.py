@@ -40,6 +40,9 @@ from compare import TEXT, smollm2_gguf  # noqa: E402
 from gguf_convert import convert  # noqa: E402
 
 PROMPT_WORDS = (12, 30, 60, 100, 20, 45, 80, 15)  # words of TEXT per prompt: ~16-130 tokens
+#: nx's flags for each llama.cpp precision: the same weights (f32 from the Q4_1 file; int8 with
+#: per-channel scales against q8_0's per-32 scales; bf16 against bf16)
+NX_PRECISION = {"f32": ["--quant", "f32"], "q8_0": ["--quant", "s8"], "bf16": ["--amp", "bf16", "--quant", "f32"]}
 
 
 def log(msg: str) -> None:
@@ -135,7 +138,7 @@ def start(engine: str, gguf: Path, clients: int, args, log_dir: Path) -> Server:
     if engine == "nx":
         cmd = [sys.executable, "-m", "nx.cli", "serve", "llama", str(gguf), "--port", str(port), "--batch-size",
                str(clients), "--n-positions", str(ctx), "--context-length-estimate", args.context_buckets,
-               "--model-name", "bench", "--no-sampling", "--log-level", "warning"]
+               "--model-name", "bench", "--no-sampling", "--log-level", "warning", *NX_PRECISION[args.precision]]
     else:
         cmd = [str(Path(args.llama_dir) / "llama-server"), "-m", str(gguf), "--port", str(port), "--host",
                "127.0.0.1", "--parallel", str(clients), "-c", str(ctx * clients), "--threads", str(args.threads),
@@ -159,6 +162,7 @@ def run(args) -> dict:
             for engine in args.engines.split(","):
                 nx_src = src if engine == "nx" else gguf  # nx reads the shipped file (f32 after dequantizing)
                 log(f"{engine} {precision} c={clients}: starting")
+                args.precision = precision
                 srv = start(engine, nx_src, clients, args, log_dir)
                 try:
                     asyncio.run(workload(srv.url, "bench", clients, clients, 8))  # warm-up

@@ -1,41 +1,22 @@
 """int8 / int4 weights inside the compiled programs: the `QuantizedWeight` pytree and its matmuls.
 
-A quantized weight is ``q`` (int8, the weight's own shape: ``[out, in]`` for a linear weight,
-``[vocab, hidden]`` for an embedding / lm-head table) and ``scale`` (f32, one per output channel,
-i.e. per row), with ``w ~= q * scale[:, None]``. Keeping ``scale`` 1-D along the rows means
-tensor-parallel sharding by role applies unchanged: a column-parallel weight splits ``q``'s rows
-and ``scale`` with them, a row-parallel weight splits ``q``'s columns and replicates ``scale``, a
-vocabulary-parallel table splits both along vocab.
+A quantized weight is ``q`` (int8 ``[out, in]`` for a linear weight, ``[vocab, hidden]`` for a
+table) and ``scale``: one f32 per row (``w ~= q * scale[:, None]``), or with ``group_size`` one
+per group of consecutive inputs of a row (``scale [out, in / group_size]``, optionally with an
+affine ``zero`` of the same shape, GGUF's Q4_1 / Q4_K mins). Scales keep rows along the outputs,
+so tensor-parallel sharding by role applies unchanged (row-parallel weights split their groups).
+4-bit values are packed two per byte (uint8 ``[out, in / 2]``, llama.cpp's order within a group:
+byte ``j`` holds value ``j`` low and ``j + group_size / 2`` high; ``v = n - 8`` symmetric, ``n``
+affine) because XLA:CPU keeps ``jnp.int4`` at a byte per value and rejects int4 dots.
 
-Two matmul formulations, chosen per weight at load time (`int8_dot`, static pytree aux data):
+Matmuls, chosen per weight at load time (`int8_dot`, static aux data):
 
-- **int8 dot** (the CPU backend): the weight stays int8 and the activations are split into two
-  int8 terms per row, ``x ~= hi * s_hi + lo * s_lo`` (``lo`` quantizes what ``hi`` left over, so
-  together they carry ~15 bits of each row, more than bf16's 8), and one int8 x int8 -> int32 dot
-  multiplies both terms at once. On XLA:CPU that dot beats the f32 one (SmolLM2-135M's weight
-  matmuls: 13 vs 22 ms per decode step, 25 vs 109 ms per 128-token prefill), while an int8 weight
-  converted to f32 inside the program is materialized at every call (7 tokens/s). SmolLM2-135M on
-  2 cores decodes at 61 tokens/s against 40 in f32 and encodes 128 tokens in 92 against 142 ms
-  (BENCHMARKS.md). The two terms also fill the second row that keeps a one-token matmul off
-  XLA:CPU's slow int8 matrix-vector path.
-- **dequantize** (accelerators): ``(x @ q.T) * scale`` with ``q`` converted to `dequant_dtype`,
-  a conversion XLA fuses into the dot there.
+- **int8 dot** (the CPU backend): activations split into two int8 terms per row (``x ~= hi *
+  s_hi + lo * s_lo``, ~15 bits), one int8 x int8 -> int32 dot; grouped weights batch the dot over
+  their groups for up to ``group_size / 2`` token rows and dequantize for prompts;
+- **dequantize** (accelerators): ``q`` converted to `dequant_dtype` inside the dot, which XLA fuses.
 
-**Grouped weights** (``group_size`` set: ``quant="s4"``, GGUF's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K)
-have one scale per ``group_size`` consecutive inputs of a row, ``scale [out, in / group_size]``,
-and optionally a per-group offset ``zero`` of the same shape (affine: ``w = v * scale + zero``,
-GGUF's Q4_1 / Q4_K mins). Both are 2-D with rows along the outputs, so column- and vocab-parallel
-sharding splits their rows and row-parallel sharding splits their groups (`nx.quant.check_groups`
-makes shards end on group boundaries). 4-bit values are packed two per byte (uint8
-``[out, in / 2]``), llama.cpp's order within a group: byte ``j`` holds value ``j`` in its low
-nibble and value ``j + group_size / 2`` in its high one; a nibble ``n`` is ``v = n - 8``
-(symmetric) or ``v = n`` (affine). Packed uint8 rather than ``jnp.int4``: XLA:CPU (jax 0.10) keeps
-an int4 array at one byte per value on the device and rejects int4 dots, while packed bytes halve
-the memory, are what GGUF files hold, and unpack with shifts and masks every backend compiles.
-In the program the nibbles are unpacked to int8 and multiplied like int8 weights: on CPU a
-group-batched int8 dot (int32 per group, times the group scales, summed in f32) for up to
-``group_size / 2`` token rows, beyond which the int32 partial sums would outweigh an f32 copy of
-the weight, so prefill dequantizes the weight in the program and runs an f32 dot.
+Why (measured): BENCHMARKS.md, "int8 weights on the CPU" and "Design measurements behind nx.ops".
 """
 
 from __future__ import annotations
