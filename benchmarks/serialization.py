@@ -55,7 +55,8 @@ model = nx.load({out!r})
 t_load = time.perf_counter()
 tokens = model.generate([{ids!r}], max_new_tokens=16).tolist()
 print(json.dumps(dict(imports=t_import - t0, load=t_load - t_import, tokens=tokens,
-                      nx_compiles=compiles.count("jit(run)"), other_compiles=len(compiles) - compiles.count("jit(run)"))))
+                      nx_compiles=len([c for c in compiles if c.startswith("jit(nx_")]),
+                      other_compiles=len([c for c in compiles if not c.startswith("jit(nx_")]))))
 """
 
 

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -66,6 +68,11 @@ def _python(script: str, **env) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _nx_programs(compiled: list[str]) -> list[str]:
+    """The nx programs among compiled functions (each is named after its key: `nx.programs.program_name`)."""
+    return [n for n in compiled if n and n.startswith("jit(nx_")]
+
+
 def test_manifest_describes_the_artifact(saved):
     model, _, out = saved
     m = artifacts.read_manifest(out)
@@ -103,9 +110,9 @@ def test_fresh_process_loads_without_compiling_and_generates_the_same(saved):
         NX_CACHE_DIR="off",  # the new program must compile, not come from the compile cache
     )
     assert r["tokens"] == ref
-    assert "jit(run)" not in r["at_load"] and "jit(run)" not in r["after_generate"]
+    assert not _nx_programs(r["at_load"]) and not _nx_programs(r["after_generate"])
     assert len(r["at_load"]) <= 1  # at most the KV-cache zero fill, never an nx program
-    assert r["after_new"].count("jit(run)") == 1  # ... while compiling an nx program is counted
+    assert _nx_programs(r["after_new"]) == ["jit(nx_decode_b1_w64_sample)"]  # ... while compiling one is counted
     assert r["text"] == char_tokenizer().decode([40, 41, 42])
 
 
@@ -206,6 +213,72 @@ def test_undeserializable_program_is_an_artifact_error_from_the_loading_threads(
     f.write_bytes(f.read_bytes()[:1000])  # checksums skipped: XLA itself must reject it
     with pytest.raises(nx.ArtifactError, match="cannot load the compiled program programs/decode_b1_w64.xla"):
         load_artifact(copy, verify=False)
+
+
+class Payload:
+    """A pickle that runs `call(*args)` when unpickled: what a planted program file would hold."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def payloads(marker: Path) -> dict[str, bytes]:
+    """Pickles that create `marker` when loaded with plain pickle, by shell or by Python."""
+    return {"os.system": pickle.dumps(Payload(os.system, f"touch {marker}")),
+            "exec": pickle.dumps(Payload(exec, f"open({str(marker)!r}, 'w').close()")),
+            "inside a tuple": pickle.dumps((Payload(os.system, f"touch {marker}"), [], True))}
+
+
+def _plant(art: Path, rel: str, data: bytes) -> None:
+    """Write `data` as `rel` and give the manifest its sha256, as a tamperer would."""
+    (art / rel).write_bytes(data)
+    mf = art / artifacts.MANIFEST
+    m = json.loads(mf.read_text())
+    m["files"][rel] = hashlib.sha256(data).hexdigest()
+    mf.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("how", ["os.system", "exec", "inside a tuple"])
+def test_a_planted_pickle_with_matching_checksums_runs_no_code(copy, tmp_path, how):
+    marker = tmp_path / "MARKER"
+    payload = payloads(marker)[how]
+    pickle.loads(payload)  # the payload is real: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    _plant(copy, "programs/decode_b1_w32.xla", payload)
+    with pytest.raises(nx.ArtifactError, match=r"programs/decode_b1_w32.xla.*not part of a jax program.*recompile"):
+        nx.load(copy)
+    assert not marker.exists()
+
+
+def test_swapped_programs_are_an_artifact_error_naming_the_program(copy):
+    a, b = (copy / "programs/decode_b1_w32.xla").read_bytes(), (copy / "programs/decode_b1_w64.xla").read_bytes()
+    _plant(copy, "programs/decode_b1_w32.xla", b)  # same shapes, another window: only its identity differs
+    _plant(copy, "programs/decode_b1_w64.xla", a)
+    with pytest.raises(nx.ArtifactError, match=r"decode_b1_w(32|64) is not this model's decode_b1_w(32|64).*recompile"):
+        nx.load(copy)
+
+
+def test_a_signature_other_than_the_manifests_is_an_artifact_error(copy):
+    mf = copy / artifacts.MANIFEST
+    m = json.loads(mf.read_text())
+    entry = next(p for p in m["programs"] if p["file"] == "programs/decode_b1_w64.xla")
+    assert entry["signature"]["program"] == "jit_nx_decode_b1_w64"
+    entry["signature"]["inputs"][-1] = "uint32[9,2]"
+    mf.write_text(json.dumps(m))
+    with pytest.raises(nx.ArtifactError, match=r"decode_b1_w64.xla.*signature \(inputs\) differs from the one the manifest"):
+        nx.load(copy)
+
+
+def test_a_program_of_other_shapes_is_refused_before_it_runs(saved):
+    model = saved[0]
+    prefill = model.programs.get(ProgramKey(1, 16, 32, False))
+    with pytest.raises(nx.ArtifactError, match=r"decode_b1_w32: it is 'jit_nx_prefill_b1_t16_w32'; .*input"):
+        model.programs.check(ProgramKey(1, 1, 32, False), prefill)
+    model.programs.check(ProgramKey(1, 16, 32, False), prefill)  # its own key passes
 
 
 def test_missing_file_is_an_artifact_error(copy):
@@ -335,7 +408,7 @@ def test_cli_compile_then_generate_from_the_artifact(ckpt, tmp_path):
     finally:
         monitoring.unregister_event_duration_listener(listen)
     assert res.exit_code == 0, res.output
-    assert "jit(run)" not in compiles
+    assert not _nx_programs(compiles)
     assert "[load " in res.stderr and "| compile" not in res.stderr
     ref = nx.load("llama", ckpt, quant="s8", **OPTS)
     tok = ref.tokenizer

@@ -3,6 +3,7 @@ nothing and still generates HF's tokens; stale, damaged, unsafe and full caches 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from jax import monitoring
 
 import nx
+from nx import compile_cache
 from nx.cli import main
 from nx.compile_cache import CompileCache, default_directory
 from tests.cases.llama import CASES
@@ -37,7 +39,7 @@ def compiles():
 
 
 def _programs(seen: list[str]) -> list[str]:
-    return [n for n in seen if n == "jit(run)"]
+    return [n for n in seen if n and n.startswith("jit(nx_")]  # nx programs are named after their key
 
 
 def test_second_load_compiles_nothing_and_matches_hf(saved_case, tmp_path, compiles):
@@ -84,19 +86,19 @@ def test_other_buckets_options_or_flags_are_new_entries(saved_case, tmp_path, mo
 
     key = (2, 1, 32, False)
     lowered = a.lower(*key)
-    base = a.compile_cache.key(lowered, {}, a)
-    assert a.compile_cache.key(lowered, {"xla_cpu_prefer_vector_width": 256}, a) != base
+    base = a.compile_cache.key(lowered, {}, a.placement.devices)
+    assert a.compile_cache.key(lowered, {"xla_cpu_prefer_vector_width": 256}, a.placement.devices) != base
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-    assert a.compile_cache.key(lowered, {}, a) != base
+    assert a.compile_cache.key(lowered, {}, a.placement.devices) != base
     monkeypatch.delenv("XLA_FLAGS")
     effort = jax.config.jax_exec_time_optimization_effort  # jax copies it into the compile options
     jax.config.update("jax_exec_time_optimization_effort", 0.5)
     try:
-        assert a.compile_cache.key(lowered, {}, a) != base
+        assert a.compile_cache.key(lowered, {}, a.placement.devices) != base
     finally:
         jax.config.update("jax_exec_time_optimization_effort", effort)
-    assert a.compile_cache.key(a.lower(2, 1, 64, False), {}, a) != base
-    assert a.compile_cache.key(a.lower(*key), {}, a) == base  # deterministic
+    assert a.compile_cache.key(a.lower(2, 1, 64, False), {}, a.placement.devices) != base
+    assert a.compile_cache.key(a.lower(*key), {}, a.placement.devices) == base  # deterministic
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
@@ -113,6 +115,39 @@ def test_damaged_entries_are_compiled_again(saved_case, tmp_path, damage, compil
     model = nx.load("llama", path, compile_cache=tmp_path, **OPTS)
     assert model.compile_cache.misses == 1 and len(_programs(compiles)) == 1
     assert victim.is_file() and victim.read_bytes() != data  # rewritten whole
+    ids, mask = left_padded([7, 4], CASE.vocab, seed=22)
+    assert_same_greedy(hf, model, ids, mask, 12)
+
+
+def test_a_planted_entry_with_a_valid_checksum_runs_no_code_and_is_compiled_again(saved_case, tmp_path, compiles):
+    from tests.system.test_artifacts import payloads
+
+    hf, path = saved_case(CASE)
+    cache_dir, marker = tmp_path / "cache", tmp_path / "MARKER"
+    nx.load("llama", path, compile_cache=cache_dir, **OPTS)
+    entries = CompileCache(cache_dir).entries()
+    for victim, payload in zip(entries, payloads(marker).values()):
+        victim.write_bytes(compile_cache._MAGIC + hashlib.sha256(payload).hexdigest().encode() + payload)
+    compiles.clear()
+    model = nx.load("llama", path, compile_cache=cache_dir, **OPTS)
+    assert not marker.exists()
+    planted = min(len(entries), len(payloads(marker)))
+    assert model.compile_cache.misses == planted and len(_programs(compiles)) == planted
+    ids, mask = left_padded([7, 4], CASE.vocab, seed=22)
+    assert_same_greedy(hf, model, ids, mask, 12)
+
+
+def test_swapped_entries_are_refused_and_compiled_again(saved_case, tmp_path, compiles):
+    """An entry holding another program (checksum and all) fails `ProgramSet.check`: never run."""
+    hf, path = saved_case(CASE)
+    nx.load("llama", path, compile_cache=tmp_path, **OPTS)
+    a, b = CompileCache(tmp_path).entries()[:2]
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db)
+    b.write_bytes(da)
+    compiles.clear()
+    model = nx.load("llama", path, compile_cache=tmp_path, **OPTS)
+    assert model.compile_cache.misses == 2 and len(_programs(compiles)) == 2
     ids, mask = left_padded([7, 4], CASE.vocab, seed=22)
     assert_same_greedy(hf, model, ids, mask, 12)
 

@@ -5,16 +5,20 @@ An artifact directory holds everything needed to serve:
 - ``weights.safetensors``: the parameters exactly as the programs take them (tensor-parallel
   re-layout applied, int8 weights as ``<name>.q`` / ``<name>.scale``),
 - ``programs/<kind>_b<rows>_...xla``: each compiled XLA executable, serialized with
-  ``jax.experimental.serialize_executable`` (loading deserializes it: no tracing, no lowering, no
-  XLA compile),
+  ``jax.experimental.serialize_executable`` (loading deserializes it through `nx.executables`'
+  restricted unpickler: no tracing, no lowering, no XLA compile, no code from the file),
 - ``config.json`` (the Hugging Face config) and the tokenizer files when the model has one,
 - ``nx-artifact.json``: the manifest (nx / jax / jaxlib versions, platform, device count, family,
-  ModelSpec, RuntimeConfig, quantization, programs, and the sha256 of every other file).
+  ModelSpec, RuntimeConfig, quantization, programs with each one's signature
+  (`nx.executables.signature`: inputs, outputs, shardings), and the sha256 of every other file).
 
 Executables are machine code for one jax/jaxlib version, platform and device setup, so loading
 checks all of these first (and the checksums) and raises `ArtifactError` asking to recompile,
-rather than handing XLA something it may crash on. Like any pickle, a serialized executable can
-run code when loaded: only load artifacts you built or trust.
+rather than handing XLA something it may crash on. Then each program is deserialized without
+running code from the file (a pickle naming anything but jax's program classes is refused) and
+its signature compared with the manifest's and with what the model passes it: a swapped or
+foreign program is an `ArtifactError` before its first call. The checks are integrity, not
+authorship: a program is machine code, so load artifacts from places only you can write.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ PROGRAMS = "programs"
 #: 3: 16-bit KV caches are uint16 program arguments (`nx.ops.attention.cache_dtype`); a format-2 bf16/f16
 #: program takes bf16/f16 caches.
 #: 4: programs take each row's own cache position and per-row sampling state; insert programs.
-FORMAT = 4
+#: 5: each program's signature in the manifest; programs named after their key.
+FORMAT = 5
 
 def is_artifact(path: str | os.PathLike | None) -> bool:
     """Whether `path` is a directory written by `write` (it holds an ``nx-artifact.json``)."""
@@ -229,15 +234,16 @@ def prepare_directory(directory: str | os.PathLike) -> Path:
     return out
 
 
-def write(out: Path, *, programs: list[tuple[ProgramKey, bytes]], params: dict, hf_config: Any, tokenizer: Any,
+def write(out: Path, *, programs: list[tuple[ProgramKey, bytes, dict]], params: dict, hf_config: Any, tokenizer: Any,
           header: dict) -> Path:
-    """Write programs, weights (a device or host tree, per layer), HF config, tokenizer and the
-    manifest (`header` plus formats, files and checksums) into `out` (from `prepare_directory`)."""
+    """Write programs (key, bytes, `nx.executables.signature`), weights (a device or host tree, per
+    layer), HF config, tokenizer and the manifest (`header` plus formats, files and checksums) into
+    `out` (from `prepare_directory`)."""
     entries = []
-    for key, blob in sorted(programs):
+    for key, blob, sig in sorted(programs, key=lambda p: p[0]):
         rel = f"{PROGRAMS}/{key.name}.xla"
         (out / rel).write_bytes(blob)
-        entries.append({**key._asdict(), "file": rel})
+        entries.append({**key._asdict(), "file": rel, "signature": sig})
     flat, quantized = _flat_params(params)
     _write_weights(flat, out / WEIGHTS)
     if hf_config is not None:
@@ -266,9 +272,15 @@ class Contents:
     def params(self, n_layers: int) -> dict:
         return _params_tree(_read_weights(self.path / WEIGHTS), self.manifest.get("quantized", {}), n_layers)
 
-    def programs(self) -> list[tuple[ProgramKey, Path]]:
-        return [(ProgramKey(int(p["rows"]), int(p["tokens"]), int(p["window"]), bool(p["sample"]),
-                            bool(p.get("insert", False))), self.path / p["file"]) for p in self.manifest["programs"]]
+    def programs(self) -> list[tuple[ProgramKey, Path, dict]]:
+        """(key, file, recorded signature) of each saved program."""
+        try:
+            return [(ProgramKey(int(p["rows"]), int(p["tokens"]), int(p["window"]), bool(p["sample"]),
+                                bool(p.get("insert", False))), self.path / p["file"], dict(p["signature"]))
+                    for p in self.manifest["programs"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"the manifest of {str(self.path)!r} lists a program without its key, file or "
+                                f"signature ({exc!r}); recompile the artifact (nx compile / model.save)") from exc
 
 
 def read(path: str | os.PathLike, verify: bool = True) -> Contents:
@@ -339,14 +351,23 @@ def check_options(contents: Contents, options: dict) -> None:
             )
 
 
-def load_programs(programs: list[tuple[ProgramKey, Path]], deserialize: Callable[[bytes], Any]) -> list[tuple[ProgramKey, Any]]:
-    """Deserialize the saved programs, several at a time (XLA loads outside the GIL), then hand
-    the heap XLA freed while loading back to the OS."""
+def load_programs(programs: list[tuple[ProgramKey, Path, dict]],
+                  deserialize: Callable[[bytes, ProgramKey], Any]) -> list[tuple[ProgramKey, Any]]:
+    """Deserialize the saved programs, several at a time (XLA loads outside the GIL), each checked
+    against its recorded signature (and by `deserialize`, against the model), then hand the heap
+    XLA freed while loading back to the OS. A program whose signature differs is another program
+    (swapped files, another model's): running it would feed it buffers it was not built for."""
 
-    def one(item: tuple[ProgramKey, Path]) -> tuple[ProgramKey, Any]:
-        key, file = item
+    def one(item: tuple[ProgramKey, Path, dict]) -> tuple[ProgramKey, Any]:
+        key, file, recorded = item
         try:
-            return key, deserialize(file.read_bytes())
+            exe = deserialize(file.read_bytes(), key)
+            actual = executables.signature(exe)
+            if actual != recorded:
+                diff = sorted(k for k in set(actual) | set(recorded) if actual.get(k) != recorded.get(k))
+                raise ArtifactError(f"its signature ({', '.join(diff)}) differs from the one the manifest records "
+                                    f"for {key.name} (program {actual.get('program')!r})")
+            return key, exe
         except Exception as exc:  # XLA reports its own error types
             raise ArtifactError(
                 f"cannot load the compiled program {file.parent.name}/{file.name} of {str(file.parent.parent)!r}: {exc}; recompile the artifact"

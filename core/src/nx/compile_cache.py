@@ -6,7 +6,9 @@ those jax derives from its settings), ``XLA_FLAGS``, the devices and `nx.executa
 (nx / jax / jaxlib versions, platform, CPU features): any change to nx, a plugin, jax, the options
 or the machine makes a new entry, never a stale hit.
 Each entry carries the sha256 of its bytes and is written atomically; an entry that does not
-verify or load is deleted and the program compiled again. The oldest entries (by last use) go
+verify or load is deleted and the program compiled again. Loading runs no code from an entry
+(`nx.executables`' restricted unpickler), and the program it holds must be the one asked for
+(`nx.programs.ProgramSet.check`): a planted or swapped entry is one that does not load. The oldest entries (by last use) go
 once the cache exceeds ``$NX_CACHE_MAX_MB`` (default 2048). The tokenizers transformers converts
 from GGUF metadata are kept beside them (``tokenizers/``, by the metadata's sha256).
 

@@ -1,9 +1,16 @@
 """One compiled program as bytes and back: what saved artifacts and the compile cache store.
 
 The bytes are `jax.experimental.serialize_executable`'s: XLA's serialized executable (machine
-code for one jax/jaxlib version, platform and device setup) wrapped in a small pickle. Loading
-them prepares that code to run, so only load programs you built or trust (`nx.artifacts` and
-`nx.compile_cache` check versions, platform and checksums first).
+code for one jax/jaxlib version, platform and device setup) inside a small pickle of jax's
+metadata (avals, shardings, layouts). `from_bytes` never unpickles it freely: a restricted
+unpickler (`ALLOWED`, the jax / numpy classes jax's own serialized programs hold, found by
+recording them) refuses any other global with `ArtifactError`, so a planted pickle cannot run
+Python code on load. Rebuilding jax's callable without any pickle would mean constructing jax's
+private executable classes from nx's own records, which break between jax versions; the
+allowlist is what nx does instead. What the bytes still are is machine code: a program runs
+when called, so the checks before it (versions, platform, checksums, and `signature` against
+the manifest and the model, see `nx.artifacts`) are what stand between a swapped or foreign
+program and the devices; they check integrity, not who wrote the files.
 
 XLA:CPU cannot serialize a program it deserialized: the copy lacks some of the kernels and fails
 when run ("Function bitcast_gather_fusion.2 not found"). So each loaded program is remembered with
@@ -13,6 +20,8 @@ compile cache saves as a working artifact.
 
 from __future__ import annotations
 
+import io
+import pickle
 import threading
 import weakref
 from typing import Any
@@ -46,14 +55,99 @@ def from_bytes(blob: bytes, in_tree: Any, out_tree: Any, devices: list) -> Any:
 
     XLA reports bad bytes with its own error types; callers turn those into `ArtifactError`.
     """
-    from jax.experimental import serialize_executable
+    import jax
+    from jax._src.interpreters.pxla import UnloadedMeshExecutable
+    from jax._src.stages import ArgInfo
 
-    executable = serialize_executable.deserialize_and_load(
-        blob, in_tree, out_tree, backend=devices[0].client, execution_devices=devices
-    )
+    try:
+        loaded = _unpickler(io.BytesIO(blob), devices).load()
+    except pickle.UnpicklingError as exc:
+        raise ArtifactError(f"not a serialized program ({exc})") from exc
+    ok = (isinstance(loaded, tuple) and len(loaded) == 3 and isinstance(loaded[0], UnloadedMeshExecutable)
+          and isinstance(loaded[1], list) and all(isinstance(a, ArgInfo) for a in loaded[1])
+          and isinstance(loaded[2], bool))
+    if not ok:
+        raise ArtifactError("not a serialized jax program (unexpected contents)")
+    unloaded, args_info_flat, no_kwargs = loaded
+    if len(args_info_flat) != in_tree.num_leaves:
+        raise ArtifactError(f"the program takes {len(args_info_flat)} inputs but this model passes {in_tree.num_leaves}")
+    executable = jax.stages.Compiled(unloaded.load(), [], in_tree.unflatten(args_info_flat), out_tree,
+                                     no_kwargs=no_kwargs)
     with _SOURCE_LOCK:
         _SOURCE[executable] = bytes(blob)
     return executable
+
+
+#: The only globals a serialized program may name (module, name): the classes jax's own serialized
+#: programs hold (recorded from nx's programs, 1 and 2 devices, f32/bf16/int8). Each is plain data
+#: whose construction runs no code from the file; any other global is refused.
+ALLOWED = frozenset({
+    ("jax", "P"),
+    ("jax.sharding", "PartitionSpec"),
+    ("jax._src.partition_spec", "PartitionSpec"),
+    ("jax._src.core", "ManualAxisType"),
+    ("jax._src.core", "MemorySpace"),
+    ("jax._src.core", "ShapedArray"),
+    ("jax._src.interpreters.pxla", "AllArgsInfo"),
+    ("jax._src.interpreters.pxla", "UnloadedMeshExecutable"),
+    ("jax._src.layout", "Layout"),
+    ("jax._src.linear_util", "DebugInfo"),
+    ("jax._src.mesh", "AbstractDevice"),
+    ("jax._src.mesh", "AbstractMesh"),
+    ("jax._src.mesh", "AxisType"),
+    ("jax._src.mesh", "Mesh"),
+    ("jax._src.named_sharding", "_unpickle_named_sharding"),
+    ("jax._src.stages", "ArgInfo"),
+    ("jaxlib._jax", "DeviceList"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    *(("ml_dtypes", t) for t in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "int4", "uint4")),
+})
+
+
+def _unpickler(file: io.BytesIO, devices: list) -> pickle.Unpickler:
+    """jax's unpickler for serialized programs (it turns the executable's persistent id into
+    ``client.deserialize_executable`` of the raw XLA bytes), limited to the `ALLOWED` globals."""
+    from jax.experimental.serialize_executable import _JaxPjrtUnpickler
+
+    class Restricted(_JaxPjrtUnpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) not in ALLOWED:
+                raise ArtifactError(
+                    f"the serialized program names {module}.{name}, which is not part of a jax program; it is "
+                    "refused and not loaded (the file was not written by nx); recompile it (nx compile / model.save)"
+                )
+            return super().find_class(module, name)
+
+        def persistent_load(self, pid: Any) -> Any:
+            if not (isinstance(pid, tuple) and pid and pid[0] in ("exec", "device", "client")):
+                raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+            return super().persistent_load(pid)
+
+    return Restricted(file, devices[0].client, devices)
+
+
+def signature(executable: Any) -> dict:
+    """What a compiled program takes and returns, as the manifest records it: its XLA module name
+    (nx names each program's function after its `ProgramKey`), each input's aval (``donated`` if
+    so) and sharding, each output's shape, dtype and sharding. Equal for a program and its
+    deserialized copy, so a load can tell a swapped or foreign program before running it."""
+    import jax
+
+    try:
+        name = executable.runtime_executable().hlo_modules()[0].name
+    except Exception:  # a backend that cannot list its modules: the shapes still count
+        name = None
+    args = jax.tree.leaves(executable.args_info)
+    shardings = jax.tree.leaves(executable.input_shardings, is_leaf=lambda x: x is None)
+    return {
+        "program": name,
+        "inputs": [f"{a._aval.str_short()}{' donated' if a.donated else ''}" for a in args],
+        "input_shardings": [str(s) for s in shardings],
+        "outputs": [f"{o.dtype}{list(o.shape)} {o.sharding}" for o in jax.tree.leaves(executable.out_info)],
+    }
 
 
 #: CPU features an XLA:CPU executable may have been compiled to use (it targets the host CPU).

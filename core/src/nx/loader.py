@@ -126,7 +126,7 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
         )
     model = NxModel(fam, spec, contents.params(spec.n_layers), contents.config, hf_config,
                     artifacts.tokenizer_loader(contents), quant=contents.quant, prepared=True)
-    for key, exe in artifacts.load_programs(contents.programs(), model.programs.deserialize):
+    for key, exe in artifacts.load_programs(contents.programs(), model.programs.deserialize):  # each checked
         model.programs.add(key, exe)
     model.artifact_path = contents.path
     model.programs.on_missing = functools.partial(artifacts.warn_missing_program, contents.path)

@@ -9,6 +9,7 @@ warms up and drops them, and runs one on the model's KV cache.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
@@ -22,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from nx import decoder, dump, executables, memory, sharding, xla_options
 from nx.buckets import ProgramKey
 from nx.compile_cache import CompileCache
+from nx.errors import ArtifactError
 from nx.kvcache import KVCache
 from nx.placement import Placement
 from nx.progress import plural, track
@@ -103,6 +105,8 @@ class ProgramSet:
             tokens, seen_row = choose(logits, mine, key.sample, position)
             return tokens, logits, caches, lax.dynamic_update_slice_in_dim(smp.seen, seen_row, inp.row, axis=0)
 
+        # Named after its key: the name is in the compiled module, so a loaded program proves which it is.
+        run.__name__ = run.__qualname__ = program_name(key)
         # Pinned output shardings: caches come back as they went in, so a program lowered after a
         # run is the same program (and the same compile-cache key).
         rep = self.placement.replicated
@@ -119,7 +123,7 @@ class ProgramSet:
         rows = key.rows
         inp = decoder.StepInputs(sds((rows, key.tokens), i32), sds((rows,), i32), sds((rows,), i32), sds((), i32),
                                  sds((), i32))
-        rng = jax.random.key_data(jax.random.key(0))
+        rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # shape only: nothing compiles
         smp = SamplingInputs(sds((b,), f32), sds((b,), i32), sds((b,), f32), sds((b,), f32), sds((b, v), jnp.bool_),
                              sds((b, v), jnp.bool_), sds((b, *rng.shape), rng.dtype))
         return inp, smp
@@ -131,9 +135,38 @@ class ProgramSet:
         out_tree = jax.tree.structure((0, 0, [(0, 0)] * self.kv.pairs, 0))
         return in_tree, out_tree
 
-    def deserialize(self, blob: bytes) -> Any:
-        """A program of this set from `executables.to_bytes` output (XLA reports bad bytes its own way)."""
-        return executables.from_bytes(blob, *self.trees(), self.placement.devices)
+    def deserialize(self, blob: bytes, key: ProgramKey) -> Any:
+        """Program `key` of this set from `executables.to_bytes` output, checked against what this set
+        runs as `key` (`check`) before anything calls it (XLA reports bad bytes its own way)."""
+        exe = executables.from_bytes(blob, *self.trees(), self.placement.devices)
+        self.check(ProgramKey(*key), exe)
+        return exe
+
+    def check(self, key: ProgramKey, exe: Any) -> None:
+        """`ArtifactError` unless `exe` is program `key` of this set: its compiled module carries the
+        key's name, it takes the params, caches and inputs this set passes (shapes, dtypes, the caches
+        donated) and returns caches placed like this set's. A program is machine code run on these
+        buffers: one built for other shapes must never be called."""
+        sig = executables.signature(exe)
+        problems = []
+        if sig["program"] is not None and sig["program"] != f"jit_{program_name(key)}":
+            problems.append(f"it is {sig['program']!r}")
+        leaves = jax.tree.leaves((self.params, self.kv.arrays, *self.abstract_inputs(key)))
+        n_params, n_caches = len(jax.tree.leaves(self.params)), len(jax.tree.leaves(self.kv.arrays))
+        want = [f"{jax.typeof(a).str_short()}{' donated' if n_params <= i < n_params + n_caches else ''}"
+                for i, a in enumerate(leaves)]
+        if sig["inputs"] != want:
+            problems.append(f"it takes {len(sig['inputs'])} inputs that differ from this model's {len(want)}: "
+                            f"{_first_difference(sig['inputs'], want)}")
+        caches = jax.tree.leaves(exe.out_info)[2 : 2 + n_caches]
+        for got, a in zip(caches, jax.tree.leaves(self.kv.arrays)):
+            if (got.shape, got.dtype) != (a.shape, a.dtype) or not got.sharding.is_equivalent_to(a.sharding, a.ndim):
+                problems.append(f"it returns a cache {got.dtype}{list(got.shape)} {got.sharding} where this model "
+                                f"keeps {a.dtype}{list(a.shape)} {a.sharding}")
+                break
+        if problems:
+            raise ArtifactError(f"the compiled program {key.name} is not this model's {key.name}: {'; '.join(problems)}; "
+                                "recompile it (nx compile / model.save)")
 
     def lower(self, key: ProgramKey):
         """The lowered (not yet compiled) program."""
@@ -151,8 +184,8 @@ class ProgramSet:
             if self.dump_to:
                 dump.dump_lowered(lowered, self.dump_to, key.name, options)
             cache = self.compile_cache
-            self._executables[key] = (lowered.compile(options) if cache is None else
-                                      cache.compile(lowered, options, self.placement.devices, self.deserialize))
+            self._executables[key] = (lowered.compile(options) if cache is None else cache.compile(
+                lowered, options, self.placement.devices, functools.partial(self.deserialize, key=key)))
         return self._executables[key]
 
     def compile(self, keys: Iterable[ProgramKey], progress: bool | None = None, *, workers: int | None = None,
@@ -195,3 +228,15 @@ class ProgramSet:
             tokens, logits, caches, seen = exe(self.params, self.kv.arrays, inp, smp)
             self.kv.swap(caches)
         return tokens, logits, seen
+
+
+def program_name(key: ProgramKey) -> str:
+    """The name of program `key`'s function, hence of its XLA module (``jit_<name>``)."""
+    return f"nx_{ProgramKey(*key).name}"
+
+
+def _first_difference(got: list[str], want: list[str]) -> str:
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            return f"input {i} is {g}, expected {w}"
+    return f"{len(got)} inputs, expected {len(want)}"
