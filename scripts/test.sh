@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 ruff check core plugins tests benchmarks
 lint-imports
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"

@@ -136,3 +136,13 @@ def char_tokenizer():
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
     return fast
+
+
+@pytest.fixture
+def editable_gpt2(saved_case, tmp_path):
+    """A private, editable copy of the first tiny gpt2 checkpoint (tests that damage files)."""
+    from tests.cases.gpt2 import CASES
+
+    _, path = saved_case(CASES[0])
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    return tmp_path

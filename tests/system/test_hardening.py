@@ -31,11 +31,8 @@ SMALL = dict(n_positions=[32, 64], context_length_estimate=[8, 16], progress=Fal
 
 
 @pytest.fixture
-def ckpt(saved_case, tmp_path):
-    """A private, editable copy of the tiny gpt2 checkpoint."""
-    _, path = saved_case(GPT2)
-    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
-    return tmp_path
+def ckpt(editable_gpt2):
+    return editable_gpt2
 
 
 @pytest.fixture(scope="module")

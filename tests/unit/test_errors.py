@@ -17,11 +17,8 @@ LLAMA = LLAMA_CASES[0]
 
 
 @pytest.fixture
-def ckpt(saved_case, tmp_path):
-    """A private, editable copy of a tiny gpt2 checkpoint."""
-    _, path = saved_case(GPT2)
-    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
-    return tmp_path
+def ckpt(editable_gpt2):
+    return editable_gpt2
 
 
 @pytest.fixture(scope="module")

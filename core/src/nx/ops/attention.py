@@ -44,13 +44,25 @@ def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarr
     at positions ``slot[i] ..`` of batch rows ``first[i] .. first[i] + rep - 1`` (default
     ``first[i] = i * rep``; `rep` > 1 when one prompt row fills several batch rows).
 
-    One in-place `dynamic_update_slice` per token row (see `cache_dtype`), so rows may sit at
-    different positions (continuous batching)."""
+    Every write is in place (see `cache_dtype`): decode steps scatter each row's token at its own
+    position (continuous batching), an insert writes its row, and a prompt of several rows (which
+    share ``slot[0]``, as a `Session` feeds them) is one write per cache."""
     kc, vc = caches
-    kvh = k.shape[2]
+    b, t, kvh, d = k.shape
     batch = kc.shape[0] // kvh
+    if t == 1 and first is None and rep == 1 and b == batch and b > 1:
+        # one token per row (decode): one scatter per cache, row k*batch+i at slot[i]
+        rows, at = jnp.arange(kvh * b, dtype=jnp.int32), jnp.tile(slot, kvh)
+        keys, values = (x[:, 0].transpose(1, 0, 2).reshape(kvh * b, d) for x in (k, v))
+        return kc.at[rows, :, at].set(_stored(keys, kc)), vc.at[rows, at, :].set(_stored(values, vc))
     zero = jnp.zeros((), jnp.int32)
-    for i in range(k.shape[0]):
+    if first is None and t > 1:
+        # a prompt (prefill): its rows share one slot, so one in-place write of every row per cache
+        keys = jnp.repeat(k, rep, axis=0).transpose(2, 0, 3, 1).reshape(kvh * b * rep, d, t)
+        values = jnp.repeat(v, rep, axis=0).transpose(2, 0, 1, 3).reshape(kvh * b * rep, t, d)
+        return (lax.dynamic_update_slice(kc, _stored(keys, kc), (zero, zero, slot[0])),
+                lax.dynamic_update_slice(vc, _stored(values, vc), (zero, slot[0], zero)))
+    for i in range(b):
         row = jnp.int32(i * rep) if first is None else first[i]
         ki = _stored(jnp.repeat(k[i].transpose(1, 2, 0)[:, None], rep, axis=1), kc)  # [kvh, rep, d, T]
         vi = _stored(jnp.repeat(v[i].transpose(1, 0, 2)[:, None], rep, axis=1), vc)  # [kvh, rep, T, d]
