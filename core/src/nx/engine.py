@@ -92,7 +92,7 @@ class Engine:
         Raises `InputError` / `BucketError` for a bad request, `QueueFullError` when the queue is
         full, `EngineClosedError` after `shutdown`."""
         cfg = self.model.config
-        ids, opts = check_options(prompt_ids, self.model.spec.vocab_size, cfg.max_positions, **options)
+        ids, opts = check_options(prompt_ids, self.model.spec.vocab_size, cfg, **options)
         req = Request(ids, opts, self._cancel_queued)
         with self._lock:
             if self._closed:

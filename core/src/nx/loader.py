@@ -147,14 +147,20 @@ def gguf_quant(requested: Any, ckpt: Checkpoint, family: Family, spec, config: R
         return kept
     if requested is not None or getattr(ckpt, "gguf_quantized", None) is None:
         return as_quant_config(requested)
-    itemsize = jnp.dtype(AMP_DTYPES[config.amp]).itemsize
-    weights, cache = memory.estimate_bytes(spec, family.weights(spec), config.batch_size, config.max_positions, itemsize)
-    budget = (per_device or memory.device_memory(select_devices(config)[0])) * config.tp_degree
-    if weights + cache <= budget:
+    weights, cache, per_device, _ = _sizes(family, spec, config, per_device)
+    if weights + cache <= per_device * config.tp_degree:
         log.info("GGUF holds quantized blocks: dequantizing them to %s (they fit, and float kernels are faster "
                  "here); quant='gguf' keeps them quantized", config.amp)
         return None
     return keep_quantized(ckpt)
+
+
+def _sizes(family: Family, spec, config: RuntimeConfig, per_device: int | None) -> tuple[int, int, int, list]:
+    """(unquantized weight bytes, KV cache bytes, bytes per device, the devices) of a load."""
+    devs = select_devices(config)
+    itemsize = jnp.dtype(AMP_DTYPES[config.amp]).itemsize
+    weights, cache = memory.estimate_bytes(spec, family.weights(spec), config.batch_size, config.max_positions, itemsize)
+    return weights, cache, per_device or memory.device_memory(devs[0]), devs
 
 
 def ensure_cpu_devices(config: RuntimeConfig) -> None:
@@ -171,15 +177,10 @@ def check_memory(family: Family, spec, config: RuntimeConfig, per_device: int | 
     """Fail before reading weights if weights + KV cache cannot fit the chosen devices."""
 
     sharding.check_degree(spec, config.tp_degree)
-    devs = select_devices(config)
-    itemsize = jnp.dtype(AMP_DTYPES[config.amp]).itemsize
-    weights, cache = memory.estimate_bytes(
-        spec, family.weights(spec), config.batch_size, config.max_positions, itemsize
-    )
+    weights, cache, per_device, devs = _sizes(family, spec, config, per_device)
     if quant is not None:
         check_groups(family.weights(spec), quant, config.tp_degree)
-        weights = quant_weight_bytes(family.weights(spec), quant, itemsize)
-    per_device = per_device or memory.device_memory(devs[0])
+        weights = quant_weight_bytes(family.weights(spec), quant, jnp.dtype(AMP_DTYPES[config.amp]).itemsize)
     memory.check_fits(weights, cache, per_device, config.tp_degree, sharding.valid_degrees(spec), len(devs[0].client.devices()))
 
 

@@ -12,8 +12,10 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from nx.errors import BucketError, InputError, NxError, ResourceError
+from nx import buckets
+from nx.errors import InputError, NxError, ResourceError
 from nx.generation import GenerationOptions, SamplingParams
 
 
@@ -28,14 +30,14 @@ class RequestOptions:
     eos_token_id: int | tuple[int, ...] | None  # None: the model's; () never stops at EOS
 
 
-def check_options(prompt: Sequence[int], vocab: int, max_positions: int, *, max_new_tokens: int = 16,
+def check_options(prompt: Sequence[int], vocab: int, config: Any, *, max_new_tokens: int = 16,
                   min_new_tokens: int = 0, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
                   repetition_penalty: float = 1.0, seed: int | None = None,
                   stop: Sequence[Sequence[int]] | None = None, eos_token_id: int | Sequence[int] | None = None,
                   ignore_eos: bool = False) -> tuple[list[int], RequestOptions]:
     """The prompt as ints and the request's options, every value checked before it is queued:
     `InputError` for bad ids or settings, `BucketError` when prompt + max_new_tokens cannot fit
-    `max_positions`. ``temperature == 0`` means greedy, as in OpenAI's API."""
+    `config`'s largest position bucket. ``temperature == 0`` means greedy, as in OpenAI's API."""
     try:
         ids = [int(t) for t in prompt]
     except (TypeError, ValueError) as exc:
@@ -53,12 +55,8 @@ def check_options(prompt: Sequence[int], vocab: int, max_positions: int, *, max_
         temperature=float(temperature) if sample else 1.0, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, eos_token_id=None if ignore_eos else eos_token_id, stop=stop,
     )
-    if len(ids) + opts.max_new_tokens > max_positions:
-        raise BucketError(
-            f"a prompt of {len(ids)} tokens plus max_new_tokens={opts.max_new_tokens} needs "
-            f"{len(ids) + opts.max_new_tokens} positions but the largest n_positions bucket is {max_positions}; "
-            "shorten the prompt, lower max_new_tokens or load the model with a larger n_positions"
-        )
+    buckets.check_fits(config, len(ids), opts.max_new_tokens, f"max_new_tokens={opts.max_new_tokens}",
+                       "shorten the prompt or lower max_new_tokens")
     eos = opts.eos_token_id
     eos = () if ignore_eos else (tuple(eos) if isinstance(eos, list) else eos)
     return ids, RequestOptions(opts.max_new_tokens, opts.min_new_tokens, opts.sampling, tuple(opts.stops), eos)
