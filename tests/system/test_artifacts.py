@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from jax import monitoring
 
 import nx
-from nx import artifacts, dump, xla_options
+from nx import artifacts, dump, executables, xla_options
 from nx.buckets import ProgramKey
 from nx.cli import main
 from nx.loader import load_artifact
@@ -163,7 +163,8 @@ def test_warmup_runs_each_saved_program_once_and_changes_no_result(saved, monkey
     model = nx.load(out, warmup=True, progress=False)
     shapes = model.program_shapes()
     assert sorted(ran) == sorted((k.rows, k.tokens, k.window) for k in shapes)
-    assert sorted(model.compiled_shapes) == sorted(nx.buckets.all_keys(model.config))  # the artifact's: none compiled
+    # the artifact's programs, loaded (those warmed) or still offered: none compiled
+    assert sorted(model.compiled_shapes + model.programs.offered) == sorted(nx.buckets.all_keys(model.config))
     assert model.generate(PROMPT, max_new_tokens=20, eos_token_id=[]).tolist() == ref
 
 
@@ -176,12 +177,12 @@ def test_artifact_serves_prompts_longer_than_its_prompt_buckets_without_compilin
     assert [w for _, _, w in nx.buckets.prompt_chunks(model.config, 40)] == [32, 32, 64]
     ref = model.generate(long_prompt, max_new_tokens=8, eos_token_id=[]).tolist()
     back = nx.load(out, progress=False)
-    held = list(back.compiled_shapes)
+    held = {key for key, _, _ in artifacts.read(out).programs()}
     with caplog.at_level("WARNING", logger="nx"):
         assert back.generate(long_prompt, max_new_tokens=8, eos_token_id=[]).tolist() == ref
-        assert back.compiled_shapes == held and not caplog.records
+        assert set(back.compiled_shapes) <= held and not caplog.records
         back.generate(PROMPT, max_new_tokens=2, do_sample=True, seed=0)
-    assert len(back.compiled_shapes) > len(held)
+    assert not set(back.compiled_shapes) <= held
     assert "has no program prefill_b1_t16_w32_sample" in caplog.text and "--sampling" in caplog.text
 
 
@@ -208,11 +209,12 @@ def test_corrupt_or_truncated_file_is_an_artifact_error(copy, target):
         nx.load(copy)
 
 
-def test_undeserializable_program_is_an_artifact_error_from_the_loading_threads(copy):
+def test_undeserializable_program_is_an_artifact_error_when_first_needed(copy):
     f = copy / "programs" / "decode_b1_w64.xla"
-    f.write_bytes(f.read_bytes()[:1000])  # checksums skipped: XLA itself must reject it
+    f.write_bytes(f.read_bytes()[:-1000])  # checksums skipped: XLA itself must reject it
+    model = load_artifact(copy, verify=False)  # programs load when first needed
     with pytest.raises(nx.ArtifactError, match="cannot load the compiled program programs/decode_b1_w64.xla"):
-        load_artifact(copy, verify=False)
+        model.programs.get(ProgramKey(1, 1, 64, False))
 
 
 class Payload:
@@ -241,25 +243,69 @@ def _plant(art: Path, rel: str, data: bytes) -> None:
     mf.write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("how", ["os.system", "exec", "inside a tuple"])
+def _load_all(art: Path) -> None:
+    """Load an artifact and every program it holds (they load when first needed)."""
+    nx.load(art, compile=False, progress=False).compile()
+
+
+@pytest.mark.parametrize("how", ["os.system", "exec", "inside a tuple", "behind an nx header"])
 def test_a_planted_pickle_with_matching_checksums_runs_no_code(copy, tmp_path, how):
     marker = tmp_path / "MARKER"
-    payload = payloads(marker)[how]
+    payload = payloads(marker)["os.system" if how == "behind an nx header" else how]
     pickle.loads(payload)  # the payload is real: plain pickle runs it
     assert marker.exists()
     marker.unlink()
-    _plant(copy, "programs/decode_b1_w32.xla", payload)
-    with pytest.raises(nx.ArtifactError, match=r"programs/decode_b1_w32.xla.*not part of a jax program.*recompile"):
-        nx.load(copy)
+    rel = "programs/decode_b1_w32.xla"
+    if how == "behind an nx header":  # the manifest's own signature, then the pickle where XLA's bytes go
+        real = (copy / rel).read_bytes()
+        payload = real[: len(real) - len(_xla_bytes(real))] + payload
+        error = r"cannot load the compiled program programs/decode_b1_w32.xla.*recompile"
+    else:
+        error = r"programs/decode_b1_w32.xla.*not an nx program file.*recompile"
+    _plant(copy, rel, payload)
+    with pytest.raises(nx.ArtifactError, match=error):
+        _load_all(copy)
     assert not marker.exists()
+
+
+def _xla_bytes(blob: bytes) -> bytes:
+    """The XLA part of a program file (after its magic, header length and JSON header)."""
+    start = len(executables.MAGIC) + 8
+    return blob[start + int.from_bytes(blob[len(executables.MAGIC) : start], "little") :]
+
+
+def test_program_files_hold_no_pickle(saved):
+    for prog in (saved[2] / "programs").iterdir():
+        blob = prog.read_bytes()
+        assert blob.startswith(executables.MAGIC)
+        with pytest.raises(pickle.UnpicklingError):
+            pickle.loads(blob)
+        assert isinstance(executables.read_header(blob), dict)
 
 
 def test_swapped_programs_are_an_artifact_error_naming_the_program(copy):
     a, b = (copy / "programs/decode_b1_w32.xla").read_bytes(), (copy / "programs/decode_b1_w64.xla").read_bytes()
     _plant(copy, "programs/decode_b1_w32.xla", b)  # same shapes, another window: only its identity differs
     _plant(copy, "programs/decode_b1_w64.xla", a)
-    with pytest.raises(nx.ArtifactError, match=r"decode_b1_w(32|64) is not this model's decode_b1_w(32|64).*recompile"):
-        nx.load(copy)
+    with pytest.raises(nx.ArtifactError, match=r"decode_b1_w(32|64).xla.*signature \(program\) differs from the one the manifest"):
+        _load_all(copy)
+    mf = copy / artifacts.MANIFEST  # a tamperer who swaps the manifest's signatures too: the model's check remains
+    m = json.loads(mf.read_text())
+    entries = {p["file"]: p for p in m["programs"]}
+    w32, w64 = entries["programs/decode_b1_w32.xla"], entries["programs/decode_b1_w64.xla"]
+    w32["signature"], w64["signature"] = w64["signature"], w32["signature"]
+    mf.write_text(json.dumps(m))
+    with pytest.raises(nx.ArtifactError, match=r"decode_b1_w(32|64) is not this model's decode_b1_w(32|64): it is .*recompile"):
+        _load_all(copy)
+
+
+def test_a_header_that_lies_about_its_program_is_an_artifact_error(copy):
+    """The w64 file's header (it matches the manifest and the model) over the w32 executable."""
+    a, b = (copy / "programs/decode_b1_w32.xla").read_bytes(), (copy / "programs/decode_b1_w64.xla").read_bytes()
+    _plant(copy, "programs/decode_b1_w64.xla", b[: len(b) - len(_xla_bytes(b))] + _xla_bytes(a))
+    with pytest.raises(nx.ArtifactError, match=r"decode_b1_w64.xla.*header says it is 'jit_nx_decode_b1_w64'.*"
+                                               r"'jit_nx_decode_b1_w32'.*altered"):
+        _load_all(copy)
 
 
 def test_a_signature_other_than_the_manifests_is_an_artifact_error(copy):
@@ -267,18 +313,18 @@ def test_a_signature_other_than_the_manifests_is_an_artifact_error(copy):
     m = json.loads(mf.read_text())
     entry = next(p for p in m["programs"] if p["file"] == "programs/decode_b1_w64.xla")
     assert entry["signature"]["program"] == "jit_nx_decode_b1_w64"
-    entry["signature"]["inputs"][-1] = "uint32[9,2]"
+    entry["signature"]["inputs"][-1] = "u32[9,2]"
     mf.write_text(json.dumps(m))
     with pytest.raises(nx.ArtifactError, match=r"decode_b1_w64.xla.*signature \(inputs\) differs from the one the manifest"):
-        nx.load(copy)
+        _load_all(copy)
 
 
 def test_a_program_of_other_shapes_is_refused_before_it_runs(saved):
     model = saved[0]
     prefill = model.programs.get(ProgramKey(1, 16, 32, False))
     with pytest.raises(nx.ArtifactError, match=r"decode_b1_w32: it is 'jit_nx_prefill_b1_t16_w32'; .*input"):
-        model.programs.check(ProgramKey(1, 1, 32, False), prefill)
-    model.programs.check(ProgramKey(1, 16, 32, False), prefill)  # its own key passes
+        model.programs.check(ProgramKey(1, 1, 32, False), prefill.signature)
+    model.programs.check(ProgramKey(1, 16, 32, False), prefill.signature)  # its own key passes
 
 
 def test_missing_file_is_an_artifact_error(copy):

@@ -13,9 +13,11 @@ from click.testing import CliRunner
 from jax import monitoring
 
 import nx
-from nx import compile_cache
+from nx import compile_cache, xla_options
+from nx.buckets import ProgramKey
 from nx.cli import main
 from nx.compile_cache import CompileCache, default_directory
+from nx.programs import ProgramSet
 from tests.cases.llama import CASES
 from tests.conftest import assert_same_greedy, left_padded
 
@@ -84,21 +86,44 @@ def test_other_buckets_options_or_flags_are_new_entries(saved_case, tmp_path, mo
     c = nx.load("llama", path, compile_cache=tmp_path, **{**OPTS, "n_positions": [32, 128]})
     assert c.compile_cache.hits == 0  # a longer KV cache changes every program's arguments
 
-    key = (2, 1, 32, False)
-    lowered = a.lower(*key)
-    base = a.compile_cache.key(lowered, {}, a.placement.devices)
-    assert a.compile_cache.key(lowered, {"xla_cpu_prefer_vector_width": 256}, a.placement.devices) != base
+    key = ProgramKey(2, 1, 32, False)
+    options = xla_options.compiler_options("cpu")
+
+    def entry(k=key, opts=options):
+        return a.compile_cache.key(a.programs.cache_key(k, opts), a.placement.devices)
+
+    base = entry()
+    assert entry(opts={**options, "xla_cpu_prefer_vector_width": 256}) != base
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-    assert a.compile_cache.key(lowered, {}, a.placement.devices) != base
+    assert entry() != base
     monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("NX_SOME_SETTING", "1")  # nx's own switches may change programs
+    assert entry() != base
+    monkeypatch.delenv("NX_SOME_SETTING")
     effort = jax.config.jax_exec_time_optimization_effort  # jax copies it into the compile options
     jax.config.update("jax_exec_time_optimization_effort", 0.5)
     try:
-        assert a.compile_cache.key(lowered, {}, a.placement.devices) != base
+        assert entry() != base
     finally:
         jax.config.update("jax_exec_time_optimization_effort", effort)
-    assert a.compile_cache.key(a.lower(2, 1, 64, False), {}, a.placement.devices) != base
-    assert a.compile_cache.key(a.lower(*key), {}, a.placement.devices) == base  # deterministic
+    assert entry(ProgramKey(2, 1, 64, False)) != base
+    assert entry() == base  # deterministic
+
+
+def test_keys_follow_nx_source_and_need_no_lowering(saved_case, tmp_path, monkeypatch):
+    """A cache hit traces nothing (keys come from shapes), and an edit to nx's code is a new key."""
+    _, path = saved_case(CASE)
+    a = nx.load("llama", path, compile_cache=tmp_path, **OPTS)
+    key = ProgramKey(2, 1, 32, False)
+    a.drop_programs()
+    lowered = []
+    real = ProgramSet.lower
+    monkeypatch.setattr(ProgramSet, "lower", lambda self, k: lowered.append(k) or real(self, k))
+    a.programs.get(key)
+    assert lowered == [] and a.compile_cache.hits >= 1
+    base = a.compile_cache.key(a.programs.cache_key(key, {}), a.placement.devices)
+    monkeypatch.setattr(compile_cache, "source_digest", lambda: "an edited nx")
+    assert a.compile_cache.key(a.programs.cache_key(key, {}), a.placement.devices) != base
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])

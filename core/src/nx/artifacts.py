@@ -4,21 +4,23 @@ An artifact directory holds everything needed to serve:
 
 - ``weights.safetensors``: the parameters exactly as the programs take them (tensor-parallel
   re-layout applied, int8 weights as ``<name>.q`` / ``<name>.scale``),
-- ``programs/<kind>_b<rows>_...xla``: each compiled XLA executable, serialized with
-  ``jax.experimental.serialize_executable`` (loading deserializes it through `nx.executables`'
-  restricted unpickler: no tracing, no lowering, no XLA compile, no code from the file),
+- ``programs/<kind>_b<rows>_...xla``: each compiled XLA executable in `nx.executables`' format
+  (a JSON signature and XLA's serialized executable, no pickle: loading one runs no tracing, no
+  lowering, no XLA compile and no code from the file),
 - ``config.json`` (the Hugging Face config) and the tokenizer files when the model has one,
 - ``nx-artifact.json``: the manifest (nx / jax / jaxlib versions, platform, device count, family,
   ModelSpec, RuntimeConfig, quantization, programs with each one's signature
-  (`nx.executables.signature`: inputs, outputs, shardings), and the sha256 of every other file).
+  (`nx.executables.hlo_signature`: name, inputs, outputs, donated inputs), and the sha256 of
+  every other file).
 
 Executables are machine code for one jax/jaxlib version, platform and device setup, so loading
 checks all of these first (and the checksums) and raises `ArtifactError` asking to recompile,
-rather than handing XLA something it may crash on. Then each program is deserialized without
-running code from the file (a pickle naming anything but jax's program classes is refused) and
-its signature compared with the manifest's and with what the model passes it: a swapped or
-foreign program is an `ArtifactError` before its first call. The checks are integrity, not
-authorship: a program is machine code, so load artifacts from places only you can write.
+rather than handing XLA something it may crash on. Programs load when first needed (in the
+background after ``nx.load``, or on first use with ``compile=False``): each file's header must
+equal the manifest's signature and what the model passes the program before XLA reads the
+executable, and the executable must then say the same of itself, so a swapped or foreign program
+is an `ArtifactError` before its first call. The checks are integrity, not authorship: a
+program is machine code, so load artifacts from places only you can write.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,11 @@ from nx.buckets import ProgramKey
 from nx.checkpoint import load_tokenizer
 from nx.config import RuntimeConfig
 from nx.errors import ArtifactError, ConfigError
-from nx.memory import return_freed_memory
 from nx.ops.quant import QuantizedWeight, is_quantized
 from nx.params import nest
 from nx.quant import QuantizationConfig, as_config
 from nx.sharding import tree_names
 from nx.version import __version__
-from nx.xla_options import default_workers
 
 MANIFEST = "nx-artifact.json"
 WEIGHTS = "weights.safetensors"
@@ -63,7 +62,8 @@ PROGRAMS = "programs"
 #: program takes bf16/f16 caches.
 #: 4: programs take each row's own cache position and per-row sampling state; insert programs.
 #: 5: each program's signature in the manifest; programs named after their key.
-FORMAT = 5
+#: 6: programs in `nx.executables`' pickle-free format; signatures read from the executables' HLO.
+FORMAT = 6
 
 def is_artifact(path: str | os.PathLike | None) -> bool:
     """Whether `path` is a directory written by `write` (it holds an ``nx-artifact.json``)."""
@@ -236,7 +236,7 @@ def prepare_directory(directory: str | os.PathLike) -> Path:
 
 def write(out: Path, *, programs: list[tuple[ProgramKey, bytes, dict]], params: dict, hf_config: Any, tokenizer: Any,
           header: dict) -> Path:
-    """Write programs (key, bytes, `nx.executables.signature`), weights (a device or host tree, per
+    """Write programs (key, bytes, `nx.executables.Program.signature`), weights (a device or host tree, per
     layer), HF config, tokenizer and the manifest (`header` plus formats, files and checksums) into
     `out` (from `prepare_directory`)."""
     entries = []
@@ -351,29 +351,14 @@ def check_options(contents: Contents, options: dict) -> None:
             )
 
 
-def load_programs(programs: list[tuple[ProgramKey, Path, dict]],
-                  deserialize: Callable[[bytes, ProgramKey], Any]) -> list[tuple[ProgramKey, Any]]:
-    """Deserialize the saved programs, several at a time (XLA loads outside the GIL), each checked
-    against its recorded signature (and by `deserialize`, against the model), then hand the heap
-    XLA freed while loading back to the OS. A program whose signature differs is another program
-    (swapped files, another model's): running it would feed it buffers it was not built for."""
-
-    def one(item: tuple[ProgramKey, Path, dict]) -> tuple[ProgramKey, Any]:
-        key, file, recorded = item
-        try:
-            exe = deserialize(file.read_bytes(), key)
-            actual = executables.signature(exe)
-            if actual != recorded:
-                diff = sorted(k for k in set(actual) | set(recorded) if actual.get(k) != recorded.get(k))
-                raise ArtifactError(f"its signature ({', '.join(diff)}) differs from the one the manifest records "
-                                    f"for {key.name} (program {actual.get('program')!r})")
-            return key, exe
-        except Exception as exc:  # XLA reports its own error types
-            raise ArtifactError(
-                f"cannot load the compiled program {file.parent.name}/{file.name} of {str(file.parent.parent)!r}: {exc}; recompile the artifact"
-            ) from exc
-
-    with ThreadPoolExecutor(max_workers=default_workers()) as pool:
-        out = list(pool.map(one, programs))
-    return_freed_memory()
-    return out
+def read_program(file: Path, recorded: dict) -> bytes:
+    """The bytes of a saved program, whose header must be the signature the manifest records
+    (checked before XLA reads anything): another signature means another program (swapped files,
+    another model's), and running it would feed it buffers it was not built for."""
+    blob = file.read_bytes()
+    header = executables.read_header(blob)
+    if {k: header.get(k) for k in recorded} != recorded:
+        diff = sorted(k for k in recorded if header.get(k) != recorded[k])
+        raise ArtifactError(f"its signature ({', '.join(diff)}) differs from the one the manifest records "
+                            f"(program {header.get('program')!r})")
+    return blob

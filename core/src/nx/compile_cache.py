@@ -1,16 +1,18 @@
 """An on-disk cache of compiled programs: loading a model again deserializes its programs
-instead of compiling them (lowering still runs: it is what the cache is keyed on).
+instead of compiling them, without tracing or lowering them first.
 
-An entry's key is the sha256 of the lowered program's text, the XLA compiler options (nx's and
-those jax derives from its settings), ``XLA_FLAGS``, the devices and `nx.executables.environment`
-(nx / jax / jaxlib versions, platform, CPU features): any change to nx, a plugin, jax, the options
-or the machine makes a new entry, never a stale hit.
+An entry's key is the sha256 of what determines the program (`nx.programs.ProgramSet.cache_key`:
+the model's spec, every input's shape, dtype and placement, the XLA compiler options), plus nx's
+own source code (`source_digest`: any edit to nx is a new key), the jax settings, ``XLA_FLAGS``,
+the ``NX_*`` environment, the devices and `nx.executables.environment` (nx / jax / jaxlib
+versions, platform, CPU features): a change to any of them makes a new entry, never a stale hit.
 Each entry carries the sha256 of its bytes and is written atomically; an entry that does not
-verify or load is deleted and the program compiled again. Loading runs no code from an entry
-(`nx.executables`' restricted unpickler), and the program it holds must be the one asked for
+verify or load is deleted and the program compiled again. Entries hold no pickle (see
+`nx.executables`), and the program one holds must be the one asked for
 (`nx.programs.ProgramSet.check`): a planted or swapped entry is one that does not load. The oldest entries (by last use) go
 once the cache exceeds ``$NX_CACHE_MAX_MB`` (default 2048). The tokenizers transformers converts
-from GGUF metadata are kept beside them (``tokenizers/``, by the metadata's sha256).
+from GGUF metadata, and the Hugging Face configs it resolves, are kept beside them
+(``tokenizers/``, ``configs/``).
 
 The directory is ``$NX_CACHE_DIR``, else ``$XDG_CACHE_HOME/nx`` or ``~/.cache/nx``, created
 private to the user; ``NX_CACHE_DIR=off`` (or ``nx.load(..., compile_cache=False)``) disables the
@@ -21,6 +23,7 @@ write to is refused with a warning and nothing is cached.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -41,13 +44,12 @@ ENV = "NX_CACHE_DIR"
 MAX_MB_ENV = "NX_CACHE_MAX_MB"
 DEFAULT_MAX_MB = 2048
 _OFF = {"0", "off", "false", "no", "none"}
-_MAGIC = b"nx-compiled-program 1\n"
+_MAGIC = b"nx-compiled-program 2\n"
 _SUFFIX = ".nxprog"
 _SUBDIR = "programs"
 _TOKENIZERS = "tokenizers"
-#: jax settings that jax copies into the XLA compile options (not visible in the lowered text).
-_JAX_COMPILE_CONFIG = ("jax_exec_time_optimization_effort", "jax_memory_fitting_effort", "jax_optimization_level",
-                       "jax_memory_fitting_level", "jax_use_shardy_partitioner")
+#: settings that do not change a program: the cache's own, and where logs and dumps go
+_NOT_PROGRAM = ("NX_CACHE_DIR", "NX_CACHE_MAX_MB", "NX_DUMP_HLO")
 
 
 def _max_bytes_from_env() -> int:
@@ -116,41 +118,42 @@ class CompileCache:
         return f"CompileCache({str(self.directory)!r}, hits={self.hits}, misses={self.misses})"
 
     # ---- the one entry point -------------------------------------------------------------------
-    def compile(self, lowered: Any, options: dict, devices: list, deserialize: Callable[[bytes], Any]) -> Any:
-        """`lowered` compiled with `options`, from the cache if an entry matches, else compiled and
+    def program(self, material: dict, devices: list, compile: Callable[[], Any], load: Callable[[bytes], Any]) -> Any:
+        """The program `material` describes: `load` of a matching entry's bytes, else `compile()`,
         stored (a backend that cannot serialize, or a read-only directory, just skips storing).
         Multi-process runs (``jax.distributed``) always compile: like artifacts, their programs are
         not serialized."""
         import jax
 
         if jax.process_count() > 1 or not self.usable():
-            return lowered.compile(options)
-        key = self.key(lowered, options, devices)
-        exe = self._load(key, deserialize)
+            return compile()
+        key = self.key(material, devices)
+        program = self._load(key, load)
         with self._lock:
-            if exe is None:
+            if program is None:
                 self.misses += 1
             else:
                 self.hits += 1
-        if exe is None:
-            exe = lowered.compile(options)
-            self._store(key, exe)
-        return exe
+        if program is None:
+            program = compile()
+            self._store(key, program)
+        return program
 
-    def key(self, lowered: Any, options: dict, devices: list) -> str:
-        """The entry name for `lowered` compiled with `options` for `devices`."""
+    def key(self, material: dict, devices: list) -> str:
+        """The entry name of the program `material` describes, built for `devices`."""
         import jax
 
         context = {
-            "options": options,
-            "jax_compile_config": {name: str(getattr(jax.config, name, None)) for name in _JAX_COMPILE_CONFIG},
+            "program": material,
+            "nx_source": source_digest(),
+            "jax_config": {name: str(value) for name, value in sorted(jax.config.values.items())
+                           if "cache" not in name and "log" not in name},
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "nx_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NX_") and k not in _NOT_PROGRAM},
             "environment": executables.environment(devices),
             "devices": [int(d.id) for d in devices],
         }
-        h = hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode())
-        h.update(lowered.as_text().encode())
-        return h.hexdigest()
+        return hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode()).hexdigest()
 
     # ---- GGUF tokenizers ---------------------------------------------------------------------
     def tokenizer(self, digest: str, build: Callable[[], Any]) -> Any:
@@ -283,11 +286,11 @@ class CompileCache:
             RuntimeWarning, stacklevel=5,
         )
 
-    def _store(self, key: str, exe: Any) -> None:
+    def _store(self, key: str, program: Any) -> None:
         if self._read_only:
             return
         try:
-            blob = executables.to_bytes(exe)
+            blob = program.to_bytes()
         except ArtifactError:  # this backend cannot serialize: nothing to cache
             return
         data = _MAGIC + hashlib.sha256(blob).hexdigest().encode("ascii") + blob
@@ -314,3 +317,14 @@ class CompileCache:
                 break
             self._remove(f)
             total -= size
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of nx's own source files (every ``.py`` under the package, by path and content):
+    programs are built by this code, so an edited nx never reuses another's programs."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()

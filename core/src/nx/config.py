@@ -121,7 +121,8 @@ OPTIONS: tuple[Option, ...] = (
            "f32 weights would not fit), f32 = none.", anything, "--quant", baked=True),
     Option("device_memory", None, "Bytes per device for the fit check (default: what the device reports).",
            optional(positive_int)),
-    Option("compile", True, "Compile every bucket's program at load (False: each on first use).", flag),
+    Option("compile", True, "Compile every bucket's program at load (an artifact's load in the background; "
+           "False: each on first use).", flag),
     Option("compile_cache", True, "Keep compiled programs on disk (True: $NX_CACHE_DIR or ~/.cache/nx; False: off; "
            "or a directory).", cache_setting),
     Option("warmup", False, "Run each program once at load so first requests skip XLA's first-call setup.", flag),

@@ -1,153 +1,183 @@
-"""One compiled program as bytes and back: what saved artifacts and the compile cache store.
+"""One compiled program, called on flat device buffers, and its pickle-free file format.
 
-The bytes are `jax.experimental.serialize_executable`'s: XLA's serialized executable (machine
-code for one jax/jaxlib version, platform and device setup) inside a small pickle of jax's
-metadata (avals, shardings, layouts). `from_bytes` never unpickles it freely: a restricted
-unpickler (`ALLOWED`, the jax / numpy classes jax's own serialized programs hold, found by
-recording them) refuses any other global with `ArtifactError`, so a planted pickle cannot run
-Python code on load. Rebuilding jax's callable without any pickle would mean constructing jax's
-private executable classes from nx's own records, which break between jax versions; the
-allowlist is what nx does instead. What the bytes still are is machine code: a program runs
-when called, so the checks before it (versions, platform, checksums, and `signature` against
-the manifest and the model, see `nx.artifacts`) are what stand between a swapped or foreign
-program and the devices; they check integrity, not who wrote the files.
+A `Program` is an XLA executable (``jaxlib`` ``LoadedExecutable``) plus how its flat outputs
+become jax arrays again. It is called with the same pytree of arrays every time (nx's programs
+keep every input: ``keep_unused``), which it flattens and hands to ``execute_sharded``: the
+path jax's own dispatcher takes, with less per-call work for nx's ~250 inputs.
 
-XLA:CPU cannot serialize a program it deserialized: the copy lacks some of the kernels and fails
-when run ("Function bitcast_gather_fusion.2 not found"). So each loaded program is remembered with
-the bytes it came from, and `to_bytes` returns those: a model restored from an artifact or the
-compile cache saves as a working artifact.
+`to_bytes` writes ``MAGIC``, a JSON header (the program's `signature`) and XLA's own serialized
+executable, as jax's persistent compilation cache stores it: no pickle anywhere, so reading a
+file can run no Python code from it. `from_bytes` parses the header as JSON, lets the caller
+compare it with what the program must be (`nx.programs.ProgramSet.check`), deserializes the
+XLA bytes, and reads the signature again from the executable itself (its HLO module's name,
+parameter and result shapes, donated inputs): a header that lies about its program is caught
+before anything runs. What the bytes still are is machine code: it runs when called, so these
+checks and the checksums around them (`nx.artifacts`, `nx.compile_cache`) stand between a
+swapped or foreign program and the devices; they check integrity, not who wrote the files.
+
+XLA:CPU cannot serialize a program it deserialized (the copy lacks some kernels and fails when
+run), so a loaded program keeps the bytes it came from, and `to_bytes` returns those.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
-import threading
-import weakref
+import json
+import re
+import struct
+from collections.abc import Sequence
 from typing import Any
 
 from nx.errors import ArtifactError
 from nx.version import __version__
 from nx.xla_options import cpu_flags
 
-_SOURCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loaded program -> its bytes
-_SOURCE_LOCK = threading.Lock()
+MAGIC = b"nx-program 2\n"
+_LENGTH = struct.Struct("<Q")
+_MAX_HEADER = 1 << 24  # a real header is a few KB; a bigger length is a damaged file
+
+#: numpy / ml_dtypes dtype names as HLO writes them
+_HLO_TYPES = {"bool": "pred", "int8": "s8", "int16": "s16", "int32": "s32", "int64": "s64", "uint8": "u8",
+              "uint16": "u16", "uint32": "u32", "uint64": "u64", "float16": "f16", "bfloat16": "bf16",
+              "float32": "f32", "float64": "f64", "int4": "s4", "uint4": "u4"}
+_SHAPE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_ALIAS = re.compile(r"\((\d+), \{[0-9, ]*\}, (?:may|must)-alias\)")
 
 
-def to_bytes(executable: Any) -> bytes:
-    """The serialized form of a compiled program (`ArtifactError` if the backend cannot do it)."""
-    from jax.experimental import serialize_executable
+def hlo_shape(shape: Sequence[int], dtype: Any) -> str:
+    """A buffer's shape as HLO prints it: ``f32[2,64]``, ``s32[]``."""
+    return f"{_HLO_TYPES.get(str(dtype), str(dtype))}[{','.join(str(int(d)) for d in shape)}]"
 
-    with _SOURCE_LOCK:
-        source = _SOURCE.get(executable)
-    if source is not None:
-        return source
+
+def hlo_signature(loaded: Any) -> dict:
+    """What an XLA executable itself says it is: its HLO module's name, each parameter's and
+    result's shape (per device, as it runs), and the parameters it may write in place (donated)."""
     try:
-        blob, _, _ = serialize_executable.serialize(executable)
-    except (ValueError, NotImplementedError) as exc:
-        raise ArtifactError(f"this backend cannot serialize compiled programs ({exc})") from exc
-    return blob
-
-
-def from_bytes(blob: bytes, in_tree: Any, out_tree: Any, devices: list) -> Any:
-    """A program loaded from `to_bytes` output onto `devices`, taking and returning the pytrees
-    `in_tree` / `out_tree` (`nx.programs.ProgramSet.trees`).
-
-    XLA reports bad bytes with its own error types; callers turn those into `ArtifactError`.
-    """
-    import jax
-    from jax._src.interpreters.pxla import UnloadedMeshExecutable
-    from jax._src.stages import ArgInfo
-
-    try:
-        loaded = _unpickler(io.BytesIO(blob), devices).load()
-    except pickle.UnpicklingError as exc:
-        raise ArtifactError(f"not a serialized program ({exc})") from exc
-    ok = (isinstance(loaded, tuple) and len(loaded) == 3 and isinstance(loaded[0], UnloadedMeshExecutable)
-          and isinstance(loaded[1], list) and all(isinstance(a, ArgInfo) for a in loaded[1])
-          and isinstance(loaded[2], bool))
-    if not ok:
-        raise ArtifactError("not a serialized jax program (unexpected contents)")
-    unloaded, args_info_flat, no_kwargs = loaded
-    if len(args_info_flat) != in_tree.num_leaves:
-        raise ArtifactError(f"the program takes {len(args_info_flat)} inputs but this model passes {in_tree.num_leaves}")
-    executable = jax.stages.Compiled(unloaded.load(), [], in_tree.unflatten(args_info_flat), out_tree,
-                                     no_kwargs=no_kwargs)
-    with _SOURCE_LOCK:
-        _SOURCE[executable] = bytes(blob)
-    return executable
-
-
-#: The only globals a serialized program may name (module, name): the classes jax's own serialized
-#: programs hold (recorded from nx's programs, 1 and 2 devices, f32/bf16/int8). Each is plain data
-#: whose construction runs no code from the file; any other global is refused.
-ALLOWED = frozenset({
-    ("jax", "P"),
-    ("jax.sharding", "PartitionSpec"),
-    ("jax._src.partition_spec", "PartitionSpec"),
-    ("jax._src.core", "ManualAxisType"),
-    ("jax._src.core", "MemorySpace"),
-    ("jax._src.core", "ShapedArray"),
-    ("jax._src.interpreters.pxla", "AllArgsInfo"),
-    ("jax._src.interpreters.pxla", "UnloadedMeshExecutable"),
-    ("jax._src.layout", "Layout"),
-    ("jax._src.linear_util", "DebugInfo"),
-    ("jax._src.mesh", "AbstractDevice"),
-    ("jax._src.mesh", "AbstractMesh"),
-    ("jax._src.mesh", "AxisType"),
-    ("jax._src.mesh", "Mesh"),
-    ("jax._src.named_sharding", "_unpickle_named_sharding"),
-    ("jax._src.stages", "ArgInfo"),
-    ("jaxlib._jax", "DeviceList"),
-    ("numpy", "dtype"),
-    ("numpy", "ndarray"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    *(("ml_dtypes", t) for t in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "int4", "uint4")),
-})
-
-
-def _unpickler(file: io.BytesIO, devices: list) -> pickle.Unpickler:
-    """jax's unpickler for serialized programs (it turns the executable's persistent id into
-    ``client.deserialize_executable`` of the raw XLA bytes), limited to the `ALLOWED` globals."""
-    from jax.experimental.serialize_executable import _JaxPjrtUnpickler
-
-    class Restricted(_JaxPjrtUnpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            if (module, name) not in ALLOWED:
-                raise ArtifactError(
-                    f"the serialized program names {module}.{name}, which is not part of a jax program; it is "
-                    "refused and not loaded (the file was not written by nx); recompile it (nx compile / model.save)"
-                )
-            return super().find_class(module, name)
-
-        def persistent_load(self, pid: Any) -> Any:
-            if not (isinstance(pid, tuple) and pid and pid[0] in ("exec", "device", "client")):
-                raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
-            return super().persistent_load(pid)
-
-    return Restricted(file, devices[0].client, devices)
-
-
-def signature(executable: Any) -> dict:
-    """What a compiled program takes and returns, as the manifest records it: its XLA module name
-    (nx names each program's function after its `ProgramKey`), each input's aval (``donated`` if
-    so) and sharding, each output's shape, dtype and sharding. Equal for a program and its
-    deserialized copy, so a load can tell a swapped or foreign program before running it."""
-    import jax
-
-    try:
-        name = executable.runtime_executable().hlo_modules()[0].name
-    except Exception:  # a backend that cannot list its modules: the shapes still count
-        name = None
-    args = jax.tree.leaves(executable.args_info)
-    shardings = jax.tree.leaves(executable.input_shardings, is_leaf=lambda x: x is None)
+        text = loaded.hlo_modules()[0].to_string()
+    except Exception as exc:  # a backend that cannot show its module
+        raise ArtifactError(f"the compiled program does not describe itself ({exc})") from exc
+    header = text.split("\n", 1)[0]
+    name = header.split(" ", 2)[1].rstrip(",") if header.startswith("HloModule ") else ""
+    layout, alias = _braced(header, "entry_computation_layout="), _braced(header, "input_output_alias=")
+    if not name or "->" not in layout:
+        raise ArtifactError("the compiled program's module has no entry layout")
+    params, _, results = layout.partition("->")
     return {
         "program": name,
-        "inputs": [f"{a._aval.str_short()}{' donated' if a.donated else ''}" for a in args],
-        "input_shardings": [str(s) for s in shardings],
-        "outputs": [f"{o.dtype}{list(o.shape)} {o.sharding}" for o in jax.tree.leaves(executable.out_info)],
+        "inputs": [f"{t}[{d}]" for t, d in _SHAPE.findall(params)],
+        "outputs": [f"{t}[{d}]" for t, d in _SHAPE.findall(results)],
+        "donated": sorted({int(i) for i in _ALIAS.findall(alias)}),
     }
+
+
+def _braced(text: str, field: str) -> str:
+    """The contents of ``field={...}`` in `text` (braces nest), or ""."""
+    start = text.find(field + "{")
+    if start < 0:
+        return ""
+    start += len(field) + 1
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return ""
+
+
+class Program:
+    """A compiled program: call it with its input pytree, get its output pytree back.
+
+    `out_tree` is the outputs' structure, `out_shardings` each flat output's sharding (their
+    global shapes follow from the per-device ones the executable returns)."""
+
+    def __init__(self, loaded: Any, out_tree: Any, out_shardings: Sequence[Any], blob: bytes | None = None) -> None:
+        self._loaded, self.out_tree, self.out_shardings = loaded, out_tree, list(out_shardings)
+        self._blob = blob
+        self.signature = hlo_signature(loaded)
+        self._single = len(loaded.local_devices()) == 1
+        if len(self.signature["outputs"]) != len(self.out_shardings):
+            raise ArtifactError(f"the compiled program returns {len(self.signature['outputs'])} arrays, "
+                                f"expected {len(self.out_shardings)}")
+
+    @property
+    def name(self) -> str:
+        """The HLO module's name (``jit_<function name>``)."""
+        return self.signature["program"]
+
+    def __call__(self, *args: Any) -> Any:
+        import jax
+
+        outs = self._loaded.execute_sharded(jax.tree.leaves(args)).disassemble_into_single_device_arrays()
+        if self._single:  # one device: each output is its one buffer
+            flat = [o[0] for o in outs]
+        else:
+            flat = [jax.make_array_from_single_device_arrays(_global_shape(o[0].shape, s), s, o)
+                    for o, s in zip(outs, self.out_shardings)]
+        return jax.tree.unflatten(self.out_tree, flat)
+
+    def as_text(self) -> str:
+        """The compiled (optimized) HLO module."""
+        return self._loaded.hlo_modules()[0].to_string()
+
+    def to_bytes(self) -> bytes:
+        """``MAGIC``, the JSON header (`signature`), XLA's serialized executable."""
+        if self._blob is None:
+            try:
+                raw = self._loaded.client.serialize_executable(self._loaded)
+            except Exception as exc:  # XLA's own error types
+                raise ArtifactError(f"this backend cannot serialize compiled programs ({exc})") from exc
+            header = json.dumps(self.signature, sort_keys=True).encode()
+            self._blob = MAGIC + _LENGTH.pack(len(header)) + header + bytes(raw)
+        return self._blob
+
+
+def from_compiled(compiled: Any, out_tree: Any, out_shardings: Sequence[Any]) -> Program:
+    """The `Program` of a freshly compiled ``jax.stages.Compiled``."""
+    return Program(compiled.runtime_executable(), out_tree, out_shardings)
+
+
+def read_header(blob: bytes) -> dict:
+    """The signature a program file claims (JSON, checked to be a dict); `ArtifactError` if the
+    file is not one nx wrote."""
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + _LENGTH.size:
+        raise ArtifactError("not an nx program file (no nx-program header); it was not written by this nx")
+    (n,) = _LENGTH.unpack_from(blob, len(MAGIC))
+    start = len(MAGIC) + _LENGTH.size
+    if n > min(_MAX_HEADER, len(blob) - start):
+        raise ArtifactError("the program file's header is cut short")
+    try:
+        header = json.loads(blob[start : start + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"the program file's header is not JSON ({exc})") from exc
+    if not isinstance(header, dict) or not all(k in header for k in ("program", "inputs", "outputs", "donated")):
+        raise ArtifactError("the program file's header lacks its signature")
+    return header
+
+
+def from_bytes(blob: bytes, devices: list, out_tree: Any, out_shardings: Sequence[Any]) -> Program:
+    """The program in `blob` (`Program.to_bytes` output), loaded onto `devices`. The header must
+    match what the executable says of itself. XLA reports bad bytes with its own error types;
+    callers turn those into `ArtifactError`."""
+    from jax._src.lib import xla_client as xc
+
+    header = read_header(blob)
+    start = len(MAGIC) + _LENGTH.size + _LENGTH.unpack_from(blob, len(MAGIC))[0]
+    client = devices[0].client
+    loaded = client.deserialize_executable(blob[start:], executable_devices=xc.DeviceList(tuple(devices)))
+    program = Program(loaded, out_tree, out_shardings, blob=bytes(blob))
+    if program.signature != {k: header[k] for k in program.signature}:
+        raise ArtifactError(f"the program file's header says it is {header.get('program')!r} with other shapes than "
+                            f"the executable it holds ({program.name!r}); the file was altered")
+    return program
+
+
+def _global_shape(local: tuple[int, ...], sharding: Any) -> tuple[int, ...]:
+    """The global shape of an array split by a `NamedSharding` into `local`-shaped pieces."""
+    spec, mesh = sharding.spec, sharding.mesh
+    shape = list(local)
+    for dim, axes in enumerate(spec):
+        for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+            shape[dim] *= mesh.shape[axis]
+    return tuple(shape)
 
 
 #: CPU features an XLA:CPU executable may have been compiled to use (it targets the host CPU).

@@ -49,7 +49,11 @@ def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = Non
     if artifacts.is_artifact(target):
         model = load_artifact(target, None if path is None else str(family_or_path), options, registry)
         model.compile_cache = cache  # for programs built on demand
-        return model.warmup(opts["progress"]) if opts["warmup"] else model
+        if opts["warmup"]:
+            return model.warmup(opts["progress"])
+        if opts["compile"]:
+            model.programs.prefetch(model.programs.offered)  # saved programs load while the caller goes on
+        return model
     registry = registry or default_registry()
     config = RuntimeConfig.build(**{k: opts[k] for k in RUNTIME_OPTIONS})
     distributed.initialize_from_env()
@@ -126,8 +130,9 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
         )
     model = NxModel(fam, spec, contents.params(spec.n_layers), contents.config, hf_config,
                     artifacts.tokenizer_loader(contents), quant=contents.quant, prepared=True)
-    for key, exe in artifacts.load_programs(contents.programs(), model.programs.deserialize):  # each checked
-        model.programs.add(key, exe)
+    for key, file, recorded in contents.programs():  # each loads, checked, when first needed
+        model.programs.offer(key, functools.partial(artifacts.read_program, file, recorded),
+                             f"{file.parent.name}/{file.name} of {str(contents.path)!r}")
     model.artifact_path = contents.path
     model.programs.on_missing = functools.partial(artifacts.warn_missing_program, contents.path)
     return model

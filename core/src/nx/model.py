@@ -209,7 +209,7 @@ class NxModel:
             "buckets": {"n_positions": cfg.n_positions, "context_length_estimate": cfg.context_buckets},
             "quant": self.quant.to_dict() if self.quant is not None else None,
         }
-        programs = [(key, executables.to_bytes(exe), executables.signature(exe)) for key, exe in self.programs.items()]
+        programs = [(key, exe.to_bytes(), exe.signature) for key, exe in self.programs.items()]
         return artifacts.write(out, programs=programs, params={**self.params, "layers": self.layer_params()},
                                hf_config=self.hf_config, tokenizer=self.tokenizer, header=header)
 

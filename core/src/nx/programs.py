@@ -4,14 +4,16 @@ A program is `nx.decoder.step` plus token choice (`nx.sampling.choose`) over fix
 ``(params, caches, StepInputs, SamplingInputs)`` and returns ``(tokens, logits, caches, seen)``,
 donating the caches so XLA updates them in place; only token ids need to cross to the host.
 `ProgramSet` lowers, compiles (through the compile cache when one is set, dumping HLO when asked),
-warms up and drops them, and runs one on the model's KV cache.
+loads saved ones on first use (`offer`), warms up and drops them, and runs one on the model's KV
+cache. Each is an `nx.executables.Program`, checked against what this set passes it (`check`).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Any
 
 import jax
@@ -39,8 +41,13 @@ class ProgramSet:
         self.spec, self.placement, self.params, self.param_specs, self.kv, self.unroll = (
             spec, placement, params, param_specs, kv, unroll)
         self.local_spec = sharding.local_spec(spec, placement.tp)
-        self._executables: dict[ProgramKey, Any] = {}
+        self._executables: dict[ProgramKey, executables.Program] = {}
+        self._building: dict[ProgramKey, Future] = {}  # programs being built, so each is built once
+        self._offered: dict[ProgramKey, tuple[Callable[[], bytes], str]] = {}  # saved programs, loaded on first use
+        self._build_lock = threading.Lock()
         self._warmed: set[ProgramKey] = set()
+        #: how many programs were loaded from offered (saved) bytes rather than compiled
+        self.loaded = 0
         #: where compiled programs are looked up and stored (None compiles each)
         self.compile_cache: CompileCache | None = None
         #: directory receiving each program's HLO (text and HloModuleProto) when it compiles
@@ -59,15 +66,23 @@ class ProgramSet:
     def warmed(self) -> set[ProgramKey]:
         return set(self._warmed)
 
-    def items(self) -> list[tuple[ProgramKey, Any]]:
+    @property
+    def offered(self) -> list[ProgramKey]:
+        """Keys of saved programs that load on first use (`offer`) and are not loaded yet."""
+        return [k for k in self._offered if k not in self._executables]
+
+    def items(self) -> list[tuple[ProgramKey, executables.Program]]:
         return list(self._executables.items())
 
-    def add(self, key: ProgramKey, executable: Any) -> None:
-        """Adopt a program built elsewhere (deserialized from an artifact)."""
-        self._executables[ProgramKey(*key)] = executable
+    def offer(self, key: ProgramKey, read: Callable[[], bytes], where: str) -> None:
+        """Make saved program `key` available: `read()` gives its bytes (`Program.to_bytes`), which
+        are loaded and checked when the program is first needed (an artifact starts without
+        deserializing programs a request may never run); `where` names them in errors."""
+        self._offered[ProgramKey(*key)] = (read, where)
 
     def drop(self) -> None:
-        """Forget every program (each is built again, from the compile cache if set, when needed)."""
+        """Forget every program (each is built again, when needed, from offered bytes or the
+        compile cache if set)."""
         with self.kv.lock:
             self._executables.clear()
             self._warmed.clear()
@@ -110,7 +125,8 @@ class ProgramSet:
         # Pinned output shardings: caches come back as they went in, so a program lowered after a
         # run is the same program (and the same compile-cache key).
         rep = self.placement.replicated
-        return jax.jit(run, donate_argnums=(1,), out_shardings=(rep, rep, kv.shardings, rep))
+        # Every input kept (unused sampling inputs too), so each program takes the same flat buffers.
+        return jax.jit(run, donate_argnums=(1,), out_shardings=(rep, rep, kv.shardings, rep), keep_unused=True)
 
     def abstract_inputs(self, key: ProgramKey) -> tuple[decoder.StepInputs, SamplingInputs]:
         """Shapes, dtypes and placement of a program's step and sampling inputs."""
@@ -128,65 +144,136 @@ class ProgramSet:
                              sds((b, v), jnp.bool_), sds((b, *rng.shape), rng.dtype))
         return inp, smp
 
-    def trees(self) -> tuple[Any, Any]:
-        """(input tree, output tree) every program of this set has (what deserializing needs)."""
-        in_tree = jax.tree.structure(((self.params, self.kv.arrays, decoder.StepInputs(*[0] * 5),
-                                       SamplingInputs(*[0] * len(SamplingInputs._fields))), {}))
-        out_tree = jax.tree.structure((0, 0, [(0, 0)] * self.kv.pairs, 0))
-        return in_tree, out_tree
+    def input_leaves(self, key: ProgramKey) -> list[jax.ShapeDtypeStruct]:
+        """Shape, dtype and placement of every flat input of program `key` (the caches as the KV
+        cache lays them out, whatever arrays it holds now)."""
+        caches = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where)
+                  for a, where in zip(jax.tree.leaves(self.kv.arrays), jax.tree.leaves(self.kv.shardings))]
+        params = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in jax.tree.leaves(self.params)]
+        return params + caches + jax.tree.leaves(self.abstract_inputs(key))
 
-    def deserialize(self, blob: bytes, key: ProgramKey) -> Any:
-        """Program `key` of this set from `executables.to_bytes` output, checked against what this set
-        runs as `key` (`check`) before anything calls it (XLA reports bad bytes its own way)."""
-        exe = executables.from_bytes(blob, *self.trees(), self.placement.devices)
-        self.check(ProgramKey(*key), exe)
-        return exe
+    def outputs(self) -> tuple[Any, list]:
+        """(tree, flat shardings) of every program's outputs ``(tokens, logits, caches, seen)``."""
+        rep = self.placement.replicated
+        tree = jax.tree.structure((0, 0, [(0, 0)] * self.kv.pairs, 0))
+        return tree, [rep, rep, *jax.tree.leaves(self.kv.shardings), rep]
 
-    def check(self, key: ProgramKey, exe: Any) -> None:
-        """`ArtifactError` unless `exe` is program `key` of this set: its compiled module carries the
-        key's name, it takes the params, caches and inputs this set passes (shapes, dtypes, the caches
-        donated) and returns caches placed like this set's. A program is machine code run on these
-        buffers: one built for other shapes must never be called."""
-        sig = executables.signature(exe)
-        problems = []
-        if sig["program"] is not None and sig["program"] != f"jit_{program_name(key)}":
-            problems.append(f"it is {sig['program']!r}")
-        leaves = jax.tree.leaves((self.params, self.kv.arrays, *self.abstract_inputs(key)))
+    def expected(self, key: ProgramKey) -> dict:
+        """The signature (`nx.executables.hlo_signature`) program `key` of this set has: its
+        module's name, what this set passes it (per-device shapes), the caches donated and
+        returned as they went in. Computed from shapes alone: nothing is traced or lowered."""
+        leaves = self.input_leaves(key)
+        shapes = [executables.hlo_shape(a.sharding.shard_shape(a.shape), a.dtype) for a in leaves]
         n_params, n_caches = len(jax.tree.leaves(self.params)), len(jax.tree.leaves(self.kv.arrays))
-        want = [f"{jax.typeof(a).str_short()}{' donated' if n_params <= i < n_params + n_caches else ''}"
-                for i, a in enumerate(leaves)]
-        if sig["inputs"] != want:
-            problems.append(f"it takes {len(sig['inputs'])} inputs that differ from this model's {len(want)}: "
-                            f"{_first_difference(sig['inputs'], want)}")
-        caches = jax.tree.leaves(exe.out_info)[2 : 2 + n_caches]
-        for got, a in zip(caches, jax.tree.leaves(self.kv.arrays)):
-            if (got.shape, got.dtype) != (a.shape, a.dtype) or not got.sharding.is_equivalent_to(a.sharding, a.ndim):
-                problems.append(f"it returns a cache {got.dtype}{list(got.shape)} {got.sharding} where this model "
-                                f"keeps {a.dtype}{list(a.shape)} {a.sharding}")
-                break
+        return {"program": f"jit_{program_name(key)}", "inputs": shapes,
+                "donated": list(range(n_params, n_params + n_caches)),
+                "caches": shapes[n_params : n_params + n_caches]}
+
+    def deserialize(self, blob: bytes, key: ProgramKey) -> executables.Program:
+        """Program `key` of this set from `Program.to_bytes` output: its header is checked against
+        what this set runs as `key` before XLA sees the bytes, and the executable after."""
+        key = ProgramKey(*key)
+        self.check(key, executables.read_header(blob))
+        program = executables.from_bytes(blob, self.placement.devices, *self.outputs())
+        self.check(key, program.signature)
+        return program
+
+    def check(self, key: ProgramKey, signature: dict) -> None:
+        """`ArtifactError` unless `signature` is program `key`'s of this set: named after the key,
+        taking the params, caches and inputs this set passes (shapes, dtypes, the caches donated)
+        and returning the caches as they went in. A program is machine code run on these buffers:
+        one built for other shapes must never be called."""
+        want = self.expected(ProgramKey(*key))
+        problems = []
+        if signature.get("program") != want["program"]:
+            problems.append(f"it is {signature.get('program')!r}")
+        got = list(signature.get("inputs", []))
+        if got != want["inputs"]:
+            problems.append(f"it takes {len(got)} inputs that differ from this model's {len(want['inputs'])}: "
+                            f"{_first_difference(got, want['inputs'])}")
+        if list(signature.get("donated", [])) != want["donated"]:
+            problems.append("it does not update the KV cache in place as this model's programs do")
+        caches = list(signature.get("outputs", []))[2 : 2 + len(want["caches"])]
+        if caches != want["caches"]:
+            problems.append(f"it returns caches {_first_difference(caches, want['caches'])} (this model keeps "
+                            f"{want['caches'][:1]})")
         if problems:
             raise ArtifactError(f"the compiled program {key.name} is not this model's {key.name}: {'; '.join(problems)}; "
                                 "recompile it (nx compile / model.save)")
+
+    def cache_key(self, key: ProgramKey, options: dict) -> dict:
+        """What determines program `key` besides nx's code, jax and the machine (`nx.compile_cache`
+        adds those): the model's spec, the shapes, dtypes and placement of every input, the
+        compiler options. Computed without lowering, so a cached program loads without tracing."""
+        leaves = self.input_leaves(key)
+        return {
+            "program": program_name(key),
+            "spec": repr(self.spec),
+            "amp": self.placement.config.amp,
+            "unroll": self.unroll,
+            "tp": self.placement.tp,
+            "inputs": [f"{jax.typeof(a).str_short()} {a.sharding}" for a in leaves],
+            "params": str(jax.tree.structure(self.params)),
+            "options": options,
+        }
 
     def lower(self, key: ProgramKey):
         """The lowered (not yet compiled) program."""
         key = ProgramKey(*key)
         return self._function(key).lower(self.params, self.kv.arrays, *self.abstract_inputs(key))
 
-    def get(self, key: ProgramKey) -> Any:
-        """The compiled program of `key`, compiling (or loading from the compile cache) on first use."""
+    def get(self, key: ProgramKey) -> executables.Program:
+        """The program of `key`: built on first use, once however many threads ask, from offered
+        bytes (`offer`), the compile cache, or XLA."""
         key = ProgramKey(*key)
-        if key not in self._executables:
-            if self.on_missing is not None:
-                self.on_missing(key)
+        program = self._executables.get(key)
+        if program is not None:
+            return program
+        with self._build_lock:
+            fut = self._building.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._building[key] = Future()
+        if mine:
+            try:
+                program = self._build(key)
+                self._executables[key] = program
+                fut.set_result(program)
+            except BaseException as exc:
+                fut.set_exception(exc)
+                raise
+            finally:
+                with self._build_lock:
+                    self._building.pop(key, None)
+        return fut.result()
+
+    def _build(self, key: ProgramKey) -> executables.Program:
+        offered = self._offered.get(key)
+        if offered is not None:
+            read, where = offered
+            try:
+                program = self.deserialize(read(), key)
+            except Exception as exc:  # XLA reports bad bytes with its own error types
+                raise ArtifactError(f"cannot load the compiled program {where}: {exc}; recompile the artifact "
+                                    "(nx compile / model.save)") from exc
+            with self._build_lock:
+                self.loaded += 1
+            return program
+        if self.on_missing is not None:
+            self.on_missing(key)
+        options = xla_options.compiler_options(self.placement.device.platform)
+
+        def compile() -> executables.Program:
             lowered = self.lower(key)
-            options = xla_options.compiler_options(self.placement.device.platform)
             if self.dump_to:
                 dump.dump_lowered(lowered, self.dump_to, key.name, options)
-            cache = self.compile_cache
-            self._executables[key] = (lowered.compile(options) if cache is None else cache.compile(
-                lowered, options, self.placement.devices, functools.partial(self.deserialize, key=key)))
-        return self._executables[key]
+            return executables.from_compiled(lowered.compile(options), *self.outputs())
+
+        cache = self.compile_cache
+        if cache is None or self.dump_to:
+            return compile()
+        return cache.program(self.cache_key(key, options), self.placement.devices, compile,
+                             lambda blob: self.deserialize(blob, key))
 
     def compile(self, keys: Iterable[ProgramKey], progress: bool | None = None, *, workers: int | None = None,
                 warm: bool = False) -> None:
@@ -202,12 +289,26 @@ class ProgramSet:
             if warm:
                 self.warm(key)
 
-        what = ("compiling and warming up " if warm else "compiling ") + plural(len(todo), "program")
+        verb = "loading" if all(k in self._offered for k in todo) else "compiling"
+        what = f"{verb} {'and warming up ' if warm else ''}{plural(len(todo), 'program')}"
         with ThreadPoolExecutor(max_workers=max(1, workers or xla_options.default_workers())) as pool:
             done = as_completed([pool.submit(build, key) for key in todo])
             for fut in track(done, what, total=len(todo), enabled=progress):
                 fut.result()
         memory.return_freed_memory()
+
+    def prefetch(self, keys: Iterable[ProgramKey]) -> threading.Thread:
+        """Build `keys` on a background thread (saved programs load while the caller goes on); a
+        program that fails to build raises when it is asked for (`get` builds it again)."""
+
+        def run() -> None:
+            for key in keys:
+                with contextlib.suppress(Exception):
+                    self.get(key)
+
+        thread = threading.Thread(target=run, name="nx-programs", daemon=True)
+        thread.start()
+        return thread
 
     def warm(self, key: ProgramKey) -> None:
         """Run one program once on placeholder inputs. The keys and values it leaves in the cache

@@ -116,10 +116,11 @@ def generate(
             raise InputError(f"{which} is empty; pass some text with --prompt")
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    built = len(model.compiled_shapes)  # an artifact holds its greedy programs already
+    built, saved = len(model.compiled_shapes), model.programs.loaded  # an artifact's programs load, not compile
     width = max(len(r) for r in rows)
     model.compile(progress=not quiet and leader, shapes=model.request_shapes(width, max_new_tokens, knobs.do_sample))
-    built = len(model.compiled_shapes) - built
+    saved = model.programs.loaded - saved
+    built = len(model.compiled_shapes) - built - saved
     compile_s = time.perf_counter() - t1
     eos = decoding.eos_ids(model, None)
     ids, mask = left_pad(rows, int(tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos.size else 0)))
@@ -146,6 +147,8 @@ def generate(
     loaded = f"load {load_s:.1f}s"
     if built:
         loaded += f" | compile {plural(built, 'program')} {compile_s:.1f}s{from_cache(model)}"
+    elif saved:
+        loaded += f" | load {plural(saved, 'saved program')} {compile_s:.1f}s"
     batch = "" if single else f"{len(rows)} prompts | "
     click.echo(
         f"[{loaded} | {batch}prompt {t['prompt_tokens']} tokens | new {t['new_tokens']} tokens | "
