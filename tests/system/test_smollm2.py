@@ -91,10 +91,13 @@ def test_gguf_tokenizer_from_the_cache_is_the_converted_one(tmp_path, monkeypatc
     real = checkpoint.load_tokenizer
     monkeypatch.setattr(checkpoint, "load_tokenizer", lambda *a: built.append(a) or real(*a))
     opts = dict(compile=False, compile_cache=tmp_path, progress=False)
+    def conversions() -> int:  # loads from the GGUF file itself (not from the cache's saved files)
+        return sum(1 for a in built if len(a) > 1 and a[1])
+
     first = nx.load("llama", GGUF, **opts).tokenizer
-    assert len(built) == 1 and len(list((tmp_path / "tokenizers").iterdir())) == 1
+    assert conversions() == 1 and len(list((tmp_path / "tokenizers").iterdir())) == 1
     cached = nx.load("llama", GGUF, **opts).tokenizer
-    assert len(built) == 1  # no GGUF conversion the second time
+    assert conversions() == 1  # no GGUF conversion the second time
     texts = ["What is the capital of France?", "  spaces\tand\nnewlines ", "é 日本 🙂", "<|im_start|>user\nhi<|im_end|>"]
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     for tok in (first, cached):
@@ -106,12 +109,13 @@ def test_gguf_tokenizer_from_the_cache_is_the_converted_one(tmp_path, monkeypatc
         ids = ref(texts[2])["input_ids"]
         assert tok.decode(ids) == ref.decode(ids)
     assert nx.load("llama", GGUF, **{**opts, "compile_cache": False}).tokenizer is not None
-    assert len(built) == 2  # without the cache it converts again
+    assert conversions() == 2  # without the cache it converts again
 
 
 def test_fast_gguf_reader_reads_what_gguf_reads():
     """`nx.checkpoint.gguf_reader` parses from a plain view of the mapping (3x faster than the stock
-    reader's np.memmap slices) and must see the same metadata and tensors."""
+    reader's np.memmap slices) and steps over long arrays (the vocabulary), and must see the same
+    metadata (but for those arrays' items) and tensors."""
     import gguf
     import numpy as np
 
@@ -120,8 +124,11 @@ def test_fast_gguf_reader_reads_what_gguf_reads():
     stock, fast = gguf.GGUFReader(str(GGUF)), gguf_reader(GGUF)
     assert type(fast.data) is np.ndarray and isinstance(stock.data, np.memmap)
     assert fast.data_offset == stock.data_offset and list(fast.fields) == list(stock.fields)
-    for name in ("general.architecture", "llama.block_count", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-        assert fast.fields[name].contents() == stock.fields[name].contents()
+    for name, field in stock.fields.items():
+        if len(field.data) > 1024:  # skipped: nx never reads them (transformers reads the vocabulary itself)
+            assert fast.fields[name].contents() == [] and fast.fields[name].types == field.types[:2]
+        else:
+            assert fast.fields[name].contents() == field.contents(), name
     assert [(t.name, t.tensor_type, list(t.shape)) for t in fast.tensors] == [
         (t.name, t.tensor_type, list(t.shape)) for t in stock.tensors]
     for a, b in zip(fast.tensors[:3], stock.tensors[:3]):

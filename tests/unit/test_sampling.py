@@ -199,3 +199,16 @@ def test_stream_yields_each_step(pair):
     steps = list(m.stream(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[]))
     assert len(steps) == 6 and all(s.shape == (2,) for s in steps)
     assert np.array_equal(np.stack(steps, 1), _gen(m, n=6)[:, ids.shape[1] :].numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 123456789, 2**31 - 1, 2**31, 2**40 + 3, -5])
+def test_row_keys_are_jax_fold_in_of_the_seed(seed):
+    """Host-computed keys (seeds in [0, 2**31)) equal jax's own, and so do jax-computed ones."""
+    import jax
+
+    from nx.session import row_keys
+
+    key = jax.random.key(seed)
+    want = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(key, b))) for b in range(5)])
+    got = row_keys(seed, 5)
+    assert got.dtype == want.dtype and np.array_equal(got, want)

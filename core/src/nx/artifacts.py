@@ -47,6 +47,7 @@ from nx.buckets import ProgramKey
 from nx.checkpoint import load_tokenizer
 from nx.config import RuntimeConfig
 from nx.errors import ArtifactError, ConfigError
+from nx.hfconfig import ResolvedConfig
 from nx.ops.quant import QuantizedWeight, is_quantized
 from nx.params import nest
 from nx.quant import QuantizationConfig, as_config
@@ -252,7 +253,9 @@ def write(out: Path, *, programs: list[tuple[ProgramKey, bytes, dict]], params: 
         tokenizer.save_pretrained(str(out))
     files = {str(f.relative_to(out)): _sha256(f) for f in sorted(out.rglob("*")) if f.is_file() and f.name != MANIFEST}
     manifest = {**header, "format": FORMAT, "quantized": quantized, "programs": entries,
-                "hf_config": hf_config is not None, "tokenizer": tokenizer is not None, "files": files}
+                "hf_config": hf_config is not None, "tokenizer": tokenizer is not None, "files": files,
+                # resolved (defaults included), so loading needs no transformers config class
+                "hf_config_resolved": ResolvedConfig.of(hf_config).to_json() if hf_config is not None else None}
     (out / MANIFEST).write_text(json.dumps(jsonable(manifest), indent=2, sort_keys=True))
     return out
 
@@ -307,6 +310,14 @@ def verify(contents: Contents) -> None:
     """Environment and checksums (`read` leaves them to the caller so devices can be made first)."""
     check_environment(contents.manifest, contents.path)
     _verify_files(contents.manifest, contents.path)
+
+
+def hf_config(contents: Contents) -> ResolvedConfig:
+    """The Hugging Face config the artifact was built from, as resolved then."""
+    try:
+        return ResolvedConfig.from_json(contents.manifest.get("hf_config_resolved"))
+    except ConfigError as exc:
+        raise ArtifactError(f"{str(contents.path)!r} has no usable Hugging Face config ({exc}); recompile it") from exc
 
 
 def tokenizer_loader(contents: Contents) -> Callable[[], Any] | None:

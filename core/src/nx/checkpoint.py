@@ -63,7 +63,7 @@ class Checkpoint:
     """A checkpoint on disk: its HF config, tensors, and where to find the tokenizer."""
 
     path: Path
-    config: Any  # transformers.PretrainedConfig
+    config: Any  # nx.hfconfig.ResolvedConfig
     tensors: TensorSource
     format: str
     gguf_file: str | None = None
@@ -98,14 +98,35 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_tokenizer(path: Path, gguf_file: str | None = None):
     """The tokenizer in checkpoint directory `path` (or in its `gguf_file`), or None if it has no
     usable one (`usable_tokenizer`)."""
-    from transformers import AutoTokenizer
-
     try:
         if gguf_file:
+            from transformers import AutoTokenizer
+
             return usable_tokenizer(AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file))
-        return usable_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+        return usable_tokenizer(_tokenizer_class(path).from_pretrained(str(path)))
     except (OSError, ValueError, TypeError):
         return None
+
+
+#: tokenizer classes transformers 5 builds as its generic `tokenizers` backend
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _tokenizer_class(path: Path) -> Any:
+    """The class to load `path`'s tokenizer with: the generic fast tokenizer when its
+    ``tokenizer_config.json`` names it (as nx's saved tokenizers do), since ``AutoTokenizer``
+    imports every model config class and torch with them (seconds); else ``AutoTokenizer``."""
+    try:
+        named = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if named in _GENERIC_TOKENIZERS and (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
 
 
 def usable_tokenizer(tok: Any) -> Any:
@@ -154,18 +175,20 @@ def resolve(path: str | os.PathLike) -> tuple[Path, str | None]:
     return p, None
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open an HF model directory or a .gguf file (config first; tensors load lazily)."""
+def open_checkpoint(path: str | os.PathLike, cache: Any = None) -> Checkpoint:
+    """Open an HF model directory or a .gguf file (config first; tensors load lazily). Its config
+    is resolved through `cache` (an `nx.compile_cache.CompileCache`) if given: a config resolved
+    before loads without transformers' config classes."""
     directory, gguf_file = resolve(path)
     if gguf_file:
-        return _open_gguf(directory, gguf_file)
+        return _open_gguf(directory, gguf_file, cache)
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(
             f"{str(directory)!r} has no config.json (nor a single .gguf file); "
             "save the model with save_pretrained() or point at the .gguf file"
         )
-    config = _read_config(cfg_path)
+    config = _read_config(cfg_path, cache)
     for name, opener in (
         (SAFETENSORS_INDEX, _open_safetensors_index),
         (SAFETENSORS, _open_safetensors),
@@ -180,24 +203,37 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     )
 
 
-def _read_config(path: Path):
-    from transformers import AutoConfig
-
+def _read_config(path: Path, cache: Any = None):
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc}); re-save the checkpoint") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
         raise CheckpointError(f"{str(path)!r} has no 'model_type' string; it is not a Hugging Face model config")
-    from transformers import CONFIG_MAPPING
-
-    if raw["model_type"] not in CONFIG_MAPPING:
-        raise CheckpointError(
-            f"{str(path)!r} has model_type {raw['model_type']!r}, which transformers {_transformers_version()} "
-            "does not know; upgrade transformers or check config.json"
-        )
     check_raw_config(raw, str(path))
-    return _hf_config(lambda: AutoConfig.from_pretrained(str(path.parent)), str(path))
+
+    def build():
+        from transformers import CONFIG_MAPPING, AutoConfig
+
+        if raw["model_type"] not in CONFIG_MAPPING:
+            raise CheckpointError(
+                f"{str(path)!r} has model_type {raw['model_type']!r}, which transformers {_transformers_version()} "
+                "does not know; upgrade transformers or check config.json"
+            )
+        return AutoConfig.from_pretrained(str(path.parent))
+
+    return resolved_config(raw, build, str(path), cache)
+
+
+def resolved_config(raw: dict, build: Callable[[], Any], where: str, cache: Any = None):
+    """The `nx.hfconfig.ResolvedConfig` of config fields `raw`, which `build()` makes into a
+    transformers config: through `cache` if given (see `CompileCache.hf_config`)."""
+    from nx.hfconfig import ResolvedConfig
+
+    def make():
+        return _hf_config(build, where)
+
+    return cache.hf_config(raw, make) if cache is not None else ResolvedConfig.of(make())
 
 
 def _transformers_version() -> str:
@@ -239,33 +275,52 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 def _safetensors_files(files: dict[str | None, Path]) -> TensorSource:
-    """`files` maps tensor name -> file (or None -> the single file)."""
+    """`files` maps tensor name -> file (or None -> the single file). Read without torch: the
+    safetensors library checks each file and reads every dtype numpy has; bf16 tensors, which
+    numpy lacks, are read from the offsets of the (checked) header and widened to f32."""
     from safetensors import safe_open
 
     def handle(f: Path):
         """A fresh handle per use: a file's memory map (and the pages a read touched, which count in
         the process's resident memory) is released as soon as the read is done."""
         try:
-            return safe_open(str(f), framework="pt")
+            return safe_open(str(f), framework="numpy")
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read {str(f)!r}: {exc}; the file is corrupt or truncated") from exc
 
     shapes: dict[str, tuple[int, ...]] = {}
     where: dict[str, Path] = {}
+    dtypes: dict[str, str] = {}
     for f in sorted(set(files.values())):
         with handle(f) as h:
             for key in h.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                shapes[key] = tuple(h.get_slice(key).get_shape())
-                where[key] = f
+                piece = h.get_slice(key)
+                shapes[key], dtypes[key], where[key] = tuple(piece.get_shape()), piece.get_dtype(), f
 
     def read(key: str) -> np.ndarray:
-        with handle(where[key]) as h:
-            try:
-                return _to_numpy(h.get_tensor(key))
-            except Exception as exc:
-                raise CheckpointError(f"cannot read tensor {key!r} from {str(where[key])!r}: {exc}") from exc
+        try:
+            if dtypes[key] == "BF16":
+                return _read_bf16(where[key], key, shapes[key])
+            with handle(where[key]) as h:
+                a = h.get_tensor(key)
+        except NxError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor {key!r} from {str(where[key])!r}: {exc}") from exc
+        return a.astype(np.float32) if a.dtype in (np.float16, np.float64) else a
 
     return TensorSource(shapes, read)
+
+
+def _read_bf16(file: Path, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """bf16 tensor `key` of a safetensors file (already opened once by the library, so its header
+    is valid) as f32: a bf16 is the top half of the f32 with the same bits."""
+    with open(file, "rb") as f:
+        (size,) = np.frombuffer(f.read(8), "<u8")
+        header = json.loads(f.read(int(size)))
+    begin, end = header[key]["data_offsets"]
+    bits = np.fromfile(file, "<u2", count=(end - begin) // 2, offset=8 + int(size) + begin)
+    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
 
 
 def _torch_load(file: Path) -> dict:
@@ -332,6 +387,9 @@ def gguf_config(reader) -> dict:
             f = fields.get(f"{prefix}.{key}")
             if f is not None and hf_key is not None and hf_key != -1:
                 cfg[hf_key] = f.contents()
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if "vocab_size" not in cfg and embed is not None:  # many files leave it to the vocabulary's length
+        cfg["vocab_size"] = int(embed.shape[-1])
     cfg["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
     cfg["model_type"] = arch
     return cfg
@@ -355,13 +413,49 @@ def gguf_reader(file: str | os.PathLike):
         def data(self, mapped):
             self._plain = mapped.view(np.ndarray)  # still backed by (and keeping alive) the mapping
 
+        def _get_field_parts(self, orig_offs: int, raw_type: int):
+            # A long array (the vocabulary, its scores and merges) is stepped over, not split into a
+            # part per item: nx reads only scalars and short lists; transformers reads the vocabulary
+            # itself when it converts the tokenizer.
+            if raw_type != gguf.GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            if int(alen[0]) <= _LISTED_ITEMS:
+                return super()._get_field_parts(orig_offs, raw_type)
+            end = _skip_items(self._plain, orig_offs + 12, int(itype[0]), int(alen[0]), self.gguf_scalar_to_np)
+            return end - orig_offs, [itype, alen], [], [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType(int(itype[0]))]
+
     return Reader(str(file))
 
 
-def _open_gguf(directory: Path, fname: str) -> Checkpoint:
-    import gguf
-    from transformers import AutoConfig
+#: GGUF arrays up to this long are read item by item; longer ones are skipped (see `gguf_reader`)
+_LISTED_ITEMS = 1024
 
+
+def _skip_items(data: np.ndarray, offset: int, item_type: int, count: int, scalars: dict) -> int:
+    """The offset just past `count` GGUF items of type `item_type` starting at `offset`
+    (`ValueError` if they run past the end: a damaged file)."""
+    import gguf
+
+    kind = gguf.GGUFValueType(item_type)
+    if kind in scalars:
+        end = offset + count * np.dtype(scalars[kind]).itemsize
+    elif kind == gguf.GGUFValueType.STRING:
+        raw, end = data.data, offset
+        for _ in range(count):  # each string: a u64 length, then its bytes
+            if end + 8 > len(data):
+                break
+            end += 8 + int.from_bytes(raw[end : end + 8], "little")
+    else:
+        raise ValueError(f"a GGUF array of {kind.name} items is not supported")
+    if end > len(data):
+        raise ValueError("a GGUF metadata array runs past the end of the file")
+    return end
+
+
+def _open_gguf(directory: Path, fname: str, cache: Any = None) -> Checkpoint:
+    import gguf
 
     file = directory / fname
     try:
@@ -378,7 +472,13 @@ def _open_gguf(directory: Path, fname: str) -> Checkpoint:
     digest = hashlib.sha256(reader.data[: reader.data_offset]).hexdigest()  # header, metadata, tensor index
     reader.fields.clear()  # metadata (the whole vocabulary as small arrays) is not needed after this
     memory.return_freed_memory()  # the parsed metadata (the whole vocabulary) back to the OS before the weights load
-    config = _hf_config(lambda: AutoConfig.for_model(cfg.pop("model_type"), **cfg), f"GGUF file {str(file)!r}")
+    def build():
+        from transformers import AutoConfig
+
+        fields = dict(cfg)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+    config = resolved_config(cfg, build, f"GGUF file {str(file)!r}", cache)
     tensors = {t.name: t for t in reader.tensors}
 
     def read(name: str) -> np.ndarray:

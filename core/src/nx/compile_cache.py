@@ -48,6 +48,7 @@ _MAGIC = b"nx-compiled-program 2\n"
 _SUFFIX = ".nxprog"
 _SUBDIR = "programs"
 _TOKENIZERS = "tokenizers"
+_CONFIGS = "configs"
 #: settings that do not change a program: the cache's own, and where logs and dumps go
 _NOT_PROGRAM = ("NX_CACHE_DIR", "NX_CACHE_MAX_MB", "NX_DUMP_HLO")
 
@@ -155,21 +156,21 @@ class CompileCache:
         }
         return hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode()).hexdigest()
 
-    # ---- GGUF tokenizers ---------------------------------------------------------------------
+    # ---- GGUF tokenizers and resolved configs -----------------------------------------------
     def tokenizer(self, digest: str, build: Callable[[], Any]) -> Any:
         """The tokenizer of a GGUF file whose metadata has sha256 `digest`: its saved JSON files if
         cached (SmolLM2: 0.1 s), else `build()` (transformers converts the GGUF vocabulary: ~3 s),
         saved for next time. Keyed by the transformers version too, which does the conversion."""
-        import transformers
-
         if not self.usable():
             return build()
-        where = self.directory / _TOKENIZERS / f"{digest}-transformers-{transformers.__version__}"
+        where = self.directory / _TOKENIZERS / f"{digest}-transformers-{_transformers_version()}"
         if (where / "tokenizer_config.json").is_file():
-            try:
-                return transformers.AutoTokenizer.from_pretrained(str(where))
-            except Exception:  # damaged: convert again
-                shutil.rmtree(where, ignore_errors=True)
+            from nx.checkpoint import load_tokenizer
+
+            tok = load_tokenizer(where)
+            if tok is not None:
+                return tok
+            shutil.rmtree(where, ignore_errors=True)  # damaged: convert again
         tok = build()
         if tok is not None:
             tmp = None
@@ -182,6 +183,34 @@ class CompileCache:
                 if tmp is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
         return tok
+
+    def hf_config(self, raw: dict, build: Callable[[], Any]) -> Any:
+        """The `nx.hfconfig.ResolvedConfig` of config fields `raw`: saved from an earlier load, else
+        `build()` (transformers' config class, which imports torch) resolved and saved. Keyed by
+        the fields and the transformers version, which supplies the defaults."""
+        from nx.hfconfig import ResolvedConfig
+
+        if not self.usable():
+            return ResolvedConfig.of(build())
+        text = json.dumps(raw, sort_keys=True, default=str) + _transformers_version()
+        f = self.directory / _CONFIGS / (hashlib.sha256(text.encode()).hexdigest() + ".json")
+        try:
+            return ResolvedConfig.from_json(json.loads(f.read_text()))
+        except (OSError, ValueError, ConfigError):  # not saved yet, or damaged: resolve again
+            pass
+        config = ResolvedConfig.of(build())
+        tmp = None
+        try:
+            data = json.dumps(config.to_json(), default=str)
+            f.parent.mkdir(mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=".tmp-", suffix=".json")
+            with os.fdopen(fd, "w") as out:
+                out.write(data)
+            os.replace(tmp, f)  # whole or not at all
+        except (OSError, TypeError, ValueError):  # read-only or full: resolve again next time
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+        return config
 
     def tokenizer_dirs(self) -> list[Path]:
         d = self.directory / _TOKENIZERS
@@ -235,12 +264,14 @@ class CompileCache:
         return sum(size for _, size in self._sized_entries())
 
     def clear(self) -> int:
-        """Delete every program and cached tokenizer; returns how many programs there were."""
+        """Delete every program, cached tokenizer and resolved config; returns how many programs
+        there were."""
         entries = self.entries()
         for f in entries:
             f.unlink(missing_ok=True)
         for d in self.tokenizer_dirs():
             shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(self.directory / _CONFIGS, ignore_errors=True)
         return len(entries)
 
     def _path(self, key: str) -> Path:
@@ -328,3 +359,10 @@ def source_digest() -> str:
     for f in sorted(root.rglob("*.py")):
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def _transformers_version() -> str:
+    """The installed transformers' version, without importing it (that takes most of a second)."""
+    from importlib.metadata import version
+
+    return version("transformers")

@@ -15,6 +15,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nx.generation import SamplingParams
+from nx.hfconfig import ResolvedConfig
 from nx.model import NxModel
 from nx.session import Session
 
@@ -31,8 +32,8 @@ class HuggingFaceGenerationModelAdapter(PreTrainedModel, GenerationMixin):
     _supports_cache_class = False
     _supports_sdpa = True  # attention runs in nx; nothing for HF to dispatch
 
-    def __init__(self, config: PretrainedConfig, nx_model: NxModel) -> None:
-        super().__init__(config)
+    def __init__(self, config: PretrainedConfig | ResolvedConfig, nx_model: NxModel) -> None:
+        super().__init__(config.to_transformers() if isinstance(config, ResolvedConfig) else config)
         self.nx_model = nx_model
         self.generation_config.use_cache = False  # nx keeps its own on-device cache
         self._anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # gives HF a device/dtype

@@ -113,3 +113,69 @@ def get(cfg: Any, *names: str, default: Any = None) -> Any:
         if v is not None:
             return v
     return default
+
+
+class ResolvedConfig:
+    """A Hugging Face model config as plain data: every field transformers resolved for it
+    (defaults included, ``to_dict()``), read by attribute like the ``PretrainedConfig`` it came
+    from, its ``attribute_map`` aliases too (GPT-2's ``hidden_size`` is ``n_embd``).
+
+    nx and family plugins read configs only through it, so a load whose config was resolved
+    before (`nx.compile_cache.CompileCache.hf_config`, an artifact's manifest) needs no
+    transformers config class: importing one imports torch, seconds of start-up.
+    """
+
+    def __init__(self, values: dict, aliases: dict | None = None) -> None:
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_aliases", dict(aliases or {}))
+
+    @classmethod
+    def of(cls, config: Any) -> ResolvedConfig:
+        """The resolved form of a transformers ``PretrainedConfig`` (or of another resolved one)."""
+        if isinstance(config, ResolvedConfig):
+            return config
+        return cls(config.to_dict(), getattr(type(config), "attribute_map", None) or {})
+
+    @classmethod
+    def from_json(cls, data: Any) -> ResolvedConfig:
+        """From `to_json` output; `ConfigError` if it is not that."""
+        if not (isinstance(data, dict) and isinstance(data.get("values"), dict) and isinstance(data.get("aliases"), dict)
+                and isinstance(data["values"].get("model_type"), str)):
+            raise ConfigError("a saved resolved config is not {values, aliases} with a model_type")
+        return cls(data["values"], data["aliases"])
+
+    def to_json(self) -> dict:
+        return {"values": dict(self._values), "aliases": dict(self._aliases)}
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values", {})  # (unpickling calls this before __init__)
+        name = self.__dict__.get("_aliases", {}).get(name, name)
+        try:
+            return values[name]
+        except KeyError:
+            raise AttributeError(f"the {values.get('model_type', '?')} config has no field {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a resolved config is read-only")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ResolvedConfig) and self.to_json() == other.to_json()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dict(self) -> dict:
+        return dict(self._values)
+
+    def to_transformers(self) -> Any:
+        """The transformers config object (imports transformers, and torch with it)."""
+        from transformers import AutoConfig
+
+        values = dict(self._values)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+
+    def save_pretrained(self, directory: Any) -> None:
+        """``config.json`` in `directory`, as transformers writes it."""
+        self.to_transformers().save_pretrained(str(directory))
+
+    def __repr__(self) -> str:
+        return f"ResolvedConfig({self._values.get('model_type')!r}, {len(self._values)} fields)"

@@ -59,11 +59,11 @@ def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = Non
     distributed.initialize_from_env()
     ensure_cpu_devices(config)
     if path is None:
-        ckpt = open_checkpoint(family_or_path)
+        ckpt = open_checkpoint(family_or_path, cache)
         family = registry.for_model_type(ckpt.model_type)
     else:
         family = registry.get(str(family_or_path))  # unknown family fails before touching the disk
-        ckpt = open_checkpoint(path)
+        ckpt = open_checkpoint(path, cache)
         if ckpt.model_type not in family.model_types:
             raise CheckpointError(
                 f"{str(path)!r} is a {ckpt.model_type!r} checkpoint but family {family.name!r} accepts "
@@ -117,11 +117,7 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
     if verify:
         artifacts.verify(contents)
     fam = (registry or default_registry()).get(contents.family)
-    if not contents.manifest.get("hf_config"):
-        raise ArtifactError(f"{str(path)!r} has no config.json (the model had no Hugging Face config); recompile it")
-    from transformers import AutoConfig  # heavy: only when restoring
-
-    hf_config = AutoConfig.from_pretrained(str(path))
+    hf_config = artifacts.hf_config(contents)
     spec = fam.spec_from_config(hf_config)
     if artifacts.jsonable(spec) != contents.manifest.get("spec"):
         raise ArtifactError(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -59,7 +61,9 @@ def build_params(
     check_keys(family, weight_map, set(tensors))
     flat: dict[str, np.ndarray] = {}
     non_finite: set[str] = set()
-    for name, w in track(weight_map.items(), "loading weights", total=len(weight_map), enabled=progress):
+
+    def build(item: tuple[str, Weight]) -> tuple[str, Any, bool]:
+        name, w = item
         arrays = [tensors[k] for k in w.keys]
         try:
             out = w.build(*arrays)
@@ -74,9 +78,16 @@ def build_params(
                 f"{name} should have shape {w.shape} but the checkpoint gives {tuple(out.shape)} (from {got}); "
                 "the weights do not match config.json"
             )
-        flat[name] = out if isinstance(out, QuantizedArray) else np.asarray(out, dtype=dtype)  # GGUF blocks stay
-        if not isinstance(out, QuantizedArray) and not all_finite(flat[name]):
-            non_finite.update(w.keys)
+        out = out if isinstance(out, QuantizedArray) else np.asarray(out, dtype=dtype)  # GGUF blocks stay
+        return name, out, not isinstance(out, QuantizedArray) and not all_finite(out)
+
+    # Tensors are read, converted and checked on every core: numpy and the readers release the GIL.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        built = pool.map(build, weight_map.items())
+        for name, out, bad in track(built, "loading weights", total=len(weight_map), enabled=progress):
+            flat[name] = out
+            if bad:
+                non_finite.update(weight_map[name].keys)
     if non_finite:
         raise CheckpointError(
             f"checkpoint tensor(s) {_few(non_finite)} hold NaN or infinite values, so the model can only "

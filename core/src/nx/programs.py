@@ -10,6 +10,7 @@ cache. Each is an `nx.executables.Program`, checked against what this set passes
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import threading
 from collections.abc import Callable, Iterable
@@ -299,14 +300,22 @@ class ProgramSet:
 
     def prefetch(self, keys: Iterable[ProgramKey]) -> threading.Thread:
         """Build `keys` on a background thread (saved programs load while the caller goes on); a
-        program that fails to build raises when it is asked for (`get` builds it again)."""
+        program that fails to build raises when it is asked for (`get` builds it again). At exit
+        the thread stops after the program in hand: XLA must not be torn down under it."""
+        stop = threading.Event()
 
         def run() -> None:
-            for key in keys:
-                with contextlib.suppress(Exception):
-                    self.get(key)
+            try:
+                for key in keys:
+                    if stop.is_set():
+                        return
+                    with contextlib.suppress(Exception):
+                        self.get(key)
+            finally:
+                _PREFETCHING.pop(thread, None)
 
         thread = threading.Thread(target=run, name="nx-programs", daemon=True)
+        _PREFETCHING[thread] = stop
         thread.start()
         return thread
 
@@ -329,6 +338,19 @@ class ProgramSet:
             tokens, logits, caches, seen = exe(self.params, self.kv.arrays, inp, smp)
             self.kv.swap(caches)
         return tokens, logits, seen
+
+
+_PREFETCHING: dict[threading.Thread, threading.Event] = {}  # background builds running, and their stop signals
+
+
+@atexit.register
+def _stop_prefetching() -> None:
+    """Let background builds finish the program in hand before the interpreter goes."""
+    running = list(_PREFETCHING.items())
+    for _, stop in running:
+        stop.set()
+    for thread, _ in running:
+        thread.join()
 
 
 def program_name(key: ProgramKey) -> str:

@@ -34,10 +34,30 @@ class Prompt:
 
 
 def row_keys(seed: int, rows: int) -> np.ndarray:
-    """PRNG key data ``[rows, ..]`` from one seed: row b's key is the seed's folded with b, so the
-    rows of one batch draw differently and the same seed repeats them."""
-    key = jax.random.key(seed)
-    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(key, b))) for b in range(rows)])
+    """PRNG key data ``[rows, 2]`` (uint32) from one seed: row b's key is the seed's folded with b
+    (``jax.random.fold_in(jax.random.key(seed), b)``), so the rows of one batch draw differently
+    and the same seed repeats them. Computed on the host for seeds in [0, 2**31) (jax would compile
+    a program for it, a tenth of a second at start-up); by jax for the others."""
+    if not 0 <= seed < 2**31 or jax.config.jax_default_prng_impl != "threefry2x32":
+        key = jax.random.key(seed)
+        return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(key, b))) for b in range(rows)])
+    hi, lo = _threefry2x32(np.uint32(0), np.uint32(seed), np.zeros(rows, np.uint32), np.arange(rows, dtype=np.uint32))
+    return np.stack([hi, lo], axis=1)
+
+
+def _threefry2x32(k0: np.uint32, k1: np.uint32, x0: np.ndarray, x1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Threefry-2x32 block cipher (20 rounds) of counters (x0, x1) under key (k0, k1), as jax's
+    ``threefry2x32`` PRNG computes it (``fold_in(key, b)`` encrypts the counter (0, b))."""
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+    with np.errstate(over="ignore"):  # arithmetic mod 2**32
+        x0, x1 = x0 + ks[0], x1 + ks[1]
+        for i in range(5):
+            for r in rotations[i % 2]:
+                x0 = x0 + x1
+                x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+            x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
 
 
 class Session:

@@ -93,10 +93,11 @@ def generate(
     import dataclasses
     import time
 
-    from transformers import TextStreamer
+    import numpy as np
 
     from nx import decoding, distributed
     from nx.progress import plural
+    from nx.serve.text import Detokenizer
 
     texts = list(prompts) + (read_prompts(prompts_file) if prompts_file else [])
     if not texts:
@@ -125,24 +126,26 @@ def generate(
     eos = decoding.eos_ids(model, None)
     ids, mask = left_pad(rows, int(tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos.size else 0)))
     single = len(rows) == 1
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if single and leader else None
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer, return_dict=True,
-                         **dataclasses.asdict(knobs))
+    detok = Detokenizer(tok) if single and leader else None  # never splits a character, never shows special tokens
+    new, t2, t_first = [], time.perf_counter(), None
+    for host in model.stream(ids, attention_mask=mask, max_new_tokens=max_new_tokens, **dataclasses.asdict(knobs)):
+        t_first = t_first or time.perf_counter()
+        new.append(host)
+        if detok is not None:
+            click.echo(detok.push(int(host[0])), nl=False)
+    decode_s = time.perf_counter() - (t_first or t2)
     if not leader:
         return
     if single:
-        click.echo()
+        click.echo(detok.flush())
     else:
-        for n, (text, seq) in enumerate(zip(texts, out.sequences.tolist()), 1):
-            new = seq[width:]
-            ends = [i for i, t in enumerate(new) if t in eos]
-            answer = tok.decode(new[: ends[0]] if ends else new, skip_special_tokens=True)
+        for n, (text, seq) in enumerate(zip(texts, np.stack(new, 1).tolist()), 1):
+            ends = [i for i, t in enumerate(seq) if t in eos]
+            answer = tok.decode(seq[: ends[0]] if ends else seq, skip_special_tokens=True)
             click.echo(f"[{n}/{len(texts)}] {text}\n{answer}\n")
     if quiet:
         return
-    t = out.timings
-    decode_s = t["total_s"] - t["first_token_s"]
-    steps = t["new_tokens"] - 1
+    steps = len(new) - 1
     rate = steps * len(rows) / decode_s if steps > 0 and decode_s > 0 else float("nan")
     loaded = f"load {load_s:.1f}s"
     if built:
@@ -151,7 +154,7 @@ def generate(
         loaded += f" | load {plural(saved, 'saved program')} {compile_s:.1f}s"
     batch = "" if single else f"{len(rows)} prompts | "
     click.echo(
-        f"[{loaded} | {batch}prompt {t['prompt_tokens']} tokens | new {t['new_tokens']} tokens | "
-        f"first token {t['first_token_s'] * 1000:.0f} ms | decode {rate:.1f} tokens/s]",
+        f"[{loaded} | {batch}prompt {width} tokens | new {len(new)} tokens | "
+        f"first token {((t_first or t2) - t2) * 1000:.0f} ms | decode {rate:.1f} tokens/s]",
         err=True,
     )

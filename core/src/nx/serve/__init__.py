@@ -6,6 +6,16 @@ command loads and compiles the model, then runs the app with uvicorn.
 
 from __future__ import annotations
 
-from nx.serve.app import create_app
+from typing import Any
 
 __all__ = ["create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    """`create_app` on first use: importing ``nx.serve.text`` (the CLI's detokenizer) should not
+    import FastAPI."""
+    if name == "create_app":
+        from nx.serve.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'nx.serve' has no attribute {name!r}")
