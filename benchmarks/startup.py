@@ -105,6 +105,34 @@ def import_profile(cmd: list[str]) -> list[tuple[str, float]]:
     return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
+#: where one warm `nx generate` spends its time: (label, cProfile function pattern), cumulative
+PHASES = (
+    ("import jax", r"jax/__init__.py:\d+\(<module>\)"),
+    ("open the GGUF (metadata, config)", r"nx/checkpoint.py:\d+\(open_checkpoint\)"),
+    ("read and dequantize weights", r"nx/params.py:\d+\(build_params\)"),
+    ("place weights, allocate KV cache", r"nx/model.py:\d+\(__init__\)"),
+    ("tokenizer (cached conversion)", r"nx/model.py:\d+\(tokenizer\)"),
+    ("load 2 programs (compile cache)", r"nx/model.py:\d+\(compile\)"),
+    ("prompt and 16 decode steps", r"nx/decoding.py:\d+\(steps\)"),
+)
+
+
+def phase_profile(cmd: list[str]) -> list[tuple[str, float]]:
+    """Cumulative seconds of each of `PHASES` in one cProfile'd run of `cmd` (a python -m command)."""
+    import pstats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "prof"
+        subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), *cmd], check=True, capture_output=True)
+        stats = pstats.Stats(str(out)).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+        total = max(v[3] for v in stats.values())
+        found = [("whole run (under the profiler)", total)]
+        for label, pattern in PHASES:
+            hits = [v[3] for (f, line, name), v in stats.items() if re.search(pattern, f"{f}:{line}({name})")]
+            found.append((label, max(hits, default=0.0)))
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-dir", type=Path, default=None, help="folder with llama-cli (build-llama-cpp.sh)")
@@ -159,6 +187,7 @@ def main() -> None:
         result["artifact_load"], result["artifact_generate"] = loads, gens
 
     result["imports"] = import_profile(["-m", "nx.cli", *nx_cmd[1:], "-q"])[:12]
+    result["phases"] = phase_profile(["-m", "nx.cli", *nx_cmd[1:], "-q"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     log(f"wrote {args.out}")
@@ -191,6 +220,8 @@ def markdown(r: dict) -> str:
                     f"{median(a, 'import_and_load_s'):.2f} s with `import nx`, {median(a, 'load_all_programs_s'):.2f} s "
                     f"until every program is loaded, {median(a, 'process_s'):.2f} s as a whole python process")
     rows.append("\nimport time by package (s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["imports"][:8]))
+    rows.append("\none warm nx generate under cProfile (cumulative s): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r.get("phases", [])))
     return "\n".join(rows)
 
 

@@ -51,6 +51,8 @@ class KVCache:
         """New zeroed arrays of this cache's layout, dtype and sharding."""
         where = self.placement.sharding(self.spec)
         shapes, dtype = self.shapes, self.stored_dtype
+        if self.placement.device.platform == "cpu":  # host zeros: no XLA program to compile at start-up
+            return [tuple(self.placement.place(np.zeros(s, dtype), where) for s in shapes) for _ in range(self.pairs)]
         zeros = jax.jit(lambda: tuple(jnp.zeros(s, dtype) for s in shapes), out_shardings=(where, where))
         return [zeros() for _ in range(self.pairs)]
 

@@ -84,8 +84,9 @@ def serve(
     log.info("loaded %r in %.1fs", model, time.perf_counter() - t0)
     engine = nx.Engine(model, max_queue=max_queue)
     shapes = engine.program_keys() + (engine.program_keys(sample=True) if sampling else [])
-    todo = [s for s in shapes if s not in model.compiled_shapes]
-    log.info("compiling %s (%d loaded with the model) and warming them up ...", plural(len(todo), "program"),
+    saved = set(model.compiled_shapes) | set(model.programs.offered)  # an artifact's programs load, not compile
+    todo = [s for s in shapes if s not in saved]
+    log.info("compiling %s (%d saved with the model) and warming them up ...", plural(len(todo), "program"),
              len(shapes) - len(todo))
     t1 = time.perf_counter()
     model.compile(progress=False, shapes=shapes, warm=True)
