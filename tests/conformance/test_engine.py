@@ -155,3 +155,54 @@ def test_engine_under_tensor_parallelism_and_scanned_layers(tmp_path, opts):
         assert [r.result(120) for r in reqs] == [hf_tokens(hf, p, 6) for p in ps]
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("window", [32, 64])
+def test_insert_program_computes_decode_rows_exactly_as_a_decode_step(served, window):
+    """The decode rows of an insert program (a prompt chunk encoded into another row in the same
+    call) get bit for bit the logits and tokens of a plain decode step, also when the chunk makes
+    the call attend over a larger window than the decode rows need (what keeps a request's tokens
+    the same alone and in company); the chunk's row gets its prompt's next token."""
+    import jax
+    import jax.numpy as jnp
+
+    from nx.buckets import ProgramKey
+    from nx.decoder import StepInputs
+
+    hf, model, engine = served
+    rows = model.kv.acquire(4, wait=True)  # the engine admits nothing while the test holds every row
+    try:
+        put, programs, b = model.programs.placement.put, model.programs, 4
+        ps = prompts(3, seed=9)
+        batch = nx.batch.ContinuousBatch(programs, model.config)
+        for r, p in enumerate(ps[:2]):  # rows 0 and 1 hold prompts (at different positions), row 2 is free
+            batch.admit(r, p, nx.generation.SamplingParams())
+            while r in batch.pending:
+                tokens, _ = batch.step()
+            batch.tokens[r] = int(np.asarray(tokens)[r])
+        assert not batch.pending and list(np.flatnonzero(batch.active)) == [0, 1]
+        slots = np.where(batch.active, batch.slots, 0).astype(np.int32)
+        decode = np.where(batch.active, batch.tokens, 0).astype(np.int32)
+        saved = jax.tree.map(jnp.copy, model.kv.arrays)
+
+        def run(key, inp):
+            model.kv.swap(jax.tree.map(jnp.copy, saved))
+            smp = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), programs.abstract_inputs(key)[1])
+            smp = jax.tree.map(put, smp._replace(top_p=smp.top_p + 1, penalty=smp.penalty + 1))  # greedy, no penalty
+            tokens, logits, _ = programs.run(key, inp, smp)
+            return np.asarray(tokens), np.asarray(logits)
+
+        plain = run(ProgramKey(b, 1, 32), StepInputs(put(decode[:, None]), put(slots), put(np.zeros(b, np.int32)),
+                                                     put(np.int32(0)), put(np.int32(0))))
+        chunk = np.zeros((b + 1, 16), np.int32)
+        chunk[:b, 0] = decode
+        chunk[b, : len(ps[2])] = ps[2][:16]
+        n = min(16, len(ps[2]))
+        ins = run(ProgramKey(b, 16, window, False, True),
+                  StepInputs(put(chunk), put(np.append(slots, np.int32(0))), put(np.zeros(b + 1, np.int32)),
+                             put(np.int32(n - 1)), put(np.int32(2))))
+        for i in (0, 1):
+            assert np.array_equal(plain[1][i], ins[1][i]) and plain[0][i] == ins[0][i]
+        assert ins[0][2] == hf_tokens(hf, ps[2][:n], 1)[0]
+    finally:
+        model.kv.release(rows)

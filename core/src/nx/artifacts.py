@@ -63,7 +63,8 @@ PROGRAMS = "programs"
 #: program takes bf16/f16 caches.
 #: 4: programs take each row's own cache position and per-row sampling state; insert programs.
 #: 5: each program's signature in the manifest; programs named after their key.
-FORMAT = 5
+#: 6: insert programs also advance every batch row by one decode token (their inputs pack both).
+FORMAT = 6
 
 def is_artifact(path: str | os.PathLike | None) -> bool:
     """Whether `path` is a directory written by `write` (it holds an ``nx-artifact.json``)."""

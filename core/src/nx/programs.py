@@ -93,17 +93,24 @@ class ProgramSet:
         def run(params, caches, inp: decoder.StepInputs, smp: SamplingInputs):
             with jax.default_matmul_precision(precision):
                 logits, caches = forward(params, caches, inp)
-            position = inp.slot + inp.last  # where each row's chosen token comes from (seeds the draw)
             if not key.insert:
+                position = inp.slot + inp.last  # where each row's chosen token comes from (seeds the draw)
                 tokens, seen = choose(logits, smp, key.sample, jnp.repeat(position, logits.shape[0] // key.rows))
                 return tokens, logits, caches, seen
-            # one prompt into batch row `inp.row`: its sampling state only, `seen` restarted by the prompt
-            mine = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, inp.row, 1, axis=0), smp)
-            valid = jnp.arange(key.tokens) <= inp.last  # the final chunk's padding is not the prompt's
-            prompt = jnp.zeros(smp.seen.shape[1], bool).at[jnp.where(valid, inp.tokens[0], smp.seen.shape[1])].set(True, mode="drop")
-            mine = mine._replace(seen=(jnp.where(inp.slot[0] == 0, False, mine.seen[0]) | prompt)[None])
-            tokens, seen_row = choose(logits, mine, key.sample, position)
-            return tokens, logits, caches, lax.dynamic_update_slice_in_dim(smp.seen, seen_row, inp.row, axis=0)
+            # every row's decode token, and the prompt chunk's token in batch row `inp.row` (that row's
+            # decode token is a placeholder): one choice over the batch, the row with its own state
+            b, row = key.rows, inp.row
+            logits = lax.dynamic_update_slice_in_dim(logits[:b], logits[b:], row, axis=0)
+            start = inp.slot[b]
+            position = lax.dynamic_update_slice_in_dim(inp.slot[:b], (start + inp.last)[None], row, axis=0)
+            # the row's `seen` restarts with its prompt's first chunk; a final chunk's padding is not the prompt's
+            v = smp.seen.shape[1]
+            valid = jnp.arange(key.tokens) <= inp.last
+            prompt = jnp.zeros(v, bool).at[jnp.where(valid, inp.tokens[b], v)].set(True, mode="drop")
+            mine = jnp.where(start == 0, False, lax.dynamic_index_in_dim(smp.seen, row, 0, keepdims=False)) | prompt
+            smp = smp._replace(seen=lax.dynamic_update_slice_in_dim(smp.seen, mine[None], row, axis=0))
+            tokens, seen = choose(logits, smp, key.sample, position)
+            return tokens, logits, caches, seen
 
         # Named after its key: the name is in the compiled module, so a loaded program proves which it is.
         run.__name__ = run.__qualname__ = program_name(key)
@@ -120,7 +127,7 @@ class ProgramSet:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
 
         i32, f32 = jnp.int32, jnp.float32
-        rows = key.rows
+        rows = key.rows + 1 if key.insert else key.rows  # an insert packs its prompt chunk as one more row
         inp = decoder.StepInputs(sds((rows, key.tokens), i32), sds((rows,), i32), sds((rows,), i32), sds((), i32),
                                  sds((), i32))
         rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # shape only: nothing compiles
