@@ -206,3 +206,38 @@ def test_insert_program_computes_decode_rows_exactly_as_a_decode_step(served, wi
         assert ins[0][2] == hf_tokens(hf, ps[2][:n], 1)[0]
     finally:
         model.kv.release(rows)
+
+
+def test_steps_encode_waiting_prompts_one_chunk_each_beside_the_decode_rows(served):
+    """`ContinuousBatch.step` encodes the oldest admitted prompt's next chunk while every active
+    row decodes: a 20-token prompt takes two steps (chunks of the largest bucket, 16, then 8), a
+    row yields tokens from the step that finishes its prompt on, and every row's tokens are HF's."""
+    hf, model, engine = served
+    held = model.kv.acquire(4, wait=True)  # the engine admits nothing while the test holds every row
+    try:
+        batch = nx.batch.ContinuousBatch(model.programs, model.config)
+        greedy = nx.generation.SamplingParams()
+        ps = {0: prompts(1, seed=11)[0][:12], 1: list(range(3, 23)), 2: prompts(1, seed=12)[0][:10]}
+        got: dict[int, list[int]] = {r: [] for r in ps}
+
+        def step():
+            tokens, rows = batch.step()
+            tokens = np.asarray(tokens)
+            for r in rows:
+                got[r].append(int(tokens[r]))
+                batch.tokens[r] = tokens[r]
+            return rows
+
+        batch.admit(0, ps[0], greedy)
+        assert batch.pending == [0] and step() == [0]
+        batch.admit(1, ps[1], greedy)
+        batch.admit(2, ps[2], greedy)
+        assert batch.pending == [1, 2]
+        assert step() == [0] and batch.pending == [1, 2]  # the first chunk of the 20-token prompt
+        assert step() == [0, 1] and batch.pending == [2]
+        assert step() == [0, 1, 2] and not batch.pending
+        assert step() == [0, 1, 2]
+        for r, n in ((0, 5), (1, 3), (2, 2)):
+            assert got[r] == hf_tokens(hf, ps[r], n)
+    finally:
+        model.kv.release(held)

@@ -52,8 +52,8 @@ class ContinuousBatch:
             collections.OrderedDict())
 
     def program_keys(self, sample: bool = False) -> list[ProgramKey]:
-        """Every program `insert` and `step` can run: an insert per prompt bucket, a decode step per
-        position bucket (compile them before serving, so no request waits for XLA)."""
+        """Every program `step` can run: an insert per prompt chunk shape and window, a decode step
+        per position bucket (compile them before serving, so no request waits for XLA)."""
         return buckets.serving_keys(self.config, sample)
 
     def _sampling(self) -> SamplingInputs:
