@@ -158,11 +158,12 @@ def test_engine_under_tensor_parallelism_and_scanned_layers(tmp_path, opts):
 
 
 @pytest.mark.parametrize("window", [32, 64])
-def test_insert_program_computes_decode_rows_exactly_as_a_decode_step(served, window):
+def test_insert_program_computes_decode_rows_exactly_as_a_serving_step(served, window):
     """The decode rows of an insert program (a prompt chunk encoded into another row in the same
-    call) get bit for bit the logits and tokens of a plain decode step, also when the chunk makes
-    the call attend over a larger window than the decode rows need (what keeps a request's tokens
-    the same alone and in company); the chunk's row gets its prompt's next token."""
+    call, sharing its products) get bit for bit the logits and tokens of a serving step without a
+    chunk, also when the chunk makes the call attend over a larger window than the decode rows
+    need (what keeps a request's tokens the same alone and in company); the chunk's row gets its
+    prompt's next token."""
     import jax
     import jax.numpy as jnp
 
@@ -192,7 +193,7 @@ def test_insert_program_computes_decode_rows_exactly_as_a_decode_step(served, wi
             tokens, logits, _ = programs.run(key, inp, smp)
             return np.asarray(tokens), np.asarray(logits)
 
-        plain = run(ProgramKey(b, 1, 32), StepInputs(put(decode[:, None]), put(slots), put(np.zeros(b, np.int32)),
+        plain = run(ProgramKey(b, 0, 32, False, True), StepInputs(put(decode[:, None]), put(slots), put(np.zeros(b, np.int32)),
                                                      put(np.int32(0)), put(np.int32(0))))
         chunk = np.zeros((b + 1, 16), np.int32)
         chunk[:b, 0] = decode

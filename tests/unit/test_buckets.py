@@ -63,7 +63,7 @@ def test_prefill_shapes_are_every_chunk_of_every_prompt_length(options):
     prefill = {(k.tokens, k.window) for k in buckets.all_keys(c) if k.tokens > 1}
     assert prefill == set(seen) and set(buckets.default_keys(c)) <= set(buckets.all_keys(c))
     # an insert encodes a chunk beside decode rows at any position: the larger of the two windows
-    inserts = {(k.tokens, k.window) for k in buckets.serving_keys(c, sample=True) if k.insert and k.sample}
+    inserts = {(k.tokens, k.window) for k in buckets.serving_keys(c, sample=True) if k.insert and k.tokens and k.sample}
     assert inserts == {(n, buckets.insert_window(c, w, s)) for n, w in seen for s in range(c.max_positions)}
 
 

@@ -7,8 +7,10 @@ insert program, `nx.buckets.ProgramKey`), so no row stalls while prompts are enc
 prompt's first token comes out of the step that encodes its last chunk, on the device with the
 others (chunked prefill interleaved with decode, one chunk per step, as vLLM schedules it). Each
 row carries its own sampling settings, so greedy and sampled requests share one step, and a
-row's tokens never depend on its neighbours: an insert program computes the decode rows with
-exactly a decode step's products.
+row's tokens never depend on its neighbours: every step is a serving program (`nx.buckets.
+ProgramKey` with `insert`), whose products are shared by all its tokens in the formulation that
+rounds each token alike beside any others (`nx.ops.rows`), so a decode row gets the same bits
+whether or not a chunk is encoded beside it.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class ContinuousBatch:
             window = buckets.decode_window(self.config, int(slots.max()))
             inp = decoder.StepInputs(put(decode[:, None]), put(slots), put(np.zeros(b, np.int32)), put(np.int32(0)),
                                      put(np.int32(0)))
-            key = ProgramKey(b, 1, window, bool((self._sample & active).any()))
+            key = ProgramKey(b, 0, window, bool((self._sample & active).any()), True)
             tokens, _, self._seen = self.programs.run(key, inp, self._sampling())
             rows = list(np.flatnonzero(active))
             self.slots[active] += 1

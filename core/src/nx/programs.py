@@ -9,6 +9,7 @@ warms up and drops them, and runs one on the model's KV cache.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -20,7 +21,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from nx import decoder, dump, executables, memory, sharding, xla_options
+from nx import decoder, dump, executables, memory, ops, sharding, xla_options
 from nx.buckets import ProgramKey
 from nx.compile_cache import CompileCache
 from nx.errors import ArtifactError
@@ -79,7 +80,10 @@ class ProgramSet:
 
         def forward(params, caches, inp):
             axis = sharding.AXIS if tp > 1 else None
-            return decoder.step(local, params, caches, inp, key.window, axis, spec.vocab_size, unroll, key.insert)
+            # serving programs share their products between rows (see nx.ops.rows), so they trace them
+            # in the one formulation whose rows do not depend on each other
+            with ops.uniform_rows() if key.insert else contextlib.nullcontext():
+                return decoder.step(local, params, caches, inp, key.window, axis, spec.vocab_size, unroll, key.insert)
 
         if tp > 1:
             forward = jax.shard_map(
@@ -93,7 +97,7 @@ class ProgramSet:
         def run(params, caches, inp: decoder.StepInputs, smp: SamplingInputs):
             with jax.default_matmul_precision(precision):
                 logits, caches = forward(params, caches, inp)
-            if not key.insert:
+            if not key.insert or not key.tokens:
                 position = inp.slot + inp.last  # where each row's chosen token comes from (seeds the draw)
                 tokens, seen = choose(logits, smp, key.sample, jnp.repeat(position, logits.shape[0] // key.rows))
                 return tokens, logits, caches, seen
@@ -127,8 +131,8 @@ class ProgramSet:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
 
         i32, f32 = jnp.int32, jnp.float32
-        rows = key.rows + 1 if key.insert else key.rows  # an insert packs its prompt chunk as one more row
-        inp = decoder.StepInputs(sds((rows, key.tokens), i32), sds((rows,), i32), sds((rows,), i32), sds((), i32),
+        rows = key.rows + 1 if key.insert and key.tokens else key.rows  # a prompt chunk is one more row
+        inp = decoder.StepInputs(sds((rows, max(key.tokens, 1)), i32), sds((rows,), i32), sds((rows,), i32), sds((), i32),
                                  sds((), i32))
         rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # shape only: nothing compiles
         smp = SamplingInputs(sds((b,), f32), sds((b,), i32), sds((b,), f32), sds((b,), f32), sds((b, v), jnp.bool_),
@@ -223,7 +227,7 @@ class ProgramSet:
         inp, smp = self.abstract_inputs(key)
         put = self.placement.put
         zeros = jax.tree.map(lambda s: put(np.zeros(s.shape, s.dtype)), (inp, smp))
-        inp = zeros[0]._replace(last=put(np.int32(key.tokens - 1)))
+        inp = zeros[0]._replace(last=put(np.int32(max(key.tokens, 1) - 1)))
         tokens, _, _ = self.run(key, inp, zeros[1])
         jax.block_until_ready(tokens)
         self._warmed.add(key)
