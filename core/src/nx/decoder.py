@@ -219,7 +219,7 @@ def step(
     With `insert` (a serving program, continuous batching) the inputs hold every batch row's
     decode token and possibly a prompt chunk (see the packing above `step`), written into batch
     row ``inp.row`` and attending over that row only. All of them run as one flat token list
-    through shared products (call it inside `nx.ops.rows.uniform`, so no token's products depend
+    through shared products (call it inside `nx.ops.uniform_rows`, so no token's products depend
     on the others); the logits are ``[B (+ 1), vocab]``: the decode rows, then the chunk's token
     `last`.
 
