@@ -93,9 +93,9 @@ class Server:
         self.out.close()
 
 
-async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
+async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, **extra}
+            "ignore_eos": True}
     t0 = time.perf_counter()
     stamps: list[float] = []
     async with http.stream("POST", "/v1/completions", json=body) as r:
@@ -110,13 +110,13 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
     return {"ttft": stamps[0] - t0, "gaps": list(np.diff(stamps)), "end": stamps[-1] - t0}
 
 
-async def workload(url: str, model: str, clients: int, n_requests: int, max_tokens: int, extra: dict) -> dict:
+async def workload(url: str, model: str, clients: int, n_requests: int, max_tokens: int) -> dict:
     todo = [prompts()[i % len(PROMPT_WORDS)] for i in range(n_requests)]
     results: list[dict] = []
 
     async def client(http: httpx.AsyncClient) -> None:
         while todo:
-            results.append(await one_request(http, model, todo.pop(), max_tokens, extra))
+            results.append(await one_request(http, model, todo.pop(), max_tokens))
 
     limits = httpx.Limits(max_connections=clients + 2)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -165,16 +165,13 @@ def run(args) -> dict:
                 log(f"{engine} {precision} c={clients}: starting")
                 args.precision = precision
                 srv = start(engine, nx_src, clients, args, log_dir)
-                # llama-server reuses a slot's cached prompt (the workload repeats 8 prompts); nx has no
-                # prompt cache, so --no-llama-prompt-cache compares prefill against prefill
-                extra = {"cache_prompt": False} if engine == "llama-server" and args.no_llama_prompt_cache else {}
                 try:
-                    asyncio.run(workload(srv.url, "bench", clients, clients, 8, extra))  # warm-up
+                    asyncio.run(workload(srv.url, "bench", clients, clients, 8))  # warm-up
                     n = max(args.min_requests, args.requests_per_client * clients)
-                    row = asyncio.run(workload(srv.url, "bench", clients, n, args.max_tokens, extra))
+                    row = asyncio.run(workload(srv.url, "bench", clients, n, args.max_tokens))
                 finally:
                     srv.stop()
-                row.update(engine=engine, precision=precision, **({"cache_prompt": False} if extra else {}))
+                row.update(engine=engine, precision=precision)
                 log(f"{engine} {precision} c={clients}: {row['output_tok_s']:.1f} tok/s, TTFT p50 "
                     f"{row['ttft_ms_p50']:.0f} p99 {row['ttft_ms_p99']:.0f} ms, ITL p50 {row['itl_ms_p50']:.0f} ms")
                 result["runs"].append(row)
@@ -228,8 +225,6 @@ def main() -> None:
     ap.add_argument("--n-positions", type=int, default=256, help="positions per sequence (both engines)")
     ap.add_argument("--context-buckets", default="16,32,64,128")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--no-llama-prompt-cache", action="store_true",
-                    help="send cache_prompt=false to llama-server (it otherwise reuses a slot's cached prompt)")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nx-bench")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: benchmarks/results/serve-<date>.json)")
     ap.add_argument("--chart", type=Path, default=None, help="also draw a PNG chart here")

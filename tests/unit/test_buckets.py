@@ -22,19 +22,6 @@ def test_default_keys_are_a_prefill_per_prompt_bucket_and_a_decode_per_position_
     assert ProgramKey(4, 1, 256, True).name == "decode_b4_w256_sample"
 
 
-def test_serving_keys_are_inserts_over_every_window_and_a_chunkless_step_per_position_bucket():
-    """Continuous batching runs its own programs (their products are shared by all their tokens,
-    `nx.ops.rows`), never generate()'s decode steps."""
-    c = cfg(batch_size=4, n_positions=[64, 256], context_length_estimate=[16, 64])
-    keys = buckets.serving_keys(c)
-    assert all(k.insert and k.rows == 4 for k in keys)
-    assert [k for k in keys if not k.tokens] == [ProgramKey(4, 0, 64, False, True), ProgramKey(4, 0, 256, False, True)]
-    assert ProgramKey(4, 16, 64, False, True) in keys and ProgramKey(4, 16, 256, False, True) in keys
-    assert ProgramKey(4, 0, 64, False, True).name == "serve_b4_w64"
-    assert ProgramKey(4, 16, 256, True, True).name == "insert_b4_t16_w256_sample"
-    assert buckets.insert_window(c, 64, 100) == 256 and buckets.insert_window(c, 256, 3) == 256
-
-
 @pytest.mark.parametrize(
     ("length", "chunks"),
     [
@@ -75,9 +62,8 @@ def test_prefill_shapes_are_every_chunk_of_every_prompt_length(options):
     assert buckets.prefill_shapes(c) == seen
     prefill = {(k.tokens, k.window) for k in buckets.all_keys(c) if k.tokens > 1}
     assert prefill == set(seen) and set(buckets.default_keys(c)) <= set(buckets.all_keys(c))
-    # an insert encodes a chunk beside decode rows at any position: the larger of the two windows
-    inserts = {(k.tokens, k.window) for k in buckets.serving_keys(c, sample=True) if k.insert and k.tokens and k.sample}
-    assert inserts == {(n, buckets.insert_window(c, w, s)) for n, w in seen for s in range(c.max_positions)}
+    inserts = {(k.tokens, k.window) for k in buckets.serving_keys(c, sample=True) if k.insert and k.sample}
+    assert inserts == set(seen)
 
 
 def test_all_keys_add_the_windows_long_prompts_need():

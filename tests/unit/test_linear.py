@@ -29,26 +29,3 @@ def test_every_form_computes_x_times_w_transposed(lead, out):
     got = jax.jit(lambda a, b: project(a, b, jnp.float32))(x, w)
     assert got.shape == (*lead, out)
     np.testing.assert_allclose(np.asarray(got), x @ w.T, rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_uniform_rows_round_each_token_alike_beside_any_others(dtype):
-    """Inside `nx.ops.uniform_rows` a token's products are the same bits whatever the number of
-    tokens beside it and wherever it sits (what lets a serving step share its products between
-    decode rows and a prompt chunk); the row-count-tuned formulation outside it makes no such promise."""
-    from nx import ops
-
-    rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.standard_normal((640, 576)), dtype)
-    x = jnp.asarray(rng.standard_normal((1, 90, 576)), dtype)
-
-    @jax.jit
-    def product(x, w):
-        with ops.uniform_rows():
-            return ops.linear(x, {"w": w})
-
-    alone = np.asarray(product(x[:, :1], w))
-    for n in (2, 4, 16, 17, 90):
-        assert np.array_equal(np.asarray(product(x[:, :n], w))[:, :1], alone), n
-    flipped = np.asarray(product(x[:, ::-1], w))[:, ::-1]
-    assert np.array_equal(flipped, np.asarray(product(x, w)))

@@ -63,8 +63,7 @@ PROGRAMS = "programs"
 #: program takes bf16/f16 caches.
 #: 4: programs take each row's own cache position and per-row sampling state; insert programs.
 #: 5: each program's signature in the manifest; programs named after their key.
-#: 6: insert programs also advance every batch row by one decode token (their inputs pack both).
-FORMAT = 6
+FORMAT = 5
 
 def is_artifact(path: str | os.PathLike | None) -> bool:
     """Whether `path` is a directory written by `write` (it holds an ``nx-artifact.json``)."""

@@ -69,9 +69,7 @@ def pick(buckets: list[int], needed: int, what: str, hint: str) -> int:
 # ---- which program serves what: pure functions of a RuntimeConfig (see nx.config) -------------
 class ProgramKey(NamedTuple):
     """Which program: `rows` x `tokens` fed at once, attending over `window` positions, greedy or
-    sampling. An `insert` program is a serving step (continuous batching): it advances each of the
-    `rows` batch rows by one decode token and, unless `tokens` is 0, encodes a `tokens`-token
-    prompt chunk into a chosen row in the same call, with products shared by all of those tokens."""
+    sampling; an `insert` program encodes one prompt into a chosen batch row (continuous batching)."""
 
     rows: int
     tokens: int
@@ -81,12 +79,9 @@ class ProgramKey(NamedTuple):
 
     @property
     def name(self) -> str:
-        """File-name form: ``prefill_b1_t64_w128``, ``decode_b4_w256``, ``insert_b4_t64_w128``,
-        ``serve_b4_w256`` (a serving step without a chunk) (+ ``_sample``)."""
-        if self.insert and not self.tokens:
-            base = f"serve_b{self.rows}_w{self.window}"
-        elif self.insert:
-            base = f"insert_b{self.rows}_t{self.tokens}_w{self.window}"
+        """File-name form: ``prefill_b1_t64_w128``, ``decode_b4_w256``, ``insert_t64_w128`` (+ ``_sample``)."""
+        if self.insert:
+            base = f"insert_t{self.tokens}_w{self.window}"
         elif self.tokens == 1:
             base = f"decode_b{self.rows}_w{self.window}"
         else:
@@ -113,18 +108,9 @@ def all_keys(config: Any, sample: bool = False) -> list[ProgramKey]:
 
 def serving_keys(config: Any, sample: bool = False) -> list[ProgramKey]:
     """Every program continuous batching (`nx.batch`) can run: an insert per prefill shape any
-    prompt length needs (`prefill_shapes`) over every position bucket at least its own (the
-    decode rows beside the chunk may need a larger one: `insert_window`), and a serving step
-    without a chunk per position bucket (not `generate`'s decode step: its products differ)."""
-    b, pos = config.batch_size, list(config.n_positions)
-    inserts = [ProgramKey(b, c, w, sample, True) for c, wp in prefill_shapes(config) for w in pos if w >= wp]
-    return inserts + [ProgramKey(b, 0, p, sample, True) for p in pos]
-
-
-def insert_window(config: Any, chunk_window: int, slot: int) -> int:
-    """The window of the insert program encoding a chunk over `chunk_window` beside decode rows
-    whose largest next slot is `slot`: whichever of the two is larger."""
-    return max(chunk_window, decode_window(config, slot))
+    prompt length needs (`prefill_shapes`) and a decode step per position bucket."""
+    inserts = [ProgramKey(1, c, w, sample, True) for c, w in prefill_shapes(config)]
+    return inserts + [ProgramKey(config.batch_size, 1, p, sample) for p in config.n_positions]
 
 
 def _chunk(config: Any, start: int, length: int) -> tuple[int, int, int]:

@@ -27,7 +27,7 @@ ENV = "NX_DUMP_TO"
 
 
 def program_name(rows: int, n_tokens: int, window: int, sample: bool = False, insert: bool = False) -> str:
-    """``prefill_b<rows>_t<tokens>_w<window>``, ``decode_b<rows>_w<window>`` or ``insert_b<rows>_t<tokens>_w<window>``
+    """``prefill_b<rows>_t<tokens>_w<window>``, ``decode_b<rows>_w<window>`` or ``insert_t<tokens>_w<window>``
     (+ ``_sample``)."""
     return ProgramKey(rows, n_tokens, window, sample, insert).name
 

@@ -1,10 +1,9 @@
 """`nx.Engine`: one model shared by many callers, with continuous batching.
 
 `submit` checks a request and queues it (bounded); a background thread admits queued requests
-into free batch rows at every step (`ContinuousBatch.admit`), steps every row together
-(`ContinuousBatch.step`: active rows decode while admitted prompts are encoded in the same
-call), hands each request its tokens as they come (one host read per step), and frees a row as
-soon as its request ends (EOS, a stop sequence, max_new_tokens, cancel). Thread-safe; `submit` never waits
+into free batch rows at every step (`ContinuousBatch.insert`), steps every active row together
+(`ContinuousBatch.step`), hands each request its tokens as they come, and frees a row as soon as
+its request ends (EOS, a stop sequence, max_new_tokens, cancel). Thread-safe; `submit` never waits
 for compute. A `NxModel.generate` on another thread waits until the engine holds no rows.
 """
 
@@ -146,8 +145,8 @@ class Engine:
                 self._end(row, "cancelled")
 
     def _admit(self) -> bool:
-        """Admit queued requests into free rows (their prompts are encoded by the steps that
-        follow); True when requests wait for rows."""
+        """Insert queued requests into free rows (one prompt each), emitting their first tokens;
+        True when requests wait for rows."""
         while True:
             with self._lock:
                 if not self._queue:
@@ -162,14 +161,14 @@ class Engine:
             self._eos[row] = decoding.eos_ids(self.model, req.options.eos_token_id)
             if req.options.min_new_tokens > 0:
                 self.batch.suppress(row, self._eos[row])
-            self.batch.admit(row, req.prompt, sp)
+            first = self.batch.insert(row, req.prompt, sp)
+            self._emit(row, int(self.model.host(first)[0]))
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        tokens, rows = self.batch.step()
-        tokens = self.model.host(tokens)
+        tokens = self.model.host(self.batch.step())
         self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - t0)
-        for row in rows:
+        for row in list(self._rows):
             self._emit(row, int(tokens[row]))
 
     def _emit(self, row: int, token: int) -> None:

@@ -9,7 +9,6 @@ warms up and drops them, and runs one on the model's KV cache.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -21,7 +20,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from nx import decoder, dump, executables, memory, ops, sharding, xla_options
+from nx import decoder, dump, executables, memory, sharding, xla_options
 from nx.buckets import ProgramKey
 from nx.compile_cache import CompileCache
 from nx.errors import ArtifactError
@@ -80,10 +79,7 @@ class ProgramSet:
 
         def forward(params, caches, inp):
             axis = sharding.AXIS if tp > 1 else None
-            # serving programs share their products between rows (see nx.ops.rows), so they trace them
-            # in the one formulation whose rows do not depend on each other
-            with ops.uniform_rows() if key.insert else contextlib.nullcontext():
-                return decoder.step(local, params, caches, inp, key.window, axis, spec.vocab_size, unroll, key.insert)
+            return decoder.step(local, params, caches, inp, key.window, axis, spec.vocab_size, unroll, key.insert)
 
         if tp > 1:
             forward = jax.shard_map(
@@ -97,24 +93,17 @@ class ProgramSet:
         def run(params, caches, inp: decoder.StepInputs, smp: SamplingInputs):
             with jax.default_matmul_precision(precision):
                 logits, caches = forward(params, caches, inp)
-            if not key.insert or not key.tokens:
-                position = inp.slot + inp.last  # where each row's chosen token comes from (seeds the draw)
+            position = inp.slot + inp.last  # where each row's chosen token comes from (seeds the draw)
+            if not key.insert:
                 tokens, seen = choose(logits, smp, key.sample, jnp.repeat(position, logits.shape[0] // key.rows))
                 return tokens, logits, caches, seen
-            # every row's decode token, and the prompt chunk's token in batch row `inp.row` (that row's
-            # decode token is a placeholder): one choice over the batch, the row with its own state
-            b, row = key.rows, inp.row
-            logits = lax.dynamic_update_slice_in_dim(logits[:b], logits[b:], row, axis=0)
-            start = inp.slot[b]
-            position = lax.dynamic_update_slice_in_dim(inp.slot[:b], (start + inp.last)[None], row, axis=0)
-            # the row's `seen` restarts with its prompt's first chunk; a final chunk's padding is not the prompt's
-            v = smp.seen.shape[1]
-            valid = jnp.arange(key.tokens) <= inp.last
-            prompt = jnp.zeros(v, bool).at[jnp.where(valid, inp.tokens[b], v)].set(True, mode="drop")
-            mine = jnp.where(start == 0, False, lax.dynamic_index_in_dim(smp.seen, row, 0, keepdims=False)) | prompt
-            smp = smp._replace(seen=lax.dynamic_update_slice_in_dim(smp.seen, mine[None], row, axis=0))
-            tokens, seen = choose(logits, smp, key.sample, position)
-            return tokens, logits, caches, seen
+            # one prompt into batch row `inp.row`: its sampling state only, `seen` restarted by the prompt
+            mine = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, inp.row, 1, axis=0), smp)
+            valid = jnp.arange(key.tokens) <= inp.last  # the final chunk's padding is not the prompt's
+            prompt = jnp.zeros(smp.seen.shape[1], bool).at[jnp.where(valid, inp.tokens[0], smp.seen.shape[1])].set(True, mode="drop")
+            mine = mine._replace(seen=(jnp.where(inp.slot[0] == 0, False, mine.seen[0]) | prompt)[None])
+            tokens, seen_row = choose(logits, mine, key.sample, position)
+            return tokens, logits, caches, lax.dynamic_update_slice_in_dim(smp.seen, seen_row, inp.row, axis=0)
 
         # Named after its key: the name is in the compiled module, so a loaded program proves which it is.
         run.__name__ = run.__qualname__ = program_name(key)
@@ -131,8 +120,8 @@ class ProgramSet:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
 
         i32, f32 = jnp.int32, jnp.float32
-        rows = key.rows + 1 if key.insert and key.tokens else key.rows  # a prompt chunk is one more row
-        inp = decoder.StepInputs(sds((rows, max(key.tokens, 1)), i32), sds((rows,), i32), sds((rows,), i32), sds((), i32),
+        rows = key.rows
+        inp = decoder.StepInputs(sds((rows, key.tokens), i32), sds((rows,), i32), sds((rows,), i32), sds((), i32),
                                  sds((), i32))
         rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # shape only: nothing compiles
         smp = SamplingInputs(sds((b,), f32), sds((b,), i32), sds((b,), f32), sds((b,), f32), sds((b, v), jnp.bool_),
@@ -227,7 +216,7 @@ class ProgramSet:
         inp, smp = self.abstract_inputs(key)
         put = self.placement.put
         zeros = jax.tree.map(lambda s: put(np.zeros(s.shape, s.dtype)), (inp, smp))
-        inp = zeros[0]._replace(last=put(np.int32(max(key.tokens, 1) - 1)))
+        inp = zeros[0]._replace(last=put(np.int32(key.tokens - 1)))
         tokens, _, _ = self.run(key, inp, zeros[1])
         jax.block_until_ready(tokens)
         self._warmed.add(key)

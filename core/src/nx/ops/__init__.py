@@ -16,7 +16,6 @@ from nx.ops.linear import linear, lm_head, row_parallel_linear
 from nx.ops.mlp import mlp
 from nx.ops.norms import layer_norm, norm, rms_norm
 from nx.ops.rotary import apply_rotary, rope_inv_freq, rotary_tables
-from nx.ops.rows import uniform as uniform_rows
 
 __all__ = [
     "activation",
@@ -39,6 +38,5 @@ __all__ = [
     "rope_inv_freq",
     "rotary_tables",
     "row_parallel_linear",
-    "uniform_rows",
     "update_caches",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from nx.ops import quant, rows
+from nx.ops import quant
 
 SPLIT_BELOW = 1 << 19  # weights below this many elements: one-row products split in two (two threads)
 SMALL_ROWS = 16  # up to this many token rows, products run as ``w @ x.T``
@@ -24,22 +24,16 @@ def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
 def _products(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     """``x @ w.T`` accumulated and returned in f32 (bf16/f16 inputs too)."""
     f32 = jnp.float32
-    n = x.size // x.shape[-1]
-    if rows.is_uniform():  # one formulation for any row count (`nx.ops.rows`); one row gets a zero second
-        x2 = x.reshape(n, x.shape[-1])
-        if n == 1:
-            x2 = jnp.concatenate([x2, jnp.zeros_like(x2)])
-        y = lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-        return y[:n].reshape(*x.shape[:-1], w.shape[0])
-    if n == 1 and x.dtype != f32:
+    rows = x.size // x.shape[-1]
+    if rows == 1 and x.dtype != f32:
         # one bf16/f16 row: a zero second row takes it off XLA:CPU's slow matrix-vector path
         x2 = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])
         y = lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
         return y[:1].reshape(*x.shape[:-1], w.shape[0])
-    if 1 < n <= SMALL_ROWS:
+    if 1 < rows <= SMALL_ROWS:
         y = lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())), preferred_element_type=f32)
         return jnp.moveaxis(y, 0, -1)
-    if n == 1 and w.size < SPLIT_BELOW and w.shape[0] % 2 == 0:
+    if rows == 1 and w.size < SPLIT_BELOW and w.shape[0] % 2 == 0:
         halves = w.reshape(2, w.shape[0] // 2, w.shape[1])
         xb = jnp.broadcast_to(x.reshape(1, 1, -1), (2, 1, x.shape[-1]))
         y = lax.dot_general(xb, halves, (((2,), (2,)), ((0,), (0,))), preferred_element_type=f32)

@@ -27,8 +27,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nx.ops import rows
-
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
 
@@ -188,7 +186,7 @@ def _grouped_matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
     """
     m, k = x.shape
     gs = w.group_size
-    if w.int8_dot and m <= gs // 2 and not rows.is_uniform():  # `nx.ops.rows`: one path for any m
+    if w.int8_dot and m <= gs // 2:
         terms, scales = int8_terms(x)
         acc = lax.dot_general(
             _grouped(terms, gs), _grouped(w.values(), gs), (((2,), (2,)), ((1,), (1,))),
