@@ -165,10 +165,17 @@ void DotScalar(const Terms& t, const int8_t* w, int j0, int j1, int32_t* out, in
 
 #ifdef NX_X86
 
-// How far ahead (in weight rows) the SIMD loops fetch weights, which stream from memory once while
-// the activation terms stay in L1: 32 rows (18 KB at k = 576) measured best on the 2-core EPYC
-// (BENCHMARKS.md, "CPU kernels").
+// How far ahead (in weight rows) the four-row SIMD loops fetch weights, which stream from memory
+// once while the activation terms stay in L1: 32 rows (18 KB at k = 576) measured best on the
+// 2-core EPYC; the one-row loops do better on the hardware prefetcher alone (BENCHMARKS.md,
+// "CPU kernels").
 constexpr int kPrefetchRows = 32;
+
+// Up to this many activation rows (2 per token row) the dot reads weight rows one at a time, in
+// order; more rows read four weight rows together, sharing each activation load among them. Four
+// interleaved rows (576 bytes apart) stream from memory at ~11 GB/s on the 2-core EPYC, one row at
+// a time at 15-20 (BENCHMARKS.md, "CPU kernels").
+constexpr int kStreamTerms = 4;
 
 // ---- AVX2 ----
 
@@ -193,7 +200,7 @@ __attribute__((target("avx2"))) void TileAvx2(const Terms& t, const int8_t* w, i
   for (int i = 0; i < R; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
   const int8_t* ar[T];
   for (int u = 0; u < T; ++u) ar[u] = t.a.data() + static_cast<size_t>(r0 + u) * t.kp;
-  const int64_t pf = r0 == 0 ? static_cast<int64_t>(kPrefetchRows) * k : -1;
+  const int64_t pf = R > 1 && r0 == 0 ? static_cast<int64_t>(kPrefetchRows) * k : -1;
   for (int p = 0; p < kv; p += 32) {
     __m256i av[T];
     for (int u = 0; u < T; ++u) av[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[u] + p));
@@ -227,6 +234,10 @@ __attribute__((target("avx2"))) void RowsAvx2(const Terms& t, const int8_t* w, i
 __attribute__((target("avx2"))) void DotAvx2(const Terms& t, const int8_t* w, int j0, int j1, int32_t* out,
                                              int ldo) {
   int j = j0;
+  if (t.r <= kStreamTerms) {  // weight rows one after another (see kStreamTerms)
+    for (; j < j1; ++j) RowsAvx2<1>(t, w, j, out, ldo);
+    return;
+  }
   for (; j + 4 <= j1; j += 4) RowsAvx2<4>(t, w, j, out, ldo);
   for (; j < j1; ++j) RowsAvx2<1>(t, w, j, out, ldo);
 }
@@ -259,7 +270,7 @@ __attribute__((target(NX_AVX512))) void TileVnni(const Terms& t, const int8_t* w
   const int kv = k / 64 * 64;
   int p = 0;
   // Prefetch on the first pass over this row block only (the next passes find it in L1).
-  const int64_t pf = r0 == 0 ? static_cast<int64_t>(kPrefetchRows) * k : -1;
+  const int64_t pf = R > 1 && r0 == 0 ? static_cast<int64_t>(kPrefetchRows) * k : -1;
   for (; p < kv; p += 64) {
     __m512i av[T];
     for (int u = 0; u < T; ++u) av[u] = _mm512_loadu_si512(ar[u] + p);
@@ -306,6 +317,10 @@ __attribute__((target(NX_AVX512))) void RowsVnni(const Terms& t, const int8_t* w
 __attribute__((target(NX_AVX512))) void DotVnni(const Terms& t, const int8_t* w, int j0, int j1, int32_t* out,
                                                 int ldo) {
   int j = j0;
+  if (t.r <= kStreamTerms) {  // weight rows one after another: one sequential stream from memory
+    for (; j < j1; ++j) RowsVnni<1>(t, w, j, out, ldo);
+    return;
+  }
   for (; j + 4 <= j1; j += 4) RowsVnni<4>(t, w, j, out, ldo);
   for (; j < j1; ++j) RowsVnni<1>(t, w, j, out, ldo);
 }
