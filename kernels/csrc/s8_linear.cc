@@ -123,18 +123,17 @@ void QuantizeRows(const float* x, int m, int k, Terms& t) {
 // (one fused multiply-add, hi's product inside it) where the CPU has FMA.
 #ifdef NX_X86
 __attribute__((target("avx2,fma"))) void EpilogueFma(const int32_t* hi, const int32_t* lo, float s_hi, float s_lo,
-                                                     const float* scale, int j0, int j1, float* y) {
-  for (int j = j0; j < j1; ++j)
+                                                     const float* scale, int n, float* y) {
+  for (int j = 0; j < n; ++j)
     y[j] = std::fma(static_cast<float>(hi[j]), s_hi, static_cast<float>(lo[j]) * s_lo) * scale[j];
 }
 #endif
 
-void Epilogue(const int32_t* hi, const int32_t* lo, float s_hi, float s_lo, const float* scale, int j0, int j1,
-              float* y) {
+void Epilogue(const int32_t* hi, const int32_t* lo, float s_hi, float s_lo, const float* scale, int n, float* y) {
 #ifdef NX_X86
-  if (HasFma()) return EpilogueFma(hi, lo, s_hi, s_lo, scale, j0, j1, y);
+  if (HasFma()) return EpilogueFma(hi, lo, s_hi, s_lo, scale, n, y);
 #endif
-  for (int j = j0; j < j1; ++j) {
+  for (int j = 0; j < n; ++j) {
     const float a = static_cast<float>(hi[j]) * s_hi;
     const float b = static_cast<float>(lo[j]) * s_lo;
     y[j] = (a + b) * scale[j];
@@ -403,19 +402,20 @@ ffi::Error S8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   Terms t;
   QuantizeRows(x.typed_data(), m, k, t);
   if (lvl >= kAvx512Vnni) SumRows(t);
-  std::vector<int32_t> acc(static_cast<size_t>(t.r) * n);
   const int8_t* wp = w.typed_data();
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
-  int32_t* ap = acc.data();
   ParallelRows(pool, n, Threads(pool, threads), static_cast<int64_t>(t.r) * k, [&](int j0, int j1) {
-    Dot(lvl, t, wp, j0, j1, ap, n);
+    // int32 sums of this chunk's rows only, in a per-thread buffer: a [2m, n] one would be
+    // allocated (and page-faulted) anew at every call of a large weight (the lm head).
+    const int cn = j1 - j0;
+    thread_local std::vector<int32_t> buf;
+    if (buf.size() < static_cast<size_t>(t.r) * cn) buf.resize(static_cast<size_t>(t.r) * cn);
+    Dot(lvl, t, wp + static_cast<size_t>(j0) * k, 0, cn, buf.data(), cn);
     for (int i = 0; i < m; ++i) {
-      const int32_t* hi = ap + static_cast<size_t>(i) * n;
-      const int32_t* lo = ap + static_cast<size_t>(m + i) * n;
-      const float s_hi = t.scale[i], s_lo = t.scale[m + i];
-      float* yi = yp + static_cast<size_t>(i) * n;
-      Epilogue(hi, lo, s_hi, s_lo, sp, j0, j1, yi);
+      const int32_t* hi = buf.data() + static_cast<size_t>(i) * cn;
+      const int32_t* lo = buf.data() + static_cast<size_t>(m + i) * cn;
+      Epilogue(hi, lo, t.scale[i], t.scale[m + i], sp + j0, cn, yp + static_cast<size_t>(i) * n + j0);
     }
   });
   return ffi::Error::Success();
