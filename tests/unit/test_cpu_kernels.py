@@ -91,8 +91,10 @@ def test_nx_ops_dispatch_and_off_switch(monkeypatch):
     for level in LEVELS:
         monkeypatch.setenv(cpu_kernels.ENV, level)
         assert target in _lowered(x, w)
+    assert cpu_kernels.describe() == f"{cpu_kernels.package()}, {LEVELS[-1]}"  # nx bench's line
     monkeypatch.setenv(cpu_kernels.ENV, "off")
     assert target not in _lowered(x, w) and "xi32>" in _lowered(x, w)
+    assert cpu_kernels.describe().startswith("off (NX_CPU_KERNELS=off")
     monkeypatch.setenv(cpu_kernels.ENV, "fast")
     with pytest.raises(nx.ConfigError, match="NX_CPU_KERNELS='fast'"):
         _lowered(x, w)

@@ -79,6 +79,16 @@ def enabled() -> bool:
     return available() and mode() != "off"
 
 
+def describe() -> str:
+    """One line for reports (`nx bench`): what int8 decode matmuls traced now run on."""
+    if not available():
+        return f"none ({unavailable_reason()})"
+    level = mode()
+    if level == "off":
+        return f"off ({ENV}=off; {package()} installed)"
+    return f"{package()}, {isa() if level == 'auto' else level}"
+
+
 def _threads() -> int:
     value = os.environ.get(THREADS_ENV, "").strip() or "0"
     try:
