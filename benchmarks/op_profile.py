@@ -80,7 +80,8 @@ def profile(model, rows: int, tokens: int, window: int, steps: int) -> dict:
     session = model.session(model.prepare(np.ones((rows, 8), np.int64)), SamplingParams())
     session.start()
     ids = model.put(np.ones((rows, tokens), np.int32))
-    inp = decoder.StepInputs(ids, model.put(np.int32(window - tokens)), session.pad, model.put(np.int32(0)))
+    slot = model.put(np.full(rows, window - tokens, np.int32))
+    inp = decoder.StepInputs(ids, slot, session.pad, model.put(np.int32(0)), model.put(np.int32(0)))
 
     def call():
         out = exe(model.params, model.caches, inp, session.sampling)

@@ -342,6 +342,7 @@ def test_missing_file_is_an_artifact_error(copy):
         ("platform_version", "some other cpu runtime", "compiled for cpu"),
         ("device_count", 64, "compiled for 64 cpu devices"),
         ("cpu_features", ["avx512f", "made_up_feature"], "made_up_feature"),
+        ("cpu_kernels", "nx-kernels-cpu 9.9", "compiled with nx-kernels-cpu 9.9"),
     ],
 )
 def test_foreign_manifest_asks_to_recompile(copy, key, value, message):

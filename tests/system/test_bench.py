@@ -44,6 +44,7 @@ def report(saved_case):
 def test_report_has_every_figure(report):
     assert report["new_tokens"] == NEW and report["prompt_lengths"] == PROMPTS
     assert report["machine"]["cores"] >= 1 and "nx-core" in report["machine"]["versions"]
+    assert report["machine"]["cpu_kernels"]  # what int8 decode ran on, for the record
     assert [r["batch_size"] for r in report["runs"]] == [1, 2]
     for run in report["runs"]:
         assert set(run) >= RUN_KEYS

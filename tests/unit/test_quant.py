@@ -131,7 +131,8 @@ def test_int8_terms():
     assert one.shape == (2, 8)  # one token gives two rows: XLA:CPU's int8 matrix-vector path is slow
 
 
-def test_int8_dots_only_for_the_cpu_backend():
+def test_int8_dots_only_for_the_cpu_backend(monkeypatch):
+    monkeypatch.setenv("NX_CPU_KERNELS", "off")  # the XLA formulation (the kernel's: test_cpu_kernels.py)
     tree = {"layers": [], "up": {"w": np.random.default_rng(3).standard_normal((16, 32)).astype(np.float32)}}
     x = jnp.asarray(np.random.default_rng(4).standard_normal((1, 32)).astype(np.float32))
     cpu = quantize_params(tree, QuantizationConfig(), backend="cpu")["up"]

@@ -48,6 +48,7 @@ from nx.checkpoint import load_tokenizer
 from nx.config import RuntimeConfig
 from nx.errors import ArtifactError, ConfigError
 from nx.hfconfig import ResolvedConfig
+from nx.ops import cpu_kernels
 from nx.ops.quant import QuantizedWeight, is_quantized
 from nx.params import nest
 from nx.quant import QuantizationConfig, as_config
@@ -107,6 +108,13 @@ def check_environment(manifest: dict, path: Path) -> None:
         if missing:
             raise ArtifactError(
                 f"{str(path)!r} was compiled for a CPU with {', '.join(missing)}, which this CPU lacks; {fix}"
+            )
+        kernels = want.get("cpu_kernels")
+        if kernels and kernels != cpu_kernels.package():
+            here = cpu_kernels.package() or "no nx-kernels-cpu"
+            raise ArtifactError(
+                f"{str(path)!r} was compiled with {kernels} (custom CPU kernels its programs call) but this "
+                f"process has {here}; install {kernels.replace(' ', '==')} or {fix}"
             )
 
 

@@ -53,6 +53,7 @@ import numpy as np
 from nx import buckets, xla_options
 from nx.config import RuntimeConfig
 from nx.errors import ConfigError, NxError
+from nx.ops import cpu_kernels
 
 DEFAULT_BATCH_SIZES = (1, 8)
 DEFAULT_PROMPT_LENGTHS = (16, 128, 512)
@@ -177,7 +178,7 @@ def machine_info() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for dist in ("nx-core", "jax", "jaxlib", "numpy", "torch", "transformers", "llama-cpp-python"):
+    for dist in ("nx-core", "nx-kernels-cpu", "jax", "jaxlib", "numpy", "torch", "transformers", "llama-cpp-python"):
         with contextlib.suppress(PackageNotFoundError):
             versions[dist] = version(dist)
     try:
@@ -193,6 +194,7 @@ def machine_info() -> dict[str, Any]:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "versions": versions,
+        "cpu_kernels": cpu_kernels.describe(),
     }
 
 
@@ -379,7 +381,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"nx bench {result['target']} {result['path'] or ''}  amp={result['amp']}  new_tokens={result['new_tokens']}",
         f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-        f"load average {', '.join(f'{x:.2f}' for x in result['machine']['load_average'] or [])}",
+        f"load average {', '.join(f'{x:.2f}' for x in result['machine']['load_average'] or [])}, "
+        f"int8 CPU kernels: {result['machine'].get('cpu_kernels', 'none')}",
     ]
     for r in result["runs"]:
         rss = f"peak RSS {r['peak_rss_bytes'] / mb:.0f} MB ({r['peak_rss_ratio']:.2f}x weights+cache"

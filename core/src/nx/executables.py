@@ -192,9 +192,12 @@ def cpu_features() -> list[str]:
 
 
 def environment(devices: list) -> dict:
-    """What a serialized executable depends on: versions, platform, devices (and CPU features)."""
+    """What a serialized executable depends on: versions, platform, devices (and CPU features and
+    the nx-kernels-cpu release its programs call, None when they call none)."""
     import jax
     import jaxlib
+
+    from nx.ops import cpu_kernels
 
     dev = devices[0]
     env = {
@@ -209,4 +212,5 @@ def environment(devices: list) -> dict:
     }
     if dev.platform == "cpu":
         env["cpu_features"] = cpu_features()
+        env["cpu_kernels"] = cpu_kernels.package() if cpu_kernels.enabled() else None
     return env

@@ -16,6 +16,10 @@ Matmuls, chosen per weight at load time (`int8_dot`, static aux data):
   their groups for up to ``group_size / 2`` token rows and dequantize for prompts;
 - **dequantize** (accelerators): ``q`` converted to `dequant_dtype` inside the dot, which XLA fuses.
 
+On CPU, per-row weights and up to 16 token rows run the same int8 dots as one custom call when
+the optional nx-kernels-cpu package is installed (`nx.ops.cpu_kernels`, ``NX_CPU_KERNELS=off``
+switches it off); its results equal the XLA formulation's.
+
 Why (measured): BENCHMARKS.md, "int8 weights on the CPU" and "Design measurements behind nx.ops".
 """
 
@@ -26,6 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from nx.ops import cpu_kernels
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 
@@ -153,14 +159,17 @@ def _dequantize(v: jnp.ndarray, scale: jnp.ndarray, zero: Any, group_size: int |
 def matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
     """f32 ``x @ W.T`` for a quantized ``[out, in]`` weight or ``[vocab, hidden]`` table ``W``.
 
-    Per-row scales: ``(x @ v.T) * scale`` (the scales applied once to the products). Groups: see
-    `_grouped_matmul`."""
+    Per-row scales: ``(x @ v.T) * scale`` (the scales applied once to the products), through
+    `nx.ops.cpu_kernels` where it applies. Groups: see `_grouped_matmul`."""
     n, k = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if w.group_size is not None:
         return _grouped_matmul(x2, w).reshape(*lead, n)
     dims = (((1,), (1,)), ((), ()))
+    y = cpu_kernels.s8_matmul(x2, w)  # the same int8 dots in one custom call where it applies
+    if y is not None:
+        return y.reshape(*lead, n)
     if w.int8_dot:
         terms, scales = int8_terms(x2)
         acc = lax.dot_general(terms, w.values(), dims, preferred_element_type=jnp.int32)

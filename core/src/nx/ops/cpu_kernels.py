@@ -1,0 +1,111 @@
+"""Custom CPU kernels for `nx.ops.quant`'s int8 matmuls, when the optional nx-kernels-cpu package runs.
+
+`s8_matmul(x, w)` returns f32 ``x @ W.T`` for a per-row int8 weight through the package's XLA
+FFI kernel (int8 dots with AVX-512 VNNI or AVX2, the same activation terms and int32 sums as the
+pure-XLA path, so the same results), or None when the kernel does not apply and the caller runs
+the pure-XLA path. It applies when all of these hold:
+
+- the weight is for the cpu backend (`QuantizedWeight.int8_dot`), 8-bit with one scale per row;
+- ``x`` has at most `MAX_ROWS` rows (decode; prompts stay on XLA's dots);
+- `nx_kernels_cpu` imports and the CPU has AVX2 or better (`available`);
+- ``NX_CPU_KERNELS`` is not ``off``.
+
+``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
+or a level to force, ``avx512_vnni``, ``avx2`` or ``scalar`` (never above the CPU's; ``scalar``
+runs the kernel without SIMD, for tests). ``NX_CPU_KERNELS_THREADS``: threads of XLA's intra-op
+pool a call may use (default 0: all). Both are read when a program is traced, so they are part
+of the lowered program (and of its compile-cache key).
+
+Why: XLA:CPU has no fast int8 matrix-vector kernel (BENCHMARKS.md, "CPU kernels (issue #22)").
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from nx.errors import ConfigError
+
+ENV = "NX_CPU_KERNELS"
+THREADS_ENV = "NX_CPU_KERNELS_THREADS"
+MODES = ("auto", "off", "avx512_vnni", "avx2", "scalar")
+#: Most token rows a call sends to the kernel (batch-16 decode); more rows stay on XLA's dots.
+MAX_ROWS = 16
+
+try:  # the optional distribution nx-kernels-cpu; importing it registers its FFI targets
+    import nx_kernels_cpu as _kernels
+except ImportError as exc:  # not installed (or not built for this machine): the XLA path
+    _kernels = None
+    _IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = None
+
+
+def mode() -> str:
+    """``$NX_CPU_KERNELS`` (default ``auto``); a `ConfigError` for any other value than `MODES`."""
+    value = os.environ.get(ENV, "").strip().lower() or "auto"
+    if value not in MODES:
+        raise ConfigError(f"{ENV}={value!r}: expected one of {', '.join(MODES)}")
+    return value
+
+
+def isa() -> str | None:
+    """The best kernel level of this CPU (``avx512_vnni``, ``avx2``, ``scalar``), None without the package."""
+    return None if _kernels is None else _kernels.isa()
+
+
+def available() -> bool:
+    """Whether the kernels can run here: the package imports and the CPU has AVX2 or better."""
+    return isa() in ("avx512_vnni", "avx2")
+
+
+def unavailable_reason() -> str | None:
+    """Why `available` is False (None when it is True): for test skips and `nx` diagnostics."""
+    if _kernels is None:
+        return f"nx-kernels-cpu is not installed ({_IMPORT_ERROR})"
+    if not available():
+        return f"this CPU has no AVX2 (kernel level {isa()!r})"
+    return None
+
+
+def package() -> str | None:
+    """``"nx-kernels-cpu <version>"`` when the package is installed (its targets are then registered,
+    so programs compiled with them run), else None. Compiled artifacts record it (`nx.executables`)."""
+    return None if _kernels is None else f"nx-kernels-cpu {_kernels.__version__}"
+
+
+def enabled() -> bool:
+    """Whether int8 matmuls traced now use the kernel (available and not switched off)."""
+    return available() and mode() != "off"
+
+
+def describe() -> str:
+    """One line for reports (`nx bench`): what int8 decode matmuls traced now run on."""
+    if not available():
+        return f"none ({unavailable_reason()})"
+    level = mode()
+    if level == "off":
+        return f"off ({ENV}=off; {package()} installed)"
+    return f"{package()}, {isa() if level == 'auto' else level}"
+
+
+def _threads() -> int:
+    value = os.environ.get(THREADS_ENV, "").strip() or "0"
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ConfigError(f"{THREADS_ENV}={value!r}: expected a thread count >= 0 (0: every thread of XLA's pool)")
+    return n
+
+
+def s8_matmul(x: Any, w: Any) -> Any:
+    """f32 ``x [m, k] @ W.T`` (``[m, n]``) for a `nx.ops.quant.QuantizedWeight` ``W`` through the
+    kernel, or None where it does not apply (see the module docstring): the caller's XLA path then."""
+    if not (w.int8_dot and w.bits == 8 and w.group_size is None and w.zero is None):
+        return None
+    if x.ndim != 2 or x.shape[0] > MAX_ROWS or not enabled():
+        return None
+    level = mode()
+    return _kernels.s8_matmul(x, w.q, w.scale, level=None if level == "auto" else level, threads=_threads())

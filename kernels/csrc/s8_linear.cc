@@ -1,0 +1,470 @@
+// nx-kernels-cpu: int8 linear layers for nx's s8 path, called from XLA:CPU through the typed FFI.
+//
+// Contract (the same math as nx.ops.quant.matmul with per-row scales, `int8_dot`):
+//   x f32 [m, k] is split into two int8 terms per row: hi = round(x / s_hi) with
+//   s_hi = max|x| / 127 (1 for an all-zero row), lo the same rounding of x - hi * s_hi;
+//   acc = terms @ w.T exactly in int32 (w int8 [n, k], rows along the outputs);
+//   y[i, j] = (acc_hi * s_hi + acc_lo * s_lo) * scale[j], f32 [m, n].
+// The int8 activations are in [-127, 127]; weights may take any int8 value (-128 included).
+//
+// Dispatch: `level` (an attribute fixed when the program is traced) picks the inner dot:
+//   2 AVX-512 VNNI: vpdpbusd(u8 = w ^ 0x80 = w + 128, s8 = a), minus 128 * sum(a) per activation
+//     row (the offset moved to the unsigned side costs one xor per weight vector, shared by every
+//     activation row, and its correction is one sum per activation row);
+//   1 AVX2: vpmaddubsw(|w|, sign(a, w)) then vpmaddwd with ones (pairs stay below 2^15: 128*127*2);
+//   0 scalar.
+// The Python side never asks for a level the CPU lacks (nx_kernels_cpu_isa()).
+// Threads: output rows are cut into chunks claimed from an atomic counter by the calling thread and
+// by tasks scheduled on XLA's intra-op thread pool; the caller waits only for chunks another thread
+// has claimed, so a pool that is busy (or absent) never blocks it.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define NX_X86 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kScalar = 0;
+constexpr int kAvx2 = 1;
+constexpr int kAvx512Vnni = 2;
+
+int DetectIsa() {
+#ifdef NX_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return kAvx512Vnni;
+  if (__builtin_cpu_supports("avx2")) return kAvx2;
+#endif
+  return kScalar;
+}
+
+// Activation terms: rows [r, kp] of int8 (kp = k rounded up to 64, zero padded), their sums.
+struct Terms {
+  int r = 0, k = 0, kp = 0;
+  std::vector<int8_t> a;
+  std::vector<int32_t> sum;
+  std::vector<float> scale;
+};
+
+// The symmetric per-row int8 rounding of nx.ops.quant.int8_terms, in the f32 operations XLA:CPU runs.
+void RoundRow(const float* v, int k, int8_t* out, float* scale_out) {
+  float amax = 0.0f;
+  for (int i = 0; i < k; ++i) amax = std::max(amax, std::fabs(v[i]));
+  // XLA:CPU rewrites both divisions as products with reciprocals; so does this, to round alike.
+  float s = amax * (1.0f / 127.0f);
+  if (!(s > 0.0f)) s = 1.0f;
+  const float inv = 1.0f / s;
+  for (int i = 0; i < k; ++i) out[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+  *scale_out = s;
+}
+
+bool HasFma() {
+#ifdef NX_X86
+  static const bool has = (__builtin_cpu_init(), __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2"));
+  return has;
+#else
+  return false;
+#endif
+}
+
+// x - hi * s as XLA:CPU computes it: one fused multiply-add where the CPU has FMA (XLA's LLVM
+// contracts the pair there), a product then a difference elsewhere.
+#ifdef NX_X86
+__attribute__((target("avx2,fma"))) void RemainderFma(const float* x, const int8_t* hi, float s, int k, float* rem) {
+  for (int j = 0; j < k; ++j) rem[j] = std::fma(-static_cast<float>(hi[j]), s, x[j]);
+}
+#endif
+
+void Remainder(const float* x, const int8_t* hi, float s, int k, float* rem) {
+#ifdef NX_X86
+  if (HasFma()) return RemainderFma(x, hi, s, k, rem);
+#endif
+  for (int j = 0; j < k; ++j) {
+    const float prod = static_cast<float>(hi[j]) * s;  // no contraction: -ffp-contract=off
+    rem[j] = x[j] - prod;
+  }
+}
+
+void QuantizeRows(const float* x, int m, int k, Terms& t) {
+  t.r = 2 * m;
+  t.k = k;
+  t.kp = (k + 63) / 64 * 64;
+  t.a.assign(static_cast<size_t>(t.r) * t.kp, 0);
+  t.sum.assign(t.r, 0);
+  t.scale.assign(t.r, 1.0f);
+  std::vector<float> rem(k);
+  for (int i = 0; i < m; ++i) {
+    const float* xi = x + static_cast<size_t>(i) * k;
+    int8_t* hi = t.a.data() + static_cast<size_t>(i) * t.kp;
+    int8_t* lo = t.a.data() + static_cast<size_t>(m + i) * t.kp;
+    RoundRow(xi, k, hi, &t.scale[i]);
+    const float s_hi = t.scale[i];
+    Remainder(xi, hi, s_hi, k, rem.data());
+    RoundRow(rem.data(), k, lo, &t.scale[m + i]);
+  }
+}
+
+// y[j] = (hi[j] * s_hi + lo[j] * s_lo) * scale[j], the sum contracted as XLA:CPU contracts it
+// (one fused multiply-add, hi's product inside it) where the CPU has FMA.
+#ifdef NX_X86
+__attribute__((target("avx2,fma"))) void EpilogueFma(const int32_t* hi, const int32_t* lo, float s_hi, float s_lo,
+                                                     const float* scale, int n, float* y) {
+  for (int j = 0; j < n; ++j)
+    y[j] = std::fma(static_cast<float>(hi[j]), s_hi, static_cast<float>(lo[j]) * s_lo) * scale[j];
+}
+#endif
+
+void Epilogue(const int32_t* hi, const int32_t* lo, float s_hi, float s_lo, const float* scale, int n, float* y) {
+#ifdef NX_X86
+  if (HasFma()) return EpilogueFma(hi, lo, s_hi, s_lo, scale, n, y);
+#endif
+  for (int j = 0; j < n; ++j) {
+    const float a = static_cast<float>(hi[j]) * s_hi;
+    const float b = static_cast<float>(lo[j]) * s_lo;
+    y[j] = (a + b) * scale[j];
+  }
+}
+
+void SumRows(Terms& t) {
+  for (int r = 0; r < t.r; ++r) {
+    int32_t s = 0;
+    const int8_t* a = t.a.data() + static_cast<size_t>(r) * t.kp;
+    for (int i = 0; i < t.k; ++i) s += a[i];
+    t.sum[r] = s;
+  }
+}
+
+// out[r, j] for rows j in [j0, j1): int32 dots of the terms with weight rows (ldo: out's row stride).
+void DotScalar(const Terms& t, const int8_t* w, int j0, int j1, int32_t* out, int ldo) {
+  for (int j = j0; j < j1; ++j) {
+    const int8_t* wj = w + static_cast<size_t>(j) * t.k;
+    for (int r = 0; r < t.r; ++r) {
+      const int8_t* a = t.a.data() + static_cast<size_t>(r) * t.kp;
+      int32_t acc = 0;
+      for (int i = 0; i < t.k; ++i) acc += static_cast<int32_t>(a[i]) * wj[i];
+      out[static_cast<size_t>(r) * ldo + j] = acc;
+    }
+  }
+}
+
+#ifdef NX_X86
+
+// How far ahead (in weight rows) the four-row SIMD loops fetch weights, which stream from memory
+// once while the activation terms stay in L1: 32 rows (18 KB at k = 576) measured best on the
+// 2-core EPYC; the one-row loops do better on the hardware prefetcher alone (BENCHMARKS.md,
+// "CPU kernels").
+constexpr int kPrefetchRows = 32;
+
+// Up to this many activation rows (2 per token row) the dot reads weight rows one at a time, in
+// order; more rows read four weight rows together, sharing each activation load among them. Four
+// interleaved rows (576 bytes apart) stream from memory at ~11 GB/s on the 2-core EPYC, one row at
+// a time at 15-20 (BENCHMARKS.md, "CPU kernels").
+constexpr int kStreamTerms = 4;
+
+// ---- AVX2 ----
+
+__attribute__((target("avx2"))) inline int32_t HsumAvx2(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// R weight rows x T activation rows per pass over k.
+template <int R, int T>
+__attribute__((target("avx2"))) void TileAvx2(const Terms& t, const int8_t* w, int j, int r0, int32_t* out,
+                                              int ldo) {
+  const int k = t.k;
+  const int kv = k / 32 * 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int u = 0; u < T; ++u) acc[i][u] = _mm256_setzero_si256();
+  const int8_t* wr[R];
+  for (int i = 0; i < R; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
+  const int8_t* ar[T];
+  for (int u = 0; u < T; ++u) ar[u] = t.a.data() + static_cast<size_t>(r0 + u) * t.kp;
+  const int64_t pf = R > 1 && r0 == 0 ? static_cast<int64_t>(kPrefetchRows) * k : -1;
+  for (int p = 0; p < kv; p += 32) {
+    __m256i av[T];
+    for (int u = 0; u < T; ++u) av[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[u] + p));
+    if (pf > 0 && (p & 63) == 0)
+      for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(wr[i] + p + pf), _MM_HINT_T0);
+    for (int i = 0; i < R; ++i) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[i] + p));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as u8 (-128 -> 128)
+      for (int u = 0; u < T; ++u) {
+        const __m256i sa = _mm256_sign_epi8(av[u], wv);
+        const __m256i pr = _mm256_maddubs_epi16(aw, sa);
+        acc[i][u] = _mm256_add_epi32(acc[i][u], _mm256_madd_epi16(pr, ones));
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int u = 0; u < T; ++u) {
+      int32_t s = HsumAvx2(acc[i][u]);
+      for (int q = kv; q < k; ++q) s += static_cast<int32_t>(ar[u][q]) * wr[i][q];
+      out[static_cast<size_t>(r0 + u) * ldo + j + i] = s;
+    }
+}
+
+template <int R>
+__attribute__((target("avx2"))) void RowsAvx2(const Terms& t, const int8_t* w, int j, int32_t* out, int ldo) {
+  int r0 = 0;
+  for (; r0 + 2 <= t.r; r0 += 2) TileAvx2<R, 2>(t, w, j, r0, out, ldo);
+  if (r0 < t.r) TileAvx2<R, 1>(t, w, j, r0, out, ldo);
+}
+
+__attribute__((target("avx2"))) void DotAvx2(const Terms& t, const int8_t* w, int j0, int j1, int32_t* out,
+                                             int ldo) {
+  int j = j0;
+  if (t.r <= kStreamTerms) {  // weight rows one after another (see kStreamTerms)
+    for (; j < j1; ++j) RowsAvx2<1>(t, w, j, out, ldo);
+    return;
+  }
+  for (; j + 4 <= j1; j += 4) RowsAvx2<4>(t, w, j, out, ldo);
+  for (; j < j1; ++j) RowsAvx2<1>(t, w, j, out, ldo);
+}
+
+// ---- AVX-512 VNNI ----
+
+#define NX_AVX512 "avx512f,avx512bw,avx512vl,avx512vnni"
+
+// [sum(a), sum(b), sum(c), sum(d)] of four int32 vectors.
+__attribute__((target(NX_AVX512))) inline __m128i Reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i v = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+template <int R, int T>
+__attribute__((target(NX_AVX512))) void TileVnni(const Terms& t, const int8_t* w, int j, int r0, int32_t* out,
+                                                 int ldo) {
+  const int k = t.k;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int u = 0; u < T; ++u) acc[i][u] = _mm512_setzero_si512();
+  const int8_t* wr[R];
+  for (int i = 0; i < R; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
+  const int8_t* ar[T];
+  for (int u = 0; u < T; ++u) ar[u] = t.a.data() + static_cast<size_t>(r0 + u) * t.kp;
+  const int kv = k / 64 * 64;
+  int p = 0;
+  // Prefetch on the first pass over this row block only (the next passes find it in L1).
+  const int64_t pf = R > 1 && r0 == 0 ? static_cast<int64_t>(kPrefetchRows) * k : -1;
+  for (; p < kv; p += 64) {
+    __m512i av[T];
+    for (int u = 0; u < T; ++u) av[u] = _mm512_loadu_si512(ar[u] + p);
+    if (pf > 0)
+      for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(wr[i] + p + pf), _MM_HINT_T0);
+    for (int i = 0; i < R; ++i) {
+      const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(wr[i] + p), flip);  // w + 128 as u8
+      for (int u = 0; u < T; ++u) acc[i][u] = _mm512_dpbusd_epi32(acc[i][u], wu, av[u]);
+    }
+  }
+  if (p < k) {  // the tail: terms are zero padded to kp; weights read under a mask (+128 * 0)
+    const __mmask64 mask = (~0ULL) >> (64 - (k - p));
+    __m512i av[T];
+    for (int u = 0; u < T; ++u) av[u] = _mm512_loadu_si512(ar[u] + p);
+    for (int i = 0; i < R; ++i) {
+      const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr[i] + p), flip);
+      for (int u = 0; u < T; ++u) acc[i][u] = _mm512_dpbusd_epi32(acc[i][u], wu, av[u]);
+    }
+  }
+  for (int u = 0; u < T; ++u) {
+    int32_t* o = out + static_cast<size_t>(r0 + u) * ldo + j;
+    if constexpr (R == 4) {  // four rows' sums at once: half the shuffles of four reductions
+      const __m128i s = _mm_sub_epi32(Reduce4(acc[0][u], acc[1][u], acc[2][u], acc[3][u]),
+                                      _mm_set1_epi32(128 * t.sum[r0 + u]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), s);
+    } else {
+      for (int i = 0; i < R; ++i) o[i] = _mm512_reduce_add_epi32(acc[i][u]) - 128 * t.sum[r0 + u];
+    }
+  }
+}
+
+template <int R>
+__attribute__((target(NX_AVX512))) void RowsVnni(const Terms& t, const int8_t* w, int j, int32_t* out, int ldo) {
+  int r0 = 0;
+  for (; r0 + 4 <= t.r; r0 += 4) TileVnni<R, 4>(t, w, j, r0, out, ldo);
+  switch (t.r - r0) {
+    case 3: TileVnni<R, 3>(t, w, j, r0, out, ldo); break;
+    case 2: TileVnni<R, 2>(t, w, j, r0, out, ldo); break;
+    case 1: TileVnni<R, 1>(t, w, j, r0, out, ldo); break;
+    default: break;
+  }
+}
+
+__attribute__((target(NX_AVX512))) void DotVnni(const Terms& t, const int8_t* w, int j0, int j1, int32_t* out,
+                                                int ldo) {
+  int j = j0;
+  if (t.r <= kStreamTerms) {  // weight rows one after another: one sequential stream from memory
+    for (; j < j1; ++j) RowsVnni<1>(t, w, j, out, ldo);
+    return;
+  }
+  for (; j + 4 <= j1; j += 4) RowsVnni<4>(t, w, j, out, ldo);
+  for (; j < j1; ++j) RowsVnni<1>(t, w, j, out, ldo);
+}
+
+#endif  // NX_X86
+
+void Dot(int level, const Terms& t, const int8_t* w, int j0, int j1, int32_t* out, int ldo) {
+#ifdef NX_X86
+  if (level >= kAvx512Vnni) return DotVnni(t, w, j0, j1, out, ldo);
+  if (level >= kAvx2) return DotAvx2(t, w, j0, j1, out, ldo);
+#endif
+  DotScalar(t, w, j0, j1, out, ldo);
+}
+
+// Output rows [0, n) in chunks, run by the caller and by up to `threads - 1` pool tasks.
+struct Job {
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+  int chunks = 0;
+  int rows_per_chunk = 0;
+  int n = 0;
+  std::function<void(int, int)> body;
+
+  void RunChunks() {
+    for (;;) {
+      const int c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= chunks) return;
+      const int j0 = c * rows_per_chunk;
+      body(j0, std::min(n, j0 + rows_per_chunk));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work_per_row,
+                  std::function<void(int, int)> body) {
+  // Below ~64k multiply-adds a second thread costs more than it saves.
+  const int64_t min_rows = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, work_per_row));
+  int parts = threads;
+  if (parts > 1) parts = static_cast<int>(std::min<int64_t>(parts, n / min_rows));
+  if (parts <= 1) {
+    body(0, n);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->n = n;
+  job->chunks = 4 * parts;
+  job->rows_per_chunk = ((n + job->chunks - 1) / job->chunks + 3) / 4 * 4;
+  job->chunks = (n + job->rows_per_chunk - 1) / job->rows_per_chunk;
+  job->body = std::move(body);
+  for (int i = 1; i < parts; ++i) pool.Schedule([job] { job->RunChunks(); });
+  job->RunChunks();
+  while (job->done.load(std::memory_order_acquire) < job->chunks) {
+#ifdef NX_X86
+    _mm_pause();
+#endif
+  }
+}
+
+int Threads(ffi::ThreadPool& pool, int32_t requested) {
+  if (requested > 0) return requested;
+  const int64_t n = pool.num_threads();
+  return static_cast<int>(std::max<int64_t>(1, n));
+}
+
+int ClampLevel(int32_t level) {
+  static const int isa = DetectIsa();
+  return std::max(0, std::min<int>(level, isa));
+}
+
+ffi::Error S8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                        ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t level,
+                        int32_t threads) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || scale.element_count() != static_cast<size_t>(wd[0]))
+    return ffi::Error::InvalidArgument("nx_kernels_cpu s8_matmul: x [m, k], w [n, k], scale [n] expected");
+  const int m = static_cast<int>(xd[0]), k = static_cast<int>(xd[1]), n = static_cast<int>(wd[0]);
+  const int lvl = ClampLevel(level);
+  Terms t;
+  QuantizeRows(x.typed_data(), m, k, t);
+  if (lvl >= kAvx512Vnni) SumRows(t);
+  const int8_t* wp = w.typed_data();
+  const float* sp = scale.typed_data();
+  float* yp = y->typed_data();
+  ParallelRows(pool, n, Threads(pool, threads), static_cast<int64_t>(t.r) * k, [&](int j0, int j1) {
+    // int32 sums of this chunk's rows only, in a per-thread buffer: a [2m, n] one would be
+    // allocated (and page-faulted) anew at every call of a large weight (the lm head).
+    const int cn = j1 - j0;
+    thread_local std::vector<int32_t> buf;
+    if (buf.size() < static_cast<size_t>(t.r) * cn) buf.resize(static_cast<size_t>(t.r) * cn);
+    Dot(lvl, t, wp + static_cast<size_t>(j0) * k, 0, cn, buf.data(), cn);
+    for (int i = 0; i < m; ++i) {
+      const int32_t* hi = buf.data() + static_cast<size_t>(i) * cn;
+      const int32_t* lo = buf.data() + static_cast<size_t>(m + i) * cn;
+      Epilogue(hi, lo, t.scale[i], t.scale[m + i], sp + j0, cn, yp + static_cast<size_t>(i) * n + j0);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error S8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::S8> w,
+                     ffi::ResultBuffer<ffi::S32> out, int32_t level, int32_t threads) {
+  const auto ad = a.dimensions();
+  const auto wd = w.dimensions();
+  if (ad.size() != 2 || wd.size() != 2 || ad[1] != wd[1])
+    return ffi::Error::InvalidArgument("nx_kernels_cpu s8_dot: a [r, k], w [n, k] expected");
+  const int r = static_cast<int>(ad[0]), k = static_cast<int>(ad[1]), n = static_cast<int>(wd[0]);
+  const int lvl = ClampLevel(level);
+  Terms t;
+  t.r = r;
+  t.k = k;
+  t.kp = (k + 63) / 64 * 64;
+  t.a.assign(static_cast<size_t>(r) * t.kp, 0);
+  for (int i = 0; i < r; ++i)
+    std::memcpy(t.a.data() + static_cast<size_t>(i) * t.kp, a.typed_data() + static_cast<size_t>(i) * k, k);
+  t.sum.assign(r, 0);
+  if (lvl >= kAvx512Vnni) SumRows(t);
+  const int8_t* wp = w.typed_data();
+  int32_t* op = out->typed_data();
+  ParallelRows(pool, n, Threads(pool, threads), static_cast<int64_t>(r) * k,
+               [&](int j0, int j1) { Dot(lvl, t, wp, j0, j1, op, n); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NxS8Matmul, S8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("level")
+                                  .Attr<int32_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NxS8Dot, S8DotImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("level")
+                                  .Attr<int32_t>("threads"));
+
+// The best level this CPU runs: 0 scalar, 1 AVX2, 2 AVX-512 VNNI.
+extern "C" __attribute__((visibility("default"))) int nx_kernels_cpu_isa() { return DetectIsa(); }

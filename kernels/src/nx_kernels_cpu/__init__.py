@@ -1,0 +1,70 @@
+"""CPU kernels for nx, called from XLA:CPU programs as typed FFI custom calls.
+
+`s8_matmul(x, q, scale)` is nx's per-row int8 linear layer (``nx.ops.quant.matmul`` with
+``int8_dot``): ``x`` f32 ``[m, k]`` split into two int8 terms per row (``hi``, ``lo``, ~15 bits),
+int8 dots with ``q`` int8 ``[n, k]`` accumulated exactly in int32, ``scale`` f32 ``[n]`` applied
+last; f32 ``[m, n]``. `s8_dot(a, q)` is the bare int8 x int8 -> int32 product (``a`` in
+[-127, 127]), kept public so tests can check the accumulation exactly.
+
+`level` selects the instructions: ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``; None is the
+best this CPU has (`isa`). A level above the CPU's is lowered to it by the library. `threads`: 0
+uses every thread of XLA's intra-op pool, n > 0 at most n.
+
+Importing this module loads the library and registers its targets with jax (platform ``cpu``).
+Why: XLA:CPU has no fast int8 matrix-vector kernel (BENCHMARKS.md, "CPU kernels").
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["LEVELS", "__version__", "isa", "s8_dot", "s8_matmul"]
+
+__version__ = "0.1.0"
+
+#: Dispatch levels, in the library's numbering.
+LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+_NAMES = {v: k for k, v in LEVELS.items()}
+
+_MATMUL = "nx_kernels_cpu_s8_matmul"
+_DOT = "nx_kernels_cpu_s8_dot"
+
+_lib = ctypes.CDLL(str(Path(__file__).with_name("libnx_kernels_cpu.so")))
+_lib.nx_kernels_cpu_isa.restype = ctypes.c_int
+_ISA = _NAMES[_lib.nx_kernels_cpu_isa()]
+
+jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(_lib.NxS8Matmul), platform="cpu")
+jax.ffi.register_ffi_target(_DOT, jax.ffi.pycapsule(_lib.NxS8Dot), platform="cpu")
+
+
+def isa() -> str:
+    """The best level this CPU runs: ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``."""
+    return _ISA
+
+
+def _level(level: str | None) -> np.int32:
+    if level is None:
+        return np.int32(LEVELS[_ISA])
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r}: expected one of {sorted(LEVELS)}")
+    return np.int32(min(LEVELS[level], LEVELS[_ISA]))
+
+
+def s8_matmul(x, q, scale, *, level: str | None = None, threads: int = 0):
+    """f32 ``[m, n]``: ``x [m, k]`` (cast to f32) times int8 ``q [n, k]`` transposed, times ``scale [n]``."""
+    x = jnp.asarray(x, jnp.float32)
+    m, n = x.shape[0], q.shape[0]
+    call = jax.ffi.ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(x, q, jnp.asarray(scale, jnp.float32), level=_level(level), threads=np.int32(threads))
+
+
+def s8_dot(a, q, *, level: str | None = None, threads: int = 0):
+    """int32 ``a [r, k] @ q [n, k].T`` for int8 ``a`` (values in [-127, 127]) and int8 ``q``."""
+    r, n = a.shape[0], q.shape[0]
+    call = jax.ffi.ffi_call(_DOT, jax.ShapeDtypeStruct((r, n), jnp.int32), vmap_method="sequential")
+    return call(a, q, level=_level(level), threads=np.int32(threads))
