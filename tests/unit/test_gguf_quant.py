@@ -15,7 +15,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 import nx
 from benchmarks.gguf_quant import write_llama_gguf
-from nx.gguf_quant import LAYOUTS, decode
+from nx.gguf_quant import LAYOUTS, decode, dequantize
 from nx.quant import QuantizedArray, quantized_names
 from tests.cases.llama import CASES
 from tests.conftest import left_padded
@@ -33,6 +33,19 @@ def _random_blocks(kind: str, rows: int, blocks: int, seed: int) -> np.ndarray:
         vals = rng.uniform(-0.1, 0.1, (rows, blocks)).astype(np.float16)
         raw[..., at : at + 2] = vals.view(np.uint8).reshape(rows, blocks, 2)
     return raw.reshape(rows, -1), block
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+def test_fast_dequantize_is_the_gguf_reference_bit_for_bit(kind):
+    """`dequantize` (the f32 load path) for the 32-value block types; None for the others."""
+    raw, _ = _random_blocks(kind, rows=5, blocks=7, seed=3 * len(kind))
+    got = dequantize(raw, kind)
+    if kind not in ("Q8_0", "Q4_0", "Q4_1"):
+        assert got is None
+        return
+    ref = gguf_dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(-1)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
 
 
 @pytest.mark.parametrize("kind", sorted(LAYOUTS))

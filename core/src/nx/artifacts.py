@@ -127,14 +127,23 @@ def _sha256(file: Path) -> str:
     return h.hexdigest()
 
 
-def _verify_files(manifest: dict, path: Path) -> None:
+def _files(manifest: dict, path: Path) -> dict:
+    """The manifest's files (relative name -> sha256), each of which must exist."""
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"the manifest of {str(path)!r} lists no files; the artifact is incomplete; recompile it")
-    for rel, digest in files.items():
-        f = path / rel
-        if not f.is_file():
+    for rel in files:
+        if not (path / rel).is_file():
             raise ArtifactError(f"{str(path)!r} is incomplete: {rel} is missing; copy the whole directory or recompile it")
+    return files
+
+
+def verify_checksums(contents: Contents) -> None:
+    """Every file's sha256 against the manifest (`ArtifactError` naming the first that differs).
+    Hashing a SmolLM2 artifact takes ~0.3 s; hashlib releases the GIL, so loaders run this beside
+    reading the weights (and before any program is deserialized)."""
+    for rel, digest in _files(contents.manifest, contents.path).items():
+        f = contents.path / rel
         if _sha256(f) != digest:
             raise ArtifactError(
                 f"{str(f)!r} is corrupt or truncated (sha256 differs from the manifest); copy the artifact again "
@@ -315,9 +324,10 @@ def read(path: str | os.PathLike, verify: bool = True) -> Contents:
 
 
 def verify(contents: Contents) -> None:
-    """Environment and checksums (`read` leaves them to the caller so devices can be made first)."""
+    """Environment and that every file is there (`read` leaves them to the caller so devices can be
+    made first); the checksums are `verify_checksums`."""
     check_environment(contents.manifest, contents.path)
-    _verify_files(contents.manifest, contents.path)
+    _files(contents.manifest, contents.path)
 
 
 def hf_config(contents: Contents) -> ResolvedConfig:

@@ -109,6 +109,36 @@ def decode(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Quantized
     return DECODERS[type_name](np.asarray(raw, np.uint8).reshape(rows, cols // block, size))
 
 
+def dequantize(raw: np.ndarray, type_name: str) -> np.ndarray | None:
+    """f32 values of the 32-value blocks of Q8_0, Q4_0 and Q4_1 data `raw` (flat, bytes as stored),
+    equal to ``gguf.quants.dequantize``'s, in a few numpy passes over all blocks (~3x faster:
+    loading dequantizes every weight); None for other types (the caller uses gguf's)."""
+    fields = _FLAT_BLOCKS.get(type_name)
+    if fields is None:
+        return None
+    blocks = np.asarray(raw, np.uint8).reshape(-1).view(np.dtype(fields))
+    out = np.empty((len(blocks), 32), np.float32)
+    if type_name == "Q8_0":
+        out[:] = blocks["qs"].view(np.int8)
+    else:
+        np.bitwise_and(blocks["qs"], 0x0F, out=out[:, :16], casting="unsafe")
+        np.right_shift(blocks["qs"], 4, out=out[:, 16:], casting="unsafe")
+        if type_name == "Q4_0":
+            out -= 8
+    out *= blocks["d"].astype(np.float32)[:, None]
+    if type_name == "Q4_1":
+        out += blocks["m"].astype(np.float32)[:, None]
+    return out.reshape(-1)
+
+
+#: the 32-value block types `dequantize` reads, as numpy record layouts
+_FLAT_BLOCKS = {
+    "Q8_0": [("d", "<f2"), ("qs", "u1", 32)],
+    "Q4_0": [("d", "<f2"), ("qs", "u1", 16)],
+    "Q4_1": [("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)],
+}
+
+
 def config_for(type_name: str) -> QuantizationConfig:
     """The `quant` config matching a GGUF block type (float tensors of the file follow it)."""
     bits, group = LAYOUTS[type_name]

@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -124,8 +125,17 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
             f"the installed {fam.name} plugin ({fam.distribution} {fam.version}) describes this model differently "
             f"from the one that compiled {str(path)!r} ({contents.manifest.get('plugin')}); recompile the artifact"
         )
-    model = NxModel(fam, spec, contents.params(spec.n_layers), contents.config, hf_config,
-                    artifacts.tokenizer_loader(contents), quant=contents.quant, prepared=True)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # checksums hashed while the weights are read
+        checked = pool.submit(artifacts.verify_checksums, contents) if verify else None
+        try:
+            model = NxModel(fam, spec, contents.params(spec.n_layers), contents.config, hf_config,
+                            artifacts.tokenizer_loader(contents), quant=contents.quant, prepared=True)
+        except Exception:
+            if checked is not None:
+                checked.result()  # a damaged file explains a failed read best
+            raise
+        if checked is not None:
+            checked.result()
     for key, file, recorded in contents.programs():  # each loads, checked, when first needed
         model.programs.offer(key, functools.partial(artifacts.read_program, file, recorded),
                              f"{file.parent.name}/{file.name} of {str(contents.path)!r}")

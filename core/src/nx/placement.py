@@ -87,7 +87,7 @@ class Placement:
         if is_quantized(a):
             return a
         out = a.astype(self.dtype, copy=False) if np.issubdtype(a.dtype, np.floating) else a
-        return out if out.flags.owndata else out.copy()
+        return out if _owns_all(out) else out.copy()
 
     def place_params(self, params: dict, spec: ModelSpec, unroll: int | None,
                      quant: QuantizationConfig | None = None, prepared: bool = False) -> tuple[dict, dict]:
@@ -108,13 +108,30 @@ class Placement:
             specs["layers"] = scan.stack_specs(specs["layers"], unroll)
         leaves, tree = jax.tree.flatten(params, is_leaf=is_quantized)
         del params  # `leaves` is now the only holder of the host arrays
-        placed = []
+        placed, freed = [], 0
         for i, where in enumerate(tree.flatten_up_to(specs)):
             a, leaves[i] = self.cast(leaves[i]), None  # peak host memory: one tensor, not the model
             placed.append(jax.tree.map(lambda x, ps: self.place(x, self.sharding(ps)), a, where))
+            freed += sum(x.nbytes for x in jax.tree.leaves(a))
             del a
-            memory.return_freed_memory()
+            if freed >= _TRIM_BYTES:  # the freed heap back to the OS now and then, not per tensor
+                memory.return_freed_memory()
+                freed = 0
+        memory.return_freed_memory()
         return tree.unflatten(placed), specs
+
+
+#: host bytes placed between two returns of the freed heap to the OS
+_TRIM_BYTES = 64 << 20
+
+
+def _owns_all(a: np.ndarray) -> bool:
+    """Whether `a` holds its memory alone: its own, or all of a plain array it reshapes. A view of
+    part of a buffer, or of a mapped file, would keep that alive next to the placed copy."""
+    base = a
+    while isinstance(base, np.ndarray) and not base.flags.owndata:
+        base = base.base
+    return isinstance(base, np.ndarray) and type(base) is np.ndarray and base.nbytes == a.nbytes
 
 
 def _take(tree: Any) -> Any:

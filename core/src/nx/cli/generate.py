@@ -120,8 +120,6 @@ def generate(
     built, saved = len(model.compiled_shapes), model.programs.loaded  # an artifact's programs load, not compile
     width = max(len(r) for r in rows)
     model.compile(progress=not quiet and leader, shapes=model.request_shapes(width, max_new_tokens, knobs.do_sample))
-    saved = model.programs.loaded - saved
-    built = len(model.compiled_shapes) - built - saved
     compile_s = time.perf_counter() - t1
     eos = decoding.eos_ids(model, None)
     ids, mask = left_pad(rows, int(tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos.size else 0)))
@@ -134,6 +132,8 @@ def generate(
         if detok is not None:
             click.echo(detok.push(int(host[0])), nl=False)
     decode_s = time.perf_counter() - (t_first or t2)
+    saved = model.programs.loaded - saved
+    built = len(model.compiled_shapes) - built - saved
     if not leader:
         return
     if single:
