@@ -298,10 +298,12 @@ class ProgramSet:
                 fut.result()
         memory.return_freed_memory()
 
-    def prefetch(self, keys: Iterable[ProgramKey]) -> threading.Thread:
-        """Build `keys` on a background thread (saved programs load while the caller goes on); a
-        program that fails to build raises when it is asked for (`get` builds it again). At exit
-        the thread stops after the program in hand: XLA must not be torn down under it."""
+    def prefetch(self, keys: Iterable[ProgramKey], warm: bool = False) -> threading.Thread:
+        """Build `keys` on a background thread (saved programs load while the caller goes on), and
+        with `warm` run each once (`warm`: join the thread before any request runs, as warm-up
+        writes placeholder keys and values into the cache). A program that fails to build raises
+        when it is asked for (`get` builds it again). At exit the thread stops after the program in
+        hand: XLA must not be torn down under it."""
         stop = threading.Event()
 
         def run() -> None:
@@ -311,6 +313,8 @@ class ProgramSet:
                         return
                     with contextlib.suppress(Exception):
                         self.get(key)
+                        if warm:
+                            self.warm(key)
             finally:
                 _PREFETCHING.pop(thread, None)
 

@@ -20,7 +20,7 @@ from nx.cli import (
     sampling_params,
     text_tokenizer,
 )
-from nx.errors import InputError
+from nx.errors import BucketError, InputError
 
 
 def read_prompts(file: str) -> list[str]:
@@ -109,6 +109,14 @@ def generate(
     t0 = time.perf_counter()
     sized = {"batch_size": len(texts)} if len(texts) > 1 else {}  # a batch row per prompt
     model = load_model(target, path, quiet or not leader, **sized, **load_kwargs(**load))
+    built, saved = len(model.compiled_shapes), model.programs.loaded  # an artifact's programs load, not compile
+    # A short prompt's programs load and take their first-call setup while the tokenizer loads
+    # (most prompts are short: these are then the request's own programs).
+    try:  # (not across processes: their programs must run in step)
+        ahead = model.request_shapes(1, max_new_tokens, knobs.do_sample) if distributed.num_processes() == 1 else []
+    except BucketError:  # reported below, for the real prompt
+        ahead = []
+    ahead = model.programs.prefetch(ahead, warm=True)
     tok = text_tokenizer(model, path or target, "generate")
     rows = [encode(tok, text, chat) for text in texts]
     for n, row in enumerate(rows, 1):
@@ -117,9 +125,9 @@ def generate(
             raise InputError(f"{which} is empty; pass some text with --prompt")
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    built, saved = len(model.compiled_shapes), model.programs.loaded  # an artifact's programs load, not compile
     width = max(len(r) for r in rows)
     model.compile(progress=not quiet and leader, shapes=model.request_shapes(width, max_new_tokens, knobs.do_sample))
+    ahead.join()  # its warm-up runs wrote placeholders into the cache: done before the request starts
     compile_s = time.perf_counter() - t1
     eos = decoding.eos_ids(model, None)
     ids, mask = left_pad(rows, int(tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos.size else 0)))
