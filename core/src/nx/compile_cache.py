@@ -193,24 +193,44 @@ class CompileCache:
         if not self.usable():
             return ResolvedConfig.of(build())
         text = json.dumps(raw, sort_keys=True, default=str) + _transformers_version()
+        saved = self._saved_json(text, lambda: ResolvedConfig.of(build()).to_json())
+        try:
+            return ResolvedConfig.from_json(saved)
+        except ConfigError:  # damaged: resolve again
+            return ResolvedConfig.of(build())
+
+    def gguf_fields(self, digest: str, build: Callable[[], dict]) -> dict:
+        """The HF config fields of a GGUF file whose metadata has sha256 `digest`: saved from an
+        earlier load, else `build()` (`nx.checkpoint.gguf_config`, which imports transformers for
+        its GGUF key tables: ~0.5 s) and saved. Keyed by the transformers version too."""
+        if not self.usable():
+            return build()
+        saved = self._saved_json(f"gguf {digest} {_transformers_version()}", build)
+        if not isinstance(saved, dict):  # damaged: read the metadata again
+            return build()
+        return saved
+
+    def _saved_json(self, text: str, build: Callable[[], Any]) -> Any:
+        """The JSON value saved under the sha256 of `text` in ``configs/``, else `build()`'s, saved
+        atomically (not saved when the directory is read-only or full: built again next time)."""
         f = self.directory / _CONFIGS / (hashlib.sha256(text.encode()).hexdigest() + ".json")
         try:
-            return ResolvedConfig.from_json(json.loads(f.read_text()))
-        except (OSError, ValueError, ConfigError):  # not saved yet, or damaged: resolve again
+            return json.loads(f.read_text())
+        except (OSError, ValueError):  # not saved yet, or damaged: build again
             pass
-        config = ResolvedConfig.of(build())
+        value = build()
         tmp = None
         try:
-            data = json.dumps(config.to_json(), default=str)
+            data = json.dumps(value, default=str)
             f.parent.mkdir(mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=".tmp-", suffix=".json")
             with os.fdopen(fd, "w") as out:
                 out.write(data)
             os.replace(tmp, f)  # whole or not at all
-        except (OSError, TypeError, ValueError):  # read-only or full: resolve again next time
+        except (OSError, TypeError, ValueError):  # read-only or full: build again next time
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
-        return config
+        return value
 
     def tokenizer_dirs(self) -> list[Path]:
         d = self.directory / _TOKENIZERS

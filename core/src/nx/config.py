@@ -125,6 +125,8 @@ OPTIONS: tuple[Option, ...] = (
            "False: each on first use).", flag),
     Option("compile_cache", True, "Keep compiled programs on disk (True: $NX_CACHE_DIR or ~/.cache/nx; False: off; "
            "or a directory).", cache_setting),
+    Option("preload_tokenizer", False, "Load the tokenizer on a background thread while the weights load (the CLI's "
+           "text commands do), instead of on first use of model.tokenizer.", flag),
     Option("warmup", False, "Run each program once at load so first requests skip XLA's first-call setup.", flag),
     Option("progress", None, "Report progress on stderr: True = bars on a terminal, plain lines otherwise; False = "
            "nothing; default: bars on a terminal only.", optional(flag)),

@@ -6,8 +6,10 @@ import functools
 import inspect
 import logging
 import os
+import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -48,7 +50,8 @@ def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = Non
     cache = CompileCache.from_setting(opts["compile_cache"])  # a bad NX_CACHE_MAX_MB fails before any reading
     target = family_or_path if path is None else path
     if artifacts.is_artifact(target):
-        model = load_artifact(target, None if path is None else str(family_or_path), options, registry)
+        model = load_artifact(target, None if path is None else str(family_or_path), options, registry,
+                              preload_tokenizer=opts["preload_tokenizer"])
         model.compile_cache = cache  # for programs built on demand
         if opts["warmup"]:
             return model.warmup(opts["progress"])
@@ -71,6 +74,9 @@ def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = Non
                 f"{', '.join(family.model_types)}; leave the family out to pick it from the checkpoint: "
                 f"nx.load({str(path)!r}) in Python, nx generate {path} (or nx chat, serve ...) on the command line"
             )
+    tokenizer_loader = ckpt.tokenizer_loader(cache)
+    if opts["preload_tokenizer"]:
+        tokenizer_loader = in_background(tokenizer_loader, "nx-tokenizer")
     spec = family.spec_from_config(ckpt.config)
     check_load(spec, config.max_positions, len(ckpt.tensors))  # before any weight is read
     scan.block_size(spec.n_layers, config.unroll)  # a bad unroll fails before any weight is read
@@ -84,7 +90,7 @@ def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = Non
         )
     check_memory(family, spec, config, opts["device_memory"], quant)
     params = build_params(family, spec, hf_tensors(family, ckpt), progress=opts["progress"])
-    hf_config, tokenizer_loader = ckpt.config, ckpt.tokenizer_loader(cache)
+    hf_config = ckpt.config
     del ckpt  # let the checkpoint and its open files go before the weights are placed
     model = NxModel(family, spec, params, config, hf_config, tokenizer_loader, quant=quant)
     model.compile_cache = cache
@@ -104,10 +110,11 @@ RUNTIME_OPTIONS = ("batch_size", "prompt_batch_size", "n_positions", "context_le
 
 
 def load_artifact(path: str | os.PathLike, family: str | None = None, options: dict | None = None,
-                  registry: Registry | None = None, verify: bool = True) -> NxModel:
+                  registry: Registry | None = None, verify: bool = True, preload_tokenizer: bool = False) -> NxModel:
     """Restore an `NxModel` from an artifact directory with no XLA compile. `family`, if given, must
     be the artifact's; `options` given to ``nx.load`` that differ from their defaults must equal the
-    artifact's. ``verify=False`` skips the sha256 checks (the version/platform checks always run)."""
+    artifact's. ``verify=False`` skips the sha256 checks (the version/platform checks always run);
+    `preload_tokenizer` loads the tokenizer beside the weights (see `in_background`)."""
     contents = artifacts.read(path)
     if family is not None and family != contents.family:
         raise ConfigError(f"{str(path)!r} is a compiled {contents.family!r} artifact, not {family!r}; leave the "
@@ -119,6 +126,9 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
         artifacts.verify(contents)
     fam = (registry or default_registry()).get(contents.family)
     hf_config = artifacts.hf_config(contents)
+    tokenizer_loader = artifacts.tokenizer_loader(contents)
+    if preload_tokenizer:
+        tokenizer_loader = in_background(tokenizer_loader, "nx-tokenizer")
     spec = fam.spec_from_config(hf_config)
     if artifacts.jsonable(spec) != contents.manifest.get("spec"):
         raise ArtifactError(
@@ -129,7 +139,7 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
         checked = pool.submit(artifacts.verify_checksums, contents) if verify else None
         try:
             model = NxModel(fam, spec, contents.params(spec.n_layers), contents.config, hf_config,
-                            artifacts.tokenizer_loader(contents), quant=contents.quant, prepared=True)
+                            tokenizer_loader, quant=contents.quant, prepared=True)
         except Exception:
             if checked is not None:
                 checked.result()  # a damaged file explains a failed read best
@@ -142,6 +152,22 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
     model.artifact_path = contents.path
     model.programs.on_missing = functools.partial(artifacts.warn_missing_program, contents.path)
     return model
+
+
+def in_background(load: Callable[[], Any], name: str) -> Callable[[], Any]:
+    """`load()` started now on a daemon thread; the returned callable waits for its result (or
+    raises its error). Why: a tokenizer is ~0.8 s of Python (transformers' import and the
+    tokenizer's construction) that can run while numpy and XLA read and place the weights."""
+    result: Future = Future()
+
+    def run() -> None:
+        try:
+            result.set_result(load())
+        except BaseException as exc:  # handed to whoever waits for it
+            result.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return result.result
 
 
 def gguf_quant(requested: Any, ckpt: Checkpoint, family: Family, spec, config: RuntimeConfig,

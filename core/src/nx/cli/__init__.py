@@ -165,6 +165,7 @@ def load_model(target: str, path: str | None, quiet: bool, **options: Any):
 
     args = (target, path) if path else (target,)
     options.setdefault("progress", not quiet)
+    options.setdefault("preload_tokenizer", True)  # beside the weights: every command here turns text into ids
     with progress.step(f"loading {path or target}", not quiet):
         return nx.load(*args, compile=False, **options)
 
