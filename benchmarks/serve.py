@@ -5,7 +5,7 @@ same precision, same workload, in one run.
 
 For each precision and each concurrency level `c`, each engine is started with `c` decode rows
 (``nx serve --batch-size c`` / ``llama-server --parallel c``, 2 threads), warmed up, and then `c`
-clients send a fixed list of prompts (the same for every engine, token lengths 16-130) as
+clients send a fixed list of distinct prompts (the same for every engine, token lengths 16-130) as
 streaming completions of exactly `--max-tokens` tokens each (greedy, EOS ignored). Reported per
 run: output tokens/s and requests/s over the run's wall time, time to first token p50/p99 and
 inter-token latency p50/p99 (gaps between streamed chunks). Results go to a JSON file; the
@@ -55,9 +55,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prompts() -> list[str]:
+def prompts(n: int, first: int = 0) -> list[str]:
+    """Prompts `first` .. `first + n - 1`: the 8 lengths of PROMPT_WORDS in turn, each starting at
+    another word of TEXT, so no two of 59 in a row share a prefix (llama-server's prompt cache
+    would otherwise skip re-encoding a repeated prompt, which a real workload does not allow)."""
     words = TEXT.split()
-    return [" ".join(words[i * 7 % 40 : i * 7 % 40 + n]) for i, n in enumerate(PROMPT_WORDS)]
+    starts = len(words) - max(PROMPT_WORDS)
+    return [" ".join(words[i * 7 % starts :][: PROMPT_WORDS[i % len(PROMPT_WORDS)]]) for i in range(first, first + n)]
 
 
 class Server:
@@ -110,8 +114,8 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
     return {"ttft": stamps[0] - t0, "gaps": list(np.diff(stamps)), "end": stamps[-1] - t0}
 
 
-async def workload(url: str, model: str, clients: int, n_requests: int, max_tokens: int) -> dict:
-    todo = [prompts()[i % len(PROMPT_WORDS)] for i in range(n_requests)]
+async def workload(url: str, model: str, clients: int, n_requests: int, max_tokens: int, first: int = 0) -> dict:
+    todo = prompts(n_requests, first)[::-1]  # popped from the end: requests go out in order
     results: list[dict] = []
 
     async def client(http: httpx.AsyncClient) -> None:
@@ -166,7 +170,7 @@ def run(args) -> dict:
                 args.precision = precision
                 srv = start(engine, nx_src, clients, args, log_dir)
                 try:
-                    asyncio.run(workload(srv.url, "bench", clients, clients, 8))  # warm-up
+                    asyncio.run(workload(srv.url, "bench", clients, clients, 8, first=200))  # warm-up: prompts the run does not send
                     n = max(args.min_requests, args.requests_per_client * clients)
                     row = asyncio.run(workload(srv.url, "bench", clients, n, args.max_tokens))
                 finally:
