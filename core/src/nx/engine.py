@@ -145,24 +145,31 @@ class Engine:
                 self._end(row, "cancelled")
 
     def _admit(self) -> bool:
-        """Insert queued requests into free rows (one prompt each), emitting their first tokens;
-        True when requests wait for rows."""
+        """Insert queued requests into free rows (one prompt each), then emit their first tokens,
+        read back together (the inserts queue on the device without a host round trip between
+        them); True when requests wait for rows."""
+        inserted, firsts, waiting = [], [], False
         while True:
             with self._lock:
                 if not self._queue:
-                    return False
+                    break
                 try:
                     row = self.model.kv.acquire(1)[0]
                 except ResourceError:  # every row is busy (ours, or a generate() on another thread)
-                    return True
+                    waiting = True
+                    break
                 req = self._queue.popleft()
-            sp = req.options.sampling
             self._rows[row] = req
             self._eos[row] = decoding.eos_ids(self.model, req.options.eos_token_id)
             if req.options.min_new_tokens > 0:
                 self.batch.suppress(row, self._eos[row])
-            first = self.batch.insert(row, req.prompt, sp)
-            self._emit(row, int(self.model.host(first)[0]))
+            firsts.append(self.batch.insert(row, req.prompt, req.options.sampling))
+            inserted.append(row)
+        if inserted:
+            for row, first in zip(inserted, firsts):  # each read waits for its own insert only
+                token = self.model.host(first)[0]
+                self._emit(row, int(token))
+        return waiting
 
     def _step(self) -> None:
         t0 = time.perf_counter()
