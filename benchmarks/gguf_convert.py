@@ -1,4 +1,4 @@
-"""Rewrite a GGUF file at another precision (f32, bf16, q8_0) with the `gguf` package alone, so
+"""Rewrite a GGUF file at another precision (f32, bf16, q8_0, q4_0) with the `gguf` package alone, so
 llama.cpp's tools can run the same weights nx runs without llama-cpp-python's quantize API.
 
     python benchmarks/gguf_convert.py SRC.gguf DST.gguf --precision f32
@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-PRECISIONS = {"f32": (Q.F32, 0), "bf16": (Q.BF16, 32), "q8_0": (Q.Q8_0, 7)}  # (tensor type, general.file_type)
+PRECISIONS = {"f32": (Q.F32, 0), "bf16": (Q.BF16, 32), "q8_0": (Q.Q8_0, 7), "q4_0": (Q.Q4_0, 2)}  # (type, general.file_type)
 
 
 def convert(src: Path, dst: Path, precision: str) -> Path:
