@@ -78,8 +78,14 @@ NX_PRECISIONS = ("f32", "bf16", "s8", "s4", "q8_0", "q4_0")
 PEER_PRECISION = {"f32": "f32", "bf16": "bf16", "s8": "q8_0", "s4": "q4_0", "q8_0": "q8_0", "q4_0": "q4_0"}
 SOURCE_NOTE = (
     "All engines run the same weights: the shipped SmolLM2 GGUF is Q4_1; nx and HF dequantize it to f32 and "
-    "llama.cpp's f32 file is those dequantized values (requantized with allow_requantize), bf16/q8_0 are them rounded again "
-    "(so are nx's bf16, and nx s8 quantizes them per output channel at load)."
+    "llama.cpp's f32 file is those dequantized values, its bf16/q8_0/q4_0 files are them rounded again by the gguf "
+    "package's reference quantizers (nx's bf16 rounds them alike; nx s8 / s4 quantize them at load, per output "
+    "channel / per group of 32)."
+)
+SOURCE_NOTE_1B = (
+    "Random weights (N(0, 0.02), seed 0) in Llama-3.2-1B's shape, saved as bf16 safetensors and converted to an f32 "
+    "GGUF by llama.cpp's convert_hf_to_gguf.py; llama.cpp's bf16/q8_0/q4_0 files are written from it by the gguf "
+    "package's reference quantizers; nx reads the f32 file (and llama.cpp's q8_0/q4_0 files for its gguf rows)."
 )
 TEXT = (
     "The history of the printing press is a story about how ideas travel. Before movable type, books were copied "
@@ -516,7 +522,7 @@ def print_report(result: dict[str, Any]) -> None:
     bw = result.get("bandwidth")
     m = result["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average']}")
-    print(SOURCE_NOTE)
+    print(result["note"])
     if bw:
         print(f"bandwidth probe: {bw['single_thread_gbs']:.1f} GB/s (1 thread), {bw['multi_thread_gbs']:.1f} GB/s "
               f"({bw['threads']} threads)")
@@ -616,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": nx_bench.machine_info(),
         "shape": args.shape,
         "gguf": str(gguf),
-        "note": SOURCE_NOTE,
+        "note": SOURCE_NOTE_1B if args.shape == "1b" else SOURCE_NOTE,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     log(f"bandwidth probe ({args.bandwidth_gb} GB, {args.threads} threads)")

@@ -16,13 +16,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-BEGIN = "<!-- BEGIN benchmarks/report.py: generated from benchmarks/results/compare.json; edit outside -->"
-END = "<!-- END benchmarks/report.py -->"
+#: One generated block per results file (SmolLM2's compare.json, the 1B shape's compare-1b.json ...).
+BEGIN = "<!-- BEGIN benchmarks/report.py: generated from benchmarks/results/{name}; edit outside -->"
+END = "<!-- END benchmarks/report.py{suffix} -->"
+TITLES = {"smollm2": "SmolLM2-135M-Instruct", "1b": "Llama-3.2-1B shape (random weights)"}
 COMMANDS = """\
 ```bash
 . .venv/bin/activate
 pip install -c constraints.txt -e './core[bench]'   # llama-cpp-python (builds llama.cpp) + matplotlib
-python benchmarks/compare.py          # nx f32/bf16/s8, HF eager, llama.cpp f32/bf16/q8_0 + bandwidth probe + nx bench
+python benchmarks/compare.py --llama-dir ~/.cache/nx-llama.cpp/0.3.36   # nx, HF eager, llama.cpp's tools + probes + nx bench
+python benchmarks/compare.py --llama-dir ~/.cache/nx-llama.cpp/0.3.36 --shape 1b --engines nx,llama-tools \\
+    --new-tokens 32 --repeats 2 --no-nx-bench --out benchmarks/results/compare-1b.json
 python benchmarks/chart.py            # benchmarks/results/decode.png
 python benchmarks/report.py           # this file
 ```"""
@@ -36,32 +40,17 @@ def loadavg(values) -> str:
     return "-" if not values else " / ".join(f"{x:.2f}" for x in values)
 
 
-PEERS_BY_PRECISION = {"bf16": "bf16", "s8": "q8_0"}  # nx precision -> llama.cpp file of the same width
+#: llama.cpp's precision each nx precision is compared with (as compare.py's PEER_PRECISION)
+PEER_PRECISION = {"f32": "f32", "bf16": "bf16", "s8": "q8_0", "s4": "q4_0", "q8_0": "q8_0", "q4_0": "q4_0"}
 
 
-def precision_lines(rows: list[dict]) -> list[str]:
-    """nx bf16 / s8 against nx f32 and against llama.cpp's file of the same width, where measured."""
-
-    def row(engine, precision, batch=1):
-        return next((r for r in rows if r["engine"] == engine and r["precision"] == precision and r["batch"] == batch), None)
-
-    def ratio(a, b, key):
-        return f"{a[key] / b[key]:.2f}x" if a and b and key in a and key in b else "-"
-
-    out = []
-    for precision, peer in PEERS_BY_PRECISION.items():
-        for b in sorted({r["batch"] for r in rows if r["engine"] == "nx" and r["precision"] == precision}):
-            mine, f32, cpp = row("nx", precision, b), row("nx", "f32", b), row("llama.cpp", peer, b)
-            parts = [f"decode {ratio(mine, f32, 'decode_tokens_per_s')} and TTFT 128 {ratio(mine, f32, 'ttft128_s')} "
-                     "of nx f32"]
-            if cpp:
-                parts.append(f"decode {ratio(mine, cpp, 'decode_tokens_per_s')} and TTFT 128 "
-                             f"{ratio(mine, cpp, 'ttft128_s')} of llama.cpp {peer}")
-            out.append(f"- nx {precision}, batch {b}: " + "; ".join(parts).replace(" and TTFT 128 - ", " ") + ".")
-    if out:
-        out = ["", "Reduced precision (nx `bf16`: amp, bf16 weights, activations and KV cache; nx `s8`: per-channel "
-               "int8 weights, on CPU int8 dots; llama.cpp `q8_0`: int8 in blocks of 32):", ""] + out
-    return out
+def peer_row(rows: list[dict], r: dict) -> dict | None:
+    """The llama.cpp row an nx row is compared with: its peer precision, same batch."""
+    if r["engine"] != "nx":
+        return None
+    want = PEER_PRECISION.get(r["precision"])
+    return next((x for x in rows if x["engine"] == "llama.cpp" and x["precision"] == want and x["batch"] == r["batch"]),
+                None)
 
 
 def render(data: dict, note: str | None) -> str:
@@ -72,7 +61,8 @@ def render(data: dict, note: str | None) -> str:
                 default=0.0)
     contended = worst > cores + 0.5  # the benchmark itself keeps up to `cores` threads busy
     s = data["settings"]
-    out = ["## SmolLM2-135M-Instruct: nx against HF eager and llama.cpp", ""]
+    title = TITLES.get(data.get("shape", "smollm2"), data.get("shape"))
+    out = [f"## {title}: nx against llama.cpp at every precision", ""]
     if contended or note:
         out += [
             f"> **Preliminary{' / contended' if contended else ''}.** "
@@ -82,7 +72,7 @@ def render(data: dict, note: str | None) -> str:
             "",
         ]
     out += [
-        f"SmolLM2-135M-Instruct, greedy, exactly {s['new_tokens']} new tokens per row (EOS banned), decode prompt "
+        f"{title}, greedy, exactly {s['new_tokens']} new tokens per row (EOS banned), decode prompt "
         f"{s['prompt_tokens']} tokens, TTFT prompt {s['ttft_prompt_tokens']} tokens, median of {s['repeats']} runs "
         "after one warm-up.",
         "",
@@ -91,31 +81,37 @@ def render(data: dict, note: str | None) -> str:
         "### Results",
         "",
         "| engine | precision | batch | decode tok/s | p50 ms/step | p99 ms/step | TTFT ms "
-        f"({s['prompt_tokens']} tok) | TTFT ms ({s['ttft_prompt_tokens']} tok) | MB/token | GB/s | % roofline | "
-        "nx f32 / this (decode) | nx f32 / this (TTFT 128) | load 1m |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"({s['prompt_tokens']} tok) | TTFT ms ({s['ttft_prompt_tokens']} tok) | MB/token | GB/s | % memory roof | "
+        "% compute roof | nx / llama.cpp (decode) | nx / llama.cpp (TTFT 128) | load 1m |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows = data["rows"]
     for r in rows:
-        mine = next((x for x in rows if x["engine"] == "nx" and x["precision"] == "f32" and x["batch"] == r["batch"]), None)
-        dec = mine["decode_tokens_per_s"] / r["decode_tokens_per_s"] if mine and r is not mine else None
-        ttft = (mine["ttft128_s"] / r["ttft128_s"]
-                if mine and r is not mine and "ttft128_s" in mine and "ttft128_s" in r else None)
+        peer = peer_row(rows, r)
+        dec = r["decode_tokens_per_s"] / peer["decode_tokens_per_s"] if peer else None
+        ttft = r["ttft128_s"] / peer["ttft128_s"] if peer and "ttft128_s" in r and "ttft128_s" in peer else None
+        engine = r["engine"] + (f" ({r['tool']})" if r.get("tool") else "")
         out.append(
-            f"| {r['engine']} | {r['precision']} | {r['batch']} | {fmt(r['decode_tokens_per_s'])} | "
-            f"{fmt(r['latency_p50_ms'])} | {fmt(r['latency_p99_ms'])} | {fmt(r['ttft_s'], '.0f', 1e3)} | "
+            f"| {engine} | {r['precision']} | {r['batch']} | {fmt(r['decode_tokens_per_s'])} | "
+            f"{fmt(r.get('latency_p50_ms'))} | {fmt(r.get('latency_p99_ms'))} | {fmt(r.get('ttft_s'), '.0f', 1e3)} | "
             f"{fmt(r.get('ttft128_s'), '.0f', 1e3)} | {fmt(r['bytes_per_token'], '.0f', 1e-6)} | "
-            f"{fmt(r['achieved_gbs'])} | {fmt(r['fraction_of_roofline'], '.0f', 100)} | "
+            f"{fmt(r['achieved_gbs'])} | {fmt(r.get('memory_fraction', r['fraction_of_roofline']), '.0f', 100)} | "
+            f"{fmt(r.get('compute_fraction'), '.0f', 100)} | "
             f"{fmt(dec, '.2f')}{'x' if dec else ''} | {fmt(ttft, '.2f')}{'x' if ttft else ''} | "
             f"{loadavg(r.get('load_average_1m'))} |"
         )
-    out += precision_lines(rows)
     out += [
         "",
+        "Precisions: nx `bf16` is amp (bf16 weights, activations and KV cache); `s8` per-channel int8 and `s4` "
+        "4-bit in groups of 32, both quantized by nx from the f32 weights; `q8_0` / `q4_0` are llama.cpp's own files "
+        "loaded with `quant=\"gguf\"` (the same blocks llama.cpp runs). Each nx row is compared with llama.cpp at "
+        "the same precision (s8 with q8_0, s4 with q4_0) and batch.",
+        "",
         "MB/token: bytes a decode step reads per generated token (weights / batch; nx adds the KV cache its "
-        "position bucket attends; llama.cpp: the GGUF file size). Roofline: probe bandwidth / MB per token. "
-        "load 1m: the 1-minute load average before / after the row's timed runs (above the core count, other "
-        "jobs shared the cores: torch's and llama.cpp's OpenMP threads collapse under that, XLA's degrade less).",
+        "position bucket attends; llama.cpp: the GGUF file size). % memory roof: achieved bytes/s over the "
+        "bandwidth probe. % compute roof: one multiply-accumulate per weight and token row, over the compute "
+        "probe's peak for the precision's dot instructions (f32 FMA, bf16 dot, int8 dot). load 1m: the 1-minute "
+        "load average before / after the row's timed runs (above the core count, other jobs shared the cores).",
         "",
         "![decode tokens/s](benchmarks/results/decode.png)",
         "",
@@ -128,6 +124,9 @@ def render(data: dict, note: str | None) -> str:
             f"{bw['threads']} threads.",
             "",
         ]
+    if data.get("compute"):
+        out += ["Compute probe (`benchmarks/roofline.py`, register-only instruction chains on every thread, GMAC/s): "
+                + ", ".join(f"{k} {v:.0f}" for k, v in data["compute"].items() if v) + ".", ""]
     bench = data.get("nx_bench")
     if bench:
         run = bench["runs"][0]
@@ -161,7 +160,7 @@ def render(data: dict, note: str | None) -> str:
                 f"{run['compile_s']:.1f} s from the checkpoint), first token after it {run['cached_first_token_s'] * 1e3:.0f} ms.",
                 "",
             ]
-    out += ["### Targets (issue #7)", "", "| target | measured | bound | result |", "| --- | ---: | ---: | --- |"]
+    out += ["### Targets (issues #7 and #22)", "", "| target | measured | bound | result |", "| --- | ---: | ---: | --- |"]
     for t in data["targets"]:
         verdict = "not measured" if t["pass"] is None else ("pass" if t["pass"] else "**miss**")
         out.append(f"| {t['target']} | {fmt(t['value'], '.2f')} | {t['op']} {t['bound']} | {verdict} |")
@@ -178,6 +177,7 @@ def render(data: dict, note: str | None) -> str:
         f"- threads: llama.cpp, torch and the probe {s['threads']}"
         + ("" if "llama.cpp" not in s["engines"] else "; llama.cpp extra buffer types (AMX/repacked kernels) "
            + ("on" if s.get("llama_cpp_extra_bufts") else "off (they crash on CPUs with AMX)")),
+        "- nx CPU kernels: " + ", ".join(sorted({r["cpu_kernels"] for r in data["rows"] if r.get("cpu_kernels")})),
         "",
         "### Re-run",
         "",
@@ -193,13 +193,19 @@ def render(data: dict, note: str | None) -> str:
     return "\n".join(out)
 
 
-def merge(existing: str | None, block: str) -> str:
+def markers(results: Path) -> tuple[str, str]:
+    """The BEGIN / END lines of `results`' block (compare.json keeps the original END line)."""
+    suffix = "" if results.name == "compare.json" else f" ({results.name})"
+    return BEGIN.format(name=results.name), END.format(suffix=suffix)
+
+
+def merge(existing: str | None, block: str, begin: str, end: str) -> str:
     """`existing` with its generated block replaced by `block` (inserted after the title if absent)."""
     if not existing:
         return f"# Benchmarks\n\n{block}\n"
-    if BEGIN in existing and END in existing:
-        head, rest = existing.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1]
+    if begin in existing and end in existing:
+        head, rest = existing.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
     lines = existing.splitlines(keepends=True)
     if lines and lines[0].startswith("# "):
         return lines[0] + "\n" + block + "\n\n" + "".join(lines[1:]).lstrip("\n")
@@ -214,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.results.exists():
         sys.exit(f"error: {args.results} does not exist; run python benchmarks/compare.py first")
-    block = f"{BEGIN}\n{render(json.loads(args.results.read_text()), args.note).rstrip()}\n{END}"
-    args.out.write_text(merge(args.out.read_text() if args.out.exists() else None, block))
+    begin, end = markers(args.results)
+    block = f"{begin}\n{render(json.loads(args.results.read_text()), args.note).rstrip()}\n{end}"
+    args.out.write_text(merge(args.out.read_text() if args.out.exists() else None, block, begin, end))
     print(f"wrote {args.out}")
     return 0
 
