@@ -110,11 +110,16 @@ std::vector<int> ValueOrder(int k, int kp, int gs, int bits, int level) {
     for (int v = 0; v < k; ++v) order[v] = v;
     return order;
   }
-  const int packed = k / 2, pw = level >= kAvx512Vnni ? 32 : 16;
-  for (int b = 0; b < packed; b += pw)
-    for (int i = 0; i < pw && b + i < packed; ++i) {
-      order[2 * b + i] = LowValue(b + i, gs);
-      order[2 * b + pw + i] = HighValue(b + i, gs);
+  const int pw = level >= kAvx512Vnni ? 32 : 16, half = gs / 2;
+  int b = 0, i = 0;  // packed byte p = b + i, b a multiple of pw (no divisions: this runs every call)
+  for (int g0 = 0; g0 < k; g0 += gs)
+    for (int o = 0; o < half; ++o) {
+      order[2 * b + i] = g0 + o;
+      order[2 * b + pw + i] = g0 + half + o;
+      if (++i == pw) {
+        i = 0;
+        b += pw;
+      }
     }
   return order;
 }
@@ -133,9 +138,12 @@ void PrepareActs(const float* x, int m, int k, const GroupedWeight& w, int level
   // AVX-512: step s's lane l holds values of share A (from value 64 s) or B (64 s + 32): 4-bit
   // lanes [A x4, B x4, A x4, B x4] (low nibbles of both shares, then high ones), int8 [A x8, B x8].
   // AVX2: step s's lanes hold the 32 values from 32 s.
+  const int shift = __builtin_ctz(static_cast<unsigned>(gs));  // gs a power of two, or >= 512 (all 0)
   for (int s = 0; s < 8; ++s)
-    for (int l = 0; l < 16; ++l)
-      g.lane_group[s][l] = level >= kAvx512Vnni ? (64 * s + 32 * (w.bits == 4 ? (l / 4) & 1 : l / 8)) / gs : 32 * s / gs;
+    for (int l = 0; l < 16; ++l) {
+      const int v = level >= kAvx512Vnni ? 64 * s + 32 * (w.bits == 4 ? (l / 4) & 1 : l / 8) : 32 * s;
+      g.lane_group[s][l] = gs > 512 ? 0 : v >> shift;
+    }
   g.a.assign(t.a.size(), 0);
   g.s.resize(t.r);
   for (int i = 0; i < m; ++i)
