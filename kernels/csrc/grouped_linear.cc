@@ -316,7 +316,7 @@ __attribute__((target(NX_AVX2))) void TileAvx2(const GroupedActs& g, const Group
 
 // ---- AVX-512 VNNI: 64 values (two 32-value shares, of one or two groups) a step ----
 
-#define NX_AVX512 "avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c"
+#define NX_AVX512 "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
 
 // count (1..16) f32 or f16 scales at p[i] as f32 lanes (zero beyond count).
 template <bool F16>

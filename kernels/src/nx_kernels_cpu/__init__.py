@@ -34,7 +34,7 @@ import numpy as np
 
 __all__ = ["LEVELS", "__version__", "grouped_matmul", "isa", "s8_dot", "s8_matmul"]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Dispatch levels, in the library's numbering.
 LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
