@@ -385,11 +385,15 @@ __attribute__((target(NX_AVX512))) void TileVnni(const GroupedActs& g, const Gro
   }
 }
 
-// Every token row of weight row j, four a pass (the row stays in L1 between passes).
-#define NX_ROW(Tile)                                                                                  \
+// Every token row of weight row j, eight (AVX-512: 32 registers) or four (AVX2: 16) a pass; the
+// weight row stays in L1 between passes. Eight rows take batch-8 s4 decode's lm head from 13.1 to
+// 11.4 ms with AVX-512 (one thread, loaded machine), and spill with AVX2's registers.
+#define NX_ROW(Tile, Wide)                                                                            \
   template <int Bits, bool Zero, bool F16>                                                            \
   void Row##Tile(const GroupedActs& g, const GroupedWeight& w, int j, float* y, int n) {              \
     int i0 = 0;                                                                                       \
+    if constexpr (Wide)                                                                               \
+      for (; i0 + 8 <= g.m; i0 += 8) Tile<Bits, 8, Zero, F16>(g, w, j, i0, y, n);                     \
     for (; i0 + 4 <= g.m; i0 += 4) Tile<Bits, 4, Zero, F16>(g, w, j, i0, y, n);                       \
     switch (g.m - i0) {                                                                               \
       case 3: Tile<Bits, 3, Zero, F16>(g, w, j, i0, y, n); break;                                     \
@@ -398,8 +402,8 @@ __attribute__((target(NX_AVX512))) void TileVnni(const GroupedActs& g, const Gro
       default: break;                                                                                 \
     }                                                                                                 \
   }
-NX_ROW(TileAvx2)
-NX_ROW(TileVnni)
+NX_ROW(TileAvx2, false)
+NX_ROW(TileVnni, true)
 #undef NX_ROW
 
 using RowFn = void (*)(const GroupedActs&, const GroupedWeight&, int, float*, int);
