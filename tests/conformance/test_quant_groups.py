@@ -105,9 +105,10 @@ def test_grouped_matmul_and_lookup(int8_dot, bits, affine, rows):
     np.testing.assert_allclose(qw.dequantize(), dense, rtol=1e-6)
 
 
-def test_cpu_decode_is_an_int8_dot_over_groups():
+def test_cpu_decode_is_an_int8_dot_over_groups(monkeypatch):
     """One token on CPU: the unpacked int4 values meet int8 activation terms in an int8 dot batched
-    over the groups (no f32 copy of the weight)."""
+    over the groups (no f32 copy of the weight). XLA's path: nx-kernels-cpu runs it as one call."""
+    monkeypatch.setenv("NX_CPU_KERNELS", "off")
     qw, _ = _grouped(_weights(1, (64, 96)), 4, 32, False, True)
     hlo = jax.jit(ops.lm_head).lower(jnp.ones((1, 96)), qw).as_text()
     assert "-> tensor<3x2x64xi32>" in hlo and "tensor<64x96xf32>" not in hlo

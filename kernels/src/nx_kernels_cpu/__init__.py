@@ -6,6 +6,15 @@ int8 dots with ``q`` int8 ``[n, k]`` accumulated exactly in int32, ``scale`` f32
 last; f32 ``[m, n]``. `s8_dot(a, q)` is the bare int8 x int8 -> int32 product (``a`` in
 [-127, 127]), kept public so tests can check the accumulation exactly.
 
+`grouped_matmul(x, q, scale, zero, bits=, group_size=)` is nx's grouped linear layer
+(``nx.ops.quant._grouped_matmul``'s int8 path: GGUF Q4_0 / Q4_1 / Q4_K / Q8_0, nx's ``s4``): the
+same two int8 terms per row, exact int32 dots per group of ``group_size`` inputs with the weight's
+values (``q`` int8 ``[n, k]`` for bits 8; uint8 ``[n, k / 2]``, two 4-bit values a byte in
+llama.cpp's order within a group, for bits 4: ``v = n - 8``, or ``n`` when ``zero`` is given),
+weighted by the group scales (``scale`` f32 or f16 ``[n, k / group_size]``) and summed over the
+groups in f32, plus ``zero [n, k / group_size]`` (f32 or f16) times each group's sum of ``x``.
+``group_size`` must be a multiple of 32 that divides 512 (32 ... 512) or a multiple of 512.
+
 `level` selects the instructions: ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``; None is the
 best this CPU has (`isa`). A level above the CPU's is lowered to it by the library. `threads`: 0
 uses every thread of XLA's intra-op pool, n > 0 at most n.
@@ -23,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LEVELS", "__version__", "isa", "s8_dot", "s8_matmul"]
+__all__ = ["LEVELS", "__version__", "grouped_matmul", "isa", "s8_dot", "s8_matmul"]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Dispatch levels, in the library's numbering.
 LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
@@ -33,6 +42,7 @@ _NAMES = {v: k for k, v in LEVELS.items()}
 
 _MATMUL = "nx_kernels_cpu_s8_matmul"
 _DOT = "nx_kernels_cpu_s8_dot"
+_GROUPED = "nx_kernels_cpu_grouped_matmul"
 
 _lib = ctypes.CDLL(str(Path(__file__).with_name("libnx_kernels_cpu.so")))
 _lib.nx_kernels_cpu_isa.restype = ctypes.c_int
@@ -40,6 +50,7 @@ _ISA = _NAMES[_lib.nx_kernels_cpu_isa()]
 
 jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(_lib.NxS8Matmul), platform="cpu")
 jax.ffi.register_ffi_target(_DOT, jax.ffi.pycapsule(_lib.NxS8Dot), platform="cpu")
+jax.ffi.register_ffi_target(_GROUPED, jax.ffi.pycapsule(_lib.NxGroupedMatmul), platform="cpu")
 
 
 def isa() -> str:
@@ -68,3 +79,17 @@ def s8_dot(a, q, *, level: str | None = None, threads: int = 0):
     r, n = a.shape[0], q.shape[0]
     call = jax.ffi.ffi_call(_DOT, jax.ShapeDtypeStruct((r, n), jnp.int32), vmap_method="sequential")
     return call(a, q, level=_level(level), threads=np.int32(threads))
+
+
+def grouped_matmul(x, q, scale, zero=None, *, bits: int, group_size: int, level: str | None = None, threads: int = 0):
+    """f32 ``[m, n]``: ``x [m, k]`` (cast to f32) times the grouped weight ``(q, scale, zero)`` transposed."""
+    x = jnp.asarray(x, jnp.float32)
+    m, n = x.shape[0], q.shape[0]
+    if bits not in (4, 8) or group_size % 32 or (512 % group_size and group_size % 512) or x.shape[1] % group_size:
+        msg = f"bits {bits}, group_size {group_size}, k {x.shape[1]}: bits 4 or 8, group_size a multiple of 32"
+        raise ValueError(f"{msg} that divides 512 or that 512 divides, and k a multiple of group_size expected")
+    if zero is None:
+        zero = jnp.zeros((0,), jnp.float32)
+    call = jax.ffi.ffi_call(_GROUPED, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    attrs = dict(bits=np.int32(bits), group_size=np.int32(group_size), threads=np.int32(threads))
+    return call(x, q, scale, zero, level=_level(level), **attrs)

@@ -10,13 +10,22 @@ the pure-XLA path. It applies when all of these hold:
 - `nx_kernels_cpu` imports and the CPU has AVX2 or better (`available`);
 - ``NX_CPU_KERNELS`` is not ``off``.
 
+`grouped_matmul(x, w)` is the same for a grouped weight (``group_size``: nx's ``s4``, grouped
+``s8``, GGUF Q4_0 / Q4_1 / Q4_K / Q8_0): bits 4 (packed, unpacked in registers) or 8, symmetric
+or affine (``zero``), f32 or f16 scales, the same activation terms and exact int32 dots per group
+as `nx.ops.quant._grouped_matmul`'s XLA path; only the f32 sum over the groups runs in another
+order, so results agree to f32 rounding (~1e-6 of the largest output), not bit for bit. It
+applies under the same conditions with 8-bit replaced by: bits 4 or 8, ``group_size`` a multiple
+of 32 (GGUF Q6_K's 16 stays on XLA), scales and offsets f32 or f16.
+
 ``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
 or a level to force, ``avx512_vnni``, ``avx2`` or ``scalar`` (never above the CPU's; ``scalar``
 runs the kernel without SIMD, for tests). ``NX_CPU_KERNELS_THREADS``: threads of XLA's intra-op
 pool a call may use (default 0: all). Both are read when a program is traced, so they are part
 of the lowered program (and of its compile-cache key).
 
-Why: XLA:CPU has no fast int8 matrix-vector kernel (BENCHMARKS.md, "CPU kernels (issue #22)").
+Why: XLA:CPU has no fast int8 matrix-vector kernel, nor a 4-bit one that reads the packed weight
+once (BENCHMARKS.md, "CPU kernels (issue #22)", "Grouped and 4-bit CPU kernels").
 """
 
 from __future__ import annotations
@@ -109,3 +118,22 @@ def s8_matmul(x: Any, w: Any) -> Any:
         return None
     level = mode()
     return _kernels.s8_matmul(x, w.q, w.scale, level=None if level == "auto" else level, threads=_threads())
+
+
+_FLOATS = ("float32", "float16")
+
+
+def grouped_matmul(x: Any, w: Any) -> Any:
+    """f32 ``x [m, k] @ W.T`` (``[m, n]``) for a grouped `nx.ops.quant.QuantizedWeight` ``W``
+    through the kernel, or None where it does not apply (see the module docstring)."""
+    gs = w.group_size
+    if not (w.int8_dot and gs is not None and w.bits in (4, 8)):
+        return None
+    if gs % 32 or (512 % gs and gs % 512):  # the kernel's group sizes: 32 ... 512, multiples of 512
+        return None
+    if str(w.scale.dtype) not in _FLOATS or (w.zero is not None and str(w.zero.dtype) not in _FLOATS):
+        return None
+    if x.ndim != 2 or x.shape[0] > MAX_ROWS or x.shape[1] % gs or not enabled():
+        return None
+    level = None if mode() == "auto" else mode()
+    return _kernels.grouped_matmul(x, w.q, w.scale, w.zero, bits=w.bits, group_size=gs, level=level, threads=_threads())

@@ -16,9 +16,10 @@ Matmuls, chosen per weight at load time (`int8_dot`, static aux data):
   their groups for up to ``group_size / 2`` token rows and dequantize for prompts;
 - **dequantize** (accelerators): ``q`` converted to `dequant_dtype` inside the dot, which XLA fuses.
 
-On CPU, per-row weights and up to 16 token rows run the same int8 dots as one custom call when
-the optional nx-kernels-cpu package is installed (`nx.ops.cpu_kernels`, ``NX_CPU_KERNELS=off``
-switches it off); its results equal the XLA formulation's.
+On CPU, up to 16 token rows run the same int8 dots as one custom call when the optional
+nx-kernels-cpu package is installed (`nx.ops.cpu_kernels`, ``NX_CPU_KERNELS=off`` switches it
+off): per-row weights with results equal to the XLA formulation's, grouped ones (``group_size`` a
+multiple of 32; 4-bit read packed, once) equal to f32 rounding of the sum over groups.
 
 Why (measured): BENCHMARKS.md, "int8 weights on the CPU" and "Design measurements behind nx.ops".
 """
@@ -192,7 +193,13 @@ def _grouped_matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
     - otherwise: the weight dequantized in the program (`dequant_dtype`, f32 on CPU) and one dot;
       with many rows its cost is shared, and the int32 partial sums would be larger than it.
     - affine groups add ``sum_g zero[:, g] * sum(x[:, group g])``, a small ``[m, groups]`` dot.
+
+    Up to 16 rows on CPU run the first formulation as one custom call (`nx.ops.cpu_kernels`) where
+    it applies: XLA:CPU unpacks a 4-bit weight to int8 in memory and runs the batched dot slowly.
     """
+    y = cpu_kernels.grouped_matmul(x, w)
+    if y is not None:
+        return y
     m, k = x.shape
     gs = w.group_size
     if w.int8_dot and m <= gs // 2:

@@ -1,0 +1,177 @@
+// nx-kernels-cpu: what the kernels share: ISA detection, the int8 activation terms of a row,
+// output rows split over XLA's intra-op thread pool.
+//
+// Threads: output rows are cut into chunks claimed from an atomic counter by the calling thread and
+// by tasks scheduled on XLA's intra-op thread pool; the caller waits only for chunks another thread
+// has claimed, so a pool that is busy (or absent) never blocks it.
+
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define NX_X86 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace nxk {
+
+
+constexpr int kScalar = 0;
+constexpr int kAvx2 = 1;
+constexpr int kAvx512Vnni = 2;
+
+inline int DetectIsa() {
+#ifdef NX_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return kAvx512Vnni;
+  if (__builtin_cpu_supports("avx2")) return kAvx2;
+#endif
+  return kScalar;
+}
+
+// Activation terms: rows [r, kp] of int8 (kp = k rounded up to 64, zero padded), their sums.
+struct Terms {
+  int r = 0, k = 0, kp = 0;
+  std::vector<int8_t> a;
+  std::vector<int32_t> sum;
+  std::vector<float> scale;
+};
+
+// The symmetric per-row int8 rounding of nx.ops.quant.int8_terms, in the f32 operations XLA:CPU runs.
+inline void RoundRow(const float* v, int k, int8_t* out, float* scale_out) {
+  float amax = 0.0f;
+  for (int i = 0; i < k; ++i) amax = std::max(amax, std::fabs(v[i]));
+  // XLA:CPU rewrites both divisions as products with reciprocals; so does this, to round alike.
+  float s = amax * (1.0f / 127.0f);
+  if (!(s > 0.0f)) s = 1.0f;
+  const float inv = 1.0f / s;
+  for (int i = 0; i < k; ++i) out[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+  *scale_out = s;
+}
+
+inline bool HasFma() {
+#ifdef NX_X86
+  static const bool has = (__builtin_cpu_init(), __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2"));
+  return has;
+#else
+  return false;
+#endif
+}
+
+// x - hi * s as XLA:CPU computes it: one fused multiply-add where the CPU has FMA (XLA's LLVM
+// contracts the pair there), a product then a difference elsewhere.
+#ifdef NX_X86
+inline __attribute__((target("avx2,fma"))) void RemainderFma(const float* x, const int8_t* hi, float s, int k, float* rem) {
+  for (int j = 0; j < k; ++j) rem[j] = std::fma(-static_cast<float>(hi[j]), s, x[j]);
+}
+#endif
+
+inline void Remainder(const float* x, const int8_t* hi, float s, int k, float* rem) {
+#ifdef NX_X86
+  if (HasFma()) return RemainderFma(x, hi, s, k, rem);
+#endif
+  for (int j = 0; j < k; ++j) {
+    const float prod = static_cast<float>(hi[j]) * s;  // no contraction: -ffp-contract=off
+    rem[j] = x[j] - prod;
+  }
+}
+
+inline void QuantizeRows(const float* x, int m, int k, Terms& t) {
+  t.r = 2 * m;
+  t.k = k;
+  t.kp = (k + 63) / 64 * 64;
+  t.a.assign(static_cast<size_t>(t.r) * t.kp, 0);
+  t.sum.assign(t.r, 0);
+  t.scale.assign(t.r, 1.0f);
+  std::vector<float> rem(k);
+  for (int i = 0; i < m; ++i) {
+    const float* xi = x + static_cast<size_t>(i) * k;
+    int8_t* hi = t.a.data() + static_cast<size_t>(i) * t.kp;
+    int8_t* lo = t.a.data() + static_cast<size_t>(m + i) * t.kp;
+    RoundRow(xi, k, hi, &t.scale[i]);
+    const float s_hi = t.scale[i];
+    Remainder(xi, hi, s_hi, k, rem.data());
+    RoundRow(rem.data(), k, lo, &t.scale[m + i]);
+  }
+}
+
+inline void SumRows(Terms& t) {
+  for (int r = 0; r < t.r; ++r) {
+    int32_t s = 0;
+    const int8_t* a = t.a.data() + static_cast<size_t>(r) * t.kp;
+    for (int i = 0; i < t.k; ++i) s += a[i];
+    t.sum[r] = s;
+  }
+}
+
+// Output rows [0, n) in chunks, run by the caller and by up to `threads - 1` pool tasks.
+struct Job {
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+  int chunks = 0;
+  int rows_per_chunk = 0;
+  int n = 0;
+  std::function<void(int, int)> body;
+
+  void RunChunks() {
+    for (;;) {
+      const int c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= chunks) return;
+      const int j0 = c * rows_per_chunk;
+      body(j0, std::min(n, j0 + rows_per_chunk));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work_per_row,
+                  std::function<void(int, int)> body) {
+  // Below ~64k multiply-adds a second thread costs more than it saves.
+  const int64_t min_rows = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, work_per_row));
+  int parts = threads;
+  if (parts > 1) parts = static_cast<int>(std::min<int64_t>(parts, n / min_rows));
+  if (parts <= 1) {
+    body(0, n);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->n = n;
+  job->chunks = 4 * parts;
+  job->rows_per_chunk = ((n + job->chunks - 1) / job->chunks + 3) / 4 * 4;
+  job->chunks = (n + job->rows_per_chunk - 1) / job->rows_per_chunk;
+  job->body = std::move(body);
+  for (int i = 1; i < parts; ++i) pool.Schedule([job] { job->RunChunks(); });
+  job->RunChunks();
+  while (job->done.load(std::memory_order_acquire) < job->chunks) {
+#ifdef NX_X86
+    _mm_pause();
+#endif
+  }
+}
+
+inline int Threads(ffi::ThreadPool& pool, int32_t requested) {
+  if (requested > 0) return requested;
+  const int64_t n = pool.num_threads();
+  return static_cast<int>(std::max<int64_t>(1, n));
+}
+
+inline int ClampLevel(int32_t level) {
+  static const int isa = DetectIsa();
+  return std::max(0, std::min<int>(level, isa));
+}
+
+}  // namespace nxk
