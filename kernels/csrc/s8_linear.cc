@@ -13,45 +13,21 @@
 //     activation row, and its correction is one sum per activation row);
 //   1 AVX2: vpmaddubsw(|w|, sign(a, w)) then vpmaddwd with ones (pairs stay below 2^15: 128*127*2);
 //   0 scalar.
-// The Python side never asks for a level the CPU lacks (nx_kernels_cpu_isa()).
-// Threads: output rows are cut into chunks claimed from an atomic counter by the calling thread and
-// by tasks scheduled on XLA's intra-op thread pool; the caller waits only for chunks another thread
-// has claimed, so a pool that is busy (or absent) never blocks it.
+// (level 3, AVX512_BF16, runs the VNNI dot). Levels and threads: common.h.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define NX_X86 1
-#endif
-
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kScalar = 0;
-constexpr int kAvx2 = 1;
-constexpr int kAvx512Vnni = 2;
-
-int DetectIsa() {
-#ifdef NX_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-    return kAvx512Vnni;
-  if (__builtin_cpu_supports("avx2")) return kAvx2;
-#endif
-  return kScalar;
-}
+using namespace nx_kernels;  // levels, HasFma, ParallelRows, Threads, ClampLevel (common.h)
 
 // Activation terms: rows [r, kp] of int8 (kp = k rounded up to 64, zero padded), their sums.
 struct Terms {
@@ -71,15 +47,6 @@ void RoundRow(const float* v, int k, int8_t* out, float* scale_out) {
   const float inv = 1.0f / s;
   for (int i = 0; i < k; ++i) out[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
   *scale_out = s;
-}
-
-bool HasFma() {
-#ifdef NX_X86
-  static const bool has = (__builtin_cpu_init(), __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2"));
-  return has;
-#else
-  return false;
-#endif
 }
 
 // x - hi * s as XLA:CPU computes it: one fused multiply-add where the CPU has FMA (XLA's LLVM
@@ -334,62 +301,6 @@ void Dot(int level, const Terms& t, const int8_t* w, int j0, int j1, int32_t* ou
   DotScalar(t, w, j0, j1, out, ldo);
 }
 
-// Output rows [0, n) in chunks, run by the caller and by up to `threads - 1` pool tasks.
-struct Job {
-  std::atomic<int> next{0};
-  std::atomic<int> done{0};
-  int chunks = 0;
-  int rows_per_chunk = 0;
-  int n = 0;
-  std::function<void(int, int)> body;
-
-  void RunChunks() {
-    for (;;) {
-      const int c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= chunks) return;
-      const int j0 = c * rows_per_chunk;
-      body(j0, std::min(n, j0 + rows_per_chunk));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work_per_row,
-                  std::function<void(int, int)> body) {
-  // Below ~64k multiply-adds a second thread costs more than it saves.
-  const int64_t min_rows = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, work_per_row));
-  int parts = threads;
-  if (parts > 1) parts = static_cast<int>(std::min<int64_t>(parts, n / min_rows));
-  if (parts <= 1) {
-    body(0, n);
-    return;
-  }
-  auto job = std::make_shared<Job>();
-  job->n = n;
-  job->chunks = 4 * parts;
-  job->rows_per_chunk = ((n + job->chunks - 1) / job->chunks + 3) / 4 * 4;
-  job->chunks = (n + job->rows_per_chunk - 1) / job->rows_per_chunk;
-  job->body = std::move(body);
-  for (int i = 1; i < parts; ++i) pool.Schedule([job] { job->RunChunks(); });
-  job->RunChunks();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) {
-#ifdef NX_X86
-    _mm_pause();
-#endif
-  }
-}
-
-int Threads(ffi::ThreadPool& pool, int32_t requested) {
-  if (requested > 0) return requested;
-  const int64_t n = pool.num_threads();
-  return static_cast<int>(std::max<int64_t>(1, n));
-}
-
-int ClampLevel(int32_t level) {
-  static const int isa = DetectIsa();
-  return std::max(0, std::min<int>(level, isa));
-}
-
 ffi::Error S8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t level,
                         int32_t threads) {
@@ -466,5 +377,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NxS8Dot, S8DotImpl,
                                   .Attr<int32_t>("level")
                                   .Attr<int32_t>("threads"));
 
-// The best level this CPU runs: 0 scalar, 1 AVX2, 2 AVX-512 VNNI.
+// The best level this CPU runs: 0 scalar, 1 AVX2, 2 AVX-512 VNNI, 3 AVX-512 VNNI + BF16 (common.h).
 extern "C" __attribute__((visibility("default"))) int nx_kernels_cpu_isa() { return DetectIsa(); }
