@@ -16,18 +16,18 @@ AVX-512F or AVX2 fused multiply-adds: exact products summed in f32, in another o
 or None where it does not apply. A plain array does not say which backend it is for, so the
 kernel is staged with `jax.lax.platform_dependent`: programs lowered for the cpu platform call it,
 any other platform gets ``xla(x, w)`` (the caller's pure-XLA path; the FFI target exists only for
-cpu). It applies for at most `MAX_ROWS` token rows, a 2-D bf16 ``w``, a bf16 or f32 ``x``, and
-when `enabled`.
+cpu). It applies for at most `BF16_MAX_ROWS` token rows, a 2-D bf16 ``w``, a bf16 or f32 ``x``,
+and when `enabled`.
 
 ``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
 or a level to force, ``avx512_bf16``, ``avx512_vnni``, ``avx2`` or ``scalar`` (never above the
 CPU's; ``scalar`` runs the kernels without SIMD, for tests; the int8 kernels run ``avx512_bf16`` as
-``avx512_vnni``, the bf16 kernel runs ``avx512_vnni`` on AVX-512F without its bf16 instructions). ``NX_CPU_KERNELS_THREADS``: threads of XLA's intra-op
-pool a call may use (default 0: all). Both are read when a program is traced, so they are part
+``avx512_vnni``, the bf16 kernel runs ``avx512_vnni`` on AVX-512F without its bf16 instructions).
+``NX_CPU_KERNELS_THREADS``: threads of XLA's intra-op pool a call may use (default 0: all). Both are read when a program is traced, so they are part
 of the lowered program (and of its compile-cache key).
 
-Why: XLA:CPU has no fast int8 or bf16 matrix-vector kernel (BENCHMARKS.md, "CPU kernels (issue #22)",
-"bf16 CPU kernel").
+Why: XLA:CPU has no fast int8 or bf16 matrix-vector kernel (BENCHMARKS.md, "CPU kernels (issue
+#22)" and "bf16 CPU kernel").
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ THREADS_ENV = "NX_CPU_KERNELS_THREADS"
 MODES = ("auto", "off", "avx512_bf16", "avx512_vnni", "avx2", "scalar")
 #: Most token rows a call sends to the kernel (batch-16 decode); more rows stay on XLA's dots.
 MAX_ROWS = 16
+#: Most token rows a bf16 call sends to the kernel: it streams the weights at memory speed for a few
+#: rows, but from batch 8 on XLA's bf16 GEMM was faster on the 2-core EPYC (BENCHMARKS.md, "bf16 CPU
+#: kernel"), so batch-8 decode stays on XLA's dots.
+BF16_MAX_ROWS = 4
 
 try:  # the optional distribution nx-kernels-cpu; importing it registers its FFI targets
     import nx_kernels_cpu as _kernels
@@ -143,7 +147,7 @@ def bf16_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
     if x.dtype not in (jnp.bfloat16, jnp.float32) or x.ndim < 1 or x.shape[-1] != w.shape[1]:
         return None
     rows = x.size // max(1, x.shape[-1])
-    if not (0 < rows <= MAX_ROWS) or not enabled():
+    if not (0 < rows <= BF16_MAX_ROWS) or not enabled():
         return None
     level, threads = mode(), _threads()
 

@@ -16,7 +16,7 @@ def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
     """``x @ w.T`` in `dtype` for ``w [out, in]`` (or an int8 `nx.ops.quant.QuantizedWeight`),
     accumulated in f32. The formulation depends on the row count, because XLA:CPU's matmul paths
     differ that much (BENCHMARKS.md, "Design measurements behind nx.ops"); bf16 weights with up to
-    `cpu_kernels.MAX_ROWS` token rows run nx-kernels-cpu's kernel on the cpu platform where it is
+    `cpu_kernels.BF16_MAX_ROWS` token rows run nx-kernels-cpu's kernel on the cpu platform where it is
     installed (XLA:CPU has no fast bf16 matrix-vector path; BENCHMARKS.md, "bf16 CPU kernel")."""
     if quant.is_quantized(w):
         return quant.matmul(x, w).astype(dtype)
