@@ -25,11 +25,9 @@
 
 #include "common.h"
 
-namespace ffi = xla::ffi;
-
 namespace {
 
-using namespace nx_kernels;  // levels, HasFma, ParallelRows, Threads, ClampLevel (common.h)
+using namespace nxk;  // levels, HasFma, ParallelRows, Threads, ClampLevel (common.h)
 
 inline float Bf16ToF32(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;

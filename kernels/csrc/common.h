@@ -1,23 +1,20 @@
-// nx-kernels-cpu: what every kernel of the library shares: the dispatch levels (cpuid) and the
-// split of a call's output rows over XLA's intra-op thread pool.
+// nx-kernels-cpu: what the kernels share: ISA detection, the int8 activation terms of a row,
+// output rows split over XLA's intra-op thread pool.
 //
-// Levels, in one order (a level implies the ones below it; the Python side never asks for one above
-// nx_kernels_cpu_isa(), and ClampLevel lowers it anyway):
-//   0 scalar; 1 AVX2 (+FMA for the float kernels); 2 AVX-512 F/BW/VL/VNNI; 3 the same + AVX512_BF16.
-// Each kernel maps a level to the best implementation it has at or below it.
 // Threads: output rows are cut into chunks claimed from an atomic counter by the calling thread and
 // by tasks scheduled on XLA's intra-op thread pool; the caller waits only for chunks another thread
 // has claimed, so a pool that is busy (or absent) never blocks it.
 
-#ifndef NX_KERNELS_CPU_COMMON_H_
-#define NX_KERNELS_CPU_COMMON_H_
+#pragma once
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
-#include <utility>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -26,10 +23,14 @@
 
 #include "xla/ffi/api/ffi.h"
 
-namespace nx_kernels {
-
 namespace ffi = xla::ffi;
 
+namespace nxk {
+
+
+// Levels, in one order (each implies the ones below; ClampLevel lowers a request to the CPU's):
+// 0 scalar; 1 AVX2; 2 AVX-512 F/BW/VL/VNNI; 3 the same + AVX512_BF16 (the int8 kernels run it as
+// 2, the bf16 kernel runs 2 on AVX-512F without vdpbf16ps).
 constexpr int kScalar = 0;
 constexpr int kAvx2 = 1;
 constexpr int kAvx512Vnni = 2;
@@ -46,6 +47,26 @@ inline int DetectIsa() {
   return kScalar;
 }
 
+// Activation terms: rows [r, kp] of int8 (kp = k rounded up to 64, zero padded), their sums.
+struct Terms {
+  int r = 0, k = 0, kp = 0;
+  std::vector<int8_t> a;
+  std::vector<int32_t> sum;
+  std::vector<float> scale;
+};
+
+// The symmetric per-row int8 rounding of nx.ops.quant.int8_terms, in the f32 operations XLA:CPU runs.
+inline void RoundRow(const float* v, int k, int8_t* out, float* scale_out) {
+  float amax = 0.0f;
+  for (int i = 0; i < k; ++i) amax = std::max(amax, std::fabs(v[i]));
+  // XLA:CPU rewrites both divisions as products with reciprocals; so does this, to round alike.
+  float s = amax * (1.0f / 127.0f);
+  if (!(s > 0.0f)) s = 1.0f;
+  const float inv = 1.0f / s;
+  for (int i = 0; i < k; ++i) out[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+  *scale_out = s;
+}
+
 inline bool HasFma() {
 #ifdef NX_X86
   static const bool has = (__builtin_cpu_init(), __builtin_cpu_supports("fma") && __builtin_cpu_supports("avx2"));
@@ -55,9 +76,50 @@ inline bool HasFma() {
 #endif
 }
 
-inline int ClampLevel(int32_t level) {
-  static const int isa = DetectIsa();
-  return std::max(0, std::min<int>(level, isa));
+// x - hi * s as XLA:CPU computes it: one fused multiply-add where the CPU has FMA (XLA's LLVM
+// contracts the pair there), a product then a difference elsewhere.
+#ifdef NX_X86
+inline __attribute__((target("avx2,fma"))) void RemainderFma(const float* x, const int8_t* hi, float s, int k, float* rem) {
+  for (int j = 0; j < k; ++j) rem[j] = std::fma(-static_cast<float>(hi[j]), s, x[j]);
+}
+#endif
+
+inline void Remainder(const float* x, const int8_t* hi, float s, int k, float* rem) {
+#ifdef NX_X86
+  if (HasFma()) return RemainderFma(x, hi, s, k, rem);
+#endif
+  for (int j = 0; j < k; ++j) {
+    const float prod = static_cast<float>(hi[j]) * s;  // no contraction: -ffp-contract=off
+    rem[j] = x[j] - prod;
+  }
+}
+
+inline void QuantizeRows(const float* x, int m, int k, Terms& t) {
+  t.r = 2 * m;
+  t.k = k;
+  t.kp = (k + 63) / 64 * 64;
+  t.a.assign(static_cast<size_t>(t.r) * t.kp, 0);
+  t.sum.assign(t.r, 0);
+  t.scale.assign(t.r, 1.0f);
+  std::vector<float> rem(k);
+  for (int i = 0; i < m; ++i) {
+    const float* xi = x + static_cast<size_t>(i) * k;
+    int8_t* hi = t.a.data() + static_cast<size_t>(i) * t.kp;
+    int8_t* lo = t.a.data() + static_cast<size_t>(m + i) * t.kp;
+    RoundRow(xi, k, hi, &t.scale[i]);
+    const float s_hi = t.scale[i];
+    Remainder(xi, hi, s_hi, k, rem.data());
+    RoundRow(rem.data(), k, lo, &t.scale[m + i]);
+  }
+}
+
+inline void SumRows(Terms& t) {
+  for (int r = 0; r < t.r; ++r) {
+    int32_t s = 0;
+    const int8_t* a = t.a.data() + static_cast<size_t>(r) * t.kp;
+    for (int i = 0; i < t.k; ++i) s += a[i];
+    t.sum[r] = s;
+  }
 }
 
 // Output rows [0, n) in chunks, run by the caller and by up to `threads - 1` pool tasks.
@@ -80,10 +142,8 @@ struct Job {
   }
 };
 
-// body(j0, j1) over chunks of [0, n) (multiples of 4 rows but the last); work_per_row: multiply-adds
-// per output row, so that small calls stay on the calling thread.
 inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work_per_row,
-                         std::function<void(int, int)> body) {
+                  std::function<void(int, int)> body) {
   // Below ~64k multiply-adds a second thread costs more than it saves.
   const int64_t min_rows = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, work_per_row));
   int parts = threads;
@@ -107,13 +167,15 @@ inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work
   }
 }
 
-// Threads a call may use: `requested` (> 0) or every thread of XLA's pool.
 inline int Threads(ffi::ThreadPool& pool, int32_t requested) {
   if (requested > 0) return requested;
   const int64_t n = pool.num_threads();
   return static_cast<int>(std::max<int64_t>(1, n));
 }
 
-}  // namespace nx_kernels
+inline int ClampLevel(int32_t level) {
+  static const int isa = DetectIsa();
+  return std::max(0, std::min<int>(level, isa));
+}
 
-#endif  // NX_KERNELS_CPU_COMMON_H_
+}  // namespace nxk

@@ -13,78 +13,14 @@
 //     activation row, and its correction is one sum per activation row);
 //   1 AVX2: vpmaddubsw(|w|, sign(a, w)) then vpmaddwd with ones (pairs stay below 2^15: 128*127*2);
 //   0 scalar.
-// (level 3, AVX512_BF16, runs the VNNI dot). Levels and threads: common.h.
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+// The Python side never asks for a level the CPU lacks (nx_kernels_cpu_isa()).
+// Threads and activation terms: common.h.
 
 #include "common.h"
 
-namespace ffi = xla::ffi;
-
 namespace {
 
-using namespace nx_kernels;  // levels, HasFma, ParallelRows, Threads, ClampLevel (common.h)
-
-// Activation terms: rows [r, kp] of int8 (kp = k rounded up to 64, zero padded), their sums.
-struct Terms {
-  int r = 0, k = 0, kp = 0;
-  std::vector<int8_t> a;
-  std::vector<int32_t> sum;
-  std::vector<float> scale;
-};
-
-// The symmetric per-row int8 rounding of nx.ops.quant.int8_terms, in the f32 operations XLA:CPU runs.
-void RoundRow(const float* v, int k, int8_t* out, float* scale_out) {
-  float amax = 0.0f;
-  for (int i = 0; i < k; ++i) amax = std::max(amax, std::fabs(v[i]));
-  // XLA:CPU rewrites both divisions as products with reciprocals; so does this, to round alike.
-  float s = amax * (1.0f / 127.0f);
-  if (!(s > 0.0f)) s = 1.0f;
-  const float inv = 1.0f / s;
-  for (int i = 0; i < k; ++i) out[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
-  *scale_out = s;
-}
-
-// x - hi * s as XLA:CPU computes it: one fused multiply-add where the CPU has FMA (XLA's LLVM
-// contracts the pair there), a product then a difference elsewhere.
-#ifdef NX_X86
-__attribute__((target("avx2,fma"))) void RemainderFma(const float* x, const int8_t* hi, float s, int k, float* rem) {
-  for (int j = 0; j < k; ++j) rem[j] = std::fma(-static_cast<float>(hi[j]), s, x[j]);
-}
-#endif
-
-void Remainder(const float* x, const int8_t* hi, float s, int k, float* rem) {
-#ifdef NX_X86
-  if (HasFma()) return RemainderFma(x, hi, s, k, rem);
-#endif
-  for (int j = 0; j < k; ++j) {
-    const float prod = static_cast<float>(hi[j]) * s;  // no contraction: -ffp-contract=off
-    rem[j] = x[j] - prod;
-  }
-}
-
-void QuantizeRows(const float* x, int m, int k, Terms& t) {
-  t.r = 2 * m;
-  t.k = k;
-  t.kp = (k + 63) / 64 * 64;
-  t.a.assign(static_cast<size_t>(t.r) * t.kp, 0);
-  t.sum.assign(t.r, 0);
-  t.scale.assign(t.r, 1.0f);
-  std::vector<float> rem(k);
-  for (int i = 0; i < m; ++i) {
-    const float* xi = x + static_cast<size_t>(i) * k;
-    int8_t* hi = t.a.data() + static_cast<size_t>(i) * t.kp;
-    int8_t* lo = t.a.data() + static_cast<size_t>(m + i) * t.kp;
-    RoundRow(xi, k, hi, &t.scale[i]);
-    const float s_hi = t.scale[i];
-    Remainder(xi, hi, s_hi, k, rem.data());
-    RoundRow(rem.data(), k, lo, &t.scale[m + i]);
-  }
-}
+using namespace nxk;
 
 // y[j] = (hi[j] * s_hi + lo[j] * s_lo) * scale[j], the sum contracted as XLA:CPU contracts it
 // (one fused multiply-add, hi's product inside it) where the CPU has FMA.
@@ -104,15 +40,6 @@ void Epilogue(const int32_t* hi, const int32_t* lo, float s_hi, float s_lo, cons
     const float a = static_cast<float>(hi[j]) * s_hi;
     const float b = static_cast<float>(lo[j]) * s_lo;
     y[j] = (a + b) * scale[j];
-  }
-}
-
-void SumRows(Terms& t) {
-  for (int r = 0; r < t.r; ++r) {
-    int32_t s = 0;
-    const int8_t* a = t.a.data() + static_cast<size_t>(r) * t.kp;
-    for (int i = 0; i < t.k; ++i) s += a[i];
-    t.sum[r] = s;
   }
 }
 
