@@ -2,21 +2,23 @@
 // typed FFI.
 //
 // Contract: y = x @ w.T in f32 [m, n] for w bf16 [n, k] (rows along the outputs, as nx stores
-// weights) and x bf16 or f32 [m, k]; every product is exact (bf16 x bf16 fits in f32; f32 x bf16
-// inside a fused multiply-add) and the sums are f32, in another order than XLA's: results equal the
-// XLA path's (nx.ops.linear._products, f32 accumulation) to f32 summation error, not bit for bit.
+// weights) and x bf16 or f32 [m, k]; products are exact (bf16 x bf16 fits in f32; f32 x bf16 inside
+// a fused multiply-add, but rounded once in the scalar path) and the sums are f32, in another order
+// than XLA's: results equal the XLA path's (nx.ops.linear._products, f32 accumulation) to f32
+// summation error, not bit for bit.
 // bf16 subnormals may be flushed to zero at level 3 (vdpbf16ps does).
 //
 // Dispatch (`level`, fixed when the program is traced; common.h):
-//   3 AVX512_BF16, bf16 x: vdpbf16ps on 32 bf16 pairs of one weight row and up to 8 x rows;
+//   3 AVX512_BF16, bf16 x: vdpbf16ps on 32 bf16 pairs (16 pairs of products) per instruction;
 //   2-3 AVX-512F (f32 x at level 3): each 32-bf16 weight vector widened by shifts into its even and
 //     odd elements as f32 (w << 16, w & 0xffff0000), fused multiply-adds with x rows stored as f32
 //     in the same even/odd order per block (prepared once per call);
 //   1 AVX2 + FMA: the same on 16-bf16 blocks (scalar without FMA);
 //   0 scalar.
-// Weight rows stream from memory once per call, one row after another (the order the hardware
-// prefetcher follows best, BENCHMARKS.md "CPU kernels"); the x rows stay in L1/L2. Output rows are
-// split over XLA's intra-op threads (ParallelRows).
+// Weight rows stream from memory once per call: up to 2 x rows one weight row after another (the
+// order the hardware prefetcher follows best, BENCHMARKS.md "CPU kernels"), from 3 x rows four
+// weight rows at a time (kTileRows); the x rows stay in L1/L2. Output rows are split over XLA's
+// intra-op threads (ParallelRows).
 
 #include <algorithm>
 #include <cstdint>
