@@ -9,7 +9,7 @@
 // bf16 subnormals may be flushed to zero at level 3 (vdpbf16ps does).
 //
 // Dispatch (`level`, fixed when the program is traced; common.h):
-//   3 AVX512_BF16, bf16 x: vdpbf16ps on 32 bf16 pairs (16 pairs of products) per instruction;
+//   3 AVX512_BF16, bf16 x: vdpbf16ps, 32 bf16 products per instruction (16 f32 lanes, a pair each);
 //   2-3 AVX-512F (f32 x at level 3): each 32-bf16 weight vector widened by shifts into its even and
 //     odd elements as f32 (w << 16, w & 0xffff0000), fused multiply-adds with x rows stored as f32
 //     in the same even/odd order per block (prepared once per call);
