@@ -28,16 +28,20 @@ namespace ffi = xla::ffi;
 namespace nxk {
 
 
+// Levels, in one order (each implies the ones below; ClampLevel lowers a request to the CPU's):
+// 0 scalar; 1 AVX2; 2 AVX-512 F/BW/VL/VNNI; 3 the same + AVX512_BF16 (the int8 kernels run it as
+// 2, the bf16 kernel runs 2 on AVX-512F without vdpbf16ps).
 constexpr int kScalar = 0;
 constexpr int kAvx2 = 1;
 constexpr int kAvx512Vnni = 2;
+constexpr int kAvx512Bf16 = 3;
 
 inline int DetectIsa() {
 #ifdef NX_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-    return kAvx512Vnni;
+    return __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512Vnni;
   if (__builtin_cpu_supports("avx2")) return kAvx2;
 #endif
   return kScalar;

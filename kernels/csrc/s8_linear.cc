@@ -304,5 +304,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NxS8Dot, S8DotImpl,
                                   .Attr<int32_t>("level")
                                   .Attr<int32_t>("threads"));
 
-// The best level this CPU runs: 0 scalar, 1 AVX2, 2 AVX-512 VNNI.
+// The best level this CPU runs: 0 scalar, 1 AVX2, 2 AVX-512 VNNI, 3 AVX-512 VNNI + BF16 (common.h).
 extern "C" __attribute__((visibility("default"))) int nx_kernels_cpu_isa() { return DetectIsa(); }

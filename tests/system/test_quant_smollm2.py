@@ -101,8 +101,9 @@ def test_teacher_forced_top1_agreement_is_at_least_95_percent(pair, forced):
 
 
 def test_bf16_amp_agrees_with_f32(forced):
-    """amp="bf16" (bf16 weights, activations and KV cache; on CPU its one-row matmuls take a zero
-    second row to reach XLA:CPU's bf16 GEMM kernels) stays with f32 on the real model."""
+    """amp="bf16" (bf16 weights, activations and KV cache; on CPU its decode matmuls run
+    nx-kernels-cpu's bf16 kernel where it is installed, else one-row matmuls take a zero second row
+    to reach XLA:CPU's bf16 GEMM kernels) stays with f32 on the real model."""
     bf16 = nx.load("llama", GGUF, amp="bf16", batch_size=1, n_positions=[256], context_length_estimate=[64], progress=False,
                    quant="f32")
     assert _agreement(forced, bf16, "bf16") >= 0.97

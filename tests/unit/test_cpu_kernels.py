@@ -20,8 +20,9 @@ from tests.conftest import left_padded
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=str(cpu_kernels.unavailable_reason()))
 
-ORDER = ["scalar", "avx2", "avx512_vnni"]
-#: Every level this CPU runs (the package lowers a level above the CPU's to it, so none repeats).
+ORDER = ["scalar", "avx2", "avx512_vnni", "avx512_bf16"]
+#: Every level this CPU runs (the package lowers a level above the CPU's to it; avx512_bf16 runs the s8
+#: kernels as avx512_vnni).
 LEVELS = ORDER[: ORDER.index(cpu_kernels.isa() or "scalar") + 1]
 #: [m, k, n]: SmolLM2-135M's projections (qkv, o, up, down, a slice of the lm head) and odd sizes
 #: (k not a multiple of 32 or 64, n not of 4) for the vector loops' tails.

@@ -26,8 +26,9 @@ from tests.conftest import left_padded
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=str(cpu_kernels.unavailable_reason()))
 
-ORDER = ["scalar", "avx2", "avx512_vnni"]
-LEVELS = ORDER[: ORDER.index(cpu_kernels.isa() or "scalar") + 1]
+ORDER = ["scalar", "avx2", "avx512_vnni", "avx512_bf16"]
+#: Every level this CPU runs for int8 (avx512_bf16 runs the int8 kernels as avx512_vnni, so it is left out)
+LEVELS = [lv for lv in ORDER[: ORDER.index(cpu_kernels.isa() or "scalar") + 1] if lv != "avx512_bf16"]
 TARGET = "nx_kernels_cpu_grouped_matmul"
 #: [m, k, n, group_size]: SmolLM2-135M's projections, a slice of its lm head, and odd sizes: an
 #: odd number of 32-value shares (AVX-512's half step), n not a multiple of 4, one output, more

@@ -15,12 +15,18 @@ weighted by the group scales (``scale`` f32 or f16 ``[n, k / group_size]``) and 
 groups in f32, plus ``zero [n, k / group_size]`` (f32 or f16) times each group's sum of ``x``.
 ``group_size`` must be a multiple of 32 that divides 512 (32 ... 512) or a multiple of 512.
 
-`level` selects the instructions: ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``; None is the
-best this CPU has (`isa`). A level above the CPU's is lowered to it by the library. `threads`: 0
-uses every thread of XLA's intra-op pool, n > 0 at most n.
+`bf16_matmul(x, w)` is nx's bf16 linear layer (``nx.ops.linear`` under ``amp="bf16"``): f32
+``x [m, k] @ w.T`` for a bf16 ``w [n, k]`` and a bf16 or f32 ``x``, exact products summed in f32
+(another order than XLA's: equal to f32 summation error).
+
+`level` selects the instructions: ``"avx512_bf16"``, ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``
+(each implies the ones after it; the s8 kernels run ``avx512_bf16`` as ``avx512_vnni``, the bf16
+kernel runs ``avx512_vnni`` as AVX-512F); None is the best this CPU has (`isa`). A level above the
+CPU's is lowered to it by the library. `threads`: 0 uses every thread of XLA's intra-op pool, n > 0
+at most n.
 
 Importing this module loads the library and registers its targets with jax (platform ``cpu``).
-Why: XLA:CPU has no fast int8 matrix-vector kernel (BENCHMARKS.md, "CPU kernels").
+Why: XLA:CPU has no fast int8, 4-bit or bf16 matrix-vector kernel (BENCHMARKS.md, "CPU kernels").
 """
 
 from __future__ import annotations
@@ -32,17 +38,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LEVELS", "__version__", "grouped_matmul", "isa", "s8_dot", "s8_matmul"]
+__all__ = ["LEVELS", "__version__", "bf16_matmul", "grouped_matmul", "isa", "s8_dot", "s8_matmul"]
 
 __version__ = "0.2.0"
 
 #: Dispatch levels, in the library's numbering.
-LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512_bf16": 3}
 _NAMES = {v: k for k, v in LEVELS.items()}
 
 _MATMUL = "nx_kernels_cpu_s8_matmul"
 _DOT = "nx_kernels_cpu_s8_dot"
 _GROUPED = "nx_kernels_cpu_grouped_matmul"
+_BF16 = "nx_kernels_cpu_bf16_matmul"
 
 _lib = ctypes.CDLL(str(Path(__file__).with_name("libnx_kernels_cpu.so")))
 _lib.nx_kernels_cpu_isa.restype = ctypes.c_int
@@ -51,10 +58,11 @@ _ISA = _NAMES[_lib.nx_kernels_cpu_isa()]
 jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(_lib.NxS8Matmul), platform="cpu")
 jax.ffi.register_ffi_target(_DOT, jax.ffi.pycapsule(_lib.NxS8Dot), platform="cpu")
 jax.ffi.register_ffi_target(_GROUPED, jax.ffi.pycapsule(_lib.NxGroupedMatmul), platform="cpu")
+jax.ffi.register_ffi_target(_BF16, jax.ffi.pycapsule(_lib.NxBf16Matmul), platform="cpu")
 
 
 def isa() -> str:
-    """The best level this CPU runs: ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``."""
+    """The best level this CPU runs: ``"avx512_bf16"``, ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``."""
     return _ISA
 
 
@@ -93,3 +101,10 @@ def grouped_matmul(x, q, scale, zero=None, *, bits: int, group_size: int, level:
     call = jax.ffi.ffi_call(_GROUPED, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
     attrs = dict(bits=np.int32(bits), group_size=np.int32(group_size), threads=np.int32(threads))
     return call(x, q, scale, zero, level=_level(level), **attrs)
+def bf16_matmul(x, w, *, level: str | None = None, threads: int = 0):
+    """f32 ``[m, n]``: ``x [m, k]`` (bf16 or f32; other dtypes cast to f32) times bf16 ``w [n, k]`` transposed."""
+    if x.dtype not in (jnp.bfloat16, jnp.float32):
+        x = jnp.asarray(x, jnp.float32)
+    m, n = x.shape[0], w.shape[0]
+    call = jax.ffi.ffi_call(_BF16, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(x, jnp.asarray(w, jnp.bfloat16), level=_level(level), threads=np.int32(threads))

@@ -1,4 +1,4 @@
-"""Custom CPU kernels for `nx.ops.quant`'s int8 matmuls, when the optional nx-kernels-cpu package runs.
+"""Custom CPU kernels for nx's int8 and bf16 decode matmuls, when the optional nx-kernels-cpu package runs.
 
 `s8_matmul(x, w)` returns f32 ``x @ W.T`` for a per-row int8 weight through the package's XLA
 FFI kernel (int8 dots with AVX-512 VNNI or AVX2, the same activation terms and int32 sums as the
@@ -18,28 +18,48 @@ order, so results agree to f32 rounding (~1e-6 of the largest output), not bit f
 applies under the same conditions with 8-bit replaced by: bits 4 or 8, ``group_size`` a multiple
 of 32 (GGUF Q6_K's 16 stays on XLA), scales and offsets f32 or f16.
 
-``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
-or a level to force, ``avx512_vnni``, ``avx2`` or ``scalar`` (never above the CPU's; ``scalar``
-runs the kernel without SIMD, for tests). ``NX_CPU_KERNELS_THREADS``: threads of XLA's intra-op
-pool a call may use (default 0: all). Both are read when a program is traced, so they are part
-of the lowered program (and of its compile-cache key).
+`bf16_matmul(x, w, xla)` returns f32 ``x @ w.T`` for a plain bf16 ``w [out, in]`` (``amp="bf16"``
+weights) and a bf16 or f32 ``x`` through the package's bf16 kernel (AVX512_BF16 ``vdpbf16ps``,
+AVX-512F or AVX2 fused multiply-adds: exact products summed in f32, in another order than XLA's),
+or None where it does not apply. A plain array does not say which backend it is for, so the
+kernel is staged with `jax.lax.platform_dependent`: programs lowered for the cpu platform call it,
+any other platform gets ``xla(x, w)`` (the caller's pure-XLA path; the FFI target exists only for
+cpu). It applies for at most `BF16_MAX_ROWS` token rows, a 2-D bf16 ``w``, a bf16 or f32 ``x``,
+and when `enabled`.
 
-Why: XLA:CPU has no fast int8 matrix-vector kernel, nor a 4-bit one that reads the packed weight
-once (BENCHMARKS.md, "CPU kernels (issue #22)", "Grouped and 4-bit CPU kernels").
+``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
+or a level to force, ``avx512_bf16``, ``avx512_vnni``, ``avx2`` or ``scalar`` (never above the
+CPU's; ``scalar`` runs the kernels without SIMD, for tests; the int8 kernels run ``avx512_bf16`` as
+``avx512_vnni``, the bf16 kernel runs ``avx512_vnni`` on AVX-512F without its bf16 instructions).
+``NX_CPU_KERNELS_THREADS``: threads of XLA's intra-op pool a call may use (default 0: all). Both
+are read when a program is traced, so they are part of the lowered program (and of its
+compile-cache key).
+
+Why: XLA:CPU has no fast int8 or bf16 matrix-vector kernel, nor a 4-bit one that reads the packed
+weight once (BENCHMARKS.md, "CPU kernels (issue #22)", "Grouped and 4-bit CPU kernels", "bf16 CPU
+kernel").
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 from nx.errors import ConfigError
 
 ENV = "NX_CPU_KERNELS"
 THREADS_ENV = "NX_CPU_KERNELS_THREADS"
-MODES = ("auto", "off", "avx512_vnni", "avx2", "scalar")
+MODES = ("auto", "off", "avx512_bf16", "avx512_vnni", "avx2", "scalar")
 #: Most token rows a call sends to the kernel (batch-16 decode); more rows stay on XLA's dots.
 MAX_ROWS = 16
+#: Most token rows a bf16 call sends to the kernel: it streams the weights at memory speed for a few
+#: rows, but from batch 8 on XLA's bf16 GEMM was faster on the 2-core EPYC (BENCHMARKS.md, "bf16 CPU
+#: kernel"), so batch-8 decode stays on XLA's dots.
+BF16_MAX_ROWS = 4
 
 try:  # the optional distribution nx-kernels-cpu; importing it registers its FFI targets
     import nx_kernels_cpu as _kernels
@@ -59,13 +79,14 @@ def mode() -> str:
 
 
 def isa() -> str | None:
-    """The best kernel level of this CPU (``avx512_vnni``, ``avx2``, ``scalar``), None without the package."""
+    """The best kernel level of this CPU (``avx512_bf16``, ``avx512_vnni``, ``avx2``, ``scalar``), None
+    without the package."""
     return None if _kernels is None else _kernels.isa()
 
 
 def available() -> bool:
     """Whether the kernels can run here: the package imports and the CPU has AVX2 or better."""
-    return isa() in ("avx512_vnni", "avx2")
+    return isa() in ("avx512_bf16", "avx512_vnni", "avx2")
 
 
 def unavailable_reason() -> str | None:
@@ -84,12 +105,12 @@ def package() -> str | None:
 
 
 def enabled() -> bool:
-    """Whether int8 matmuls traced now use the kernel (available and not switched off)."""
+    """Whether int8 and bf16 matmuls traced now use the kernels (available and not switched off)."""
     return available() and mode() != "off"
 
 
 def describe() -> str:
-    """One line for reports (`nx bench`): what int8 decode matmuls traced now run on."""
+    """One line for reports (`nx bench`): what int8 and bf16 decode matmuls traced now run on."""
     if not available():
         return f"none ({unavailable_reason()})"
     level = mode()
@@ -137,3 +158,33 @@ def grouped_matmul(x: Any, w: Any) -> Any:
         return None
     level = None if mode() == "auto" else mode()
     return _kernels.grouped_matmul(x, w.q, w.scale, w.zero, bits=w.bits, group_size=gs, level=level, threads=_threads())
+def _varying(a: Any) -> frozenset:
+    """The shard_map mesh axes `a` varies over (empty outside shard_map)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def bf16_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
+    """f32 ``x @ w.T`` (``[..., n]``) for a bf16 array ``w [n, k]`` and a bf16 or f32 ``x [..., k]``:
+    the kernel in programs lowered for the cpu platform, ``xla(x, w)`` (which must return the same
+    shape, f32) on any other; None where the kernel does not apply (see the module docstring)."""
+    if not (hasattr(w, "dtype") and w.dtype == jnp.bfloat16 and w.ndim == 2):
+        return None
+    if x.dtype not in (jnp.bfloat16, jnp.float32) or x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        return None
+    rows = x.size // max(1, x.shape[-1])
+    if not (0 < rows <= BF16_MAX_ROWS) or not enabled():
+        return None
+    level, threads = mode(), _threads()
+
+    def cpu(x, w):
+        y = _kernels.bf16_matmul(x.reshape(rows, -1), w, level=None if level == "auto" else level, threads=threads)
+        # under shard_map the custom call's result is typed as invariant; type it varying over the
+        # mesh axes its operands vary over, as XLA's dot (the other branch) is
+        axes = (_varying(x) | _varying(w)) - _varying(y)
+        if axes:
+            y = jax.lax.pcast(y, tuple(sorted(axes)), to="varying")
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from nx.ops import quant
+from nx.ops import cpu_kernels, quant
 
 SPLIT_BELOW = 1 << 19  # weights below this many elements: one-row products split in two (two threads)
 SMALL_ROWS = 16  # up to this many token rows, products run as ``w @ x.T``
@@ -15,9 +15,14 @@ SMALL_ROWS = 16  # up to this many token rows, products run as ``w @ x.T``
 def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
     """``x @ w.T`` in `dtype` for ``w [out, in]`` (or an int8 `nx.ops.quant.QuantizedWeight`),
     accumulated in f32. The formulation depends on the row count, because XLA:CPU's matmul paths
-    differ that much (BENCHMARKS.md, "Design measurements behind nx.ops")."""
+    differ that much (BENCHMARKS.md, "Design measurements behind nx.ops"); bf16 weights with up to
+    `cpu_kernels.BF16_MAX_ROWS` token rows run nx-kernels-cpu's kernel on the cpu platform where it is
+    installed (XLA:CPU has no fast bf16 matrix-vector path; BENCHMARKS.md, "bf16 CPU kernel")."""
     if quant.is_quantized(w):
         return quant.matmul(x, w).astype(dtype)
+    y = cpu_kernels.bf16_matmul(x, w, lambda x, w: _products(x, w.astype(x.dtype)))  # XLA off the cpu
+    if y is not None:
+        return y.astype(dtype)
     return _products(x, w.astype(x.dtype)).astype(dtype)
 
 

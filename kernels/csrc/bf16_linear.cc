@@ -1,0 +1,417 @@
+// nx-kernels-cpu: bf16 linear layers for nx's decode (amp="bf16"), called from XLA:CPU through the
+// typed FFI.
+//
+// Contract: y = x @ w.T in f32 [m, n] for w bf16 [n, k] (rows along the outputs, as nx stores
+// weights) and x bf16 or f32 [m, k]; products are exact (bf16 x bf16 fits in f32; f32 x bf16 inside
+// a fused multiply-add, but rounded once in the scalar path) and the sums are f32, in another order
+// than XLA's: results equal the XLA path's (nx.ops.linear._products, f32 accumulation) to f32
+// summation error, not bit for bit.
+// bf16 subnormals may be flushed to zero at level 3 (vdpbf16ps does).
+//
+// Dispatch (`level`, fixed when the program is traced; common.h):
+//   3 AVX512_BF16, bf16 x: vdpbf16ps, 32 bf16 products per instruction (16 f32 lanes, a pair each);
+//   2-3 AVX-512F (f32 x at level 3): each 32-bf16 weight vector widened by shifts into its even and
+//     odd elements as f32 (w << 16, w & 0xffff0000), fused multiply-adds with x rows stored as f32
+//     in the same even/odd order per block (prepared once per call);
+//   1 AVX2 + FMA: the same on 16-bf16 blocks (scalar without FMA);
+//   0 scalar.
+// Weight rows stream from memory once per call: up to 2 x rows one weight row after another (the
+// order the hardware prefetcher follows best, BENCHMARKS.md "CPU kernels"), from 3 x rows four
+// weight rows at a time (kTileRows); the x rows stay in L1/L2. Output rows are split over XLA's
+// intra-op threads (ParallelRows).
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace nxk;  // levels, HasFma, ParallelRows, Threads, ClampLevel (common.h)
+
+inline float Bf16ToF32(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// The activations as the chosen dot reads them: rows [m, kp], kp = k rounded up to 32, zero padded.
+//   bf16 (level 3, bf16 x): the bf16 bits as given;
+//   f32 split by `block` (32 at AVX-512, 16 at AVX2): in each block the even elements then the odd
+//     ones (the order a weight block widens into); block 1: in order (scalar).
+struct Acts {
+  int m = 0, k = 0, kp = 0, block = 1;
+  std::vector<uint16_t> b;
+  std::vector<float> f;
+};
+
+void PrepareBf16(const uint16_t* x, int m, int k, Acts& a) {
+  a.m = m, a.k = k, a.kp = (k + 31) / 32 * 32;
+  a.b.assign(static_cast<size_t>(m) * a.kp, 0);
+  for (int i = 0; i < m; ++i) std::memcpy(a.b.data() + static_cast<size_t>(i) * a.kp, x + static_cast<size_t>(i) * k, 2 * k);
+}
+
+template <typename T>
+void PrepareF32(const T* x, int m, int k, int block, Acts& a) {
+  a.m = m, a.k = k, a.kp = (k + 31) / 32 * 32, a.block = block;
+  a.f.assign(static_cast<size_t>(m) * a.kp, 0.0f);
+  const int half = block / 2;
+  for (int i = 0; i < m; ++i) {
+    const T* xi = x + static_cast<size_t>(i) * k;
+    float* fi = a.f.data() + static_cast<size_t>(i) * a.kp;
+    for (int p = 0; p < k; ++p) {
+      float v;
+      if constexpr (sizeof(T) == 2) v = Bf16ToF32(xi[p]); else v = xi[p];
+      const int b0 = p / block * block, q = p - b0;
+      fi[block == 1 ? p : b0 + (q & 1) * half + q / 2] = v;
+    }
+  }
+}
+
+// y[u, j] (row stride ldy) for the x rows u and the weight rows j in [j0, j1).
+void DotScalar(const Acts& a, const uint16_t* w, int j0, int j1, float* y, int ldy) {
+  for (int j = j0; j < j1; ++j) {
+    const uint16_t* wj = w + static_cast<size_t>(j) * a.k;
+    for (int u = 0; u < a.m; ++u) {
+      const float* x = a.f.data() + static_cast<size_t>(u) * a.kp;
+      float acc = 0.0f;
+      for (int p = 0; p < a.k; ++p) acc += x[p] * Bf16ToF32(wj[p]);
+      y[static_cast<size_t>(u) * ldy + j] = acc;
+    }
+  }
+}
+
+#ifdef NX_X86
+
+// From this many x rows on, the dots read four weight rows together (each x block loaded once for
+// the four, one transposing reduction for four outputs): compute-bound there. Below it, weight rows
+// one after another, the order the prefetcher streams best (BENCHMARKS.md, "CPU kernels").
+constexpr int kTileRows = 3;
+
+// ---- AVX2 + FMA: 16-bf16 blocks ----
+
+__attribute__((target("avx2,fma"))) inline float HsumAvx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One weight row j against x rows [r0, r0 + T).
+template <int T>
+__attribute__((target("avx2,fma"))) void TileAvx2(const Acts& a, const uint16_t* wj, int r0, float* y, int ldy,
+                                                  int j) {
+  const int k = a.k;
+  const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  __m256 ae[T], ao[T];
+  for (int u = 0; u < T; ++u) ae[u] = ao[u] = _mm256_setzero_ps();
+  const float* xr[T];
+  for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
+  alignas(32) uint16_t tail[16] = {0};
+  for (int p = 0; p < k; p += 16) {
+    const uint16_t* src = wj + p;
+    if (p + 16 > k) {  // the last partial block, zero padded (as x is)
+      std::memcpy(tail, src, 2 * (k - p));
+      src = tail;
+    }
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+    const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, odd));
+    for (int u = 0; u < T; ++u) {
+      ae[u] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xr[u] + p), ae[u]);
+      ao[u] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xr[u] + p + 8), ao[u]);
+    }
+  }
+  for (int u = 0; u < T; ++u) y[static_cast<size_t>(r0 + u) * ldy + j] = HsumAvx2(_mm256_add_ps(ae[u], ao[u]));
+}
+
+// [sum(a), sum(b), sum(c), sum(d)].
+__attribute__((target("avx2,fma"))) inline __m128 Reduce4Avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 v = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+}
+
+// Four weight rows [j, j + 4) against x rows [r0, r0 + T): each x block loaded once for four rows.
+template <int T>
+__attribute__((target("avx2,fma"))) void Tile4Avx2(const Acts& a, const uint16_t* w, int j, int r0, float* y,
+                                                   int ldy) {
+  const int k = a.k;
+  const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  __m256 acc[4][T];
+  for (int i = 0; i < 4; ++i)
+    for (int u = 0; u < T; ++u) acc[i][u] = _mm256_setzero_ps();
+  const uint16_t* wr[4];
+  for (int i = 0; i < 4; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
+  const float* xr[T];
+  for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
+  alignas(32) uint16_t tail[4][16] = {};
+  for (int p = 0; p < k; p += 16) {
+    __m256 xe[T], xo[T];
+    for (int u = 0; u < T; ++u) xe[u] = _mm256_loadu_ps(xr[u] + p), xo[u] = _mm256_loadu_ps(xr[u] + p + 8);
+    for (int i = 0; i < 4; ++i) {
+      const uint16_t* src = wr[i] + p;
+      if (p + 16 > k) {  // the last partial block, zero padded (as x is)
+        std::memcpy(tail[i], src, 2 * (k - p));
+        src = tail[i];
+      }
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, odd));
+      for (int u = 0; u < T; ++u) acc[i][u] = _mm256_fmadd_ps(wo, xo[u], _mm256_fmadd_ps(we, xe[u], acc[i][u]));
+    }
+  }
+  for (int u = 0; u < T; ++u)
+    _mm_storeu_ps(y + static_cast<size_t>(r0 + u) * ldy + j, Reduce4Avx2(acc[0][u], acc[1][u], acc[2][u], acc[3][u]));
+}
+
+__attribute__((target("avx2,fma"))) void DotAvx2(const Acts& a, const uint16_t* w, int j0, int j1, float* y,
+                                                 int ldy) {
+  int j = j0;
+  if (a.m >= kTileRows)
+    for (; j + 4 <= j1; j += 4) {
+      int r = 0;
+      for (; r + 2 <= a.m; r += 2) Tile4Avx2<2>(a, w, j, r, y, ldy);
+      if (r < a.m) Tile4Avx2<1>(a, w, j, r, y, ldy);
+    }
+  for (; j < j1; ++j) {
+    const uint16_t* wj = w + static_cast<size_t>(j) * a.k;
+    int r = 0;
+    for (; r + 4 <= a.m; r += 4) TileAvx2<4>(a, wj, r, y, ldy, j);
+    if (r + 2 <= a.m) TileAvx2<2>(a, wj, r, y, ldy, j), r += 2;
+    if (r < a.m) TileAvx2<1>(a, wj, r, y, ldy, j);
+  }
+}
+
+// ---- AVX-512F: 32-bf16 blocks ----
+
+#define NX_AVX512F "avx512f,avx512bw,avx512vl"
+
+template <int T>
+__attribute__((target(NX_AVX512F))) void TileAvx512(const Acts& a, const uint16_t* wj, int r0, float* y, int ldy,
+                                                    int j) {
+  const int k = a.k;
+  const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  __m512 ae[T], ao[T];
+  for (int u = 0; u < T; ++u) ae[u] = ao[u] = _mm512_setzero_ps();
+  const float* xr[T];
+  for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
+  for (int p = 0; p < k; p += 32) {
+    const __mmask32 mask = p + 32 <= k ? ~0u : (1u << (k - p)) - 1;  // the tail: zeros (as x is)
+    const __m512i wv = _mm512_maskz_loadu_epi16(mask, wj + p);
+    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+    const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, odd));
+    for (int u = 0; u < T; ++u) {
+      ae[u] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xr[u] + p), ae[u]);
+      ao[u] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xr[u] + p + 16), ao[u]);
+    }
+  }
+  for (int u = 0; u < T; ++u) y[static_cast<size_t>(r0 + u) * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(ae[u], ao[u]));
+}
+
+// [sum(a), sum(b), sum(c), sum(d)].
+__attribute__((target(NX_AVX512F))) inline __m128 Reduce4Avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512 v = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)), _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Four weight rows [j, j + 4) against x rows [r0, r0 + T): each x block loaded once for four rows.
+template <int T>
+__attribute__((target(NX_AVX512F))) void Tile4Avx512(const Acts& a, const uint16_t* w, int j, int r0, float* y,
+                                                     int ldy) {
+  const int k = a.k;
+  const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  __m512 acc[4][T];
+  for (int i = 0; i < 4; ++i)
+    for (int u = 0; u < T; ++u) acc[i][u] = _mm512_setzero_ps();
+  const uint16_t* wr[4];
+  for (int i = 0; i < 4; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
+  const float* xr[T];
+  for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
+  for (int p = 0; p < k; p += 32) {
+    const __mmask32 mask = p + 32 <= k ? ~0u : (1u << (k - p)) - 1;
+    __m512 we[4], wo[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m512i wv = _mm512_maskz_loadu_epi16(mask, wr[i] + p);
+      we[i] = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+      wo[i] = _mm512_castsi512_ps(_mm512_and_si512(wv, odd));
+    }
+    for (int u = 0; u < T; ++u) {
+      const __m512 xe = _mm512_loadu_ps(xr[u] + p), xo = _mm512_loadu_ps(xr[u] + p + 16);
+      for (int i = 0; i < 4; ++i) acc[i][u] = _mm512_fmadd_ps(wo[i], xo, _mm512_fmadd_ps(we[i], xe, acc[i][u]));
+    }
+  }
+  for (int u = 0; u < T; ++u)
+    _mm_storeu_ps(y + static_cast<size_t>(r0 + u) * ldy + j, Reduce4Avx512(acc[0][u], acc[1][u], acc[2][u], acc[3][u]));
+}
+
+__attribute__((target(NX_AVX512F))) void DotAvx512(const Acts& a, const uint16_t* w, int j0, int j1, float* y,
+                                                   int ldy) {
+  int j = j0;
+  if (a.m >= kTileRows)
+    for (; j + 4 <= j1; j += 4) {
+      int r = 0;
+      for (; r + 4 <= a.m; r += 4) Tile4Avx512<4>(a, w, j, r, y, ldy);
+      if (r + 2 <= a.m) Tile4Avx512<2>(a, w, j, r, y, ldy), r += 2;
+      if (r < a.m) Tile4Avx512<1>(a, w, j, r, y, ldy);
+    }
+  for (; j < j1; ++j) {
+    const uint16_t* wj = w + static_cast<size_t>(j) * a.k;
+    int r = 0;
+    for (; r + 8 <= a.m; r += 8) TileAvx512<8>(a, wj, r, y, ldy, j);
+    if (r + 4 <= a.m) TileAvx512<4>(a, wj, r, y, ldy, j), r += 4;
+    if (r + 2 <= a.m) TileAvx512<2>(a, wj, r, y, ldy, j), r += 2;
+    if (r < a.m) TileAvx512<1>(a, wj, r, y, ldy, j);
+  }
+}
+
+// ---- AVX512_BF16: vdpbf16ps ----
+
+#define NX_AVX512BF16 "avx512f,avx512bw,avx512vl,avx512bf16"
+
+// U accumulators per x row: independent chains of vdpbf16ps (latency 6 cycles) when few rows share
+// a weight vector.
+template <int T>
+__attribute__((target(NX_AVX512BF16))) void TileBf16(const Acts& a, const uint16_t* wj, int r0, float* y, int ldy,
+                                                     int j) {
+  constexpr int U = T == 1 ? 4 : T == 2 ? 2 : 1;
+  const int k = a.k;
+  __m512 acc[U][T];
+  for (int s = 0; s < U; ++s)
+    for (int u = 0; u < T; ++u) acc[s][u] = _mm512_setzero_ps();
+  const uint16_t* xr[T];
+  for (int u = 0; u < T; ++u) xr[u] = a.b.data() + static_cast<size_t>(r0 + u) * a.kp;
+  int p = 0;
+  for (; p + 32 * U <= k; p += 32 * U) {
+    for (int s = 0; s < U; ++s) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wj + p + 32 * s);
+      for (int u = 0; u < T; ++u)
+        acc[s][u] = _mm512_dpbf16_ps(acc[s][u], wv, (__m512bh)_mm512_loadu_si512(xr[u] + p + 32 * s));
+    }
+  }
+  for (; p < k; p += 32) {  // the rest, the last block read under a mask (zeros, as x is padded)
+    const __mmask32 mask = p + 32 <= k ? ~0u : (1u << (k - p)) - 1;
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wj + p);
+    for (int u = 0; u < T; ++u) acc[0][u] = _mm512_dpbf16_ps(acc[0][u], wv, (__m512bh)_mm512_loadu_si512(xr[u] + p));
+  }
+  for (int u = 0; u < T; ++u) {
+    __m512 s = acc[0][u];
+    for (int q = 1; q < U; ++q) s = _mm512_add_ps(s, acc[q][u]);
+    y[static_cast<size_t>(r0 + u) * ldy + j] = _mm512_reduce_add_ps(s);
+  }
+}
+
+// Four weight rows [j, j + 4) against x rows [r0, r0 + T): each x block loaded once for four rows.
+template <int T>
+__attribute__((target(NX_AVX512BF16))) void Tile4Bf16(const Acts& a, const uint16_t* w, int j, int r0, float* y,
+                                                      int ldy) {
+  const int k = a.k;
+  __m512 acc[4][T];
+  for (int i = 0; i < 4; ++i)
+    for (int u = 0; u < T; ++u) acc[i][u] = _mm512_setzero_ps();
+  const uint16_t* wr[4];
+  for (int i = 0; i < 4; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
+  const uint16_t* xr[T];
+  for (int u = 0; u < T; ++u) xr[u] = a.b.data() + static_cast<size_t>(r0 + u) * a.kp;
+  for (int p = 0; p < k; p += 32) {
+    const __mmask32 mask = p + 32 <= k ? ~0u : (1u << (k - p)) - 1;
+    __m512bh wv[4];
+    for (int i = 0; i < 4; ++i) wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[i] + p);
+    for (int u = 0; u < T; ++u) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[u] + p);
+      for (int i = 0; i < 4; ++i) acc[i][u] = _mm512_dpbf16_ps(acc[i][u], wv[i], xv);
+    }
+  }
+  for (int u = 0; u < T; ++u)
+    _mm_storeu_ps(y + static_cast<size_t>(r0 + u) * ldy + j, Reduce4Avx512(acc[0][u], acc[1][u], acc[2][u], acc[3][u]));
+}
+
+__attribute__((target(NX_AVX512BF16))) void DotBf16(const Acts& a, const uint16_t* w, int j0, int j1, float* y,
+                                                    int ldy) {
+  int j = j0;
+  if (a.m >= kTileRows)
+    for (; j + 4 <= j1; j += 4) {
+      int r = 0;
+      for (; r + 4 <= a.m; r += 4) Tile4Bf16<4>(a, w, j, r, y, ldy);
+      if (r + 2 <= a.m) Tile4Bf16<2>(a, w, j, r, y, ldy), r += 2;
+      if (r < a.m) Tile4Bf16<1>(a, w, j, r, y, ldy);
+    }
+  for (; j < j1; ++j) {
+    const uint16_t* wj = w + static_cast<size_t>(j) * a.k;
+    int r = 0;
+    for (; r + 8 <= a.m; r += 8) TileBf16<8>(a, wj, r, y, ldy, j);
+    if (r + 4 <= a.m) TileBf16<4>(a, wj, r, y, ldy, j), r += 4;
+    if (r + 2 <= a.m) TileBf16<2>(a, wj, r, y, ldy, j), r += 2;
+    if (r < a.m) TileBf16<1>(a, wj, r, y, ldy, j);
+  }
+}
+
+#endif  // NX_X86
+
+enum class Path { kScalar, kAvx2, kAvx512, kBf16 };
+
+Path Choose(int level, bool x_bf16) {
+#ifdef NX_X86
+  if (level >= kAvx512Bf16 && x_bf16) return Path::kBf16;
+  if (level >= kAvx512Vnni) return Path::kAvx512;
+  if (level >= kAvx2 && HasFma()) return Path::kAvx2;
+#endif
+  return Path::kScalar;
+}
+
+void Dot(Path path, const Acts& a, const uint16_t* w, int j0, int j1, float* y, int ldy) {
+  switch (path) {
+#ifdef NX_X86
+    case Path::kBf16: return DotBf16(a, w, j0, j1, y, ldy);
+    case Path::kAvx512: return DotAvx512(a, w, j0, j1, y, ldy);
+    case Path::kAvx2: return DotAvx2(a, w, j0, j1, y, ldy);
+#endif
+    default: return DotScalar(a, w, j0, j1, y, ldy);
+  }
+}
+
+ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> w,
+                          ffi::ResultBuffer<ffi::F32> y, int32_t level, int32_t threads) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const bool x_bf16 = x.element_type() == ffi::DataType::BF16;
+  if (!x_bf16 && x.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("nx_kernels_cpu bf16_matmul: x must be bf16 or f32");
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("nx_kernels_cpu bf16_matmul: x [m, k], w [n, k] expected");
+  const int m = static_cast<int>(xd[0]), k = static_cast<int>(xd[1]), n = static_cast<int>(wd[0]);
+  float* yp = y->typed_data();
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  const Path path = Choose(ClampLevel(level), x_bf16);
+  Acts a;
+  if (path == Path::kBf16) {
+    PrepareBf16(static_cast<const uint16_t*>(x.untyped_data()), m, k, a);
+  } else {
+    const int block = path == Path::kAvx512 ? 32 : path == Path::kAvx2 ? 16 : 1;
+    if (x_bf16)
+      PrepareF32(static_cast<const uint16_t*>(x.untyped_data()), m, k, block, a);
+    else
+      PrepareF32(static_cast<const float*>(x.untyped_data()), m, k, block, a);
+  }
+  const uint16_t* wp = w.typed_data();
+  ParallelRows(pool, n, Threads(pool, threads), static_cast<int64_t>(m) * k,
+               [&](int j0, int j1) { Dot(path, a, wp, j0, j1, yp, n); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NxBf16Matmul, Bf16MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("level")
+                                  .Attr<int32_t>("threads"));

@@ -1,0 +1,205 @@
+"""nx-kernels-cpu's bf16 kernel (``amp="bf16"`` decode matmuls) against an f64 reference and the
+pure-XLA path: at every dispatch level this CPU runs, inside jit, scan and shard_map, only on the cpu
+platform, and greedy tokens of a whole bf16 model.
+
+Tolerance: the kernel's products are exact (bf16 x bf16 fits in f32; f32 x bf16 inside a fused
+multiply-add) and it sums k of them in f32 in some order, so its error is within the worst-case
+bound of f32 summation, ``k * 2**-24 * (|x| @ |w|.T)`` (XLA's as well); sums that are exact in f32
+(small integers) come out bit for bit."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+import nx
+from nx.ops import cpu_kernels
+from tests.cases.llama import CASES
+from tests.conftest import left_padded
+
+linear = importlib.import_module("nx.ops.linear")  # `nx.ops.linear` is also the function
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=str(cpu_kernels.unavailable_reason()))
+
+ORDER = ["scalar", "avx2", "avx512_vnni", "avx512_bf16"]
+#: Every level this CPU runs (avx512_vnni: AVX-512F without the bf16 instructions).
+LEVELS = ORDER[: ORDER.index(cpu_kernels.isa() or "scalar") + 1]
+#: [m, k, n]: SmolLM2-135M's projections (qkv, o, up, down, a slice of the lm head) and odd sizes
+#: (k not a multiple of 16 or 32 for the vector loops' tails, m not a multiple of the row tiles).
+SHAPES = [(1, 576, 960), (2, 576, 576), (8, 576, 3072), (16, 1536, 576), (1, 576, 4096), (3, 100, 37),
+          (5, 33, 6), (1, 1, 1), (4, 64, 130), (15, 47, 9), (7, 200, 17)]
+TARGET = "nx_kernels_cpu_bf16_matmul"
+U = 2.0**-24
+
+
+def _random(m, k, n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.01, 100, (m, 1)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.01, 1, (n, 1)).astype(np.float32)
+    return x, jnp.asarray(w, jnp.bfloat16)
+
+
+def _f64(a):
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def _check(got, x, w, factor=1.0):
+    """|got - exact| within `factor` times the f32 summation bound."""
+    xf, wf = _f64(x), _f64(w)
+    exact, bound = xf @ wf.T, np.abs(xf) @ np.abs(wf).T
+    k = xf.shape[1]
+    err = np.abs(np.asarray(got, np.float64) - exact)
+    assert (err <= factor * k * U * bound + 1e-30).all(), float((err / (k * U * bound + 1e-30)).max())
+
+
+@pytest.mark.parametrize("xdtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matmul_within_f32_summation_error(level, shape, xdtype):
+    import nx_kernels_cpu
+
+    x, w = _random(*shape)
+    x = jnp.asarray(x, xdtype)
+    outs = [np.asarray(jax.jit(lambda x, w, t=t: nx_kernels_cpu.bf16_matmul(x, w, level=level, threads=t))(x, w))
+            for t in (0, 1)]
+    assert outs[0].shape == (shape[0], shape[2]) and outs[0].dtype == np.float32
+    np.testing.assert_array_equal(outs[0], outs[1])  # each output summed by one thread, in one order
+    _check(outs[0], x, w)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_exact_sums_are_exact(level):
+    """Small integers: every partial sum is exact in f32, whatever the order: bit for bit."""
+    import nx_kernels_cpu
+
+    rng = np.random.default_rng(2)
+    m, k, n = 9, 1000, 70
+    x = jnp.asarray(rng.integers(-8, 9, (m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.integers(-8, 9, (n, k)), jnp.bfloat16)
+    got = np.asarray(jax.jit(lambda x, w: nx_kernels_cpu.bf16_matmul(x, w, level=level))(x, w))
+    np.testing.assert_array_equal(got, _f64(x) @ _f64(w).T)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, cpu_kernels.BF16_MAX_ROWS])
+@pytest.mark.parametrize("level", LEVELS)
+def test_project_equals_the_xla_path(monkeypatch, level, rows):
+    """`nx.ops.linear.project` (bf16 in, f32 out) with the kernel and on XLA's dots: both within f32
+    summation error of the exact sums, so within twice that of each other."""
+    x, w = _random(rows, 576, 1000, seed=rows)
+    x = jnp.asarray(x, jnp.bfloat16).reshape(rows, 1, 576)
+    f = jax.jit(lambda x, w: linear.project(x, w, jnp.float32))
+    monkeypatch.setenv(cpu_kernels.ENV, level)
+    got = np.asarray(f(x, w))
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    ref = np.asarray(jax.jit(lambda x, w: linear.project(x, w, jnp.float32))(x, w))
+    assert got.shape == ref.shape == (rows, 1, 1000)
+    _check(got.reshape(rows, -1), x.reshape(rows, -1), w)
+    _check(ref.reshape(rows, -1), x.reshape(rows, -1), w)
+    xf, wf = _f64(x.reshape(rows, -1)), _f64(w)
+    assert (np.abs(got - ref).reshape(rows, -1) <= 2 * 576 * U * (np.abs(xf) @ np.abs(wf).T)).all()
+
+
+def _lowered(x, w, **kw):
+    return jax.jit(lambda x, w: linear.project(x, w, jnp.bfloat16)).trace(x, w).lower(**kw).as_text()
+
+
+def test_dispatch_and_off_switch(monkeypatch):
+    x, w = _random(4, 64, 32)
+    x = jnp.asarray(x, jnp.bfloat16)
+    assert TARGET in _lowered(x, w)  # on by default where the package runs
+    assert TARGET in _lowered(x.astype(jnp.float32), w)  # f32 activations, bf16 weight
+    assert TARGET not in _lowered(x, w.astype(jnp.float32))  # f32 weights stay on XLA's dots
+    many = jnp.zeros((cpu_kernels.BF16_MAX_ROWS + 1, 64), jnp.bfloat16)
+    assert TARGET not in _lowered(many, w)  # larger batches and prompts stay on XLA's GEMM
+    rows = jnp.zeros((2, cpu_kernels.BF16_MAX_ROWS // 2, 64), jnp.bfloat16)
+    assert TARGET in _lowered(rows, w)  # the row limit in any leading shape
+    compiled = jax.jit(lambda x, w: linear.project(x, w, jnp.bfloat16)).lower(x, w).compile().as_text()
+    assert "conditional" not in compiled  # the platform choice is made when lowering
+    for level in LEVELS:
+        monkeypatch.setenv(cpu_kernels.ENV, level)
+        assert TARGET in _lowered(x, w)
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    assert TARGET not in _lowered(x, w)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
+def test_other_platforms_lower_the_xla_path(platform):
+    """A program exported for an accelerator never calls the cpu-only FFI target."""
+    x, w = _random(1, 64, 32)
+    x = jnp.asarray(x, jnp.bfloat16)
+    f = jax.jit(lambda x, w: linear.project(x, w, jnp.bfloat16))
+    exported = jax.export.export(f, platforms=[platform])(x, w)
+    text = exported.mlir_module()
+    assert TARGET not in text and "dot_general" in text
+    allow = [jax.export.DisabledSafetyCheck.custom_call(TARGET)]
+    both = jax.export.export(f, platforms=["cpu", platform], disabled_checks=allow)(x, w).mlir_module()
+    assert TARGET in both  # multi-platform: a conditional on the platform, resolved when compiled
+
+
+def test_inside_scan_and_shard_map(monkeypatch):
+    """Layers scanned over stacked bf16 weights, column- and row-parallel weights under shard_map."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 128)), jnp.bfloat16)
+    stacked = jnp.asarray(rng.standard_normal((3, 128, 128)) / 11, jnp.bfloat16)
+
+    def run(x, stacked):
+        def body(h, w):
+            return jnp.tanh(linear.project(h, w, jnp.float32)).astype(jnp.bfloat16), None
+
+        return jax.lax.scan(body, x, stacked)[0].astype(jnp.float32)
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+
+    def column(x, w):
+        f = jax.shard_map(lambda x, w: linear.project(x, w, jnp.float32), mesh=mesh,
+                          in_specs=(PartitionSpec(), PartitionSpec("tp")), out_specs=PartitionSpec(None, "tp"))
+        return f(x, w)
+
+    def row(x, w):
+        f = jax.shard_map(lambda x, w: linear.row_parallel_linear(x, {"w": w}, "tp").astype(jnp.float32), mesh=mesh,
+                          in_specs=(PartitionSpec(None, "tp"), PartitionSpec(None, "tp")), out_specs=PartitionSpec())
+        return f(x, w)
+
+    fns = [(run, stacked), (column, stacked[0]), (row, stacked[1])]
+    got = [np.asarray(jax.jit(f)(x, w)) for f, w in fns]
+    for f, w in fns:
+        assert TARGET in jax.jit(f).lower(x, w).as_text()
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    ref = [np.asarray(jax.jit(f)(x, w)) for f, w in fns]
+    for a, b in zip(got, ref):
+        # bf16 roundings between layers may flip by one ulp (2**-8 relative) where the sums differ
+        np.testing.assert_allclose(a, b, rtol=2**-7, atol=2**-7 * np.abs(b).max())
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-5 * np.abs(ref[1]).max())  # f32 out
+
+
+CASE = CASES[0]
+
+
+@pytest.mark.parametrize("opts", [dict(batch_size=2), dict(batch_size=2, unroll=1), dict(tp_degree=2)], ids=str)
+def test_bf16_greedy_tokens_against_the_xla_path(saved_case, monkeypatch, opts):
+    """A whole amp="bf16" model, decode through the kernel, against XLA's dots. Sums in another order
+    can flip a bf16 rounding, so logits agree to bf16 precision, not bit for bit, and greedy tokens
+    can part at a near-tie: on this model and these prompts they are equal at every level (both
+    paths are deterministic); SmolLM2 with random prompts parted after 7-35 tokens (BENCHMARKS.md,
+    "bf16 CPU kernel"), while its agreement with f32 stayed that of XLA's bf16."""
+    _, path = saved_case(CASE)
+    load = dict(n_positions=[64], context_length_estimate=[16], progress=False, amp="bf16", **opts)
+    ids, mask = left_padded([9, 5][: opts.get("batch_size", 1)], CASE.vocab, seed=11)
+
+    def greedy():
+        model = nx.load("llama", path, **load)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy(), model.logits(ids, mask)
+
+    levels = LEVELS if opts == dict(batch_size=2) else LEVELS[-1:]  # every level once, the variants at the best
+    for level in levels:
+        monkeypatch.setenv(cpu_kernels.ENV, level)
+        tokens, logits = greedy()
+        monkeypatch.setenv(cpu_kernels.ENV, "off")
+        ref_tokens, ref_logits = greedy()
+        np.testing.assert_array_equal(tokens, ref_tokens)
+        np.testing.assert_allclose(logits, ref_logits, rtol=0.05, atol=0.05 * np.abs(ref_logits).max())
