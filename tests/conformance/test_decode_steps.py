@@ -146,3 +146,18 @@ def test_bad_decode_steps_is_an_input_error(pair):
     _, model = pair
     with pytest.raises(nx.InputError, match="decode_steps must be an int >= 1"):
         model.generate([[5, 6]] * 3, max_new_tokens=3, decode_steps=0)
+
+
+def test_context_broadcasting_bf16_sampling_and_scanned_layers(saved_case):
+    """Two prompts broadcast to four rows, bf16, sampled: k = 4 draws k = 1's tokens; and with the
+    layers scanned (unroll) greedy tokens agree too."""
+    _, path = saved_case(CASE)
+    ids, mask = left_padded([7, 4], CASE.vocab, seed=29)
+    m = nx.load("llama", path, batch_size=4, prompt_batch_size=2, amp="bf16", n_positions=[32, 64],
+                context_length_estimate=[16], compile=False, progress=False)
+    kw = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=[], do_sample=True, seed=3)
+    assert torch.equal(m.generate(ids, decode_steps=4, **kw), m.generate(ids, decode_steps=1, **kw))
+    m = nx.load("llama", path, batch_size=2, unroll=1, n_positions=[32, 64], context_length_estimate=[16],
+                compile=False, progress=False)
+    kw = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    assert torch.equal(m.generate(ids, decode_steps=4, **kw), m.generate(ids, decode_steps=1, **kw))
