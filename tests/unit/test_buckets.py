@@ -80,6 +80,26 @@ def test_decode_windows_and_request_keys():
     assert buckets.request_keys(c, 10, 8, sample=True)[0].sample
 
 
+def test_multi_step_decode_keys_and_blocks():
+    """decode_steps=k: one k-step decode program per window, each call cut at the window's end
+    (so every step attends over the window a one-step call would) and at the steps still wanted."""
+    c = cfg(n_positions=[32, 64], context_length_estimate=[16], decode_steps=4)
+    assert c.decode_steps == 4 and cfg(n_positions=[32]).decode_steps == 1
+    assert buckets.default_keys(c)[1:] == [ProgramKey(1, 1, 32, steps=4), ProgramKey(1, 1, 64, steps=4)]
+    assert buckets.request_keys(c, 10, 30)[1:] == [ProgramKey(1, 1, 32, steps=4), ProgramKey(1, 1, 64, steps=4)]
+    assert ProgramKey(1, 1, 64, steps=4).name == "decode_b1_w64_k4"
+    assert ProgramKey(2, 1, 64, True, steps=8).name == "decode_b2_w64_k8_sample"
+    assert ProgramKey(1, 1, 64, steps=1) == ProgramKey(1, 1, 64)  # k = 1 keys are the one-step programs
+    assert buckets.serving_keys(c)[-1] == ProgramKey(1, 1, 64)  # continuous batching steps one token a call
+    assert buckets.decode_block(c, 10, 4, 100) == (4, 32)
+    assert buckets.decode_block(c, 30, 4, 100) == (2, 32)  # slots 30, 31: the rest from 32 over window 64
+    assert buckets.decode_block(c, 32, 4, 100) == (4, 64)
+    assert buckets.decode_block(c, 40, 4, 3) == (3, 64)  # max_new_tokens not a multiple of k
+    assert buckets.decode_block(c, 63, 8, 1) == (1, 64)  # the cache's last slot
+    with pytest.raises(nx.ConfigError, match="decode_steps must be a positive int"):
+        cfg(decode_steps=0)
+
+
 def test_fit_checks_name_the_limit_and_the_fix():
     c = cfg(n_positions=64)
     with pytest.raises(nx.BucketError, match="longer than the largest n_positions bucket 64"):
@@ -91,7 +111,7 @@ def test_fit_checks_name_the_limit_and_the_fix():
 
 
 def test_load_options_are_one_schema():
-    assert {"batch_size", "n_positions", "tp_degree", "quant", "unroll"} <= set(BAKED)
+    assert {"batch_size", "n_positions", "tp_degree", "quant", "unroll", "decode_steps"} <= set(BAKED)
     assert validate({})["n_positions"] == 1024
     with pytest.raises(nx.ConfigError, match="unknown load option.*tp_dgree.*valid options"):
         validate({"tp_dgree": 2})
@@ -117,5 +137,6 @@ def test_nx_load_signature_and_cli_flags_come_from_the_schema():
     for command in ("generate", "bench", "compile"):
         out = CliRunner().invoke(main, [command, "--help"]).output
         assert "--tp" in out and "--tp-degree" not in out and "--n-positions" in out and "Position buckets" in out
+        assert "--decode-steps" in out
     bad = CliRunner().invoke(main, ["generate", "x", "--prompt", "hi", "--n-positions", "abc"])
     assert bad.exit_code == 2 and "'abc' is not an int or a comma-separated list of ints" in bad.output

@@ -296,7 +296,8 @@ class Contents:
         """(key, file, recorded signature) of each saved program."""
         try:
             return [(ProgramKey(int(p["rows"]), int(p["tokens"]), int(p["window"]), bool(p["sample"]),
-                                bool(p.get("insert", False))), self.path / p["file"], dict(p["signature"]))
+                                bool(p.get("insert", False)), int(p.get("steps", 1))), self.path / p["file"],
+                     dict(p["signature"]))
                     for p in self.manifest["programs"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"the manifest of {str(self.path)!r} lists a program without its key, file or "

@@ -10,6 +10,9 @@ prompt length a prompt of random token ids is generated greedily for exactly `ne
 yields each step's tokens once they reach the host; the timestamps give time to first token
 (prefill + first token), the per-step decode latencies and the aggregate decode rate. Random ids
 mean no tokenizer is needed: the programs do the same work whatever the ids are.
+With ``decode_steps`` k > 1 (``--decode-steps``) tokens reach the host k at a time: the
+per-step latencies are then the gaps between tokens (near zero inside a block, a whole block's
+time at its first token); the aggregate rate means the same as with k = 1.
 
 Bytes per decode step are the parameter bytes (every leaf of the parameter tree; a decode step
 reads every weight once for the whole batch, except that an untied embedding table is only

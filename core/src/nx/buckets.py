@@ -69,33 +69,41 @@ def pick(buckets: list[int], needed: int, what: str, hint: str) -> int:
 # ---- which program serves what: pure functions of a RuntimeConfig (see nx.config) -------------
 class ProgramKey(NamedTuple):
     """Which program: `rows` x `tokens` fed at once, attending over `window` positions, greedy or
-    sampling; an `insert` program encodes one prompt into a chosen batch row (continuous batching)."""
+    sampling; an `insert` program encodes one prompt into a chosen batch row (continuous batching);
+    a decode program with `steps` > 1 runs up to that many decode steps in one call (`decode_block`)."""
 
     rows: int
     tokens: int
     window: int
     sample: bool = False
     insert: bool = False
+    steps: int = 1
 
     @property
     def name(self) -> str:
-        """File-name form: ``prefill_b1_t64_w128``, ``decode_b4_w256``, ``insert_t64_w128`` (+ ``_sample``)."""
+        """File-name form: ``prefill_b1_t64_w128``, ``decode_b4_w256``, ``decode_b4_w256_k4``,
+        ``insert_t64_w128`` (+ ``_sample``)."""
         if self.insert:
             base = f"insert_t{self.tokens}_w{self.window}"
         elif self.tokens == 1:
-            base = f"decode_b{self.rows}_w{self.window}"
+            base = f"decode_b{self.rows}_w{self.window}" + (f"_k{self.steps}" if self.steps > 1 else "")
         else:
             base = f"prefill_b{self.rows}_t{self.tokens}_w{self.window}"
         return base + ("_sample" if self.sample else "")
 
 
+def decode_key(config: Any, window: int, sample: bool = False) -> ProgramKey:
+    """The decode program `generate` / `stream` run over `window`: ``config.decode_steps`` steps a call."""
+    return ProgramKey(config.batch_size, 1, window, sample, steps=getattr(config, "decode_steps", 1))
+
+
 def default_keys(config: Any, sample: bool = False) -> list[ProgramKey]:
     """The programs a model builds up front: a prefill per prompt bucket (over the smallest
-    position bucket holding it, as `prompt_chunks` picks) and a decode step per position bucket.
-    Prompts longer than the largest prompt bucket need more prefill programs (`all_keys`)."""
+    position bucket holding it, as `prompt_chunks` picks) and a decode program per position bucket
+    (`decode_key`). Prompts longer than the largest prompt bucket need more prefill programs (`all_keys`)."""
     pos = list(config.n_positions)
     return [ProgramKey(config.prompt_batch_size, c, pick(pos, c, "", ""), sample) for c in config.context_buckets] + [
-        ProgramKey(config.batch_size, 1, p, sample) for p in pos
+        decode_key(config, p, sample) for p in pos
     ]
 
 
@@ -150,6 +158,15 @@ def decode_window(config: Any, slot: int) -> int:
     return pick(list(config.n_positions), slot + 1, "generation", f"load the model with a larger {N_POSITIONS}")
 
 
+def decode_block(config: Any, slot: int, steps: int, left: int) -> tuple[int, int]:
+    """(steps, window) of the multi-step decode call writing cache slots from `slot`: at most
+    `steps`, at most the `left` steps still wanted, and never past the end of `slot`'s position
+    bucket, so every step attends over the window a one-step call would (same numbers, same
+    tokens) and no call writes beyond the cache."""
+    window = decode_window(config, slot)
+    return max(1, min(steps, left, window - slot)), window
+
+
 def decode_windows(config: Any, length: int, max_new_tokens: int) -> list[int]:
     """The position buckets the decode steps after a `length`-token prompt use (the last new
     token is never fed back)."""
@@ -161,7 +178,7 @@ def request_keys(config: Any, length: int, max_new_tokens: int, sample: bool = F
     check_fits(config, length, max_new_tokens, f"max_new_tokens={max_new_tokens}",
                "lower max_new_tokens (--max-new-tokens)")
     prefill = [ProgramKey(config.prompt_batch_size, c, w, sample) for _, c, w in prompt_chunks(config, length)]
-    decode = [ProgramKey(config.batch_size, 1, w, sample) for w in decode_windows(config, length, max_new_tokens)]
+    decode = [decode_key(config, w, sample) for w in decode_windows(config, length, max_new_tokens)]
     return list(dict.fromkeys(prefill + decode))
 
 

@@ -119,6 +119,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("quant", None, "Store weights quantized: s8 = int8 (per-output-channel scales), s4 = 4-bit (scales per "
            "group of 32 inputs), gguf = a GGUF file's Q8_0/Q4_x/Q6_K blocks as they are (by default only when "
            "f32 weights would not fit), f32 = none.", anything, "--quant", baked=True),
+    Option("decode_steps", 1, "Decode steps per program call: generate/stream run up to this many tokens per row "
+           "in one call (a loop on the device, stopping when every row has met EOS), cutting host round trips; "
+           "1 = one call per token.", positive_int, "--decode-steps", baked=True),
     Option("device_memory", None, "Bytes per device for the fit check (default: what the device reports).",
            optional(positive_int)),
     Option("compile", True, "Compile every bucket's program at load (an artifact's load in the background; "
@@ -168,6 +171,7 @@ class RuntimeConfig:
     tp_degree: int = 1
     devices: tuple[int, ...] | None = None  # device ids to run on (default: the first tp_degree)
     unroll: int | None = None  # layers per scanned block (None: every layer unrolled; see nx.scan)
+    decode_steps: int = 1  # decode steps per program call of generate / stream (see buckets.decode_block)
 
     @classmethod
     def build(cls, **options: Any) -> RuntimeConfig:
@@ -182,14 +186,15 @@ class RuntimeConfig:
             raise ConfigError(f"devices={list(devices)} must name tp_degree={o['tp_degree']} distinct device ids")
         pos = buckets.position_buckets(o["n_positions"])
         ctx = buckets.context_buckets(o["context_length_estimate"], pos)
-        return cls(batch_size, tuple(pos), tuple(ctx), o["amp"], o["backend"], pbs, o["tp_degree"], devices, o["unroll"])
+        return cls(batch_size, tuple(pos), tuple(ctx), o["amp"], o["backend"], pbs, o["tp_degree"], devices, o["unroll"],
+                   o["decode_steps"])
 
     def baked(self, quant: dict | None) -> dict[str, Any]:
         """The baked options as `nx.load` would normalize them (artifact option checks compare these)."""
         return {"batch_size": self.batch_size, "prompt_batch_size": self.prompt_batch_size,
                 "n_positions": self.n_positions, "context_length_estimate": self.context_buckets, "amp": self.amp,
                 "backend": self.backend, "tp_degree": self.tp_degree, "devices": self.devices, "unroll": self.unroll,
-                "quant": quant}
+                "decode_steps": self.decode_steps, "quant": quant}
 
     @property
     def max_positions(self) -> int:

@@ -91,12 +91,18 @@ def steps(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     stop: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    decode_steps: int | None = None,
 ) -> Iterator[tuple[np.ndarray, Any]]:
-    """Each step's new tokens ``[batch]`` on the host (finished rows padded) and its logits."""
+    """Each step's new tokens ``[batch]`` on the host (finished rows padded) and its logits.
+
+    With `decode_steps` k > 1 (default: the model's ``decode_steps``) one program call runs up to
+    k decode steps (`Session.steps`), so tokens reach the host k at a time and the logits are None;
+    the tokens are those k = 1 chooses (each step runs as a one-step call would, the same seed
+    draws the same tokens), and tokens after a row's EOS or stop sequence are padded as with k = 1."""
     opts = GenerationOptions.check(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, stop=stop,
+        pad_token_id=pad_token_id, stop=stop, decode_steps=decode_steps,
     )
     sp, max_new_tokens, min_new_tokens = opts.sampling, opts.max_new_tokens, opts.min_new_tokens
     prompt = prepare(model, input_ids, attention_mask)
@@ -113,8 +119,12 @@ def steps(
     b = model.config.batch_size
     done = np.zeros(b, bool)
     rows: list[list[int]] = [[] for _ in range(b)]
+    k = opts.decode_steps or getattr(model.config, "decode_steps", 1)
     with model.session(prompt, sp) as session:
         tokens, logits = session.start(ban_eos if min_new_tokens > 0 else None)
+        if k > 1:
+            yield from _blocks(model, session, tokens, k, max_new_tokens, min_new_tokens, ban_eos, eos, fill, stops)
+            return
         for t in range(max_new_tokens):
             # Queue step t+1 before waiting for step t's tokens: it reads them on the device, so its
             # dispatch and this loop's host work overlap step t (one extra step when rows finish early).
@@ -134,6 +144,38 @@ def steps(
                 return
 
 
+def _blocks(model: Generates, session: Session, first: Any, k: int, max_new_tokens: int, min_new_tokens: int,
+            eos_mask: Any, eos: np.ndarray, fill: int, stops: list) -> Iterator[tuple[np.ndarray, None]]:
+    """The loop of `steps` with k decode steps per program call: block j+1 is queued (fed block
+    j's last tokens on the device) before block j is read, so the host's work overlaps the device's;
+    the device stops a block once every row has met EOS, so the block queued past the end is free."""
+    b = model.config.batch_size
+    done = np.zeros(b, bool)
+    rows: list[list[int]] = [[] for _ in range(b)]
+    on_device_done = model.put(np.zeros(b, bool))
+    current, width = first, 1  # the block in hand (on the device) and how many of its tokens are real
+    feed, left, made = first, max_new_tokens - 1, 1  # made: tokens chosen or queued so far
+    while True:
+        queued = None
+        if left > 0:
+            out, feed, on_device_done, n = session.steps(feed, k, left, eos_mask, min_new_tokens - made, on_device_done)
+            queued, left, made = (out, n), left - n, made + n
+        block = model.host(current).reshape(b, -1)
+        for j in range(width):
+            host = np.where(done, fill, block[:, j])
+            yield host, None
+            done |= np.isin(host, eos)
+            if stops:
+                for r in range(b):
+                    rows[r].append(int(host[r]))
+                    done[r] |= hits_stop(rows[r], stops)
+            if done.all():
+                return
+        if queued is None:
+            return
+        current, width = queued
+
+
 def generate(model: Generates, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 32, *,
              streamer: Any = None, output_scores: bool = False, return_dict: bool = False, **kwargs: Any):
     """`NxModel.generate` (see there): a ``torch.LongTensor [batch, prompt + new]`` or a `GenerateOutput`."""
@@ -148,6 +190,8 @@ def generate(model: Generates, input_ids: Any, attention_mask: Any = None, max_n
         streamer.put(torch.as_tensor(np.repeat(prompt, rep, axis=0)))
     t0 = time.perf_counter()
     new, scores, t_first = [], [], None
+    if output_scores:
+        kwargs["decode_steps"] = 1  # scores are every step's logits: one step per call
     for host, logits in steps(model, input_ids, attention_mask, max_new_tokens, **kwargs):
         t_first = t_first or time.perf_counter()
         new.append(host)

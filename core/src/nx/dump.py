@@ -26,22 +26,23 @@ from nx.buckets import ProgramKey
 ENV = "NX_DUMP_TO"
 
 
-def program_name(rows: int, n_tokens: int, window: int, sample: bool = False, insert: bool = False) -> str:
-    """``prefill_b<rows>_t<tokens>_w<window>``, ``decode_b<rows>_w<window>`` or ``insert_t<tokens>_w<window>``
-    (+ ``_sample``)."""
-    return ProgramKey(rows, n_tokens, window, sample, insert).name
+def program_name(rows: int, n_tokens: int, window: int, sample: bool = False, insert: bool = False,
+                 steps: int = 1) -> str:
+    """``prefill_b<rows>_t<tokens>_w<window>``, ``decode_b<rows>_w<window>`` (``_k<steps>`` for a
+    multi-step decode program) or ``insert_t<tokens>_w<window>`` (+ ``_sample``)."""
+    return ProgramKey(rows, n_tokens, window, sample, insert, steps).name
 
 
 def _input_names(lowered: Any) -> list[dict]:
     import jax
 
-    args = lowered.args_info  # ((params, caches, inputs, sampling), {})
+    args = lowered.args_info  # ((params, caches, inputs, sampling[, block]), {})
     flat = jax.tree_util.tree_flatten_with_path(args)[0]
     out = []
     for path, info in flat:
         parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
         parts = parts[1:] if parts and parts[0] == "0" else parts  # drop the (args, kwargs) level
-        top = {"0": "params", "1": "caches", "2": "inputs", "3": "sampling"}.get(parts[0], parts[0]) if parts else ""
+        top = {"0": "params", "1": "caches", "2": "inputs", "3": "sampling", "4": "block"}.get(parts[0], parts[0]) if parts else ""
         out.append({
             "name": ".".join([top, *parts[1:]]),
             "shape": list(info.shape),

@@ -94,6 +94,9 @@ class GenerationOptions(BaseModel):
     streamer: Annotated[
         Any, Field(description="an object with put() and end() (a transformers streamer) or None")
     ] = None
+    decode_steps: Annotated[
+        int | None, Field(ge=1, le=INT32_MAX, description="an int >= 1 (or None for the model's decode_steps)")
+    ] = None
     output_scores: Annotated[bool, Field(description="a bool")] = False
     return_dict: Annotated[bool, Field(description="a bool")] = False
 

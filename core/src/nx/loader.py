@@ -106,7 +106,7 @@ load.__signature__ = config_mod.signature(  # type: ignore[attr-defined]
 load.__doc__ = load.__doc__.format(options=config_mod.options_doc())  # type: ignore[union-attr]
 log = logging.getLogger("nx")
 RUNTIME_OPTIONS = ("batch_size", "prompt_batch_size", "n_positions", "context_length_estimate", "amp", "backend",
-                   "tp_degree", "devices", "unroll")
+                   "tp_degree", "devices", "unroll", "decode_steps")
 
 
 def load_artifact(path: str | os.PathLike, family: str | None = None, options: dict | None = None,

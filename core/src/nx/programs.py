@@ -3,6 +3,9 @@
 A program is `nx.decoder.step` plus token choice (`nx.sampling.choose`) over fixed shapes. It takes
 ``(params, caches, StepInputs, SamplingInputs)`` and returns ``(tokens, logits, caches, seen)``,
 donating the caches so XLA updates them in place; only token ids need to cross to the host.
+A multi-step decode program (``key.steps > 1``) also takes `BlockInputs` and loops over up to
+``key.steps`` decode steps on the device, feeding each chosen token back (one host round trip per
+block instead of per token); it returns ``(tokens [B, steps], logits, caches, seen, last, done)``.
 `ProgramSet` lowers, compiles (through the compile cache when one is set, dumping HLO when asked),
 loads saved ones on first use (`offer`), warms up and drops them, and runs one on the model's KV
 cache. Each is an `nx.executables.Program`, checked against what this set passes it (`check`).
@@ -15,7 +18,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +35,15 @@ from nx.placement import Placement
 from nx.progress import plural, track
 from nx.sampling import SamplingInputs, choose
 from nx.spec import ModelSpec
+
+
+class BlockInputs(NamedTuple):
+    """Traced inputs of a multi-step decode call (besides `StepInputs` and `SamplingInputs`, whose
+    ``suppress`` is then each row's EOS mask)."""
+
+    steps: jnp.ndarray  # [] int32: decode steps to run, <= key.steps (a window or max_new_tokens ends early)
+    ban: jnp.ndarray  # [] int32: the first `ban` steps may not choose EOS (min_new_tokens)
+    done: jnp.ndarray  # [B] bool: rows that met EOS before this call; the loop ends once every row has
 
 
 class ProgramSet:
@@ -121,16 +133,44 @@ class ProgramSet:
             tokens, seen_row = choose(logits, mine, key.sample, position)
             return tokens, logits, caches, lax.dynamic_update_slice_in_dim(smp.seen, seen_row, inp.row, axis=0)
 
+        def block(params, caches, inp: decoder.StepInputs, smp: SamplingInputs, blk: BlockInputs):
+            # Up to key.steps decode steps, each as the one-step program runs it (same window, slot
+            # and PRNG position, so the same tokens); ends early once every row has met EOS.
+            rows, eos = key.rows, smp.suppress
+
+            def one(carry):
+                i, tok, caches, seen, done, out, _ = carry
+                at = inp._replace(tokens=tok[:, None], slot=inp.slot + i)
+                logits, caches = forward(params, caches, at)
+                mine = smp._replace(seen=seen, suppress=eos & (i < blk.ban))
+                tok, seen = choose(logits, mine, key.sample, at.slot + at.last)
+                done = done | eos[jnp.arange(rows), tok]
+                out = lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
+                return i + 1, tok, caches, seen, done, out, logits
+
+            def going(carry):
+                return (carry[0] < blk.steps) & ~jnp.all(carry[4])
+
+            logits = jax.eval_shape(forward, params, caches, inp)[0]
+            with jax.default_matmul_precision(precision):
+                _, last, caches, seen, done, out, logits = lax.while_loop(going, one, (
+                    jnp.int32(0), inp.tokens[:, 0], caches, smp.seen, blk.done,
+                    jnp.zeros((rows, key.steps), jnp.int32), jnp.zeros(logits.shape, logits.dtype)))
+            return out, logits, caches, seen, last, done
+
+        fn = block if key.steps > 1 else run
         # Named after its key: the name is in the compiled module, so a loaded program proves which it is.
-        run.__name__ = run.__qualname__ = program_name(key)
+        fn.__name__ = fn.__qualname__ = program_name(key)
         # Pinned output shardings: caches come back as they went in, so a program lowered after a
         # run is the same program (and the same compile-cache key).
         rep = self.placement.replicated
+        outs = (rep, rep, kv.shardings, rep) + ((rep, rep) if key.steps > 1 else ())
         # Every input kept (unused sampling inputs too), so each program takes the same flat buffers.
-        return jax.jit(run, donate_argnums=(1,), out_shardings=(rep, rep, kv.shardings, rep), keep_unused=True)
+        return jax.jit(fn, donate_argnums=(1,), out_shardings=outs, keep_unused=True)
 
-    def abstract_inputs(self, key: ProgramKey) -> tuple[decoder.StepInputs, SamplingInputs]:
-        """Shapes, dtypes and placement of a program's step and sampling inputs."""
+    def abstract_inputs(self, key: ProgramKey) -> tuple:
+        """Shapes, dtypes and placement of a program's step and sampling inputs (and `BlockInputs`
+        of a multi-step decode program)."""
         b, v, rep = self.kv.batch, self.spec.vocab_size, self.placement.replicated
 
         def sds(shape, dtype):
@@ -143,6 +183,8 @@ class ProgramSet:
         rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # shape only: nothing compiles
         smp = SamplingInputs(sds((b,), f32), sds((b,), i32), sds((b,), f32), sds((b,), f32), sds((b, v), jnp.bool_),
                              sds((b, v), jnp.bool_), sds((b, *rng.shape), rng.dtype))
+        if key.steps > 1:
+            return inp, smp, BlockInputs(sds((), i32), sds((), i32), sds((rows,), jnp.bool_))
         return inp, smp
 
     def input_leaves(self, key: ProgramKey) -> list[jax.ShapeDtypeStruct]:
@@ -153,11 +195,13 @@ class ProgramSet:
         params = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in jax.tree.leaves(self.params)]
         return params + caches + jax.tree.leaves(self.abstract_inputs(key))
 
-    def outputs(self) -> tuple[Any, list]:
-        """(tree, flat shardings) of every program's outputs ``(tokens, logits, caches, seen)``."""
+    def outputs(self, key: ProgramKey) -> tuple[Any, list]:
+        """(tree, flat shardings) of program `key`'s outputs ``(tokens, logits, caches, seen)``,
+        plus ``(last, done)`` for a multi-step decode program."""
         rep = self.placement.replicated
-        tree = jax.tree.structure((0, 0, [(0, 0)] * self.kv.pairs, 0))
-        return tree, [rep, rep, *jax.tree.leaves(self.kv.shardings), rep]
+        more = (0, 0) if ProgramKey(*key).steps > 1 else ()
+        tree = jax.tree.structure((0, 0, [(0, 0)] * self.kv.pairs, 0, *more))
+        return tree, [rep, rep, *jax.tree.leaves(self.kv.shardings), rep, *[rep] * len(more)]
 
     def expected(self, key: ProgramKey) -> dict:
         """The signature (`nx.executables.hlo_signature`) program `key` of this set has: its
@@ -175,7 +219,7 @@ class ProgramSet:
         what this set runs as `key` before XLA sees the bytes, and the executable after."""
         key = ProgramKey(*key)
         self.check(key, executables.read_header(blob))
-        program = executables.from_bytes(blob, self.placement.devices, *self.outputs())
+        program = executables.from_bytes(blob, self.placement.devices, *self.outputs(key))
         self.check(key, program.signature)
         return program
 
@@ -268,7 +312,7 @@ class ProgramSet:
             lowered = self.lower(key)
             if self.dump_to:
                 dump.dump_lowered(lowered, self.dump_to, key.name, options)
-            return executables.from_compiled(lowered.compile(options), *self.outputs())
+            return executables.from_compiled(lowered.compile(options), *self.outputs(key))
 
         cache = self.compile_cache
         if cache is None or self.dump_to:
@@ -327,21 +371,24 @@ class ProgramSet:
         """Run one program once on placeholder inputs. The keys and values it leaves in the cache
         are never read: a request writes every slot it attends to before attending."""
         key = ProgramKey(*key)
-        inp, smp = self.abstract_inputs(key)
         put = self.placement.put
-        zeros = jax.tree.map(lambda s: put(np.zeros(s.shape, s.dtype)), (inp, smp))
+        zeros = jax.tree.map(lambda s: put(np.zeros(s.shape, s.dtype)), self.abstract_inputs(key))
         inp = zeros[0]._replace(last=put(np.int32(key.tokens - 1)))
-        tokens, _, _ = self.run(key, inp, zeros[1])
+        blk = zeros[2]._replace(steps=put(np.int32(1))) if key.steps > 1 else None  # one step: slot 0 only
+        tokens = self.run(key, inp, zeros[1], blk)[0]
         jax.block_until_ready(tokens)
         self._warmed.add(key)
 
-    def run(self, key: ProgramKey, inp: decoder.StepInputs, smp: SamplingInputs) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Run one program on the KV cache; returns (tokens, logits, seen)."""
+    def run(self, key: ProgramKey, inp: decoder.StepInputs, smp: SamplingInputs,
+            blk: BlockInputs | None = None) -> tuple[jax.Array, ...]:
+        """Run one program on the KV cache; returns (tokens, logits, seen), and (..., last, done)
+        for a multi-step decode program (which takes `blk`)."""
         exe = self.get(key)
+        args = (inp, smp) if blk is None else (inp, smp, blk)
         with self.kv.lock:  # the caches are donated and replaced
-            tokens, logits, caches, seen = exe(self.params, self.kv.arrays, inp, smp)
-            self.kv.swap(caches)
-        return tokens, logits, seen
+            out = exe(self.params, self.kv.arrays, *args)
+            self.kv.swap(out[2])
+        return (*out[:2], *out[3:])
 
 
 _PREFETCHING: dict[threading.Thread, threading.Event] = {}  # background builds running, and their stop signals

@@ -17,7 +17,7 @@ from nx import buckets, decoder
 from nx.config import RuntimeConfig
 from nx.errors import InputError
 from nx.generation import SamplingParams
-from nx.programs import ProgramKey, ProgramSet
+from nx.programs import BlockInputs, ProgramKey, ProgramSet
 from nx.sampling import SamplingInputs
 
 
@@ -121,6 +121,30 @@ class Session:
         tokens, logits = self._call(tokens[:, None], window, self.slot, self.pad, 0, suppress)
         self.slot += 1
         return tokens, logits
+
+    def steps(self, tokens: jax.Array, steps: int, left: int, eos: jax.Array, ban: int, done: jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+        """Feed one token per row (``[batch]``) and run up to `steps` decode steps in one program
+        call (at most `left`, never across a window: `buckets.decode_block`), each row's chosen
+        token fed back on the device. `eos` ``[batch, vocab]`` marks each row's EOS ids: the first
+        `ban` steps may not choose one (min_new_tokens), and the loop ends early once every row
+        has chosen one (`done` ``[batch]`` bool: rows done before). Returns (tokens ``[batch,
+        steps]``, the last token of every row ``[batch]``, done, steps asked for); after an early end
+        the rest of `tokens` is meaningless, as every row is done. Each step is the one `step`
+        would run (same window, slot and PRNG position), so the tokens are those of `step`."""
+        if self.closed:
+            raise InputError("this generation session is closed; start a new one")
+        n, window = buckets.decode_block(self.config, self.slot, steps, left)
+        rows = self.config.batch_size
+        put = self._put
+        inp = decoder.StepInputs(tokens[:, None], put(np.full(rows, self.slot, np.int32)), self.pad, put(np.int32(0)),
+                                 put(np.int32(0)))
+        blk = BlockInputs(put(np.int32(n)), put(np.int32(min(max(ban, 0), n))), done)
+        key = ProgramKey(rows, 1, window, self.sample, steps=steps)
+        out, _, seen, last, done = self.programs.run(key, inp, self.sampling._replace(suppress=eos), blk)
+        self.sampling = self.sampling._replace(seen=seen)
+        self.slot += n
+        return out, last, done, n
 
     def reorder(self, rows: np.ndarray) -> None:
         """Make row i continue what row ``rows[i]`` held so far (beam search): gathers the KV cache,
