@@ -122,7 +122,9 @@ async def workload(url: str, model: str, clients: int, n_requests: int, max_toke
         while todo:
             results.append(await one_request(http, model, todo.pop(), max_tokens))
 
-    limits = httpx.Limits(max_connections=clients + 2)
+    # a new connection per request: llama-server (cpp-httplib) closes a connection after 5 requests,
+    # which a reused keep-alive connection can race (Server disconnected without sending a response)
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
