@@ -146,3 +146,26 @@ def editable_gpt2(saved_case, tmp_path):
     _, path = saved_case(CASES[0])
     shutil.copytree(path, tmp_path, dirs_exist_ok=True)
     return tmp_path
+
+
+def assert_kernel_matches_xla(path, load: dict, batch: int, vocab: int, levels: list[str], monkeypatch,
+                              rtol: float) -> None:
+    """Greedy tokens (12, EOS off) and prompt logits of ``nx.load("llama", path, **load)`` with the CPU
+    kernels forced to each of `levels` equal those with ``NX_CPU_KERNELS=off`` (logits to `rtol` of
+    their largest magnitude): the kernels against the pure-XLA path, one whole model at a time."""
+    import nx
+    from nx.ops import cpu_kernels
+
+    ids, mask = left_padded([9, 5][:batch], vocab, seed=11)
+
+    def greedy():
+        model = nx.load("llama", path, **load)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy(), model.logits(ids, mask)
+
+    for level in levels:
+        monkeypatch.setenv(cpu_kernels.ENV, level)
+        tokens, logits = greedy()
+        monkeypatch.setenv(cpu_kernels.ENV, "off")
+        ref_tokens, ref_logits = greedy()
+        np.testing.assert_array_equal(tokens, ref_tokens)
+        np.testing.assert_allclose(logits, ref_logits, rtol=rtol, atol=rtol * np.abs(ref_logits).max())

@@ -16,7 +16,7 @@ from nx.ops import quant as qops
 from nx.ops.quant import QuantizedWeight
 from nx.quant import quantize
 from tests.cases.llama import CASES
-from tests.conftest import left_padded
+from tests.conftest import assert_kernel_matches_xla
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=str(cpu_kernels.unavailable_reason()))
 
@@ -144,20 +144,8 @@ def test_greedy_tokens_equal_the_xla_path(saved_case, monkeypatch, opts):
     """A whole s8 model (decode programs through the kernel) against the same model on XLA's dots."""
     _, path = saved_case(CASE)
     load = dict(n_positions=[64], context_length_estimate=[16], progress=False, quant="s8", **opts)
-    ids, mask = left_padded([9, 5][: opts.get("batch_size", 1)], CASE.vocab, seed=11)
-
-    def greedy():
-        model = nx.load("llama", path, **load)
-        return model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy(), model.logits(ids, mask)
-
     levels = LEVELS if opts == dict(batch_size=2) else LEVELS[-1:]  # every level once, the variants at the best
-    for level in levels:
-        monkeypatch.setenv(cpu_kernels.ENV, level)
-        tokens, logits = greedy()
-        monkeypatch.setenv(cpu_kernels.ENV, "off")
-        ref_tokens, ref_logits = greedy()
-        np.testing.assert_array_equal(tokens, ref_tokens)
-        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    assert_kernel_matches_xla(path, load, opts.get("batch_size", 1), CASE.vocab, levels, monkeypatch, rtol=1e-5)
 
 
 def test_artifacts_record_the_kernels(saved_case, tmp_path, monkeypatch):

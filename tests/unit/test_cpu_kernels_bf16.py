@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-import nx
 from nx.ops import cpu_kernels
 from tests.cases.llama import CASES
-from tests.conftest import left_padded
+from tests.conftest import assert_kernel_matches_xla
 
 linear = importlib.import_module("nx.ops.linear")  # `nx.ops.linear` is also the function
 
@@ -189,17 +188,5 @@ def test_bf16_greedy_tokens_against_the_xla_path(saved_case, monkeypatch, opts):
     "bf16 CPU kernel"), while its agreement with f32 stayed that of XLA's bf16."""
     _, path = saved_case(CASE)
     load = dict(n_positions=[64], context_length_estimate=[16], progress=False, amp="bf16", **opts)
-    ids, mask = left_padded([9, 5][: opts.get("batch_size", 1)], CASE.vocab, seed=11)
-
-    def greedy():
-        model = nx.load("llama", path, **load)
-        return model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy(), model.logits(ids, mask)
-
     levels = LEVELS if opts == dict(batch_size=2) else LEVELS[-1:]  # every level once, the variants at the best
-    for level in levels:
-        monkeypatch.setenv(cpu_kernels.ENV, level)
-        tokens, logits = greedy()
-        monkeypatch.setenv(cpu_kernels.ENV, "off")
-        ref_tokens, ref_logits = greedy()
-        np.testing.assert_array_equal(tokens, ref_tokens)
-        np.testing.assert_allclose(logits, ref_logits, rtol=0.05, atol=0.05 * np.abs(ref_logits).max())
+    assert_kernel_matches_xla(path, load, opts.get("batch_size", 1), CASE.vocab, levels, monkeypatch, rtol=0.05)

@@ -135,13 +135,19 @@ def steps(
             yield host, logits
             if queued is not None:
                 tokens, logits = queued
-            done |= np.isin(host, eos)
-            if stops:
-                for r in range(b):
-                    rows[r].append(int(host[r]))
-                    done[r] |= hits_stop(rows[r], stops)
-            if done.all():
+            if _all_done(host, done, rows, eos, stops):
                 return
+
+
+def _all_done(host: np.ndarray, done: np.ndarray, rows: list[list[int]], eos: np.ndarray, stops: list) -> bool:
+    """Mark the rows whose token `host` is an EOS or completes a stop sequence (`rows` keeps each
+    row's tokens for that) as `done`, in place; True once every row is."""
+    done |= np.isin(host, eos)
+    if stops:
+        for r, token in enumerate(host):
+            rows[r].append(int(token))
+            done[r] |= hits_stop(rows[r], stops)
+    return bool(done.all())
 
 
 def _blocks(model: Generates, session: Session, first: Any, k: int, max_new_tokens: int, min_new_tokens: int,
@@ -164,12 +170,7 @@ def _blocks(model: Generates, session: Session, first: Any, k: int, max_new_toke
         for j in range(width):
             host = np.where(done, fill, block[:, j])
             yield host, None
-            done |= np.isin(host, eos)
-            if stops:
-                for r in range(b):
-                    rows[r].append(int(host[r]))
-                    done[r] |= hits_stop(rows[r], stops)
-            if done.all():
+            if _all_done(host, done, rows, eos, stops):
                 return
         if queued is None:
             return
