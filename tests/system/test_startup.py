@@ -82,11 +82,12 @@ def test_a_resolved_config_is_read_only_data(tmp_path):
     assert gpt2.hidden_size == gpt2.n_embd  # transformers' attribute_map aliases
 
 
-def test_a_damaged_resolved_config_is_resolved_again(saved_case, tmp_path):
+@pytest.mark.parametrize("damage", ["{not json", "[]"])
+def test_a_damaged_resolved_config_is_resolved_again(saved_case, tmp_path, damage):
     _, path = saved_case(CASE)
     a = nx.load("llama", path, compile_cache=tmp_path, compile=False, **OPTS)
     (saved,) = (tmp_path / "configs").iterdir()
-    saved.write_text("{not json")
+    saved.write_text(damage)
     b = nx.load("llama", path, compile_cache=tmp_path, compile=False, **OPTS)
     assert b.hf_config == a.hf_config and json.loads(saved.read_text())["values"]["model_type"] == "llama"
 

@@ -193,11 +193,7 @@ class CompileCache:
         if not self.usable():
             return ResolvedConfig.of(build())
         text = json.dumps(raw, sort_keys=True, default=str) + _transformers_version()
-        saved = self._saved_json(text, lambda: ResolvedConfig.of(build()).to_json())
-        try:
-            return ResolvedConfig.from_json(saved)
-        except ConfigError:  # damaged: resolve again
-            return ResolvedConfig.of(build())
+        return self._saved_json(text, lambda: ResolvedConfig.of(build()).to_json(), ResolvedConfig.from_json)
 
     def gguf_fields(self, digest: str, build: Callable[[], dict]) -> dict:
         """The HF config fields of a GGUF file whose metadata has sha256 `digest`: saved from an
@@ -205,18 +201,16 @@ class CompileCache:
         its GGUF key tables: ~0.5 s) and saved. Keyed by the transformers version too."""
         if not self.usable():
             return build()
-        saved = self._saved_json(f"gguf {digest} {_transformers_version()}", build)
-        if not isinstance(saved, dict):  # damaged: read the metadata again
-            return build()
-        return saved
+        return self._saved_json(f"gguf {digest} {_transformers_version()}", build, _fields)
 
-    def _saved_json(self, text: str, build: Callable[[], Any]) -> Any:
-        """The JSON value saved under the sha256 of `text` in ``configs/``, else `build()`'s, saved
+    def _saved_json(self, text: str, build: Callable[[], Any], parse: Callable[[Any], Any]) -> Any:
+        """``parse`` of the JSON value saved under the sha256 of `text` in ``configs/``; when there is
+        none, or it does not parse (`ValueError` / `ConfigError`: damaged), ``parse(build())``, saved
         atomically (not saved when the directory is read-only or full: built again next time)."""
         f = self.directory / _CONFIGS / (hashlib.sha256(text.encode()).hexdigest() + ".json")
         try:
-            return json.loads(f.read_text())
-        except (OSError, ValueError):  # not saved yet, or damaged: build again
+            return parse(json.loads(f.read_text()))
+        except (OSError, ValueError, ConfigError):  # not saved yet, or damaged: build again
             pass
         value = build()
         tmp = None
@@ -230,7 +224,7 @@ class CompileCache:
         except (OSError, TypeError, ValueError):  # read-only or full: build again next time
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
-        return value
+        return parse(value)
 
     def tokenizer_dirs(self) -> list[Path]:
         d = self.directory / _TOKENIZERS
@@ -379,6 +373,13 @@ def source_digest() -> str:
     for f in sorted(root.rglob("*.py")):
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def _fields(value: Any) -> dict:
+    """Saved GGUF config fields as they were saved; a `ValueError` for anything else (damaged)."""
+    if not isinstance(value, dict):
+        raise ValueError("saved GGUF config fields are not a JSON object")
+    return value
 
 
 def _transformers_version() -> str:

@@ -145,9 +145,9 @@ class Engine:
                 self._end(row, "cancelled")
 
     def _admit(self) -> bool:
-        """Insert queued requests into free rows (one prompt each), then emit their first tokens,
-        read back together (the inserts queue on the device without a host round trip between
-        them); True when requests wait for rows."""
+        """Insert queued requests into free rows (one prompt each), then emit their first tokens
+        (the inserts queue on the device back to back; each read waits for its own insert only);
+        True when requests wait for rows."""
         inserted, firsts, waiting = [], [], False
         while True:
             with self._lock:
@@ -165,10 +165,8 @@ class Engine:
                 self.batch.suppress(row, self._eos[row])
             firsts.append(self.batch.insert(row, req.prompt, req.options.sampling))
             inserted.append(row)
-        if inserted:
-            for row, first in zip(inserted, firsts):  # each read waits for its own insert only
-                token = self.model.host(first)[0]
-                self._emit(row, int(token))
+        for row, first in zip(inserted, firsts):
+            self._emit(row, int(self.model.host(first)[0]))
         return waiting
 
     def _step(self) -> None:

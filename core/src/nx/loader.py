@@ -74,9 +74,7 @@ def load(family_or_path: str | os.PathLike, path: str | os.PathLike | None = Non
                 f"{', '.join(family.model_types)}; leave the family out to pick it from the checkpoint: "
                 f"nx.load({str(path)!r}) in Python, nx generate {path} (or nx chat, serve ...) on the command line"
             )
-    tokenizer_loader = ckpt.tokenizer_loader(cache)
-    if opts["preload_tokenizer"]:
-        tokenizer_loader = in_background(tokenizer_loader, "nx-tokenizer")
+    tokenizer_loader = tokenizer(ckpt.tokenizer_loader(cache), opts["preload_tokenizer"])
     spec = family.spec_from_config(ckpt.config)
     check_load(spec, config.max_positions, len(ckpt.tensors))  # before any weight is read
     scan.block_size(spec.n_layers, config.unroll)  # a bad unroll fails before any weight is read
@@ -114,7 +112,7 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
     """Restore an `NxModel` from an artifact directory with no XLA compile. `family`, if given, must
     be the artifact's; `options` given to ``nx.load`` that differ from their defaults must equal the
     artifact's. ``verify=False`` skips the sha256 checks (the version/platform checks always run);
-    `preload_tokenizer` loads the tokenizer beside the weights (see `in_background`)."""
+    `preload_tokenizer` loads the tokenizer beside the weights (see `tokenizer`)."""
     contents = artifacts.read(path)
     if family is not None and family != contents.family:
         raise ConfigError(f"{str(path)!r} is a compiled {contents.family!r} artifact, not {family!r}; leave the "
@@ -126,9 +124,7 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
         artifacts.verify(contents)
     fam = (registry or default_registry()).get(contents.family)
     hf_config = artifacts.hf_config(contents)
-    tokenizer_loader = artifacts.tokenizer_loader(contents)
-    if preload_tokenizer:
-        tokenizer_loader = in_background(tokenizer_loader, "nx-tokenizer")
+    tokenizer_loader = tokenizer(artifacts.tokenizer_loader(contents), preload_tokenizer)
     spec = fam.spec_from_config(hf_config)
     if artifacts.jsonable(spec) != contents.manifest.get("spec"):
         raise ArtifactError(
@@ -154,10 +150,17 @@ def load_artifact(path: str | os.PathLike, family: str | None = None, options: d
     return model
 
 
+def tokenizer(load: Callable[[], Any], preload: bool) -> Callable[[], Any]:
+    """The model's tokenizer loader: `load` itself (the tokenizer loads on first use), or with
+    `preload` the same started now on a daemon thread (`in_background`). Why: a tokenizer is ~0.8 s
+    of Python (transformers' import and its construction) that can run while numpy and XLA read
+    and place the weights."""
+    return in_background(load, "nx-tokenizer") if preload else load
+
+
 def in_background(load: Callable[[], Any], name: str) -> Callable[[], Any]:
-    """`load()` started now on a daemon thread; the returned callable waits for its result (or
-    raises its error). Why: a tokenizer is ~0.8 s of Python (transformers' import and the
-    tokenizer's construction) that can run while numpy and XLA read and place the weights."""
+    """`load()` started now on a daemon thread named `name`; the returned callable waits for its
+    result (or raises its error)."""
     result: Future = Future()
 
     def run() -> None:
