@@ -144,7 +144,8 @@ def start(engine: str, gguf: Path, clients: int, args, log_dir: Path) -> Server:
     ctx = args.n_positions
     if engine == "nx":
         cmd = [sys.executable, "-m", "nx.cli", "serve", "llama", str(gguf), "--port", str(port), "--batch-size",
-               str(clients), "--n-positions", str(ctx), "--context-length-estimate", args.context_buckets,
+               str(clients), "--n-positions", str(ctx),
+               *(["--context-length-estimate", args.context_buckets] if args.context_buckets else []),
                "--model-name", "bench", "--no-sampling", "--log-level", "warning", *NX_PRECISION[args.precision]]
     else:
         cmd = [str(Path(args.llama_dir) / "llama-server"), "-m", str(gguf), "--port", str(port), "--host",
@@ -229,7 +230,8 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--min-requests", type=int, default=8)
     ap.add_argument("--n-positions", type=int, default=256, help="positions per sequence (both engines)")
-    ap.add_argument("--context-buckets", default="16,32,64,128")
+    ap.add_argument("--context-buckets", default=None,
+                    help="nx's prompt buckets, e.g. 16,32,64,128 (default: nx serve's own default)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nx-bench")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: benchmarks/results/serve-<date>.json)")

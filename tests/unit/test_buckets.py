@@ -140,3 +140,28 @@ def test_nx_load_signature_and_cli_flags_come_from_the_schema():
         assert "--decode-steps" in out
     bad = CliRunner().invoke(main, ["generate", "x", "--prompt", "hi", "--n-positions", "abc"])
     assert bad.exit_code == 2 and "'abc' is not an int or a comma-separated list of ints" in bad.output
+
+
+@pytest.mark.parametrize(
+    "positions, expected",
+    [
+        ([128, 256], [16, 32, 48, 64, 80, 96, 112, 128, 256]),
+        ([128, 256, 512, 1024], [16, 32, 48, 64, 80, 96, 112, 128, 256, 512, 1024]),
+        ([64], [16, 32, 48, 64]),
+        ([100], [16, 32, 48, 64, 80, 96, 100]),
+        ([10], [10]),
+    ],
+)
+def test_serving_prompt_buckets_step_by_16_up_to_128_then_double(positions, expected):
+    assert buckets.serving_context_buckets(positions) == expected
+    cfg(n_positions=positions, context_length_estimate=expected)  # a valid configuration
+
+
+def test_nx_serve_uses_serving_buckets_unless_given(tmp_path):
+    from nx.cli import serving_load_kwargs
+
+    flags = {"n_positions": "256", "context_length_estimate": None, "quant": None}
+    assert serving_load_kwargs(str(tmp_path / "ckpt"), flags)["context_length_estimate"] == [
+        16, 32, 48, 64, 80, 96, 112, 128, 256]
+    given = serving_load_kwargs(str(tmp_path / "ckpt"), {**flags, "context_length_estimate": "16,64"})
+    assert given["context_length_estimate"] == [16, 64]

@@ -58,6 +58,22 @@ def context_buckets(estimate: int | Sequence[int] | None, positions: list[int]) 
     return buckets
 
 
+#: Prompt buckets `nx serve` adds by default: every multiple of this many tokens up to `SERVING_FINE_UP_TO`.
+SERVING_STEP = 16
+SERVING_FINE_UP_TO = 128
+
+
+def serving_context_buckets(positions: list[int]) -> list[int]:
+    """The prompt buckets `nx serve` uses unless told otherwise: every multiple of 16 tokens up to
+    128, then powers of two up to the largest position bucket.
+
+    Why: every insert pads its prompt to a bucket while the running rows wait, so a server pays
+    for padding on every request; fine steps where chat prompts are (BENCHMARKS.md, "Serving")."""
+    top = positions[-1]
+    fine = list(range(SERVING_STEP, min(SERVING_FINE_UP_TO, top) + 1, SERVING_STEP))
+    return sorted(set(fine) | {b for b in _powers_of_two(MIN_CONTEXT_BUCKET, top) if b > SERVING_FINE_UP_TO} | {top})
+
+
 def pick(buckets: list[int], needed: int, what: str, hint: str) -> int:
     """Smallest bucket >= `needed`, else a `BucketError` naming the largest and how to raise it."""
     for b in buckets:

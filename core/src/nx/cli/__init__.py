@@ -94,6 +94,20 @@ def load_kwargs(dequant_dtype: str | None = None, no_quantize: str | None = None
     return out
 
 
+def serving_load_kwargs(where: str, load: dict[str, Any]) -> dict[str, Any]:
+    """`load_kwargs` for a model built to serve (`nx serve`, `nx compile --serving`): without
+    --context-length-estimate a checkpoint gets `nx.buckets.serving_context_buckets`; a saved
+    artifact keeps the buckets it was built with."""
+    from nx import artifacts, buckets
+
+    kw = load_kwargs(**load)
+    if kw.get("context_length_estimate") is None and not artifacts.is_artifact(where):
+        n = kw.get("n_positions")
+        positions = buckets.position_buckets(config.BY_NAME["n_positions"].default if n is None else n)
+        kw["context_length_estimate"] = buckets.serving_context_buckets(positions)
+    return kw
+
+
 def quant_config(quant: str | None, dequant_dtype: str | None = None, no_quantize: str | None = None,
                  group_size: int | None = None):
     """The `QuantizationConfig` of the --quant options (None without --quant, ``"f32"`` for --quant

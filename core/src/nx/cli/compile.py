@@ -6,7 +6,16 @@ from typing import Any
 
 import click
 
-from nx.cli import DEFAULT_FLAGS, from_cache, load_kwargs, load_model, main, model_options, quiet_option
+from nx.cli import (
+    DEFAULT_FLAGS,
+    from_cache,
+    load_kwargs,
+    load_model,
+    main,
+    model_options,
+    quiet_option,
+    serving_load_kwargs,
+)
 
 
 @main.command("compile")
@@ -16,7 +25,8 @@ from nx.cli import DEFAULT_FLAGS, from_cache, load_kwargs, load_model, main, mod
               help="Artifact directory to write (weights, compiled programs, tokenizer, manifest).")
 @model_options("batch_size", "prompt_batch_size", *DEFAULT_FLAGS)
 @click.option("--sampling", is_flag=True, help="Also compile the sampling variant of every program.")
-@click.option("--serving", is_flag=True, help="Also compile the programs nx serve runs (continuous batching).")
+@click.option("--serving", is_flag=True, help="Also compile the programs nx serve runs (continuous batching); without "
+              "--context-length-estimate, with nx serve's prompt buckets.")
 @click.option("--dump-hlo", default=None, type=click.Path(file_okay=False),
               help="Also write each program's HLO (text + serialized HloModuleProto) to this directory.")
 @click.option("--workers", default=None, type=int, help="Programs compiled in parallel threads (default: min(4, CPUs)).")
@@ -46,7 +56,8 @@ def compile_cmd(
     from nx.xla_options import default_workers
 
     t0 = time.perf_counter()
-    model = load_model(target, path, quiet, **load_kwargs(**load))
+    kwargs = serving_load_kwargs(path or target, load) if serving else load_kwargs(**load)
+    model = load_model(target, path, quiet, **kwargs)
     if dump_hlo:
         model.dump_to = dump_hlo
     t1 = time.perf_counter()

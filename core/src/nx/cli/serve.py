@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from nx.cli import from_cache, load_kwargs, load_model, main, model_options, quiet_option, text_tokenizer
+from nx.cli import from_cache, load_model, main, model_options, quiet_option, serving_load_kwargs, text_tokenizer
 
 
 @main.command()
@@ -52,7 +52,8 @@ def serve(
     """Serve OpenAI's HTTP API: ``nx serve [FAMILY] PATH --port 8000`` (a checkpoint or a saved artifact).
 
     POST /v1/completions and /v1/chat/completions (streaming with SSE), GET /v1/models, /health
-    and /metrics (Prometheus). Every program requests can run is compiled (or loaded from the
+    and /metrics (Prometheus). Prompt buckets default to every 16 tokens up to 128, then powers of
+    two (--context-length-estimate overrides; a prompt pads to its bucket). Every program requests can run is compiled (or loaded from the
     compile cache) and warmed up before the server accepts traffic. SIGTERM drains running
     requests (up to --shutdown-timeout) and exits 0. --quiet logs warnings and errors only.
     """
@@ -79,7 +80,7 @@ def serve(
     sized = {} if batch_size is None else {"batch_size": batch_size}
     log.info("loading %s ...", where)
     # compiled below: every program a request can run; its steps are logged here, not drawn
-    model = load_model(target, path, True, **sized, **load_kwargs(**load), progress=False)
+    model = load_model(target, path, True, **sized, **serving_load_kwargs(where, load), progress=False)
     text_tokenizer(model, where, "serve")
     log.info("loaded %r in %.1fs", model, time.perf_counter() - t0)
     engine = nx.Engine(model, max_queue=max_queue)
