@@ -3,12 +3,13 @@
 For each weight shape ``[n, k]`` of SmolLM2-135M or the Llama-3.2-1B shape and each row count
 ``m``, one jitted program runs f32 ``x @ w.T`` over a list of distinct bf16 weights of that
 shape (together >= ``--stream-mb``, so each weight streams from memory, as in decode), once through
-the kernel (`nx_kernels_cpu.bf16_matmul`) and once through XLA's dot (`nx.ops.linear._products`,
-what ``NX_CPU_KERNELS=off`` runs). The two are timed alternately (``--repeats`` rounds) and the
+the kernel (`nx_kernels_cpu.bf16_matmul`) and once through XLA's dot (`nx.ops.linear.project`
+traced with ``NX_CPU_KERNELS=off``). The two are timed alternately (``--repeats`` rounds) and the
 medians printed: ms per matrix, weight GB/s and GMAC/s.
 
-``--baseline LIB.so`` adds another build of the kernel library (e.g. the one before a change,
-copied aside), registered under its own FFI target and timed in the same rounds.
+``--threads N`` caps the kernels' threads (0: XLA's intra-op pool). ``--baseline LIB.so`` adds
+another build of the kernel library (e.g. the one before a change, copied aside), registered under
+its own FFI target and timed in the same rounds.
 
     python benchmarks/bf16_kernel.py [--model smollm2,1b] [--rows 1,4,8,16] [--repeats 5] [--baseline SO]
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
+import os
 import statistics
 import time
 
@@ -31,7 +33,7 @@ SHAPES = {  # [n, k]: qkv parts, o, up/gate, down, lm head
 }
 
 
-def _runner(fn, x, ws):
+def _runner(fn, x, ws, env=None):
     """One program over the weights in turn; each x waits for the last product (a tiny fusion, as
     decode has between its matmuls), so the matmuls run one after another."""
 
@@ -41,8 +43,19 @@ def _runner(fn, x, ws):
             x = x + (y[:, :1] * 0).astype(x.dtype)
         return y
 
+    from nx.ops import cpu_kernels
+
     f = jax.jit(chain)
-    jax.block_until_ready(f(x, ws))
+    saved = os.environ.get(cpu_kernels.ENV)
+    if env is not None:  # read when the program is traced
+        os.environ[cpu_kernels.ENV] = env
+    try:
+        jax.block_until_ready(f(x, ws))
+    finally:
+        if saved is None:
+            os.environ.pop(cpu_kernels.ENV, None)
+        else:
+            os.environ[cpu_kernels.ENV] = saved
     return lambda: jax.block_until_ready(f(x, ws))
 
 
@@ -52,6 +65,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,8,16")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--stream-mb", type=float, default=96.0, help="weight bytes per timed run (>= the LLC)")
+    ap.add_argument("--threads", type=int, default=0, help="the kernels' threads (0: XLA's pool)")
     ap.add_argument("--baseline", default="", help="another libnx_kernels_cpu.so to time alongside")
     ap.add_argument("--shapes", default="", help="only these n x k, e.g. 576x576,8192x2048")
     args = ap.parse_args()
@@ -59,8 +73,8 @@ def main() -> None:
 
     linear = importlib.import_module("nx.ops.linear")
     variants = {
-        "kernel": lambda x, w: nx_kernels_cpu.bf16_matmul(x, w),
-        "xla": lambda x, w: linear._products(x, w),
+        "kernel": lambda x, w: nx_kernels_cpu.bf16_matmul(x, w, threads=args.threads),
+        "xla": lambda x, w: linear.project(x, w, jnp.float32),
     }
     if args.baseline:
         lib = ctypes.CDLL(args.baseline)
@@ -68,7 +82,7 @@ def main() -> None:
 
         def baseline(x, w):
             call = jax.ffi.ffi_call("bench_baseline_bf16", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
-            return call(x, w, level=np.int32(3), threads=np.int32(0))
+            return call(x, w, level=np.int32(3), threads=np.int32(args.threads))
 
         variants["baseline"] = baseline
     only = {tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s}
@@ -84,7 +98,7 @@ def main() -> None:
             ws = [jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16) for _ in range(count)]
             for m in (int(r) for r in args.rows.split(",")):
                 x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
-                runs = {name: _runner(fn, x, ws) for name, fn in variants.items()}
+                runs = {name: _runner(fn, x, ws, "off" if name == "xla" else None) for name, fn in variants.items()}
                 times = {name: [] for name in runs}
                 for _ in range(args.repeats):
                     for name, run in runs.items():
