@@ -15,10 +15,14 @@
 //     in the same even/odd order per block (prepared once per call);
 //   1 AVX2 + FMA: the same on 16-bf16 blocks (scalar without FMA);
 //   0 scalar.
-// Weight rows stream from memory once per call: up to 2 x rows one weight row after another (the
-// order the hardware prefetcher follows best, BENCHMARKS.md "CPU kernels"), from 3 x rows four
-// weight rows at a time (kTileRows); the x rows stay in L1/L2. Output rows are split over XLA's
-// intra-op threads (ParallelRows).
+// Any number of x rows; nx sends up to 16 (decode batches up to 16, nx.ops.cpu_kernels
+// .BF16_MAX_ROWS). Weight rows stream from memory once per call: up to 2 x rows one weight row
+// after another (the order the hardware prefetcher follows best, BENCHMARKS.md "CPU kernels"); from
+// 3 x rows (kTileRows), at level 3, register tiles of 4 weight rows x up to 6 x rows (tinyBLAS's
+// scheme: every weight and x block loaded once per k-step for the whole tile), all x rows served
+// while a tile of weight rows is in cache and the next tile prefetched, so batch 16 costs about the
+// same weight traffic as batch 1; levels 1-2 keep 4 weight rows x up to 4 (AVX-512F) or 2 (AVX2) x
+// rows. Output rows are split over XLA's intra-op threads (ParallelRows).
 
 #include <algorithm>
 #include <cstdint>
@@ -28,6 +32,10 @@
 #include "common.h"
 
 namespace {
+
+// Loops over a tile's accumulators, unrolled before GCC decides where arrays live: left to its later
+// unrolling, the accumulator arrays stay in memory and every k-step stores them to the stack.
+#define NX_UNROLL _Pragma("GCC unroll 8")
 
 using namespace nxk;  // levels, HasFma, ParallelRows, Threads, ClampLevel (common.h)
 
@@ -107,9 +115,9 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const Acts& a, const uint16_t*
   const int k = a.k;
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   __m256 ae[T], ao[T];
-  for (int u = 0; u < T; ++u) ae[u] = ao[u] = _mm256_setzero_ps();
+  NX_UNROLL for (int u = 0; u < T; ++u) ae[u] = ao[u] = _mm256_setzero_ps();
   const float* xr[T];
-  for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
+  NX_UNROLL for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
   alignas(32) uint16_t tail[16] = {0};
   for (int p = 0; p < k; p += 16) {
     const uint16_t* src = wj + p;
@@ -120,12 +128,12 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const Acts& a, const uint16_t*
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
     const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
     const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, odd));
-    for (int u = 0; u < T; ++u) {
+    NX_UNROLL for (int u = 0; u < T; ++u) {
       ae[u] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xr[u] + p), ae[u]);
       ao[u] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xr[u] + p + 8), ao[u]);
     }
   }
-  for (int u = 0; u < T; ++u) y[static_cast<size_t>(r0 + u) * ldy + j] = HsumAvx2(_mm256_add_ps(ae[u], ao[u]));
+  NX_UNROLL for (int u = 0; u < T; ++u) y[static_cast<size_t>(r0 + u) * ldy + j] = HsumAvx2(_mm256_add_ps(ae[u], ao[u]));
 }
 
 // [sum(a), sum(b), sum(c), sum(d)].
@@ -141,17 +149,17 @@ __attribute__((target("avx2,fma"))) void Tile4Avx2(const Acts& a, const uint16_t
   const int k = a.k;
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   __m256 acc[4][T];
-  for (int i = 0; i < 4; ++i)
-    for (int u = 0; u < T; ++u) acc[i][u] = _mm256_setzero_ps();
+  NX_UNROLL for (int i = 0; i < 4; ++i)
+    NX_UNROLL for (int u = 0; u < T; ++u) acc[i][u] = _mm256_setzero_ps();
   const uint16_t* wr[4];
-  for (int i = 0; i < 4; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
+  NX_UNROLL for (int i = 0; i < 4; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
   const float* xr[T];
-  for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
+  NX_UNROLL for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
   alignas(32) uint16_t tail[4][16] = {};
   for (int p = 0; p < k; p += 16) {
     __m256 xe[T], xo[T];
-    for (int u = 0; u < T; ++u) xe[u] = _mm256_loadu_ps(xr[u] + p), xo[u] = _mm256_loadu_ps(xr[u] + p + 8);
-    for (int i = 0; i < 4; ++i) {
+    NX_UNROLL for (int u = 0; u < T; ++u) xe[u] = _mm256_loadu_ps(xr[u] + p), xo[u] = _mm256_loadu_ps(xr[u] + p + 8);
+    NX_UNROLL for (int i = 0; i < 4; ++i) {
       const uint16_t* src = wr[i] + p;
       if (p + 16 > k) {  // the last partial block, zero padded (as x is)
         std::memcpy(tail[i], src, 2 * (k - p));
@@ -160,10 +168,10 @@ __attribute__((target("avx2,fma"))) void Tile4Avx2(const Acts& a, const uint16_t
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
       const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
       const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, odd));
-      for (int u = 0; u < T; ++u) acc[i][u] = _mm256_fmadd_ps(wo, xo[u], _mm256_fmadd_ps(we, xe[u], acc[i][u]));
+      NX_UNROLL for (int u = 0; u < T; ++u) acc[i][u] = _mm256_fmadd_ps(wo, xo[u], _mm256_fmadd_ps(we, xe[u], acc[i][u]));
     }
   }
-  for (int u = 0; u < T; ++u)
+  NX_UNROLL for (int u = 0; u < T; ++u)
     _mm_storeu_ps(y + static_cast<size_t>(r0 + u) * ldy + j, Reduce4Avx2(acc[0][u], acc[1][u], acc[2][u], acc[3][u]));
 }
 
@@ -195,20 +203,20 @@ __attribute__((target(NX_AVX512F))) void TileAvx512(const Acts& a, const uint16_
   const int k = a.k;
   const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   __m512 ae[T], ao[T];
-  for (int u = 0; u < T; ++u) ae[u] = ao[u] = _mm512_setzero_ps();
+  NX_UNROLL for (int u = 0; u < T; ++u) ae[u] = ao[u] = _mm512_setzero_ps();
   const float* xr[T];
-  for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
+  NX_UNROLL for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
   for (int p = 0; p < k; p += 32) {
     const __mmask32 mask = p + 32 <= k ? ~0u : (1u << (k - p)) - 1;  // the tail: zeros (as x is)
     const __m512i wv = _mm512_maskz_loadu_epi16(mask, wj + p);
     const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
     const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, odd));
-    for (int u = 0; u < T; ++u) {
+    NX_UNROLL for (int u = 0; u < T; ++u) {
       ae[u] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xr[u] + p), ae[u]);
       ao[u] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xr[u] + p + 16), ao[u]);
     }
   }
-  for (int u = 0; u < T; ++u) y[static_cast<size_t>(r0 + u) * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(ae[u], ao[u]));
+  NX_UNROLL for (int u = 0; u < T; ++u) y[static_cast<size_t>(r0 + u) * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(ae[u], ao[u]));
 }
 
 // [sum(a), sum(b), sum(c), sum(d)].
@@ -228,26 +236,26 @@ __attribute__((target(NX_AVX512F))) void Tile4Avx512(const Acts& a, const uint16
   const int k = a.k;
   const __m512i odd = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   __m512 acc[4][T];
-  for (int i = 0; i < 4; ++i)
-    for (int u = 0; u < T; ++u) acc[i][u] = _mm512_setzero_ps();
+  NX_UNROLL for (int i = 0; i < 4; ++i)
+    NX_UNROLL for (int u = 0; u < T; ++u) acc[i][u] = _mm512_setzero_ps();
   const uint16_t* wr[4];
-  for (int i = 0; i < 4; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
+  NX_UNROLL for (int i = 0; i < 4; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
   const float* xr[T];
-  for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
+  NX_UNROLL for (int u = 0; u < T; ++u) xr[u] = a.f.data() + static_cast<size_t>(r0 + u) * a.kp;
   for (int p = 0; p < k; p += 32) {
     const __mmask32 mask = p + 32 <= k ? ~0u : (1u << (k - p)) - 1;
     __m512 we[4], wo[4];
-    for (int i = 0; i < 4; ++i) {
+    NX_UNROLL for (int i = 0; i < 4; ++i) {
       const __m512i wv = _mm512_maskz_loadu_epi16(mask, wr[i] + p);
       we[i] = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
       wo[i] = _mm512_castsi512_ps(_mm512_and_si512(wv, odd));
     }
-    for (int u = 0; u < T; ++u) {
+    NX_UNROLL for (int u = 0; u < T; ++u) {
       const __m512 xe = _mm512_loadu_ps(xr[u] + p), xo = _mm512_loadu_ps(xr[u] + p + 16);
-      for (int i = 0; i < 4; ++i) acc[i][u] = _mm512_fmadd_ps(wo[i], xo, _mm512_fmadd_ps(we[i], xe, acc[i][u]));
+      NX_UNROLL for (int i = 0; i < 4; ++i) acc[i][u] = _mm512_fmadd_ps(wo[i], xo, _mm512_fmadd_ps(we[i], xe, acc[i][u]));
     }
   }
-  for (int u = 0; u < T; ++u)
+  NX_UNROLL for (int u = 0; u < T; ++u)
     _mm_storeu_ps(y + static_cast<size_t>(r0 + u) * ldy + j, Reduce4Avx512(acc[0][u], acc[1][u], acc[2][u], acc[3][u]));
 }
 
@@ -275,80 +283,143 @@ __attribute__((target(NX_AVX512F))) void DotAvx512(const Acts& a, const uint16_t
 
 #define NX_AVX512BF16 "avx512f,avx512bw,avx512vl,avx512bf16"
 
-// U accumulators per x row: independent chains of vdpbf16ps (latency 6 cycles) when few rows share
-// a weight vector.
+// Register tiles (tinyBLAS's scheme): RM weight rows x RN x rows of vdpbf16ps accumulators; each
+// k-step loads the RM weight blocks and the RN x blocks once and runs RM * RN dots with them.
+// RM = 4, RN <= 6: 24 accumulators + 4 weight blocks + 1 x block of the 32 zmm registers.
+constexpr int kBf16Rm = 4;
+constexpr int kBf16MaxRn = 6;
+// With several x-row blocks the k range is cut into spans of this many elements, so the tile's
+// weight rows (4 x 2 KiB) and x rows (16 x 2 KiB) stay in L1/L2 while each x block reuses them.
+constexpr int kBf16Span = 1024;
+
+// [sum(v0), ..., sum(v{RM - 1})] into out[0, RM): added to it (`add`) or stored. The accumulators go
+// by value: an array's address would keep GCC storing them to the stack at every k-step.
+template <int RM>
+__attribute__((target(NX_AVX512BF16))) inline void StoreSums(__m512 v0, __m512 v1, __m512 v2, __m512 v3, float* out,
+                                                              bool add) {
+  const __m128 s = Reduce4Avx512(v0, v1, v2, v3);
+  const __mmask8 mask = (1u << RM) - 1;
+  _mm_mask_storeu_ps(out, mask, add ? _mm_add_ps(s, _mm_maskz_loadu_ps(mask, out)) : s);
+}
+
+// One k-step (32 elements at p, `mask` on the last) of the tile below.
+template <int RM, int RN>
+__attribute__((target(NX_AVX512BF16), always_inline)) inline void StepBf16(__m512 (&acc)[RN][RM],
+                                                                           const uint16_t* const (&wr)[RM],
+                                                                           const uint16_t* const (&xr)[RN], int p,
+                                                                           __mmask32 mask) {
+  __m512bh wv[RM];
+  NX_UNROLL for (int i = 0; i < RM; ++i) wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[i] + p);
+  NX_UNROLL for (int u = 0; u < RN; ++u) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[u] + p);
+    NX_UNROLL for (int i = 0; i < RM; ++i) acc[u][i] = _mm512_dpbf16_ps(acc[u][i], wv[i], xv);
+  }
+}
+
+// Weight rows [j, j + RM) x x rows [r0, r0 + RN) over k in [p0, p1) (p0 a multiple of 32): dots
+// added to y (`add`) or stored. `next` (or null): the weight rows after these, prefetched into L2
+// while these stream (one cache line per row and k-step, one tile ahead).
+template <int RM, int RN>
+__attribute__((target(NX_AVX512BF16))) void TileBf16(const Acts& a, const uint16_t* w, int j, int r0, int p0,
+                                                     int p1, float* y, int ldy, bool add, const uint16_t* next) {
+  const int k = a.k;
+  __m512 acc[RN][RM];
+  NX_UNROLL for (int u = 0; u < RN; ++u)
+    NX_UNROLL for (int i = 0; i < RM; ++i) acc[u][i] = _mm512_setzero_ps();
+  const uint16_t* wr[RM];
+  NX_UNROLL for (int i = 0; i < RM; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
+  const uint16_t* xr[RN];
+  NX_UNROLL for (int u = 0; u < RN; ++u) xr[u] = a.b.data() + static_cast<size_t>(r0 + u) * a.kp;
+  int p = p0;
+  for (; p + 32 <= p1; p += 32) {
+    if (next)
+      NX_UNROLL for (int i = 0; i < RM; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T1);
+    StepBf16<RM, RN>(acc, wr, xr, p, ~0u);
+  }
+  if (p < p1) StepBf16<RM, RN>(acc, wr, xr, p, (1u << (p1 - p)) - 1);  // the last block (x is zero padded)
+  const __m512 z = _mm512_setzero_ps();
+  NX_UNROLL for (int u = 0; u < RN; ++u) {
+    __m512 v[4] = {z, z, z, z};
+    NX_UNROLL for (int i = 0; i < RM; ++i) v[i] = acc[u][i];
+    StoreSums<RM>(v[0], v[1], v[2], v[3], y + static_cast<size_t>(r0 + u) * ldy + j, add);
+  }
+}
+
+// One tile shape of RM weight rows for rn (1 ... kBf16MaxRn) x rows, chosen at run time.
+template <int RM, int RN = kBf16MaxRn>
+__attribute__((target(NX_AVX512BF16))) void TileBf16Rows(int rn, const Acts& a, const uint16_t* w, int j, int r0,
+                                                         int p0, int p1, float* y, int ldy, bool add,
+                                                         const uint16_t* next) {
+  if constexpr (RN > 1)
+    if (rn < RN) return TileBf16Rows<RM, RN - 1>(rn, a, w, j, r0, p0, p1, y, ldy, add, next);
+  TileBf16<RM, RN>(a, w, j, r0, p0, p1, y, ldy, add, next);
+}
+
+// Up to 2 x rows: one weight row against x rows [r0, r0 + T), weight rows one after another (the
+// order the hardware prefetcher streams best), U independent accumulator chains per x row
+// (vdpbf16ps has 6 cycles of latency).
 template <int T>
-__attribute__((target(NX_AVX512BF16))) void TileBf16(const Acts& a, const uint16_t* wj, int r0, float* y, int ldy,
-                                                     int j) {
-  constexpr int U = T == 1 ? 4 : T == 2 ? 2 : 1;
+__attribute__((target(NX_AVX512BF16))) void RowBf16(const Acts& a, const uint16_t* wj, int r0, float* y, int ldy,
+                                                    int j) {
+  constexpr int U = T == 1 ? 4 : 2;
   const int k = a.k;
   __m512 acc[U][T];
-  for (int s = 0; s < U; ++s)
-    for (int u = 0; u < T; ++u) acc[s][u] = _mm512_setzero_ps();
+  NX_UNROLL for (int s = 0; s < U; ++s)
+    NX_UNROLL for (int u = 0; u < T; ++u) acc[s][u] = _mm512_setzero_ps();
   const uint16_t* xr[T];
-  for (int u = 0; u < T; ++u) xr[u] = a.b.data() + static_cast<size_t>(r0 + u) * a.kp;
+  NX_UNROLL for (int u = 0; u < T; ++u) xr[u] = a.b.data() + static_cast<size_t>(r0 + u) * a.kp;
   int p = 0;
   for (; p + 32 * U <= k; p += 32 * U) {
-    for (int s = 0; s < U; ++s) {
+    NX_UNROLL for (int s = 0; s < U; ++s) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(wj + p + 32 * s);
-      for (int u = 0; u < T; ++u)
+      NX_UNROLL for (int u = 0; u < T; ++u)
         acc[s][u] = _mm512_dpbf16_ps(acc[s][u], wv, (__m512bh)_mm512_loadu_si512(xr[u] + p + 32 * s));
     }
   }
   for (; p < k; p += 32) {  // the rest, the last block read under a mask (zeros, as x is padded)
     const __mmask32 mask = p + 32 <= k ? ~0u : (1u << (k - p)) - 1;
     const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wj + p);
-    for (int u = 0; u < T; ++u) acc[0][u] = _mm512_dpbf16_ps(acc[0][u], wv, (__m512bh)_mm512_loadu_si512(xr[u] + p));
+    NX_UNROLL for (int u = 0; u < T; ++u)
+      acc[0][u] = _mm512_dpbf16_ps(acc[0][u], wv, (__m512bh)_mm512_loadu_si512(xr[u] + p));
   }
-  for (int u = 0; u < T; ++u) {
+  NX_UNROLL for (int u = 0; u < T; ++u) {
     __m512 s = acc[0][u];
-    for (int q = 1; q < U; ++q) s = _mm512_add_ps(s, acc[q][u]);
+    NX_UNROLL for (int q = 1; q < U; ++q) s = _mm512_add_ps(s, acc[q][u]);
     y[static_cast<size_t>(r0 + u) * ldy + j] = _mm512_reduce_add_ps(s);
   }
 }
 
-// Four weight rows [j, j + 4) against x rows [r0, r0 + T): each x block loaded once for four rows.
-template <int T>
-__attribute__((target(NX_AVX512BF16))) void Tile4Bf16(const Acts& a, const uint16_t* w, int j, int r0, float* y,
-                                                      int ldy) {
-  const int k = a.k;
-  __m512 acc[4][T];
-  for (int i = 0; i < 4; ++i)
-    for (int u = 0; u < T; ++u) acc[i][u] = _mm512_setzero_ps();
-  const uint16_t* wr[4];
-  for (int i = 0; i < 4; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
-  const uint16_t* xr[T];
-  for (int u = 0; u < T; ++u) xr[u] = a.b.data() + static_cast<size_t>(r0 + u) * a.kp;
-  for (int p = 0; p < k; p += 32) {
-    const __mmask32 mask = p + 32 <= k ? ~0u : (1u << (k - p)) - 1;
-    __m512bh wv[4];
-    for (int i = 0; i < 4; ++i) wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[i] + p);
-    for (int u = 0; u < T; ++u) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[u] + p);
-      for (int i = 0; i < 4; ++i) acc[i][u] = _mm512_dpbf16_ps(acc[i][u], wv[i], xv);
-    }
-  }
-  for (int u = 0; u < T; ++u)
-    _mm_storeu_ps(y + static_cast<size_t>(r0 + u) * ldy + j, Reduce4Avx512(acc[0][u], acc[1][u], acc[2][u], acc[3][u]));
-}
-
+// Weight rows [j0, j1) against every x row: a pass over each tile of weight rows serves all x rows
+// (split into near-equal blocks of at most kBf16MaxRn), so every weight byte streams from memory
+// once a call; the first x block prefetches the next tile's rows.
 __attribute__((target(NX_AVX512BF16))) void DotBf16(const Acts& a, const uint16_t* w, int j0, int j1, float* y,
                                                     int ldy) {
-  int j = j0;
-  if (a.m >= kTileRows)
-    for (; j + 4 <= j1; j += 4) {
-      int r = 0;
-      for (; r + 4 <= a.m; r += 4) Tile4Bf16<4>(a, w, j, r, y, ldy);
-      if (r + 2 <= a.m) Tile4Bf16<2>(a, w, j, r, y, ldy), r += 2;
-      if (r < a.m) Tile4Bf16<1>(a, w, j, r, y, ldy);
+  if (a.m < kTileRows) {
+    for (int j = j0; j < j1; ++j) {
+      const uint16_t* wj = w + static_cast<size_t>(j) * a.k;
+      if (a.m == 2) RowBf16<2>(a, wj, 0, y, ldy, j); else RowBf16<1>(a, wj, 0, y, ldy, j);
     }
-  for (; j < j1; ++j) {
-    const uint16_t* wj = w + static_cast<size_t>(j) * a.k;
-    int r = 0;
-    for (; r + 8 <= a.m; r += 8) TileBf16<8>(a, wj, r, y, ldy, j);
-    if (r + 4 <= a.m) TileBf16<4>(a, wj, r, y, ldy, j), r += 4;
-    if (r + 2 <= a.m) TileBf16<2>(a, wj, r, y, ldy, j), r += 2;
-    if (r < a.m) TileBf16<1>(a, wj, r, y, ldy, j);
+    return;
+  }
+  const int blocks = (a.m + kBf16MaxRn - 1) / kBf16MaxRn;
+  const int span = blocks > 1 ? kBf16Span : a.k;
+  for (int j = j0; j < j1; j += kBf16Rm) {
+    const int rm = std::min(kBf16Rm, j1 - j);
+    const uint16_t* next = j + kBf16Rm + kBf16Rm <= j1 ? w + static_cast<size_t>(j + kBf16Rm) * a.k : nullptr;
+    for (int p0 = 0; p0 < a.k; p0 += span) {
+      const int p1 = std::min(a.k, p0 + span);
+      for (int b = 0, r0 = 0; b < blocks; ++b) {
+        const int rn = (a.m - r0) / (blocks - b);  // near-equal blocks, the larger ones last
+        const uint16_t* pf = b == 0 ? next : nullptr;
+        const bool add = p0 > 0;
+        if (rm == kBf16Rm)
+          TileBf16Rows<kBf16Rm>(rn, a, w, j, r0, p0, p1, y, ldy, add, pf);
+        else
+          for (int i = 0; i < rm; ++i) TileBf16Rows<1>(rn, a, w, j + i, r0, p0, p1, y, ldy, add, nullptr);
+        r0 += rn;
+      }
+    }
   }
 }
 

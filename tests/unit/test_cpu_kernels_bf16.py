@@ -71,6 +71,22 @@ def test_matmul_within_f32_summation_error(level, shape, xdtype):
     _check(outs[0], x, w)
 
 
+@pytest.mark.parametrize("xdtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("m", range(1, 17))
+def test_every_row_count_up_to_16(level, m, xdtype):
+    """Every row count nx sends (row tiles of every width, x-row blocks of unequal sizes), k past one
+    k-span of the tiles (1024) with a partial last block, n not a multiple of the 4-row tiles."""
+    import nx_kernels_cpu
+
+    x, w = _random(m, 1100, 37, seed=m)
+    x = jnp.asarray(x, xdtype)
+    outs = [np.asarray(jax.jit(lambda x, w, t=t: nx_kernels_cpu.bf16_matmul(x, w, level=level, threads=t))(x, w))
+            for t in (0, 1)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    _check(outs[0], x, w)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_exact_sums_are_exact(level):
     """Small integers: every partial sum is exact in f32, whatever the order: bit for bit."""
@@ -84,7 +100,7 @@ def test_exact_sums_are_exact(level):
     np.testing.assert_array_equal(got, _f64(x) @ _f64(w).T)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, cpu_kernels.BF16_MAX_ROWS])
+@pytest.mark.parametrize("rows", sorted({1, 2, 3, 4, 5, 8, 13, cpu_kernels.BF16_MAX_ROWS}))
 @pytest.mark.parametrize("level", LEVELS)
 def test_project_equals_the_xla_path(monkeypatch, level, rows):
     """`nx.ops.linear.project` (bf16 in, f32 out) with the kernel and on XLA's dots: both within f32

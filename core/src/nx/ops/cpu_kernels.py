@@ -56,10 +56,10 @@ THREADS_ENV = "NX_CPU_KERNELS_THREADS"
 MODES = ("auto", "off", "avx512_bf16", "avx512_vnni", "avx2", "scalar")
 #: Most token rows a call sends to the kernel (batch-16 decode); more rows stay on XLA's dots.
 MAX_ROWS = 16
-#: Most token rows a bf16 call sends to the kernel: it streams the weights at memory speed for a few
-#: rows, but from batch 8 on XLA's bf16 GEMM was faster on the 2-core EPYC (BENCHMARKS.md, "bf16 CPU
-#: kernel"), so batch-8 decode stays on XLA's dots.
-BF16_MAX_ROWS = 4
+#: Most token rows a bf16 call sends to the kernel (decode up to batch 16, as `nx serve` runs): its
+#: register tiles read each weight byte once for all rows, faster than XLA's bf16 dot at every row
+#: count 1-16 (BENCHMARKS.md, "bf16 kernel up to 16 rows"); more rows stay on XLA's GEMM.
+BF16_MAX_ROWS = 16
 
 try:  # the optional distribution nx-kernels-cpu; importing it registers its FFI targets
     import nx_kernels_cpu as _kernels

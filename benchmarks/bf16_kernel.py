@@ -1,0 +1,118 @@
+"""The bf16 kernel (nx-kernels-cpu) against XLA's bf16 dot on decode's matrix shapes.
+
+For each weight shape ``[n, k]`` of SmolLM2-135M or the Llama-3.2-1B shape and each row count
+``m``, one jitted program runs f32 ``x @ w.T`` over a list of distinct bf16 weights of that
+shape (together >= ``--stream-mb``, so each weight streams from memory, as in decode), once through
+the kernel (`nx_kernels_cpu.bf16_matmul`) and once through XLA's dot (`nx.ops.linear.project`
+traced with ``NX_CPU_KERNELS=off``). The two are timed alternately (``--repeats`` rounds) and the
+medians printed: ms per matrix, weight GB/s and GMAC/s.
+
+``--threads N`` caps the kernels' threads (0: XLA's intra-op pool). ``--baseline LIB.so`` adds
+another build of the kernel library (e.g. the one before a change, copied aside), registered under
+its own FFI target and timed in the same rounds.
+
+    python benchmarks/bf16_kernel.py [--model smollm2,1b] [--rows 1,4,8,16] [--repeats 5] [--baseline SO]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SHAPES = {  # [n, k]: qkv parts, o, up/gate, down, lm head
+    "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)],
+    "1b": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (128256, 2048)],
+}
+
+
+def _runner(fn, x, ws, env=None):
+    """One program over the weights in turn; each x waits for the last product (a tiny fusion, as
+    decode has between its matmuls), so the matmuls run one after another."""
+
+    def chain(x, ws):
+        for w in ws:
+            y = fn(x, w)
+            x = x + (y[:, :1] * 0).astype(x.dtype)
+        return y
+
+    from nx.ops import cpu_kernels
+
+    f = jax.jit(chain)
+    saved = os.environ.get(cpu_kernels.ENV)
+    if env is not None:  # read when the program is traced
+        os.environ[cpu_kernels.ENV] = env
+    try:
+        jax.block_until_ready(f(x, ws))
+    finally:
+        if saved is None:
+            os.environ.pop(cpu_kernels.ENV, None)
+        else:
+            os.environ[cpu_kernels.ENV] = saved
+    return lambda: jax.block_until_ready(f(x, ws))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2,1b")
+    ap.add_argument("--rows", default="1,4,8,16")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--stream-mb", type=float, default=96.0, help="weight bytes per timed run (>= the LLC)")
+    ap.add_argument("--threads", type=int, default=0, help="the kernels' threads (0: XLA's pool)")
+    ap.add_argument("--baseline", default="", help="another libnx_kernels_cpu.so to time alongside")
+    ap.add_argument("--shapes", default="", help="only these n x k, e.g. 576x576,8192x2048")
+    args = ap.parse_args()
+    import nx_kernels_cpu
+
+    linear = importlib.import_module("nx.ops.linear")
+    variants = {
+        "kernel": lambda x, w: nx_kernels_cpu.bf16_matmul(x, w, threads=args.threads),
+        "xla": lambda x, w: linear.project(x, w, jnp.float32),
+    }
+    if args.baseline:
+        lib = ctypes.CDLL(args.baseline)
+        jax.ffi.register_ffi_target("bench_baseline_bf16", jax.ffi.pycapsule(lib.NxBf16Matmul), platform="cpu")
+
+        def baseline(x, w):
+            call = jax.ffi.ffi_call("bench_baseline_bf16", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
+            return call(x, w, level=np.int32(3), threads=np.int32(args.threads))
+
+        variants["baseline"] = baseline
+    only = {tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s}
+    rng = np.random.default_rng(0)
+    print(f"isa {nx_kernels_cpu.isa()}; ms per matrix, weight GB/s, GMAC/s; medians of {args.repeats}")
+    head = " | ".join(f"{name + ' ms':>11} {'GB/s':>6} {'GMAC/s':>7}" for name in variants)
+    print(f"{'model':8} {'n x k':>12} {'m':>3} | {head} | {'xla/kernel':>10}")
+    for model in args.model.split(","):
+        for n, k in SHAPES[model]:
+            if only and (n, k) not in only:
+                continue
+            count = max(1, int(np.ceil(args.stream_mb * 2**20 / (2 * n * k))))
+            ws = [jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16) for _ in range(count)]
+            for m in (int(r) for r in args.rows.split(",")):
+                x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
+                runs = {name: _runner(fn, x, ws, "off" if name == "xla" else None) for name, fn in variants.items()}
+                times = {name: [] for name in runs}
+                for _ in range(args.repeats):
+                    for name, run in runs.items():
+                        t0 = time.perf_counter()
+                        run()
+                        times[name].append((time.perf_counter() - t0) / count)
+                cols = []
+                for name in runs:
+                    t = statistics.median(times[name])
+                    cols.append(f"{t * 1e3:11.3f} {2 * n * k / t / 1e9:6.1f} {m * n * k / t / 1e9:7.1f}")
+                ratio = statistics.median(times["xla"]) / statistics.median(times["kernel"])
+                print(f"{model:8} {f'{n}x{k}':>12} {m:>3} | {' | '.join(cols)} | {ratio:10.2f}", flush=True)
+            del ws
+
+
+if __name__ == "__main__":
+    main()
