@@ -203,8 +203,8 @@ def test_dispatch_fallbacks_and_off_switch(monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV, "off")
     assert TARGET not in _lowered(x, w)
     monkeypatch.delenv(cpu_kernels.ENV)
-    many = _x(cpu_kernels.MAX_ROWS + 1, 96)
-    assert TARGET not in _lowered(many, w)  # prompts: XLA's dequantized dot
+    assert TARGET in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS, 96), w)  # prompts too, up to a limit
+    assert TARGET not in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS + 1, 96), w)  # then XLA's dequantized dot
     accel = QuantizedWeight(w.q, w.scale, int8_dot=False, bits=4, group_size=32)
     assert TARGET not in _lowered(x, accel)  # the accelerators' conversion
     # group sizes the kernel does not take (GGUF Q6_K's 16; 96 does not tile 512) and bf16

@@ -23,8 +23,8 @@ Matmuls, chosen per weight at load time (`int8_dot`, static aux data):
 On CPU the same int8 dots run as one custom call when the optional nx-kernels-cpu package is
 installed (`nx.ops.cpu_kernels`, ``NX_CPU_KERNELS=off`` switches it off): per-row weights up to 16
 token rows, with results equal to the XLA formulation's; grouped ones (``group_size`` a multiple
-of 32; 4-bit read packed, once) for any number of rows, prompts included, equal to f32 rounding
-of the sums over blocks and groups.
+of 32; 4-bit read packed, once) up to 256 token rows, prompts included, equal to f32 rounding of
+the sums over blocks and groups.
 
 Why (measured): BENCHMARKS.md, "int8 weights on the CPU" and "Design measurements behind nx.ops".
 """
@@ -201,9 +201,9 @@ def _grouped_matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
       with many rows its cost is shared, and the int32 partial sums would be larger than it.
     - affine groups add ``sum_g zero[:, g] * sum(x[:, group g])``, a small ``[m, groups]`` dot.
 
-    On CPU any number of rows runs the first formulation as one custom call (`nx.ops.cpu_kernels`)
+    On CPU up to 256 rows run the first formulation as one custom call (`nx.ops.cpu_kernels`)
     where it applies: XLA:CPU unpacks a 4-bit weight to int8 in memory and runs the batched dot
-    slowly, and prompts' dequantized dot costs more than the kernel's int8 dots.
+    slowly, and up to there prompts' dequantized dot costs more than the kernel's int8 dots.
     """
     y = cpu_kernels.grouped_matmul(x, w)
     if y is not None:
