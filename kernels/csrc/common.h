@@ -1,5 +1,6 @@
-// nx-kernels-cpu: what the kernels share: ISA detection, the int8 activation terms of a row,
-// output rows split over XLA's intra-op thread pool.
+// nx-kernels-cpu: what the kernels share: ISA detection, the int8 activation terms of a row (two
+// per row, the s8 kernel) or of a block of 32 inputs (one per block, the grouped kernel), output
+// rows split over XLA's intra-op thread pool.
 //
 // Threads: output rows are cut into chunks claimed from an atomic counter by the calling thread and
 // by tasks scheduled on XLA's intra-op thread pool; the caller waits only for chunks another thread
@@ -111,6 +112,18 @@ inline void QuantizeRows(const float* x, int m, int k, Terms& t) {
     Remainder(xi, hi, s_hi, k, rem.data());
     RoundRow(rem.data(), k, lo, &t.scale[m + i]);
   }
+}
+
+// One int8 term per block of 32 inputs (llama.cpp's q8_0 activations): x[i, 32 b + t] ~=
+// a[i, 32 b + t] * scale[i, b], rounded as nx.ops.quant.block_terms (RoundRow on each block) for
+// rows [i0, i1) of x [m, k] (k a multiple of 32); a [m, k], scale [m, k / 32].
+inline void QuantizeBlocks(const float* x, int k, int i0, int i1, int8_t* a, float* scale) {
+  const int nb = k / 32;
+  for (int i = i0; i < i1; ++i)
+    for (int b = 0; b < nb; ++b) {
+      const size_t o = static_cast<size_t>(i) * k + 32 * b;
+      RoundRow(x + o, 32, a + o, scale + static_cast<size_t>(i) * nb + b);
+    }
 }
 
 inline void SumRows(Terms& t) {

@@ -2,32 +2,39 @@
 // Q4_1, Q4_K, Q8_0), called from XLA:CPU through the typed FFI.
 //
 // Contract (the math of nx.ops.quant._grouped_matmul on its int8 path):
-//   x f32 [m, k] is split into two int8 terms per row, hi and lo, with per-row scales s_hi, s_lo
-//   (common.h, QuantizeRows: as the s8 kernel and nx.ops.quant.int8_terms round them);
-//   the weight's values v [n, k] come in groups of `gs` consecutive inputs of a row, with scales
-//   d [n, k / gs] (f32 or f16) and for affine weights offsets z [n, k / gs] (f32 or f16):
+//   x f32 [m, k] is rounded to ONE int8 term per block of 32 inputs, a with scale sx[i, b]
+//   (common.h, QuantizeBlocks: amax / 127, rounded half to even, as nx.ops.quant.block_terms);
+//   the weight's values v [n, k] come in groups of `gs` consecutive inputs of a row (gs a multiple
+//   of 32, so a group holds whole blocks), with scales d [n, k / gs] (f32 or f16) and for affine
+//   weights offsets z [n, k / gs] (f32 or f16):
 //     bits 8: q int8 [n, k], v = q;
 //     bits 4: q uint8 [n, k / 2], two values a byte in llama.cpp's order within a group (byte j of a
 //       group holds value j in its low nibble, value j + gs / 2 in its high one), v = nibble - 8
 //       (symmetric) or v = nibble (affine);
-//   y[i, j] = sum_g d[j, g] * (s_hi * dot(hi_i, v_j)_g + s_lo * dot(lo_i, v_j)_g)
+//   y[i, j] = sum_g d[j, g] * sum_{b in g} sx[i, b] * dot(a_i, v_j)_b
 //             + sum_g z[j, g] * sum(x[i, group g]),  f32 [m, n],
-//   each group's dot exact in int32; the sum over groups is in f32, in this kernel's order (not
-//   XLA's), so results agree with the XLA path to f32 rounding, not bit for bit.
+//   each block's dot exact in int32 (the same integers as the XLA path; symmetric 4-bit at the SIMD
+//   levels in two exact parts, the unsigned nibbles' dot and 8 times the block's term sum, joined in
+//   f32); the f32 sums over blocks and groups run in this kernel's order (not XLA's), so results
+//   agree to f32 rounding.
+// Why one term a block (llama.cpp's q8_0 activations) rather than the s8 kernel's two a row: half
+// the dot work, and a block's own scale keeps ~8 bits of each block instead of ~15 of the row.
 // Supported: bits 4 or 8; gs a multiple of 32 that divides 512 (32 ... 512) or that 512 divides
-// (the SIMD levels load a row's scales 16 groups or 512 values at a time); any m (nx sends <= 16).
+// (the SIMD levels load a row's scales 16 groups or 512 values at a time); any m: decode and
+// prompts (cache-blocked: chunks of weight rows against tiles of token rows, see GroupedMatmulImpl).
 //
 // The weight is read once per call, packed, and its nibbles unpacked in registers. Per weight row:
-//   2 AVX-512 VNNI: 64 values a step: 32 packed bytes (or 64 int8) as u8, vpdpbusd with each term
-//     row, the int32 lanes converted and multiplied into f32 accumulators by their group's scale;
-//     4-bit values enter as the unsigned nibble n (v + 8), int8 ones as w ^ 0x80 (w + 128); the
-//     offset's share (8 or 128 times the group's activation sum) is taken off once per row after
-//     the loop, as one small f32 dot over the groups. The activation terms are stored in the order
-//     the unpacked bytes come out of a register (low nibbles of 32 bytes, then high ones), so no
-//     shuffle is needed;
+//   2 AVX-512 VNNI: 64 values a step: 32 packed bytes (or 64 int8) as u8, vpdpbusd with each token
+//     row's terms; every int32 lane sums 4 values of one block, and is converted and multiplied
+//     into f32 accumulators by its block's scale times its group's scale. Symmetric 4-bit values
+//     enter as the unsigned nibble n = v + 8, as llama.cpp does, and 8 * sx * sum(block's terms)
+//     is taken off once per block and token row (in f32, weighted by the group scale); int8 ones as
+//     |w| against the terms negated where w < 0 (exact, no offset). The activation terms are stored
+//     in the order the unpacked bytes come out of a register (low nibbles of 32 bytes, then high
+//     ones), so no shuffle is needed; the block scales in the order the lanes meet their blocks;
 //   1 AVX2 (with FMA and F16C): 32 values a step: vpmaddubsw(n, a) for 4-bit (offset as above),
 //     vpmaddubsw(|w|, sign(a, w)) for int8, then vpmaddwd with ones, scaled into f32 the same way;
-//   0 scalar: signed values, int32 dot per group, f32 sum.
+//   0 scalar: signed values, int32 dot per block, f32 sums.
 
 #include "common.h"
 
@@ -78,23 +85,30 @@ struct GroupedWeight {
   bool zero_f16 = false;
 };
 
-// The activations, prepared once per call. `a`: the terms, row 2i hi and 2i + 1 lo of token row i
-// (scales `s`), at the SIMD levels in the order the weight's bytes come out of a register. Per token
-// row and 4-byte lane of that order (the bytes an int32 lane of the dot sums, all of one group):
-// `cl` the unsigned offset's share, -offset * (s_hi * sum(hi) + s_lo * sum(lo)), which the tile
-// multiplies by the lane's group scale, and `xl` the sum of x, multiplied by the lane's group
-// offset (affine weights). The scalar level keeps the natural order and dots `xsum` (per group)
-// with the offsets.
+// The activations, prepared once per call: one int8 term per block of 32 inputs (common.h,
+// QuantizeBlocks), `a` [m, kp], at the SIMD levels in the order the weight's bytes come out of a
+// register. The SIMD levels run windows of 8 steps (AVX-512: 512 unpacked values, 16 blocks;
+// AVX2: 256, 8 blocks); per token row and window, in the order the window's lanes first meet
+// their blocks (`lane_block`): `sx` the block scales, `cb` the unsigned offset's share of each
+// block, -offset * sx * sum(a), and `xb` the block sums of x (affine weights), which the tiles
+// weight by the blocks' group scales (`block_group`) and offsets. The scalar level keeps the
+// natural order, the block scales in `sx` [m, nb] and dots `xsum` (per group) with the offsets.
 struct GroupedActs {
-  int m = 0, r = 0, kp = 0, lanes = 0, gp = 0;  // lanes = kp / 4; gp: groups rounded up to 8
-  int offset = 0;                              // 0, 8 (4-bit unsigned nibbles) or 128 (w ^ 0x80)
+  int m = 0, kp = 0, nb = 0, gp = 0;  // nb = k / 32; gp: groups rounded up to 8
+  int bw = 0;                         // blocks a window (16, 8; the scalar level: 0)
+  int wb = 0;                         // per token row: windows * bw (the scalar level: nb)
+  int offset = 0;                     // 8 (symmetric 4-bit: unsigned nibbles) or 0
   std::vector<int8_t> a;
-  std::vector<float> s;
-  std::vector<float> cl;    // [m, lanes], empty when offset is 0
-  std::vector<float> xl;    // [m, lanes], SIMD levels with offsets
+  std::vector<float> sx;    // [m, wb]
+  std::vector<float> cb;    // [m, wb], empty when offset is 0
+  std::vector<float> xb;    // [m, wb], SIMD levels with offsets
   std::vector<float> xsum;  // [m, gp], the scalar level with offsets
-  // Step s (of 8) of a block of scales: each lane's group, from the block's first (see the tiles).
+  std::vector<int> blocks;  // [wb]: the block (or -1) of each window position
+  // Step s (of 8) of a window: each lane's group, from the window's first (see the tiles), and
+  // each lane's block position in the window; each window position's group.
   alignas(64) int32_t lane_group[8][16] = {};
+  alignas(64) int32_t lane_block[8][16] = {};
+  alignas(64) int32_t block_group[16] = {};
 };
 
 // Value index (within the row) of packed byte p's low nibble, and of its high nibble.
@@ -124,59 +138,98 @@ std::vector<int> ValueOrder(int k, int kp, int gs, int bits, int level) {
   return order;
 }
 
-void PrepareActs(const float* x, int m, int k, const GroupedWeight& w, int level, GroupedActs& g) {
-  Terms t;
-  QuantizeRows(x, m, k, t);
+// Token rows [i0, i1) of g from x, once the sizes, the order and the buffers are set.
+void PrepareRows(const float* x, int k, const GroupedWeight& w, const std::vector<int>& order, int i0, int i1,
+                 GroupedActs& g) {
+  if (g.bw == 0) {  // the scalar level: natural order
+    QuantizeBlocks(x, k, i0, i1, g.a.data(), g.sx.data());
+    if (w.zero)
+      for (int i = i0; i < i1; ++i)
+        for (int v = 0; v < k; ++v) g.xsum[static_cast<size_t>(i) * g.gp + v / w.gs] += x[static_cast<size_t>(i) * k + v];
+    return;
+  }
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> sx;
+  q.resize(static_cast<size_t>(k));
+  sx.resize(g.nb);
+  for (int i = i0; i < i1; ++i) {
+    const float* xi = x + static_cast<size_t>(i) * k;
+    QuantizeBlocks(xi, k, 0, 1, q.data(), sx.data());
+    int8_t* a = g.a.data() + static_cast<size_t>(i) * g.kp;
+    for (int b = 0; b < g.kp; ++b) a[b] = order[b] < 0 ? 0 : q[order[b]];
+    const size_t r = static_cast<size_t>(i) * g.wb;
+    for (int p = 0; p < g.wb; ++p) {
+      const int b = g.blocks[p];
+      if (b < 0) continue;
+      g.sx[r + p] = sx[b];
+      int sum = 0;
+      float xs = 0.0f;
+      for (int t = 32 * b; t < 32 * b + 32; ++t) {
+        sum += q[t];
+        xs += xi[t];
+      }
+      if (g.offset) g.cb[r + p] = -static_cast<float>(g.offset) * sx[b] * static_cast<float>(sum);
+      if (w.zero) g.xb[r + p] = xs;
+    }
+  }
+}
+
+void PrepareActs(ffi::ThreadPool& pool, int threads, const float* x, int m, int k, const GroupedWeight& w, int level,
+                 GroupedActs& g) {
   const int gs = w.gs;
   g.m = m;
-  g.r = t.r;
-  g.kp = t.kp;
-  g.lanes = t.kp / 4;
+  g.nb = k / 32;
   g.gp = (w.groups + 7) / 8 * 8;
-  g.offset = level == kScalar ? 0 : w.bits == 4 ? (w.zero ? 0 : 8) : (level >= kAvx512Vnni ? 128 : 0);
-  const std::vector<int> order = ValueOrder(k, t.kp, gs, w.bits, level);
-  // AVX-512: step s's lane l holds values of share A (from value 64 s) or B (64 s + 32): 4-bit
-  // lanes [A x4, B x4, A x4, B x4] (low nibbles of both shares, then high ones), int8 [A x8, B x8].
-  // AVX2: step s's lanes hold the 32 values from 32 s.
-  const int shift = __builtin_ctz(static_cast<unsigned>(gs));  // gs a power of two, or >= 512 (all 0)
-  for (int s = 0; s < 8; ++s)
-    for (int l = 0; l < 16; ++l) {
-      const int v = level >= kAvx512Vnni ? 64 * s + 32 * (w.bits == 4 ? (l / 4) & 1 : l / 8) : 32 * s;
-      g.lane_group[s][l] = gs > 512 ? 0 : v >> shift;
-    }
-  g.a.assign(t.a.size(), 0);
-  g.s.resize(t.r);
-  for (int i = 0; i < m; ++i)
-    for (int h = 0; h < 2; ++h) {  // hi (t's row i), lo (t's row m + i)
-      const int8_t* src = t.a.data() + static_cast<size_t>(h * m + i) * t.kp;
-      int8_t* dst = g.a.data() + static_cast<size_t>(2 * i + h) * t.kp;
-      for (int b = 0; b < t.kp; ++b) dst[b] = order[b] < 0 ? 0 : src[order[b]];
-      g.s[2 * i + h] = t.scale[h * m + i];
-    }
-  if (g.offset) {
-    g.cl.assign(static_cast<size_t>(m) * g.lanes, 0.0f);
-    for (int i = 0; i < m; ++i) {
-      const int8_t* hi = g.a.data() + static_cast<size_t>(2 * i) * t.kp;
-      const int8_t* lo = hi + t.kp;
-      for (int l = 0; l < g.lanes; ++l) {
-        const int sh = hi[4 * l] + hi[4 * l + 1] + hi[4 * l + 2] + hi[4 * l + 3];
-        const int sl = lo[4 * l] + lo[4 * l + 1] + lo[4 * l + 2] + lo[4 * l + 3];
-        g.cl[static_cast<size_t>(i) * g.lanes + l] =
-            -static_cast<float>(g.offset) * (g.s[2 * i] * static_cast<float>(sh) + g.s[2 * i + 1] * static_cast<float>(sl));
+  const bool simd = level != kScalar;
+  g.kp = simd ? (k + 63) / 64 * 64 : k;
+  g.offset = simd && w.bits == 4 && !w.zero ? 8 : 0;
+  const std::vector<int> order = ValueOrder(k, g.kp, gs, w.bits, level);
+  g.a.assign(static_cast<size_t>(m) * g.kp, 0);
+  if (simd) {
+    // AVX-512: step s's lane l holds values of share A (from value 64 s) or B (64 s + 32): 4-bit
+    // lanes [A x4, B x4, A x4, B x4] (low nibbles of both shares, then high ones), int8 [A x8, B x8].
+    // AVX2: step s's lanes hold the 32 values from 32 s.
+    const int shift = __builtin_ctz(static_cast<unsigned>(gs));  // gs a power of two, or >= 512 (all 0)
+    for (int s = 0; s < 8; ++s)
+      for (int l = 0; l < 16; ++l) {
+        const int v = level >= kAvx512Vnni ? 64 * s + 32 * (w.bits == 4 ? (l / 4) & 1 : l / 8) : 32 * s;
+        g.lane_group[s][l] = gs > 512 ? 0 : v >> shift;
       }
+    // Windows: the blocks their lanes meet, in order; every window has the same pattern (groups
+    // divide 512 values or are whole multiples of it), so window 0's sets the lane tables.
+    const int step = level >= kAvx512Vnni ? 64 : 32, lanes = step / 4, per = 8 * step;
+    g.bw = per / 32;
+    const int windows = (g.kp + per - 1) / per;
+    g.wb = windows * g.bw;
+    g.blocks.assign(g.wb, -1);
+    for (int wi = 0; wi < windows; ++wi) {
+      int used = 0;
+      for (int s = 0; s < 8; ++s)
+        for (int l = 0; l < lanes; ++l) {
+          const int byte = wi * per + s * step + 4 * l;
+          const int v = byte < g.kp ? order[byte] : -1;
+          if (v < 0) continue;
+          int pos = 0;
+          while (pos < used && g.blocks[wi * g.bw + pos] != v / 32) ++pos;
+          if (pos == used) g.blocks[wi * g.bw + used++] = v / 32;
+          if (wi == 0) g.lane_block[s][l] = pos;
+        }
     }
+    for (int p = 0; p < g.bw; ++p) {
+      const int b = g.blocks[p];  // window 0: groups from 0
+      g.block_group[p] = b < 0 || gs > 512 ? 0 : 32 * b / gs;
+    }
+    g.sx.assign(static_cast<size_t>(m) * g.wb, 0.0f);
+    if (g.offset) g.cb.assign(static_cast<size_t>(m) * g.wb, 0.0f);
+    if (w.zero) g.xb.assign(static_cast<size_t>(m) * g.wb, 0.0f);
+  } else {
+    g.wb = g.nb;
+    g.sx.assign(static_cast<size_t>(m) * g.nb, 1.0f);
+    if (w.zero) g.xsum.assign(static_cast<size_t>(m) * g.gp, 0.0f);
   }
-  if (w.zero && level != kScalar) {
-    g.xl.assign(static_cast<size_t>(m) * g.lanes, 0.0f);
-    for (int i = 0; i < m; ++i)
-      for (int b = 0; b < t.kp; ++b)
-        if (order[b] >= 0) g.xl[static_cast<size_t>(i) * g.lanes + b / 4] += x[static_cast<size_t>(i) * k + order[b]];
-  }
-  if (w.zero && level == kScalar) {
-    g.xsum.assign(static_cast<size_t>(m) * g.gp, 0.0f);
-    for (int i = 0; i < m; ++i)
-      for (int v = 0; v < k; ++v) g.xsum[static_cast<size_t>(i) * g.gp + v / gs] += x[static_cast<size_t>(i) * k + v];
-  }
+  // prompts: a few ms of rounding, over the threads too
+  ParallelRows(pool, m, threads, 64 * static_cast<int64_t>(k),
+               [&](int i0, int i1) { PrepareRows(x, k, w, order, i0, i1, g); });
 }
 
 // count f32 or f16 values at src to f32 dst (the scalar level).
@@ -189,11 +242,11 @@ void ToFloat(const void* src, bool f16, int count, float* dst) {
   for (int i = 0; i < count; ++i) dst[i] = HalfToFloat(h[i]);
 }
 
-// ---- scalar: signed values in natural order, an int32 dot per group ----
+// ---- scalar: signed values in natural order, an int32 dot per block ----
 
-// y[i * n + j] for every token row i.
-void RowScalar(const GroupedActs& g, const GroupedWeight& w, int j, float* y, int n) {
-  const int k = w.k, gs = w.gs;
+// y[i * n + j] for token rows i in [i0, i1).
+void RowScalar(const GroupedActs& g, const GroupedWeight& w, int j, int i0, int i1, float* y, int n) {
+  const int k = w.k, gs = w.gs, per = gs / 32;
   thread_local std::vector<int8_t> v;
   thread_local std::vector<float> d, z;
   v.resize(k);
@@ -212,20 +265,20 @@ void RowScalar(const GroupedActs& g, const GroupedWeight& w, int j, float* y, in
       v[HighValue(p, gs)] = static_cast<int8_t>((qj[p] >> 4) - off);
     }
   }
-  for (int i = 0; i < g.m; ++i) {
+  for (int i = i0; i < i1; ++i) {
+    const int8_t* a = g.a.data() + static_cast<size_t>(i) * g.kp;
+    const float* sx = g.sx.data() + static_cast<size_t>(i) * g.wb;
     float out = 0.0f;
-    for (int h = 0; h < 2; ++h) {
-      const int8_t* a = g.a.data() + static_cast<size_t>(2 * i + h) * g.kp;
+    for (int gi = 0; gi < w.groups; ++gi) {
       float acc = 0.0f;
-      for (int gi = 0; gi < w.groups; ++gi) {
+      for (int b = gi * per; b < (gi + 1) * per; ++b) {
         int32_t dot = 0;
-        for (int q = gi * gs; q < (gi + 1) * gs; ++q) dot += static_cast<int32_t>(a[q]) * v[q];
-        acc += static_cast<float>(dot) * d[gi];
+        for (int q = 32 * b; q < 32 * b + 32; ++q) dot += static_cast<int32_t>(a[q]) * v[q];
+        acc += sx[b] * static_cast<float>(dot);
       }
-      out += acc * g.s[2 * i + h];
+      out += d[gi] * acc;
+      if (w.zero) out += z[gi] * g.xsum[static_cast<size_t>(i) * g.gp + gi];
     }
-    if (w.zero)
-      for (int gi = 0; gi < w.groups; ++gi) out += z[gi] * g.xsum[static_cast<size_t>(i) * g.gp + gi];
     y[static_cast<size_t>(i) * n + j] = out;
   }
 }
@@ -267,20 +320,31 @@ __attribute__((target(NX_AVX2))) void TileAvx2(const GroupedActs& g, const Group
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const uint8_t* qj = w.q + static_cast<size_t>(j) * w.row_bytes;
   const size_t row = static_cast<size_t>(j) * w.groups;
-  __m256 acc[2 * T], ext[T];
-  for (int u = 0; u < 2 * T; ++u) acc[u] = _mm256_setzero_ps();
-  for (int u = 0; u < T; ++u) ext[u] = _mm256_setzero_ps();
-  const int8_t* ar = g.a.data() + static_cast<size_t>(2 * i0) * g.kp;
-  const float* cl = corr ? g.cl.data() + static_cast<size_t>(i0) * g.lanes : nullptr;
-  const float* xl = Zero ? g.xl.data() + static_cast<size_t>(i0) * g.lanes : nullptr;
+  __m256 acc[T], ext[T];
+  for (int u = 0; u < T; ++u) acc[u] = ext[u] = _mm256_setzero_ps();
+  const int8_t* ar = g.a.data() + static_cast<size_t>(i0) * g.kp;
+  const size_t r0 = static_cast<size_t>(i0) * g.wb;
+  const __m256i bgrp = _mm256_load_si256(reinterpret_cast<const __m256i*>(g.block_group));
   __m256 d8 = _mm256_setzero_ps(), z8 = _mm256_setzero_ps();
   for (int c = 0; c < units; ++c) {
-    if (c % 8 == 0) {  // the scales (offsets) of the next 8 steps' groups
+    if (c % 8 == 0) {  // a window: the scales (offsets) of its groups; the blocks' offset and affine shares
       const int base = c * 32 / gs;
       d8 = Scales8<F16>(w.scale, row + base, std::min(8, w.groups - base));
       if constexpr (Zero) z8 = Scales8<F16>(w.zero, row + base, std::min(8, w.groups - base));
+      const size_t o = r0 + c;  // window c / 8 at 8 (c / 8)
+      if (corr) {
+        const __m256 db = _mm256_permutevar8x32_ps(d8, bgrp);
+        for (int u = 0; u < T; ++u)
+          ext[u] = _mm256_fmadd_ps(db, _mm256_loadu_ps(g.cb.data() + o + static_cast<size_t>(u) * g.wb), ext[u]);
+      }
+      if constexpr (Zero) {
+        const __m256 zb = _mm256_permutevar8x32_ps(z8, bgrp);
+        for (int u = 0; u < T; ++u)
+          ext[u] = _mm256_fmadd_ps(zb, _mm256_loadu_ps(g.xb.data() + o + static_cast<size_t>(u) * g.wb), ext[u]);
+      }
     }
     const __m256i gidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(g.lane_group[c % 8]));
+    const __m256i bidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(g.lane_block[c % 8]));
     const __m256 dv = _mm256_permutevar8x32_ps(d8, gidx);
     __m256i wv, aw;
     if constexpr (Bits == 4) {
@@ -291,27 +355,16 @@ __attribute__((target(NX_AVX2))) void TileAvx2(const GroupedActs& g, const Group
       wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj + 32 * c));
       aw = _mm256_sign_epi8(wv, wv);  // |w| as u8 (-128 -> 128)
     }
-    for (int u = 0; u < 2 * T; ++u) {
+    const float* sxw = g.sx.data() + r0 + (c & ~7);
+    for (int u = 0; u < T; ++u) {
       __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar + static_cast<size_t>(u) * g.kp + 32 * c));
       if constexpr (Bits == 8) av = _mm256_sign_epi8(av, wv);
       const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, av), ones);
-      acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dv, acc[u]);
-    }
-    if (corr)
-      for (int u = 0; u < T; ++u)
-        ext[u] = _mm256_fmadd_ps(dv, _mm256_loadu_ps(cl + static_cast<size_t>(u) * g.lanes + 8 * c), ext[u]);
-    if constexpr (Zero) {
-      const __m256 zv = _mm256_permutevar8x32_ps(z8, gidx);
-      for (int u = 0; u < T; ++u)
-        ext[u] = _mm256_fmadd_ps(zv, _mm256_loadu_ps(xl + static_cast<size_t>(u) * g.lanes + 8 * c), ext[u]);
+      const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sxw + static_cast<size_t>(u) * g.wb), bidx);
+      acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sv, dv), acc[u]);
     }
   }
-  for (int u = 0; u < T; ++u) {
-    const int i = i0 + u;
-    const __m256 v = _mm256_fmadd_ps(acc[2 * u], _mm256_set1_ps(g.s[2 * i]),
-                                     _mm256_fmadd_ps(acc[2 * u + 1], _mm256_set1_ps(g.s[2 * i + 1]), ext[u]));
-    y[static_cast<size_t>(i) * n + j] = HsumPs256(v);
-  }
+  for (int u = 0; u < T; ++u) y[static_cast<size_t>(i0 + u) * n + j] = HsumPs256(_mm256_add_ps(acc[u], ext[u]));
 }
 
 // ---- AVX-512 VNNI: 64 values (two 32-value shares, of one or two groups) a step ----
@@ -335,67 +388,67 @@ __attribute__((target(NX_AVX512))) void TileVnni(const GroupedActs& g, const Gro
   // Scales are loaded 16 at a time, for the groups of 8 steps (512 values; gs divides 512 or 512
   // divides gs), and each step's lanes pick theirs (g.lane_group).
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const uint8_t* qj = w.q + static_cast<size_t>(j) * w.row_bytes;
   const size_t row = static_cast<size_t>(j) * w.groups;
-  __m512 acc[2 * T], ext[T];
-  for (int u = 0; u < 2 * T; ++u) acc[u] = _mm512_setzero_ps();
-  for (int u = 0; u < T; ++u) ext[u] = _mm512_setzero_ps();
-  const int8_t* ar = g.a.data() + static_cast<size_t>(2 * i0) * g.kp;
-  const float* cl = corr ? g.cl.data() + static_cast<size_t>(i0) * g.lanes : nullptr;
-  const float* xl = Zero ? g.xl.data() + static_cast<size_t>(i0) * g.lanes : nullptr;
+  __m512 acc[T], ext[T];
+  for (int u = 0; u < T; ++u) acc[u] = ext[u] = _mm512_setzero_ps();
+  const int8_t* ar = g.a.data() + static_cast<size_t>(i0) * g.kp;
+  const size_t r0 = static_cast<size_t>(i0) * g.wb;
+  const __m512i bgrp = _mm512_load_si512(g.block_group);
   __m512 d16 = _mm512_setzero_ps(), z16 = _mm512_setzero_ps();
   for (int c = 0; c < steps; ++c) {
     const bool full = 64 * c + 64 <= k;
-    if (c % 8 == 0) {
+    if (c % 8 == 0) {  // a window: the scales (offsets) of its groups; the blocks' offset and affine shares
       const int base = 64 * c / gs;
       d16 = Scales16<F16>(w.scale, row + base, std::min(16, w.groups - base));
       if constexpr (Zero) z16 = Scales16<F16>(w.zero, row + base, std::min(16, w.groups - base));
+      const size_t o = r0 + 2 * c;  // window c / 8 at 16 (c / 8)
+      if (corr) {
+        const __m512 db = _mm512_permutexvar_ps(bgrp, d16);
+        for (int u = 0; u < T; ++u)
+          ext[u] = _mm512_fmadd_ps(db, _mm512_loadu_ps(g.cb.data() + o + static_cast<size_t>(u) * g.wb), ext[u]);
+      }
+      if constexpr (Zero) {
+        const __m512 zb = _mm512_permutexvar_ps(bgrp, z16);
+        for (int u = 0; u < T; ++u)
+          ext[u] = _mm512_fmadd_ps(zb, _mm512_loadu_ps(g.xb.data() + o + static_cast<size_t>(u) * g.wb), ext[u]);
+      }
     }
     const __m512i gidx = _mm512_load_si512(g.lane_group[c % 8]);
+    const __m512i bidx = _mm512_load_si512(g.lane_block[c % 8]);
     const __m512 dv = _mm512_permutexvar_ps(gidx, d16);  // (a half step's missing share: scale 0)
     __m512i wv;
+    __mmask64 neg = 0;  // int8: the negative weights, whose activations change sign
     if constexpr (Bits == 4) {
       const __m256i p = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj + 32 * c))
                              : _mm256_maskz_loadu_epi8(0xFFFFu, qj + 32 * c);
       wv = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1), low4);
     } else {
       const __m512i p = full ? _mm512_loadu_si512(qj + 64 * c) : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, qj + 64 * c);
-      wv = _mm512_xor_si512(p, flip);  // w + 128 as u8 (the masked tail meets zero activations)
+      neg = _mm512_movepi8_mask(p);
+      wv = _mm512_abs_epi8(p);  // |w| as u8 (-128 -> 128)
     }
-    for (int u = 0; u < 2 * T; ++u) {
-      const __m512i av = _mm512_loadu_si512(ar + static_cast<size_t>(u) * g.kp + 64 * c);
+    const float* sxw = g.sx.data() + r0 + 2 * (c & ~7);
+    for (int u = 0; u < T; ++u) {
+      __m512i av = _mm512_loadu_si512(ar + static_cast<size_t>(u) * g.kp + 64 * c);
+      if constexpr (Bits == 8) av = _mm512_mask_sub_epi8(av, neg, _mm512_setzero_si512(), av);  // sign(a, w)
       const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
-      acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dv, acc[u]);
-    }
-    if (corr)
-      for (int u = 0; u < T; ++u)
-        ext[u] = _mm512_fmadd_ps(dv, _mm512_loadu_ps(cl + static_cast<size_t>(u) * g.lanes + 16 * c), ext[u]);
-    if constexpr (Zero) {
-      const __m512 zv = _mm512_permutexvar_ps(gidx, z16);
-      for (int u = 0; u < T; ++u)
-        ext[u] = _mm512_fmadd_ps(zv, _mm512_loadu_ps(xl + static_cast<size_t>(u) * g.lanes + 16 * c), ext[u]);
+      const __m512 sv = _mm512_permutexvar_ps(bidx, _mm512_loadu_ps(sxw + static_cast<size_t>(u) * g.wb));
+      acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sv, dv), acc[u]);
     }
   }
-  for (int u = 0; u < T; ++u) {
-    const int i = i0 + u;
-    const __m512 v = _mm512_fmadd_ps(acc[2 * u], _mm512_set1_ps(g.s[2 * i]),
-                                     _mm512_fmadd_ps(acc[2 * u + 1], _mm512_set1_ps(g.s[2 * i + 1]), ext[u]));
-    y[static_cast<size_t>(i) * n + j] = _mm512_reduce_add_ps(v);
-  }
+  for (int u = 0; u < T; ++u) y[static_cast<size_t>(i0 + u) * n + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[u], ext[u]));
 }
 
-// Every token row of weight row j, eight (AVX-512: 32 registers) or four (AVX2: 16) a pass; the
-// weight row stays in L1 between passes. Eight rows take batch-8 s4 decode's lm head from 13.1 to
-// 11.4 ms with AVX-512 (one thread, loaded machine), and spill with AVX2's registers.
+// Token rows [i0, i1) of weight row j, eight (AVX-512: 32 registers) or four (AVX2: 16) a pass; the
+// weight row stays in L1 between passes.
 #define NX_ROW(Tile, Wide)                                                                            \
   template <int Bits, bool Zero, bool F16>                                                            \
-  void Row##Tile(const GroupedActs& g, const GroupedWeight& w, int j, float* y, int n) {              \
-    int i0 = 0;                                                                                       \
+  void Row##Tile(const GroupedActs& g, const GroupedWeight& w, int j, int i0, int i1, float* y, int n) { \
     if constexpr (Wide)                                                                               \
-      for (; i0 + 8 <= g.m; i0 += 8) Tile<Bits, 8, Zero, F16>(g, w, j, i0, y, n);                     \
-    for (; i0 + 4 <= g.m; i0 += 4) Tile<Bits, 4, Zero, F16>(g, w, j, i0, y, n);                       \
-    switch (g.m - i0) {                                                                               \
+      for (; i0 + 8 <= i1; i0 += 8) Tile<Bits, 8, Zero, F16>(g, w, j, i0, y, n);                      \
+    for (; i0 + 4 <= i1; i0 += 4) Tile<Bits, 4, Zero, F16>(g, w, j, i0, y, n);                        \
+    switch (i1 - i0) {                                                                                \
       case 3: Tile<Bits, 3, Zero, F16>(g, w, j, i0, y, n); break;                                     \
       case 2: Tile<Bits, 2, Zero, F16>(g, w, j, i0, y, n); break;                                     \
       case 1: Tile<Bits, 1, Zero, F16>(g, w, j, i0, y, n); break;                                     \
@@ -406,7 +459,7 @@ NX_ROW(TileAvx2, false)
 NX_ROW(TileVnni, true)
 #undef NX_ROW
 
-using RowFn = void (*)(const GroupedActs&, const GroupedWeight&, int, float*, int);
+using RowFn = void (*)(const GroupedActs&, const GroupedWeight&, int, int, int, float*, int);
 
 template <int Bits, bool Zero, bool F16>
 RowFn Pick(int level) {
@@ -416,7 +469,7 @@ RowFn Pick(int level) {
 #endif  // NX_X86
 
 // The row function for this weight at `level`.
-using RowFnAll = void (*)(const GroupedActs&, const GroupedWeight&, int, float*, int);
+using RowFnAll = void (*)(const GroupedActs&, const GroupedWeight&, int, int, int, float*, int);
 
 RowFnAll PickRow(int level, const GroupedWeight& w) {
 #ifdef NX_X86
@@ -432,6 +485,12 @@ RowFnAll PickRow(int level, const GroupedWeight& w) {
 #endif
   return RowScalar;
 }
+
+// Cache blocking for prompts: a thread's weight rows in chunks of about kChunkBytes, each run
+// against every token row, kTileBytes of prepared activations (terms, scales, offsets) at a time,
+// so the packed weight streams from memory once per call and each chunk is reused from L2.
+constexpr int64_t kChunkBytes = 64 << 10;
+constexpr int64_t kTileBytes = 128 << 10;
 
 ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
                              ffi::AnyBuffer zero, ffi::ResultBuffer<ffi::F32> y, int32_t bits, int32_t group_size,
@@ -475,12 +534,19 @@ ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     lvl = kScalar;
     row = RowScalar;
   }
-  const int m = static_cast<int>(xd[0]), n = w.n;
+  const int m = static_cast<int>(xd[0]), n = w.n, nthreads = Threads(pool, threads);
   GroupedActs g;
-  PrepareActs(x.typed_data(), m, w.k, w, lvl, g);
+  PrepareActs(pool, nthreads, x.typed_data(), m, w.k, w, lvl, g);
   float* yp = y->typed_data();
-  ParallelRows(pool, n, Threads(pool, threads), static_cast<int64_t>(g.r) * w.k, [&](int j0, int j1) {
-    for (int j = j0; j < j1; ++j) row(g, w, j, yp, n);
+  const int64_t act_bytes = g.kp + 12 * static_cast<int64_t>(g.wb);  // a row's terms and its per-block f32 data
+  const int chunk = static_cast<int>(std::max<int64_t>(4, kChunkBytes / static_cast<int64_t>(w.row_bytes)));
+  const int tile = static_cast<int>(std::max<int64_t>(8, kTileBytes / act_bytes / 8 * 8));
+  ParallelRows(pool, n, nthreads, static_cast<int64_t>(m) * w.k, [&](int j0, int j1) {
+    for (int c0 = j0; c0 < j1; c0 += chunk) {
+      const int c1 = std::min(j1, c0 + chunk);
+      for (int i0 = 0; i0 < m; i0 += tile)
+        for (int j = c0; j < c1; ++j) row(g, w, j, i0, std::min(m, i0 + tile), yp, n);
+    }
   });
   return ffi::Error::Success();
 }

@@ -113,12 +113,14 @@ def test_s4_agrees_with_f32(forced):
     """quant="s4" (4-bit, groups of 32, from the f32 values: a second 4-bit rounding of weights
     that were Q4_1 already) against f32."""
     s4 = nx.load("llama", GGUF, quant="s4", batch_size=1, n_positions=[256], context_length_estimate=[64], progress=False)
-    assert _agreement(forced, s4, "s4 (group 32)") >= 0.70  # 71.9% measured (BENCHMARKS.md)
+    # 71.3% measured with one int8 activation term per block of 32 (71.9% with two a row; BENCHMARKS.md)
+    assert _agreement(forced, s4, "s4 (group 32)") >= 0.70
 
 
 def test_gguf_blocks_kept_agree_with_f32(forced):
     """The default load keeps the file's Q4_1 / Q8_0 blocks: the same weight values as f32, so only
-    the CPU's int8 activation terms differ."""
+    the CPU's int8 activation terms differ: one per block of 32 inputs (~8 bits, llama.cpp's q8_0
+    activations), 94.3% measured (100.0% with the earlier two terms a row, ~15 bits; BENCHMARKS.md)."""
     native = nx.load("llama", GGUF, quant="gguf", batch_size=1, n_positions=[256], context_length_estimate=[64], progress=False)
     assert native.quant == nx.QuantizationConfig("s4", group_size=32)
-    assert _agreement(forced, native, "GGUF Q4_1 kept") >= 0.97
+    assert _agreement(forced, native, "GGUF Q4_1 kept") >= 0.93

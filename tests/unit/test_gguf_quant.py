@@ -18,7 +18,7 @@ from benchmarks.gguf_quant import write_llama_gguf
 from nx.gguf_quant import LAYOUTS, decode, dequantize
 from nx.quant import QuantizedArray, quantized_names
 from tests.cases.llama import CASES
-from tests.conftest import left_padded
+from tests.conftest import GROUPED_TIE, assert_greedy_up_to_ties, left_padded
 
 OPTS = dict(n_positions=[64], context_length_estimate=[16], batch_size=2, progress=False)
 
@@ -115,18 +115,20 @@ def test_gguf_loads_quantized_with_the_dequantized_tokens(tiny_gguf, kind, caplo
     a = ref.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy()
     b = q.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy()
     assert len(set(a[:, ids.shape[1]:].ravel().tolist())) >= 4  # not degenerate
-    np.testing.assert_array_equal(a, b)
+    # the blocks' activations are rounded to int8 per 32 inputs (~8 bits): near-ties may flip
+    forced = ref.forced_logits(ids, a[:, ids.shape[1] : -1], mask)
+    assert_greedy_up_to_ties(a, b, ids.shape[1], forced, GROUPED_TIE)
     # q/k rows un-permuted alike in values and scales: the dequantized weights are the f32 model's
     np.testing.assert_allclose(np.asarray(qkv.dequantize()), np.asarray(ref.params["layers"][0]["qkv"]["w"]), rtol=1e-6)
     if kind == "Q4_1":  # tensor parallelism splits the groups of row-parallel weights; artifacts keep them
         two = nx.load(path, tp_degree=2, quant="gguf", **OPTS)
         c = two.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy()
-        np.testing.assert_array_equal(a, c)
+        assert_greedy_up_to_ties(a, c, ids.shape[1], forced, GROUPED_TIE)
         q.save(tmp_path / "art")
         back = nx.load(tmp_path / "art")
         w = back.params["layers"][0]["qkv"]["w"]
         assert (w.bits, w.group_size, w.scale.dtype, w.zero.dtype) == (4, 32, np.float16, np.float16)
-        np.testing.assert_array_equal(back.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy(), a)
+        np.testing.assert_array_equal(back.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[]).numpy(), b)  # the same model
 
 
 def test_reads_own_aligned_memory(tiny_gguf):

@@ -7,8 +7,9 @@ last; f32 ``[m, n]``. `s8_dot(a, q)` is the bare int8 x int8 -> int32 product (`
 [-127, 127]), kept public so tests can check the accumulation exactly.
 
 `grouped_matmul(x, q, scale, zero, bits=, group_size=)` is nx's grouped linear layer
-(``nx.ops.quant._grouped_matmul``'s int8 path: GGUF Q4_0 / Q4_1 / Q4_K / Q8_0, nx's ``s4``): the
-same two int8 terms per row, exact int32 dots per group of ``group_size`` inputs with the weight's
+(``nx.ops.quant._grouped_matmul``'s int8 path: GGUF Q4_0 / Q4_1 / Q4_K / Q8_0, nx's ``s4``): one
+int8 activation term per block of 32 inputs (``nx.ops.quant.block_terms``; half the dot work of
+two a row), exact int32 dots per block, weighted by the block scales, with the weight's
 values (``q`` int8 ``[n, k]`` for bits 8; uint8 ``[n, k / 2]``, two 4-bit values a byte in
 llama.cpp's order within a group, for bits 4: ``v = n - 8``, or ``n`` when ``zero`` is given),
 weighted by the group scales (``scale`` f32 or f16 ``[n, k / group_size]``) and summed over the

@@ -12,11 +12,14 @@ the pure-XLA path. It applies when all of these hold:
 
 `grouped_matmul(x, w)` is the same for a grouped weight (``group_size``: nx's ``s4``, grouped
 ``s8``, GGUF Q4_0 / Q4_1 / Q4_K / Q8_0): bits 4 (packed, unpacked in registers) or 8, symmetric
-or affine (``zero``), f32 or f16 scales, the same activation terms and exact int32 dots per group
-as `nx.ops.quant._grouped_matmul`'s XLA path; only the f32 sum over the groups runs in another
-order, so results agree to f32 rounding (~1e-6 of the largest output), not bit for bit. It
-applies under the same conditions with 8-bit replaced by: bits 4 or 8, ``group_size`` a multiple
-of 32 (GGUF Q6_K's 16 stays on XLA), scales and offsets f32 or f16.
+or affine (``zero``), f32 or f16 scales, ONE int8 activation term per block of 32 inputs
+(`nx.ops.quant.block_terms`, llama.cpp's q8_0 activations: half the dot work of the two terms
+per row the per-row kernel takes) and the same exact int32 dots per block as
+`nx.ops.quant.grouped_int8_dot`; only the f32 sums over blocks and groups run in another order, so
+results agree to f32 rounding (~1e-6 of the largest output), not bit for bit. It applies under
+the same conditions with 8-bit replaced by: bits 4 or 8, ``group_size`` a multiple of 32 (GGUF
+Q6_K's 16 stays on XLA), scales and offsets f32 or f16, and up to `GROUPED_MAX_ROWS` (256) rows:
+prompts run the kernel too (cache-blocked; more rows stay on XLA's dequantized dot, as fast there).
 
 `bf16_matmul(x, w, xla)` returns f32 ``x @ w.T`` for a plain bf16 ``w [out, in]`` (``amp="bf16"``
 weights) and a bf16 or f32 ``x`` through the package's bf16 kernel (AVX512_BF16 ``vdpbf16ps``,
@@ -56,6 +59,10 @@ THREADS_ENV = "NX_CPU_KERNELS_THREADS"
 MODES = ("auto", "off", "avx512_bf16", "avx512_vnni", "avx2", "scalar")
 #: Most token rows a call sends to the kernel (batch-16 decode); more rows stay on XLA's dots.
 MAX_ROWS = 16
+#: Most token rows a grouped call sends to the kernel (decode and prompts: up to 256 rows its int8
+#: dots beat XLA's dequantized f32 dot at the 1B llama shapes; at 512 they tie, at 1024 XLA's GEMM
+#: is ~10% faster; BENCHMARKS.md, "Grouped kernel: one activation term per block").
+GROUPED_MAX_ROWS = 256
 #: Most token rows a bf16 call sends to the kernel (decode up to batch 16, as `nx serve` runs): its
 #: register tiles read each weight byte once for all rows, faster than XLA's bf16 dot at every row
 #: count 1-16 (BENCHMARKS.md, "bf16 kernel up to 16 rows"); more rows stay on XLA's GEMM.
@@ -154,7 +161,7 @@ def grouped_matmul(x: Any, w: Any) -> Any:
         return None
     if str(w.scale.dtype) not in _FLOATS or (w.zero is not None and str(w.zero.dtype) not in _FLOATS):
         return None
-    if x.ndim != 2 or x.shape[0] > MAX_ROWS or x.shape[1] % gs or not enabled():
+    if x.ndim != 2 or x.shape[0] > GROUPED_MAX_ROWS or x.shape[1] % gs or not enabled():
         return None
     level = None if mode() == "auto" else mode()
     return _kernels.grouped_matmul(x, w.q, w.scale, w.zero, bits=w.bits, group_size=gs, level=level, threads=_threads())

@@ -11,15 +11,20 @@ affine) because XLA:CPU keeps ``jnp.int4`` at a byte per value and rejects int4 
 
 Matmuls, chosen per weight at load time (`int8_dot`, static aux data):
 
-- **int8 dot** (the CPU backend): activations split into two int8 terms per row (``x ~= hi *
-  s_hi + lo * s_lo``, ~15 bits), one int8 x int8 -> int32 dot; grouped weights batch the dot over
-  their groups for up to ``group_size / 2`` token rows and dequantize for prompts;
+- **int8 dot** (the CPU backend): per-row weights split the activations into two int8 terms per
+  row (``x ~= hi * s_hi + lo * s_lo``, ~15 bits), one int8 x int8 -> int32 dot; grouped weights
+  round them to ONE int8 term per block of 32 inputs (`block_terms`, llama.cpp's q8_0
+  activations, ~8 bits of each block) and take exact int32 dots per block (`grouped_int8_dot`:
+  ``y = sum_g scale_g * sum_{b in g} sx_b * dot_b``) for up to 32 token rows, and dequantize for
+  longer prompts. Why one term a block: half the dot work of two terms, as precise per block as
+  the 4-bit weight it meets needs (BENCHMARKS.md, "Grouped kernel: one activation term per block");
 - **dequantize** (accelerators): ``q`` converted to `dequant_dtype` inside the dot, which XLA fuses.
 
-On CPU, up to 16 token rows run the same int8 dots as one custom call when the optional
-nx-kernels-cpu package is installed (`nx.ops.cpu_kernels`, ``NX_CPU_KERNELS=off`` switches it
-off): per-row weights with results equal to the XLA formulation's, grouped ones (``group_size`` a
-multiple of 32; 4-bit read packed, once) equal to f32 rounding of the sum over groups.
+On CPU the same int8 dots run as one custom call when the optional nx-kernels-cpu package is
+installed (`nx.ops.cpu_kernels`, ``NX_CPU_KERNELS=off`` switches it off): per-row weights up to 16
+token rows, with results equal to the XLA formulation's; grouped ones (``group_size`` a multiple
+of 32; 4-bit read packed, once) up to 256 token rows, prompts included, equal to f32 rounding of
+the sums over blocks and groups.
 
 Why (measured): BENCHMARKS.md, "int8 weights on the CPU" and "Design measurements behind nx.ops".
 """
@@ -35,6 +40,8 @@ from jax import lax
 from nx.ops import cpu_kernels
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+#: Inputs per int8 activation term of grouped weights (`block_terms`).
+BLOCK = 32
 
 
 class QuantizedWeight:
@@ -186,30 +193,25 @@ def matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
 def _grouped_matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
     """``x [m, in] @ W.T`` for grouped scales, f32 ``[m, out]``.
 
-    - CPU (`int8_dot`) and ``m <= group_size / 2``: the int8 activation terms and the int8 values,
-      both split into groups, go through one int8 dot batched over the groups (int32
-      ``[groups, 2m, out]``), which the group scales weight before the sum over groups; the
-      weight is read once, as int8 (4-bit unpacked in the fusion that feeds the dot).
+    - CPU (`int8_dot`) and ``m <= 32``: `grouped_int8_dot`, one int8 activation term per block of
+      32 inputs against the int8 values in one int8 dot batched over the blocks (int32
+      ``[blocks, m, out]``), weighted by the block scales, summed per group, weighted by the group
+      scales; the weight is read once, as int8 (4-bit unpacked in the fusion that feeds the dot).
     - otherwise: the weight dequantized in the program (`dequant_dtype`, f32 on CPU) and one dot;
       with many rows its cost is shared, and the int32 partial sums would be larger than it.
     - affine groups add ``sum_g zero[:, g] * sum(x[:, group g])``, a small ``[m, groups]`` dot.
 
-    Up to 16 rows on CPU run the first formulation as one custom call (`nx.ops.cpu_kernels`) where
-    it applies: XLA:CPU unpacks a 4-bit weight to int8 in memory and runs the batched dot slowly.
+    On CPU up to 256 rows run the first formulation as one custom call (`nx.ops.cpu_kernels`)
+    where it applies: XLA:CPU unpacks a 4-bit weight to int8 in memory and runs the batched dot
+    slowly, and up to there prompts' dequantized dot costs more than the kernel's int8 dots.
     """
     y = cpu_kernels.grouped_matmul(x, w)
     if y is not None:
         return y
     m, k = x.shape
     gs = w.group_size
-    if w.int8_dot and m <= gs // 2:
-        terms, scales = int8_terms(x)
-        acc = lax.dot_general(
-            _grouped(terms, gs), _grouped(w.values(), gs), (((2,), (2,)), ((1,), (1,))),
-            preferred_element_type=jnp.int32,
-        )  # [groups, 2m, out]
-        acc = acc.astype(jnp.float32) * scales[None]
-        y = jnp.sum((acc[:, :m] + acc[:, m:]) * w.scale.T[:, None, :].astype(jnp.float32), axis=0)
+    if w.int8_dot and m <= BLOCK:
+        y = grouped_int8_dot(x, w)
     else:
         dt = jnp.float32 if w.int8_dot else w.compute_dtype
         weight = _dequantize(w.values(), w.scale, None, gs).astype(dt)
@@ -220,19 +222,45 @@ def _grouped_matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
     return y
 
 
+def grouped_int8_dot(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
+    """f32 ``[m, out]``: ``sum_g scale[:, g] * sum_{b in g} sx[:, b] * dot_b`` (no affine term), the
+    int32 dots ``dot_b`` of `block_terms` with the weight's values, block by block (one int8 dot
+    batched over the ``in / 32`` blocks, int32 ``[blocks, m, out]``); blocks of ``group_size`` where
+    32 does not divide it (GGUF Q6_K's 16). The math the nx-kernels-cpu grouped kernel runs (the
+    same int32 dots)."""
+    gs = w.group_size
+    block = BLOCK if gs % BLOCK == 0 else gs
+    terms, sx = block_terms(x, block)  # [m, blocks, block], [m, blocks]
+    acc = lax.dot_general(
+        terms, _grouped(w.values(), block), (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32
+    )  # [blocks, m, out]
+    acc = acc.astype(jnp.float32) * sx.T[:, :, None]
+    per_group = jnp.sum(acc.reshape(-1, gs // block, *acc.shape[1:]), axis=1)  # [groups, m, out]
+    return jnp.sum(per_group * w.scale.T[:, None, :].astype(jnp.float32), axis=0)
+
+
+def _round_rows(v: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The symmetric int8 rounding of `v` along its last axis: ``round(v / s)`` (half to even) and
+    ``s = max|v| / 127`` (1 for an all-zero row: padding stays zero), ``s`` with a kept last axis."""
+    scale = jnp.max(jnp.abs(v), axis=-1, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return jnp.round(v / scale), scale
+
+
+def block_terms(x: jnp.ndarray, block: int = BLOCK) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Rows ``x [m, k]`` (``k`` a multiple of `block`) as one int8 term per block of inputs, llama.cpp's
+    q8_0 activations: int8 ``[m, k / block, block]`` and f32 scales ``[m, k / block]``, ``x ~= a * s``."""
+    a, s = _round_rows(_grouped(x.astype(jnp.float32), block))
+    return a.astype(jnp.int8), s[..., 0]
+
+
 def int8_terms(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Rows ``x [m, k]`` as int8 ``[2m, k]`` and f32 scales ``[2m, 1]``: ``x ~= hi * s_hi + lo * s_lo``
     with ``hi`` (rows ``:m``) the symmetric per-row int8 rounding of ``x`` and ``lo`` (rows ``m:``)
     that of the remainder, so each row keeps ~15 bits relative to its largest element."""
-
-    def round_rows(v):
-        scale = jnp.max(jnp.abs(v), axis=-1, keepdims=True) / 127.0
-        scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero row (padding) stays zero
-        return jnp.round(v / scale), scale
-
     x = x.astype(jnp.float32)
-    hi, s_hi = round_rows(x)
-    lo, s_lo = round_rows(x - hi * s_hi)
+    hi, s_hi = _round_rows(x)
+    lo, s_lo = _round_rows(x - hi * s_hi)
     return jnp.concatenate([hi, lo]).astype(jnp.int8), jnp.concatenate([s_hi, s_lo])
 
 
