@@ -1,6 +1,6 @@
 """nx-kernels-cpu's f32 kernel (the default precision's decode matmuls) against an f64 reference
-and the pure-XLA path: at every dispatch level this CPU runs, rows 1..16, odd k and n (the vector
-tails, the 4-row weight tiles' tail), inside jit, scan and shard_map, only on the cpu platform, and
+and the pure-XLA path: at every dispatch level this CPU runs, rows 1..16 (nx sends it 2..16), odd k and n
+(the vector tails, the 4-row weight tiles' tail), inside jit, scan and shard_map, only on the cpu platform, and
 greedy tokens of a whole f32 model.
 
 Tolerance: the kernel sums k f32 products (fused into the sums) in some order, so its error is within
@@ -89,7 +89,7 @@ def test_exact_sums_are_exact(level):
     np.testing.assert_array_equal(got, np.asarray(x, np.float64) @ np.asarray(w, np.float64).T)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, cpu_kernels.F32_MAX_ROWS])
+@pytest.mark.parametrize("rows", [cpu_kernels.F32_MIN_ROWS, 3, 8, cpu_kernels.F32_MAX_ROWS])
 @pytest.mark.parametrize("level", LEVELS)
 def test_project_equals_the_xla_path(monkeypatch, level, rows):
     """`nx.ops.linear.project` (f32) with the kernel and on XLA's dots: both within f32 summation
@@ -115,6 +115,7 @@ def _lowered(x, w, **kw):
 def test_dispatch_and_off_switch(monkeypatch):
     x, w = _random(4, 64, 32)
     assert TARGET in _lowered(x, w)  # on by default where the package runs
+    assert TARGET not in _lowered(x[: cpu_kernels.F32_MIN_ROWS - 1], w)  # one row: XLA's matrix-vector product
     assert TARGET not in _lowered(x.astype(jnp.bfloat16), w)  # bf16 activations stay on XLA's dots
     assert TARGET not in _lowered(x, w.astype(jnp.bfloat16))  # bf16 weights: the bf16 kernel
     many = jnp.zeros((cpu_kernels.F32_MAX_ROWS + 1, 64), jnp.float32)
@@ -134,7 +135,7 @@ def test_dispatch_and_off_switch(monkeypatch):
 @pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
 def test_other_platforms_lower_the_xla_path(platform):
     """A program exported for an accelerator never calls the cpu-only FFI target."""
-    x, w = _random(1, 64, 32)
+    x, w = _random(cpu_kernels.F32_MIN_ROWS, 64, 32)
     f = jax.jit(lambda x, w: linear.project(x, w, jnp.float32))
     text = jax.export.export(f, platforms=[platform])(x, w).mlir_module()
     assert TARGET not in text and "dot_general" in text
@@ -180,11 +181,12 @@ def test_inside_scan_and_shard_map(monkeypatch):
 CASE = CASES[0]
 
 
-@pytest.mark.parametrize("opts", [dict(batch_size=2), dict(batch_size=2, unroll=1), dict(tp_degree=2)], ids=str)
+@pytest.mark.parametrize("opts", [dict(batch_size=2), dict(batch_size=2, unroll=1), dict(batch_size=2, tp_degree=2)],
+                         ids=str)
 def test_f32_greedy_tokens_against_the_xla_path(saved_case, monkeypatch, opts):
     """A whole f32 model, decode and lm head through the kernel, against XLA's dots: logits to f32
     summation error, the same greedy tokens (both paths are deterministic)."""
     _, path = saved_case(CASE)
     load = dict(n_positions=[64], context_length_estimate=[16], progress=False, **opts)
     levels = LEVELS if opts == dict(batch_size=2) else LEVELS[-1:]  # every level once, the variants at the best
-    assert_kernel_matches_xla(path, load, opts.get("batch_size", 1), CASE.vocab, levels, monkeypatch, rtol=1e-4)
+    assert_kernel_matches_xla(path, load, 2, CASE.vocab, levels, monkeypatch, rtol=1e-4)

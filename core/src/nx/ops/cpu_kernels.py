@@ -31,7 +31,7 @@ and when `enabled`.
 precision's linear layers and lm head, a tied embedding table included) through the package's f32
 kernel (AVX-512F or AVX2 fused multiply-adds over tiles of weight and token rows, the weights
 streamed once with software prefetch; sums in another order than XLA's, so equal to f32 summation
-error), for at most `F32_MAX_ROWS` token rows.
+error), for `F32_MIN_ROWS` (2) to `F32_MAX_ROWS` token rows.
 
 ``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
 or a level to force, ``avx512_bf16``, ``avx512_vnni``, ``avx2`` or ``scalar`` (never above the
@@ -67,8 +67,10 @@ MAX_ROWS = 16
 #: register tiles read each weight byte once for all rows, faster than XLA's bf16 dot at every row
 #: count 1-16 (BENCHMARKS.md, "bf16 kernel up to 16 rows"); more rows stay on XLA's GEMM.
 BF16_MAX_ROWS = 16
-#: Most token rows an f32 call sends to the kernel: up to here it was faster than XLA's f32 dot on the
-#: 2-core EPYC (BENCHMARKS.md, "f32 decode kernel").
+#: Token rows an f32 call sends to the kernel, F32_MIN_ROWS ... F32_MAX_ROWS: there it was faster than
+#: XLA's f32 dot on the 2-core EPYC; one row was not (XLA's matrix-vector product kept up with it), so
+#: batch-1 decode stays on XLA's dots (BENCHMARKS.md, "f32 decode kernel (loaded machine)").
+F32_MIN_ROWS = 2
 F32_MAX_ROWS = 16
 
 try:  # the optional distribution nx-kernels-cpu; importing it registers its FFI targets
@@ -194,13 +196,13 @@ def _staged(kernel: Callable[..., Any], x: Any, w: Any, xla: Callable[[Any, Any]
     return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla)
 
 
-def _rows(x: Any, w: Any, dtypes: tuple, max_rows: int) -> int | None:
+def _rows(x: Any, w: Any, dtypes: tuple, max_rows: int, min_rows: int = 1) -> int | None:
     """Token rows of ``x [..., k]`` for a kernel taking x in `dtypes` and a 2-D ``w [n, k]``, None
-    where it does not apply (dtype, shape, more than `max_rows` rows, kernels off)."""
+    where it does not apply (dtype, shape, rows outside [`min_rows`, `max_rows`], kernels off)."""
     if x.dtype not in dtypes or x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
         return None
     rows = x.size // max(1, x.shape[-1])
-    return rows if 0 < rows <= max_rows and enabled() else None
+    return rows if max(1, min_rows) <= rows <= max_rows and enabled() else None
 
 
 def bf16_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
@@ -219,5 +221,5 @@ def f32_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
     kernel does not apply (see the module docstring)."""
     if not (hasattr(w, "dtype") and w.dtype == jnp.float32):
         return None
-    rows = _rows(x, w, (jnp.float32,), F32_MAX_ROWS)
+    rows = _rows(x, w, (jnp.float32,), F32_MAX_ROWS, F32_MIN_ROWS)
     return None if rows is None else _staged(_kernels.f32_matmul, x, w, xla, rows)

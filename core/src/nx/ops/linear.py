@@ -18,8 +18,9 @@ def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
     differ that much (BENCHMARKS.md, "Design measurements behind nx.ops"); bf16 weights with up to
     `cpu_kernels.BF16_MAX_ROWS` token rows run nx-kernels-cpu's kernel on the cpu platform where it is
     installed (XLA:CPU has no fast bf16 matrix-vector path; BENCHMARKS.md, "bf16 CPU kernel"), and
-    so do f32 weights and activations with up to `cpu_kernels.F32_MAX_ROWS` token rows (XLA's f32
-    dot streams the weights below the memory's speed; BENCHMARKS.md, "f32 decode kernel")."""
+    so do f32 weights and activations with 2 to `cpu_kernels.F32_MAX_ROWS` token rows (XLA's f32
+    dot streams the weights below the memory's speed there; BENCHMARKS.md, "f32 decode kernel (loaded
+    machine)")."""
     if quant.is_quantized(w):
         return quant.matmul(x, w).astype(dtype)
     y = cpu_kernels.bf16_matmul(x, w, _xla)  # _xla: off the cpu platform
