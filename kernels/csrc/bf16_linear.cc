@@ -101,13 +101,6 @@ constexpr int kTileRows = 3;
 
 // ---- AVX2 + FMA: 16-bf16 blocks ----
 
-__attribute__((target("avx2,fma"))) inline float HsumAvx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // One weight row j against x rows [r0, r0 + T).
 template <int T>
 __attribute__((target("avx2,fma"))) void TileAvx2(const Acts& a, const uint16_t* wj, int r0, float* y, int ldy,
@@ -134,12 +127,6 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const Acts& a, const uint16_t*
     }
   }
   NX_UNROLL for (int u = 0; u < T; ++u) y[static_cast<size_t>(r0 + u) * ldy + j] = HsumAvx2(_mm256_add_ps(ae[u], ao[u]));
-}
-
-// [sum(a), sum(b), sum(c), sum(d)].
-__attribute__((target("avx2,fma"))) inline __m128 Reduce4Avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 v = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
 }
 
 // Four weight rows [j, j + 4) against x rows [r0, r0 + T): each x block loaded once for four rows.
@@ -195,8 +182,6 @@ __attribute__((target("avx2,fma"))) void DotAvx2(const Acts& a, const uint16_t* 
 
 // ---- AVX-512F: 32-bf16 blocks ----
 
-#define NX_AVX512F "avx512f,avx512bw,avx512vl"
-
 template <int T>
 __attribute__((target(NX_AVX512F))) void TileAvx512(const Acts& a, const uint16_t* wj, int r0, float* y, int ldy,
                                                     int j) {
@@ -217,16 +202,6 @@ __attribute__((target(NX_AVX512F))) void TileAvx512(const Acts& a, const uint16_
     }
   }
   NX_UNROLL for (int u = 0; u < T; ++u) y[static_cast<size_t>(r0 + u) * ldy + j] = _mm512_reduce_add_ps(_mm512_add_ps(ae[u], ao[u]));
-}
-
-// [sum(a), sum(b), sum(c), sum(d)].
-__attribute__((target(NX_AVX512F))) inline __m128 Reduce4Avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-  const __m512 v = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)), _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 // Four weight rows [j, j + 4) against x rows [r0, r0 + T): each x block loaded once for four rows.

@@ -180,6 +180,35 @@ inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work
   }
 }
 
+#ifdef NX_X86
+// Horizontal sums shared by the f32-accumulating kernels (bf16_linear.cc, f32_linear.cc).
+#define NX_AVX512F "avx512f,avx512bw,avx512vl"
+
+__attribute__((target("avx2,fma"))) inline float HsumAvx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// [sum(a), sum(b), sum(c), sum(d)].
+__attribute__((target("avx2,fma"))) inline __m128 Reduce4Avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 v = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+}
+
+// [sum(a), sum(b), sum(c), sum(d)].
+__attribute__((target(NX_AVX512F))) inline __m128 Reduce4Avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512 v = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)), _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+#endif  // NX_X86
+
 inline int Threads(ffi::ThreadPool& pool, int32_t requested) {
   if (requested > 0) return requested;
   const int64_t n = pool.num_threads();

@@ -385,7 +385,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"nx bench {result['target']} {result['path'] or ''}  amp={result['amp']}  new_tokens={result['new_tokens']}",
         f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
         f"load average {', '.join(f'{x:.2f}' for x in result['machine']['load_average'] or [])}, "
-        f"CPU kernels (int8, bf16 decode): {result['machine'].get('cpu_kernels', 'none')}",
+        f"CPU kernels (int8, bf16, f32 decode): {result['machine'].get('cpu_kernels', 'none')}",
     ]
     for r in result["runs"]:
         rss = f"peak RSS {r['peak_rss_bytes'] / mb:.0f} MB ({r['peak_rss_ratio']:.2f}x weights+cache"

@@ -20,14 +20,19 @@ groups in f32, plus ``zero [n, k / group_size]`` (f32 or f16) times each group's
 ``x [m, k] @ w.T`` for a bf16 ``w [n, k]`` and a bf16 or f32 ``x``, exact products summed in f32
 (another order than XLA's: equal to f32 summation error).
 
+`f32_matmul(x, w)` is nx's f32 linear layer (``nx.ops.linear`` at the default precision): f32
+``x [m, k] @ w.T`` for f32 ``w [n, k]``, fused multiply-adds summed in f32 (another order than
+XLA's: equal to f32 summation error), the weight streamed once with software prefetch.
+
 `level` selects the instructions: ``"avx512_bf16"``, ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``
 (each implies the ones after it; the s8 kernels run ``avx512_bf16`` as ``avx512_vnni``, the bf16
-kernel runs ``avx512_vnni`` as AVX-512F); None is the best this CPU has (`isa`). A level above the
+and f32 kernels run ``avx512_vnni`` and ``avx512_bf16`` as AVX-512F); None is the best this CPU has (`isa`). A level above the
 CPU's is lowered to it by the library. `threads`: 0 uses every thread of XLA's intra-op pool, n > 0
 at most n.
 
 Importing this module loads the library and registers its targets with jax (platform ``cpu``).
-Why: XLA:CPU has no fast int8, 4-bit or bf16 matrix-vector kernel (BENCHMARKS.md, "CPU kernels").
+Why: XLA:CPU has no fast int8, 4-bit or bf16 matrix-vector kernel, and its f32 one streams the
+weights below the memory's speed (BENCHMARKS.md, "CPU kernels").
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LEVELS", "__version__", "bf16_matmul", "grouped_matmul", "isa", "s8_dot", "s8_matmul"]
+__all__ = ["LEVELS", "__version__", "bf16_matmul", "f32_matmul", "grouped_matmul", "isa", "s8_dot", "s8_matmul"]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 #: Dispatch levels, in the library's numbering.
 LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512_bf16": 3}
@@ -51,6 +56,7 @@ _MATMUL = "nx_kernels_cpu_s8_matmul"
 _DOT = "nx_kernels_cpu_s8_dot"
 _GROUPED = "nx_kernels_cpu_grouped_matmul"
 _BF16 = "nx_kernels_cpu_bf16_matmul"
+_F32 = "nx_kernels_cpu_f32_matmul"
 
 _lib = ctypes.CDLL(str(Path(__file__).with_name("libnx_kernels_cpu.so")))
 _lib.nx_kernels_cpu_isa.restype = ctypes.c_int
@@ -60,6 +66,7 @@ jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(_lib.NxS8Matmul), platfor
 jax.ffi.register_ffi_target(_DOT, jax.ffi.pycapsule(_lib.NxS8Dot), platform="cpu")
 jax.ffi.register_ffi_target(_GROUPED, jax.ffi.pycapsule(_lib.NxGroupedMatmul), platform="cpu")
 jax.ffi.register_ffi_target(_BF16, jax.ffi.pycapsule(_lib.NxBf16Matmul), platform="cpu")
+jax.ffi.register_ffi_target(_F32, jax.ffi.pycapsule(_lib.NxF32Matmul), platform="cpu")
 
 
 def isa() -> str:
@@ -102,6 +109,8 @@ def grouped_matmul(x, q, scale, zero=None, *, bits: int, group_size: int, level:
     call = jax.ffi.ffi_call(_GROUPED, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
     attrs = dict(bits=np.int32(bits), group_size=np.int32(group_size), threads=np.int32(threads))
     return call(x, q, scale, zero, level=_level(level), **attrs)
+
+
 def bf16_matmul(x, w, *, level: str | None = None, threads: int = 0):
     """f32 ``[m, n]``: ``x [m, k]`` (bf16 or f32; other dtypes cast to f32) times bf16 ``w [n, k]`` transposed."""
     if x.dtype not in (jnp.bfloat16, jnp.float32):
@@ -109,3 +118,11 @@ def bf16_matmul(x, w, *, level: str | None = None, threads: int = 0):
     m, n = x.shape[0], w.shape[0]
     call = jax.ffi.ffi_call(_BF16, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
     return call(x, jnp.asarray(w, jnp.bfloat16), level=_level(level), threads=np.int32(threads))
+
+
+def f32_matmul(x, w, *, level: str | None = None, threads: int = 0):
+    """f32 ``[m, n]``: ``x [m, k]`` times ``w [n, k]`` transposed (both cast to f32)."""
+    x = jnp.asarray(x, jnp.float32)
+    m, n = x.shape[0], w.shape[0]
+    call = jax.ffi.ffi_call(_F32, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(x, jnp.asarray(w, jnp.float32), level=_level(level), threads=np.int32(threads))

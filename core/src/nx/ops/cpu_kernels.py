@@ -1,4 +1,4 @@
-"""Custom CPU kernels for nx's int8 and bf16 decode matmuls, when the optional nx-kernels-cpu package runs.
+"""Custom CPU kernels for nx's int8, bf16 and f32 decode matmuls, when the optional nx-kernels-cpu package runs.
 
 `s8_matmul(x, w)` returns f32 ``x @ W.T`` for a per-row int8 weight through the package's XLA
 FFI kernel (int8 dots with AVX-512 VNNI or AVX2, the same activation terms and int32 sums as the
@@ -30,17 +30,24 @@ any other platform gets ``xla(x, w)`` (the caller's pure-XLA path; the FFI targe
 cpu). It applies for at most `BF16_MAX_ROWS` token rows, a 2-D bf16 ``w``, a bf16 or f32 ``x``,
 and when `enabled`.
 
+`f32_matmul(x, w, xla)` is the same for an f32 ``w [out, in]`` and an f32 ``x`` (the default
+precision's linear layers and lm head, a tied embedding table included) through the package's f32
+kernel (AVX-512F or AVX2 fused multiply-adds over tiles of weight and token rows, the weights
+streamed once with software prefetch; sums in another order than XLA's, so equal to f32 summation
+error), for `F32_MIN_ROWS` (2) to `F32_MAX_ROWS` token rows.
+
 ``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
 or a level to force, ``avx512_bf16``, ``avx512_vnni``, ``avx2`` or ``scalar`` (never above the
 CPU's; ``scalar`` runs the kernels without SIMD, for tests; the int8 kernels run ``avx512_bf16`` as
-``avx512_vnni``, the bf16 kernel runs ``avx512_vnni`` on AVX-512F without its bf16 instructions).
+``avx512_vnni``, the bf16 kernel runs ``avx512_vnni`` on AVX-512F without its bf16 instructions, the
+f32 kernel runs both as AVX-512F).
 ``NX_CPU_KERNELS_THREADS``: threads of XLA's intra-op pool a call may use (default 0: all). Both
 are read when a program is traced, so they are part of the lowered program (and of its
 compile-cache key).
 
 Why: XLA:CPU has no fast int8 or bf16 matrix-vector kernel, nor a 4-bit one that reads the packed
-weight once (BENCHMARKS.md, "CPU kernels (issue #22)", "Grouped and 4-bit CPU kernels", "bf16 CPU
-kernel").
+weight once, and its f32 one streams the weights below the memory's speed (BENCHMARKS.md, "CPU
+kernels (issue #22)", "Grouped and 4-bit CPU kernels", "bf16 CPU kernel", "f32 decode kernel").
 """
 
 from __future__ import annotations
@@ -67,6 +74,12 @@ GROUPED_MAX_ROWS = 256
 #: register tiles read each weight byte once for all rows, faster than XLA's bf16 dot at every row
 #: count 1-16 (BENCHMARKS.md, "bf16 kernel up to 16 rows"); more rows stay on XLA's GEMM.
 BF16_MAX_ROWS = 16
+#: Token rows an f32 call sends to the kernel, F32_MIN_ROWS ... F32_MAX_ROWS: there decode was faster
+#: than on XLA's f32 dots on the 2-core EPYC; one row was not (XLA's matrix-vector product kept up),
+#: nor 8 rows at Llama-3.2-1B's shape (XLA's GEMM), so batch 1 and batch 8 stay on XLA's dots
+#: (BENCHMARKS.md, "f32 decode kernel (loaded machine)").
+F32_MIN_ROWS = 2
+F32_MAX_ROWS = 4
 
 try:  # the optional distribution nx-kernels-cpu; importing it registers its FFI targets
     import nx_kernels_cpu as _kernels
@@ -112,12 +125,12 @@ def package() -> str | None:
 
 
 def enabled() -> bool:
-    """Whether int8 and bf16 matmuls traced now use the kernels (available and not switched off)."""
+    """Whether int8, bf16 and f32 matmuls traced now use the kernels (available and not switched off)."""
     return available() and mode() != "off"
 
 
 def describe() -> str:
-    """One line for reports (`nx bench`): what int8 and bf16 decode matmuls traced now run on."""
+    """One line for reports (`nx bench`): what int8, bf16 and f32 decode matmuls traced now run on."""
     if not available():
         return f"none ({unavailable_reason()})"
     level = mode()
@@ -165,6 +178,8 @@ def grouped_matmul(x: Any, w: Any) -> Any:
         return None
     level = None if mode() == "auto" else mode()
     return _kernels.grouped_matmul(x, w.q, w.scale, w.zero, bits=w.bits, group_size=gs, level=level, threads=_threads())
+
+
 def _varying(a: Any) -> frozenset:
     """The shard_map mesh axes `a` varies over (empty outside shard_map)."""
     aval = jax.typeof(a)
@@ -172,21 +187,13 @@ def _varying(a: Any) -> frozenset:
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
-def bf16_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
-    """f32 ``x @ w.T`` (``[..., n]``) for a bf16 array ``w [n, k]`` and a bf16 or f32 ``x [..., k]``:
-    the kernel in programs lowered for the cpu platform, ``xla(x, w)`` (which must return the same
-    shape, f32) on any other; None where the kernel does not apply (see the module docstring)."""
-    if not (hasattr(w, "dtype") and w.dtype == jnp.bfloat16 and w.ndim == 2):
-        return None
-    if x.dtype not in (jnp.bfloat16, jnp.float32) or x.ndim < 1 or x.shape[-1] != w.shape[1]:
-        return None
-    rows = x.size // max(1, x.shape[-1])
-    if not (0 < rows <= BF16_MAX_ROWS) or not enabled():
-        return None
+def _staged(kernel: Callable[..., Any], x: Any, w: Any, xla: Callable[[Any, Any], Any], rows: int) -> Any:
+    """``kernel(x [rows, k], w, level=, threads=)`` in programs lowered for the cpu platform, typed and
+    shaped as ``xla(x, w)`` (``[..., n]`` f32), which any other platform runs."""
     level, threads = mode(), _threads()
 
     def cpu(x, w):
-        y = _kernels.bf16_matmul(x.reshape(rows, -1), w, level=None if level == "auto" else level, threads=threads)
+        y = kernel(x.reshape(rows, -1), w, level=None if level == "auto" else level, threads=threads)
         # under shard_map the custom call's result is typed as invariant; type it varying over the
         # mesh axes its operands vary over, as XLA's dot (the other branch) is
         axes = (_varying(x) | _varying(w)) - _varying(y)
@@ -195,3 +202,32 @@ def bf16_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
         return y.reshape(*x.shape[:-1], w.shape[0])
 
     return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla)
+
+
+def _rows(x: Any, w: Any, dtypes: tuple, max_rows: int, min_rows: int = 1) -> int | None:
+    """Token rows of ``x [..., k]`` for a kernel taking x in `dtypes` and a 2-D ``w [n, k]``, None
+    where it does not apply (dtype, shape, rows outside [`min_rows`, `max_rows`], kernels off)."""
+    if x.dtype not in dtypes or x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        return None
+    rows = x.size // max(1, x.shape[-1])
+    return rows if max(1, min_rows) <= rows <= max_rows and enabled() else None
+
+
+def bf16_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
+    """f32 ``x @ w.T`` (``[..., n]``) for a bf16 array ``w [n, k]`` and a bf16 or f32 ``x [..., k]``:
+    the kernel in programs lowered for the cpu platform, ``xla(x, w)`` (which must return the same
+    shape, f32) on any other; None where the kernel does not apply (see the module docstring)."""
+    if not (hasattr(w, "dtype") and w.dtype == jnp.bfloat16):
+        return None
+    rows = _rows(x, w, (jnp.bfloat16, jnp.float32), BF16_MAX_ROWS)
+    return None if rows is None else _staged(_kernels.bf16_matmul, x, w, xla, rows)
+
+
+def f32_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
+    """f32 ``x @ w.T`` (``[..., n]``) for an f32 array ``w [n, k]`` and an f32 ``x [..., k]``: the
+    kernel in programs lowered for the cpu platform, ``xla(x, w)`` on any other; None where the
+    kernel does not apply (see the module docstring)."""
+    if not (hasattr(w, "dtype") and w.dtype == jnp.float32):
+        return None
+    rows = _rows(x, w, (jnp.float32,), F32_MAX_ROWS, F32_MIN_ROWS)
+    return None if rows is None else _staged(_kernels.f32_matmul, x, w, xla, rows)

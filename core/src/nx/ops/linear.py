@@ -17,13 +17,21 @@ def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
     accumulated in f32. The formulation depends on the row count, because XLA:CPU's matmul paths
     differ that much (BENCHMARKS.md, "Design measurements behind nx.ops"); bf16 weights with up to
     `cpu_kernels.BF16_MAX_ROWS` token rows run nx-kernels-cpu's kernel on the cpu platform where it is
-    installed (XLA:CPU has no fast bf16 matrix-vector path; BENCHMARKS.md, "bf16 CPU kernel")."""
+    installed (XLA:CPU has no fast bf16 matrix-vector path; BENCHMARKS.md, "bf16 CPU kernel"), and
+    so do f32 weights and activations with 2 to `cpu_kernels.F32_MAX_ROWS` token rows (XLA's f32
+    dot streams the weights below the memory's speed there; BENCHMARKS.md, "f32 decode kernel (loaded
+    machine)")."""
     if quant.is_quantized(w):
         return quant.matmul(x, w).astype(dtype)
-    y = cpu_kernels.bf16_matmul(x, w, lambda x, w: _products(x, w.astype(x.dtype)))  # XLA off the cpu
-    if y is not None:
-        return y.astype(dtype)
-    return _products(x, w.astype(x.dtype)).astype(dtype)
+    y = cpu_kernels.bf16_matmul(x, w, _xla)  # _xla: off the cpu platform
+    if y is None:
+        y = cpu_kernels.f32_matmul(x, w, _xla)
+    return (_xla(x, w) if y is None else y).astype(dtype)
+
+
+def _xla(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """XLA's dots: ``x @ w.T`` in f32, the weight cast to the activations' dtype."""
+    return _products(x, w.astype(x.dtype))
 
 
 def _products(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
