@@ -37,13 +37,19 @@ def hf_greedy(model, ids: torch.Tensor, mask: torch.Tensor, new: int) -> torch.T
         )
 
 
-def hf_last_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """HF logits of the last prompt token, positions counted from each row's first real token."""
+def hf_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """HF logits of every position ``[batch, length, vocab]``, positions counted from each row's
+    first real token."""
     with torch.no_grad():
         kwargs = {"attention_mask": mask}
         if "position_ids" in inspect.signature(model.forward).parameters:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        return model(ids, **kwargs).logits[:, -1].float().numpy()
+        return model(ids, **kwargs).logits.float().numpy()
+
+
+def hf_last_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """HF logits of the last prompt token, positions counted from each row's first real token."""
+    return hf_logits(model, ids, mask)[:, -1]
 
 
 #: `assert_greedy_up_to_ties`' near-tie for grouped weights: the largest flip measured in the tiny
@@ -53,15 +59,20 @@ GROUPED_TIE = 0.05
 LOGIT_RTOL = 1e-4  # |nx - hf| <= LOGIT_RTOL * max(1, max|hf|): f32 summed in another order
 
 
-def assert_same_greedy(hf, model, ids: torch.Tensor, mask: torch.Tensor, new: int) -> None:
+def assert_same_greedy(hf, model, ids: torch.Tensor, mask: torch.Tensor, new: int, tie: float | None = None) -> None:
     """nx's greedy tokens equal HF's, and the tiny model is not degenerate (a row repeating one token
-    would make the comparison weak)."""
+    would make the comparison weak). With `tie`, a row may part from HF's at a near-tie in HF's
+    logits (`assert_greedy_up_to_ties`)."""
     ref = hf_greedy(hf, ids, mask, new)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
     assert out.dtype == torch.long and out.shape == ref.shape
     gen = ref[:, ids.shape[1] :]
     degenerate = any(len(set(row.tolist())) < 2 for row in gen) or len(set(gen.flatten().tolist())) < 4
     assert not degenerate, f"degenerate tiny model (a row repeats one token): {gen.tolist()}"
+    if tie is not None:
+        full = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], dim=1)
+        logits = hf_logits(hf, ref, full)[:, ids.shape[1] - 1 : -1]
+        return assert_greedy_up_to_ties(ref.numpy(), out.numpy(), ids.shape[1], logits, tie)
     mismatch = (out != ref).nonzero()
     assert mismatch.numel() == 0, f"first mismatch at {mismatch[0].tolist()}:\nnx={out.tolist()}\nhf={ref.tolist()}"
 
@@ -83,23 +94,6 @@ def assert_greedy_up_to_ties(ref: np.ndarray, out: np.ndarray, prompt: int, ref_
         logits = np.asarray(ref_logits[r, p - prompt], np.float64)
         gap, spread = logits[ref[r, p]] - logits[out[r, p]], logits.max() - logits.min()
         assert gap <= tie * spread, f"row {r}, step {p}: nx's token trails the reference's by {gap:.4g} (spread {spread:.4g})"
-
-
-def assert_same_greedy_up_to_ties(hf, model, ids: torch.Tensor, mask: torch.Tensor, new: int, tie: float) -> None:
-    """`assert_same_greedy` up to near-ties in HF's logits (`assert_greedy_up_to_ties`)."""
-    ref = hf_greedy(hf, ids, mask, new)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
-    assert out.dtype == torch.long and out.shape == ref.shape
-    gen = ref[:, ids.shape[1] :]
-    degenerate = any(len(set(row.tolist())) < 2 for row in gen) or len(set(gen.flatten().tolist())) < 4
-    assert not degenerate, f"degenerate tiny model (a row repeats one token): {gen.tolist()}"
-    full = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], dim=1)
-    with torch.no_grad():
-        kwargs = {"attention_mask": full}
-        if "position_ids" in inspect.signature(hf.forward).parameters:
-            kwargs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)
-        logits = hf(ref, **kwargs).logits[:, ids.shape[1] - 1 : -1].float().numpy()
-    assert_greedy_up_to_ties(ref.numpy(), out.numpy(), ids.shape[1], logits, tie)
 
 
 def assert_close_logits(hf, model, ids: torch.Tensor, mask: torch.Tensor) -> None:

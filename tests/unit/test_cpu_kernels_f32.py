@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
 
 from nx.ops import cpu_kernels
 from tests.cases.llama import CASES
 from tests.conftest import assert_kernel_matches_xla
+from tests.unit.staged_kernels import assert_xla_off_the_cpu, scan_and_shard_map
 
 linear = importlib.import_module("nx.ops.linear")  # `nx.ops.linear` is also the function
 
@@ -136,44 +136,12 @@ def test_dispatch_and_off_switch(monkeypatch):
 def test_other_platforms_lower_the_xla_path(platform):
     """A program exported for an accelerator never calls the cpu-only FFI target."""
     x, w = _random(cpu_kernels.F32_MIN_ROWS, 64, 32)
-    f = jax.jit(lambda x, w: linear.project(x, w, jnp.float32))
-    text = jax.export.export(f, platforms=[platform])(x, w).mlir_module()
-    assert TARGET not in text and "dot_general" in text
-    allow = [jax.export.DisabledSafetyCheck.custom_call(TARGET)]
-    both = jax.export.export(f, platforms=["cpu", platform], disabled_checks=allow)(x, w).mlir_module()
-    assert TARGET in both  # multi-platform: a conditional on the platform, resolved when compiled
+    assert_xla_off_the_cpu(TARGET, x, w, platform)
 
 
 def test_inside_scan_and_shard_map(monkeypatch):
     """Layers scanned over stacked f32 weights, column- and row-parallel weights under shard_map."""
-    rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
-    stacked = jnp.asarray(rng.standard_normal((3, 128, 128)) / 11, jnp.float32)
-
-    def run(x, stacked):
-        def body(h, w):
-            return jnp.tanh(linear.project(h, w, jnp.float32)), None
-
-        return jax.lax.scan(body, x, stacked)[0]
-
-    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
-
-    def column(x, w):
-        f = jax.shard_map(lambda x, w: linear.project(x, w, jnp.float32), mesh=mesh,
-                          in_specs=(PartitionSpec(), PartitionSpec("tp")), out_specs=PartitionSpec(None, "tp"))
-        return f(x, w)
-
-    def row(x, w):
-        f = jax.shard_map(lambda x, w: linear.row_parallel_linear(x, {"w": w}, "tp"), mesh=mesh,
-                          in_specs=(PartitionSpec(None, "tp"), PartitionSpec(None, "tp")), out_specs=PartitionSpec())
-        return f(x, w)
-
-    fns = [(run, stacked), (column, stacked[0]), (row, stacked[1])]
-    got = [np.asarray(jax.jit(f)(x, w)) for f, w in fns]
-    for f, w in fns:
-        assert TARGET in jax.jit(f).lower(x, w).as_text()
-    monkeypatch.setenv(cpu_kernels.ENV, "off")
-    ref = [np.asarray(jax.jit(f)(x, w)) for f, w in fns]
+    got, ref = scan_and_shard_map(TARGET, jnp.float32, 3, monkeypatch)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
