@@ -59,3 +59,16 @@ def scan_and_shard_map(target: str, dtype, rows: int, monkeypatch) -> tuple[list
         assert target in jax.jit(f).lower(x, w).as_text()
     monkeypatch.setenv(cpu_kernels.ENV, "off")
     return got, [np.asarray(jax.jit(f)(x, w)) for f, w in fns]
+
+
+def assert_chosen_when_lowered(target: str, lowered, x, w, levels: list[str], monkeypatch) -> None:
+    """`lowered(x, w)` (a program's text) calls `target` at every level in `levels` and not with
+    ``NX_CPU_KERNELS=off``; the compiled program holds no platform conditional (the choice is made
+    when lowering)."""
+    compiled = jax.jit(lambda x, w: linear.project(x, w, x.dtype)).lower(x, w).compile().as_text()
+    assert "conditional" not in compiled
+    for level in levels:
+        monkeypatch.setenv(cpu_kernels.ENV, level)
+        assert target in lowered(x, w)
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    assert target not in lowered(x, w)

@@ -19,7 +19,7 @@ import pytest
 from nx.ops import cpu_kernels
 from tests.cases.llama import CASES
 from tests.conftest import assert_kernel_matches_xla
-from tests.unit.staged_kernels import assert_xla_off_the_cpu, scan_and_shard_map
+from tests.unit.staged_kernels import assert_chosen_when_lowered, assert_xla_off_the_cpu, scan_and_shard_map
 
 linear = importlib.import_module("nx.ops.linear")  # `nx.ops.linear` is also the function
 
@@ -123,13 +123,7 @@ def test_dispatch_and_off_switch(monkeypatch):
     rows = jnp.zeros((2, cpu_kernels.F32_MAX_ROWS // 2, 64), jnp.float32)
     assert TARGET in _lowered(rows, w)  # the row limit in any leading shape
     assert TARGET in jax.jit(lambda x, w: linear.lm_head(x, w)).lower(x, w).as_text()  # lm head / tied table
-    compiled = jax.jit(lambda x, w: linear.project(x, w, jnp.float32)).lower(x, w).compile().as_text()
-    assert "conditional" not in compiled  # the platform choice is made when lowering
-    for level in LEVELS:
-        monkeypatch.setenv(cpu_kernels.ENV, level)
-        assert TARGET in _lowered(x, w)
-    monkeypatch.setenv(cpu_kernels.ENV, "off")
-    assert TARGET not in _lowered(x, w)
+    assert_chosen_when_lowered(TARGET, _lowered, x, w, LEVELS, monkeypatch)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
