@@ -72,3 +72,14 @@ def assert_chosen_when_lowered(target: str, lowered, x, w, levels: list[str], mo
         assert target in lowered(x, w)
     monkeypatch.setenv(cpu_kernels.ENV, "off")
     assert target not in lowered(x, w)
+
+
+def assert_exact_integer_sums(kernel, dtype, k: int, level: str) -> None:
+    """Small integers in `dtype`: every partial sum is exact in f32, whatever the order, so
+    ``kernel(x, w, level=)`` equals the f64 product bit for bit."""
+    rng = np.random.default_rng(2)
+    m, n = 9, 70
+    x = jnp.asarray(rng.integers(-8, 9, (m, k)), dtype)
+    w = jnp.asarray(rng.integers(-8, 9, (n, k)), dtype)
+    got = np.asarray(jax.jit(lambda x, w: kernel(x, w, level=level))(x, w))
+    np.testing.assert_array_equal(got, np.asarray(x, np.float64) @ np.asarray(w, np.float64).T)

@@ -19,7 +19,12 @@ import pytest
 from nx.ops import cpu_kernels
 from tests.cases.llama import CASES
 from tests.conftest import assert_kernel_matches_xla
-from tests.unit.staged_kernels import assert_chosen_when_lowered, assert_xla_off_the_cpu, scan_and_shard_map
+from tests.unit.staged_kernels import (
+    assert_chosen_when_lowered,
+    assert_exact_integer_sums,
+    assert_xla_off_the_cpu,
+    scan_and_shard_map,
+)
 
 linear = importlib.import_module("nx.ops.linear")  # `nx.ops.linear` is also the function
 
@@ -92,12 +97,7 @@ def test_exact_sums_are_exact(level):
     """Small integers: every partial sum is exact in f32, whatever the order: bit for bit."""
     import nx_kernels_cpu
 
-    rng = np.random.default_rng(2)
-    m, k, n = 9, 1000, 70
-    x = jnp.asarray(rng.integers(-8, 9, (m, k)), jnp.bfloat16)
-    w = jnp.asarray(rng.integers(-8, 9, (n, k)), jnp.bfloat16)
-    got = np.asarray(jax.jit(lambda x, w: nx_kernels_cpu.bf16_matmul(x, w, level=level))(x, w))
-    np.testing.assert_array_equal(got, _f64(x) @ _f64(w).T)
+    assert_exact_integer_sums(nx_kernels_cpu.bf16_matmul, jnp.bfloat16, 1000, level)
 
 
 @pytest.mark.parametrize("rows", sorted({1, 2, 3, 4, 5, 8, 13, cpu_kernels.BF16_MAX_ROWS}))

@@ -19,7 +19,12 @@ import pytest
 from nx.ops import cpu_kernels
 from tests.cases.llama import CASES
 from tests.conftest import assert_kernel_matches_xla
-from tests.unit.staged_kernels import assert_chosen_when_lowered, assert_xla_off_the_cpu, scan_and_shard_map
+from tests.unit.staged_kernels import (
+    assert_chosen_when_lowered,
+    assert_exact_integer_sums,
+    assert_xla_off_the_cpu,
+    scan_and_shard_map,
+)
 
 linear = importlib.import_module("nx.ops.linear")  # `nx.ops.linear` is also the function
 
@@ -81,12 +86,7 @@ def test_exact_sums_are_exact(level):
     """Small integers: every partial sum is exact in f32, whatever the order: bit for bit."""
     import nx_kernels_cpu
 
-    rng = np.random.default_rng(2)
-    m, k, n = 9, 1001, 70
-    x = jnp.asarray(rng.integers(-8, 9, (m, k)), jnp.float32)
-    w = jnp.asarray(rng.integers(-8, 9, (n, k)), jnp.float32)
-    got = np.asarray(jax.jit(lambda x, w: nx_kernels_cpu.f32_matmul(x, w, level=level))(x, w))
-    np.testing.assert_array_equal(got, np.asarray(x, np.float64) @ np.asarray(w, np.float64).T)
+    assert_exact_integer_sums(nx_kernels_cpu.f32_matmul, jnp.float32, 1001, level)
 
 
 @pytest.mark.parametrize("rows", sorted({cpu_kernels.F32_MIN_ROWS, 3, cpu_kernels.F32_MAX_ROWS}))

@@ -53,9 +53,10 @@ def serve(
 
     POST /v1/completions and /v1/chat/completions (streaming with SSE), GET /v1/models, /health
     and /metrics (Prometheus). Prompt buckets default to every 16 tokens up to 128, then powers of
-    two (--context-length-estimate overrides; a prompt pads to its bucket). Every program requests can run is compiled (or loaded from the
-    compile cache) and warmed up before the server accepts traffic. SIGTERM drains running
-    requests (up to --shutdown-timeout) and exits 0. --quiet logs warnings and errors only.
+    two (--context-length-estimate overrides; a prompt pads to its bucket). Every program requests
+    can run is compiled (or loaded from the compile cache) and warmed up before the server accepts
+    traffic. SIGTERM drains running requests (up to --shutdown-timeout) and exits 0. --quiet logs
+    warnings and errors only.
     """
     import logging
     import signal
