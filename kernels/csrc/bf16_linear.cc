@@ -33,11 +33,7 @@
 
 namespace {
 
-// Loops over a tile's accumulators, unrolled before GCC decides where arrays live: left to its later
-// unrolling, the accumulator arrays stay in memory and every k-step stores them to the stack.
-#define NX_UNROLL _Pragma("GCC unroll 8")
-
-using namespace nxk;  // levels, HasFma, ParallelRows, Threads, ClampLevel (common.h)
+using namespace nxk;  // levels, HasFma, ParallelRows, Threads, ClampLevel, NX_UNROLL (common.h)
 
 inline float Bf16ToF32(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;

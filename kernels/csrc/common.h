@@ -95,6 +95,8 @@ inline void Remainder(const float* x, const int8_t* hi, float s, int k, float* r
   }
 }
 
+// Round: RoundRow or a vector version of it that rounds alike (the s8 kernel's AVX-512 one).
+template <void (*Round)(const float*, int, int8_t*, float*) = RoundRow>
 inline void QuantizeRows(const float* x, int m, int k, Terms& t) {
   t.r = 2 * m;
   t.k = k;
@@ -107,10 +109,10 @@ inline void QuantizeRows(const float* x, int m, int k, Terms& t) {
     const float* xi = x + static_cast<size_t>(i) * k;
     int8_t* hi = t.a.data() + static_cast<size_t>(i) * t.kp;
     int8_t* lo = t.a.data() + static_cast<size_t>(m + i) * t.kp;
-    RoundRow(xi, k, hi, &t.scale[i]);
+    Round(xi, k, hi, &t.scale[i]);
     const float s_hi = t.scale[i];
     Remainder(xi, hi, s_hi, k, rem.data());
-    RoundRow(rem.data(), k, lo, &t.scale[m + i]);
+    Round(rem.data(), k, lo, &t.scale[m + i]);
   }
 }
 
@@ -179,6 +181,11 @@ inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work
 #endif
   }
 }
+
+// Loops over a register tile's accumulators, unrolled before GCC decides where arrays live: left to
+// its later unrolling, the accumulator arrays stay in memory and every k-step stores them to the
+// stack (the bf16 and s8 kernels' tiles).
+#define NX_UNROLL _Pragma("GCC unroll 8")
 
 #ifdef NX_X86
 // Horizontal sums shared by the f32-accumulating kernels (bf16_linear.cc, f32_linear.cc).

@@ -14,7 +14,13 @@
 //   1 AVX2: vpmaddubsw(|w|, sign(a, w)) then vpmaddwd with ones (pairs stay below 2^15: 128*127*2);
 //   0 scalar.
 // The Python side never asks for a level the CPU lacks (nx_kernels_cpu_isa()).
-// Threads and activation terms: common.h.
+// Any number of token rows: decode (nx sends up to 16) and prompts (nx.ops.cpu_kernels.MAX_ROWS).
+// Up to 2 token rows the weight rows stream one after another; more run register tiles (4 weight
+// rows x up to 6 activation rows at AVX-512, 4 x 2 at AVX2, accumulators kept in registers) in
+// which every weight and activation vector is loaded once per k-step for the whole tile, so the
+// dots run near vpdpbusd's throughput. Prompts are cache-blocked (S8MatmulImpl): chunks of weight
+// rows against tiles of token rows, the weight streamed from memory once per call.
+// Threads and activation terms: common.h (at AVX-512 the rows are rounded in vectors, alike).
 
 #include "common.h"
 
@@ -58,19 +64,21 @@ void DotScalar(const Terms& t, const int8_t* w, int j0, int j1, int32_t* out, in
 
 #ifdef NX_X86
 
-// How far ahead (in weight rows) the four-row SIMD loops fetch weights, which stream from memory
-// once while the activation terms stay in L1: 32 rows (18 KB at k = 576) measured best on the
-// 2-core EPYC; the one-row loops do better on the hardware prefetcher alone (BENCHMARKS.md,
-// "CPU kernels").
-constexpr int kPrefetchRows = 32;
-
 // Up to this many activation rows (2 per token row) the dot reads weight rows one at a time, in
-// order; more rows read four weight rows together, sharing each activation load among them. Four
-// interleaved rows (576 bytes apart) stream from memory at ~11 GB/s on the 2-core EPYC, one row at
-// a time at 15-20 (BENCHMARKS.md, "CPU kernels").
+// order, the order the hardware prefetcher streams best; more rows run register tiles of kTileRm
+// weight rows x up to L::kMaxRn activation rows (BENCHMARKS.md, "CPU kernels").
 constexpr int kStreamTerms = 4;
+// Weight rows per register tile: each k-step loads their vectors once for all the tile's
+// activation rows, and their sums leave the registers in one transposing reduction (Reduce4).
+constexpr int kTileRm = 4;
+// How many tiles ahead the first activation block of a tile prefetches the weight rows (into L1),
+// so the weights stream from memory while the tiles compute.
+constexpr int kPrefetchTiles = 8;
+// With several activation blocks the k range is cut into spans of this many bytes, so a tile's
+// weight rows stay in L1 while every block reuses them (1B shapes: k up to 8192).
+constexpr int kSpan = 2048;
 
-// ---- AVX2 ----
+// ---- AVX2: 32 int8 a step, vpmaddubsw(|w|, sign(a, w)) then vpmaddwd with ones ----
 
 __attribute__((target("avx2"))) inline int32_t HsumAvx2(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -79,63 +87,52 @@ __attribute__((target("avx2"))) inline int32_t HsumAvx2(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// R weight rows x T activation rows per pass over k.
-template <int R, int T>
-__attribute__((target("avx2"))) void TileAvx2(const Terms& t, const int8_t* w, int j, int r0, int32_t* out,
-                                              int ldo) {
-  const int k = t.k;
-  const int kv = k / 32 * 32;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[R][T];
-  for (int i = 0; i < R; ++i)
-    for (int u = 0; u < T; ++u) acc[i][u] = _mm256_setzero_si256();
-  const int8_t* wr[R];
-  for (int i = 0; i < R; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
-  const int8_t* ar[T];
-  for (int u = 0; u < T; ++u) ar[u] = t.a.data() + static_cast<size_t>(r0 + u) * t.kp;
-  const int64_t pf = R > 1 && r0 == 0 ? static_cast<int64_t>(kPrefetchRows) * k : -1;
-  for (int p = 0; p < kv; p += 32) {
-    __m256i av[T];
-    for (int u = 0; u < T; ++u) av[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[u] + p));
-    if (pf > 0 && (p & 63) == 0)
-      for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(wr[i] + p + pf), _MM_HINT_T0);
-    for (int i = 0; i < R; ++i) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[i] + p));
-      const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as u8 (-128 -> 128)
-      for (int u = 0; u < T; ++u) {
-        const __m256i sa = _mm256_sign_epi8(av[u], wv);
-        const __m256i pr = _mm256_maddubs_epi16(aw, sa);
-        acc[i][u] = _mm256_add_epi32(acc[i][u], _mm256_madd_epi16(pr, ones));
+struct Avx2 {
+  // 16 ymm registers: 4 x 2 accumulators, 2 activation vectors, a weight vector, |w|, ones, temps.
+  static constexpr int kMaxRn = 2;
+
+  // Weight rows [j, j + RM) x activation rows [r0, r0 + RN) over k in [p0, p1) (p0 a multiple of
+  // 32, p1 too unless it is k): int32 dots stored to out (`add`: added to it). `next` (or null):
+  // weight rows prefetched at the same offsets while these stream.
+  template <int RM, int RN>
+  __attribute__((target("avx2"))) static void Tile(const Terms& t, const int8_t* w, int j, int r0, int p0, int p1,
+                                                   int32_t* out, int ldo, bool add, const int8_t* next) {
+    const int k = t.k;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __v8si acc[RM][RN];  // typed as int32 lanes, so GCC keeps them in registers (see Vnni::Tile)
+    NX_UNROLL for (int i = 0; i < RM; ++i)
+      NX_UNROLL for (int u = 0; u < RN; ++u) acc[i][u] = __v8si{};
+    const int8_t* wr[RM];
+    NX_UNROLL for (int i = 0; i < RM; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
+    const int8_t* ar[RN];
+    NX_UNROLL for (int u = 0; u < RN; ++u) ar[u] = t.a.data() + static_cast<size_t>(r0 + u) * t.kp;
+    const int pv = p0 + (p1 - p0) / 32 * 32;
+    for (int p = p0; p < pv; p += 32) {
+      if (next && (p & 63) == 0)
+        NX_UNROLL for (int i = 0; i < RM; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T0);
+      __m256i av[RN];
+      NX_UNROLL for (int u = 0; u < RN; ++u) av[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[u] + p));
+      NX_UNROLL for (int i = 0; i < RM; ++i) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[i] + p));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as u8 (-128 -> 128)
+        NX_UNROLL for (int u = 0; u < RN; ++u) {
+          const __m256i pr = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(av[u], wv));
+          acc[i][u] += (__v8si)_mm256_madd_epi16(pr, ones);
+        }
       }
     }
+    NX_UNROLL for (int i = 0; i < RM; ++i)
+      NX_UNROLL for (int u = 0; u < RN; ++u) {
+        int32_t s = HsumAvx2((__m256i)acc[i][u]);
+        for (int q = pv; q < p1; ++q) s += static_cast<int32_t>(ar[u][q]) * wr[i][q];
+        int32_t& o = out[static_cast<size_t>(r0 + u) * ldo + j + i];
+        o = add ? o + s : s;
+      }
   }
-  for (int i = 0; i < R; ++i)
-    for (int u = 0; u < T; ++u) {
-      int32_t s = HsumAvx2(acc[i][u]);
-      for (int q = kv; q < k; ++q) s += static_cast<int32_t>(ar[u][q]) * wr[i][q];
-      out[static_cast<size_t>(r0 + u) * ldo + j + i] = s;
-    }
-}
+};
 
-template <int R>
-__attribute__((target("avx2"))) void RowsAvx2(const Terms& t, const int8_t* w, int j, int32_t* out, int ldo) {
-  int r0 = 0;
-  for (; r0 + 2 <= t.r; r0 += 2) TileAvx2<R, 2>(t, w, j, r0, out, ldo);
-  if (r0 < t.r) TileAvx2<R, 1>(t, w, j, r0, out, ldo);
-}
-
-__attribute__((target("avx2"))) void DotAvx2(const Terms& t, const int8_t* w, int j0, int j1, int32_t* out,
-                                             int ldo) {
-  int j = j0;
-  if (t.r <= kStreamTerms) {  // weight rows one after another (see kStreamTerms)
-    for (; j < j1; ++j) RowsAvx2<1>(t, w, j, out, ldo);
-    return;
-  }
-  for (; j + 4 <= j1; j += 4) RowsAvx2<4>(t, w, j, out, ldo);
-  for (; j < j1; ++j) RowsAvx2<1>(t, w, j, out, ldo);
-}
-
-// ---- AVX-512 VNNI ----
+// ---- AVX-512 VNNI: 64 int8 a step, vpdpbusd(w + 128 as u8, a) ----
 
 #define NX_AVX512 "avx512f,avx512bw,avx512vl,avx512vnni"
 
@@ -148,85 +145,152 @@ __attribute__((target(NX_AVX512))) inline __m128i Reduce4(__m512i a, __m512i b, 
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-template <int R, int T>
-__attribute__((target(NX_AVX512))) void TileVnni(const Terms& t, const int8_t* w, int j, int r0, int32_t* out,
-                                                 int ldo) {
-  const int k = t.k;
+// One k-step (64 bytes at p; `mask`: the weight bytes read, the rest enter as 0 + 128 against
+// zero-padded activations) of the tile below.
+template <int RM, int RN>
+__attribute__((target(NX_AVX512), always_inline)) inline void StepVnni(__v16si (&acc)[RN][RM],
+                                                                       const int8_t* const (&wr)[RM],
+                                                                       const int8_t* const (&ar)[RN], int p,
+                                                                       __mmask64 mask) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512i acc[R][T];
-  for (int i = 0; i < R; ++i)
-    for (int u = 0; u < T; ++u) acc[i][u] = _mm512_setzero_si512();
-  const int8_t* wr[R];
-  for (int i = 0; i < R; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
-  const int8_t* ar[T];
-  for (int u = 0; u < T; ++u) ar[u] = t.a.data() + static_cast<size_t>(r0 + u) * t.kp;
-  const int kv = k / 64 * 64;
-  int p = 0;
-  // Prefetch on the first pass over this row block only (the next passes find it in L1).
-  const int64_t pf = R > 1 && r0 == 0 ? static_cast<int64_t>(kPrefetchRows) * k : -1;
-  for (; p < kv; p += 64) {
-    __m512i av[T];
-    for (int u = 0; u < T; ++u) av[u] = _mm512_loadu_si512(ar[u] + p);
-    if (pf > 0)
-      for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(wr[i] + p + pf), _MM_HINT_T0);
-    for (int i = 0; i < R; ++i) {
-      const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(wr[i] + p), flip);  // w + 128 as u8
-      for (int u = 0; u < T; ++u) acc[i][u] = _mm512_dpbusd_epi32(acc[i][u], wu, av[u]);
-    }
-  }
-  if (p < k) {  // the tail: terms are zero padded to kp; weights read under a mask (+128 * 0)
-    const __mmask64 mask = (~0ULL) >> (64 - (k - p));
-    __m512i av[T];
-    for (int u = 0; u < T; ++u) av[u] = _mm512_loadu_si512(ar[u] + p);
-    for (int i = 0; i < R; ++i) {
-      const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr[i] + p), flip);
-      for (int u = 0; u < T; ++u) acc[i][u] = _mm512_dpbusd_epi32(acc[i][u], wu, av[u]);
-    }
-  }
-  for (int u = 0; u < T; ++u) {
-    int32_t* o = out + static_cast<size_t>(r0 + u) * ldo + j;
-    if constexpr (R == 4) {  // four rows' sums at once: half the shuffles of four reductions
-      const __m128i s = _mm_sub_epi32(Reduce4(acc[0][u], acc[1][u], acc[2][u], acc[3][u]),
-                                      _mm_set1_epi32(128 * t.sum[r0 + u]));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), s);
-    } else {
-      for (int i = 0; i < R; ++i) o[i] = _mm512_reduce_add_epi32(acc[i][u]) - 128 * t.sum[r0 + u];
-    }
+  __m512i wu[RM];
+  NX_UNROLL for (int i = 0; i < RM; ++i) wu[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr[i] + p), flip);
+  NX_UNROLL for (int u = 0; u < RN; ++u) {
+    const __m512i av = _mm512_loadu_si512(ar[u] + p);
+    NX_UNROLL for (int i = 0; i < RM; ++i) acc[u][i] = (__v16si)_mm512_dpbusd_epi32((__m512i)acc[u][i], wu[i], av);
   }
 }
 
-template <int R>
-__attribute__((target(NX_AVX512))) void RowsVnni(const Terms& t, const int8_t* w, int j, int32_t* out, int ldo) {
-  int r0 = 0;
-  for (; r0 + 4 <= t.r; r0 += 4) TileVnni<R, 4>(t, w, j, r0, out, ldo);
-  switch (t.r - r0) {
-    case 3: TileVnni<R, 3>(t, w, j, r0, out, ldo); break;
-    case 2: TileVnni<R, 2>(t, w, j, r0, out, ldo); break;
-    case 1: TileVnni<R, 1>(t, w, j, r0, out, ldo); break;
-    default: break;
-  }
+// The tile's sums for one activation row into out[0, RM) (`add`: added to it, else stored less the
+// offset's 128 * sum(a)). The accumulators go by value: an array's address would keep GCC storing
+// them to the stack at every k-step.
+template <int RM>
+__attribute__((target(NX_AVX512))) inline void StoreVnni(__m512i v0, __m512i v1, __m512i v2, __m512i v3,
+                                                          int32_t sum, int32_t* out, bool add) {
+  const __m128i s = Reduce4(v0, v1, v2, v3);
+  const __mmask8 mask = (1u << RM) - 1;
+  const __m128i o = add ? _mm_maskz_loadu_epi32(mask, out) : _mm_set1_epi32(-128 * sum);
+  _mm_mask_storeu_epi32(out, mask, _mm_add_epi32(s, o));
 }
 
-__attribute__((target(NX_AVX512))) void DotVnni(const Terms& t, const int8_t* w, int j0, int j1, int32_t* out,
-                                                int ldo) {
-  int j = j0;
-  if (t.r <= kStreamTerms) {  // weight rows one after another: one sequential stream from memory
-    for (; j < j1; ++j) RowsVnni<1>(t, w, j, out, ldo);
+struct Vnni {
+  // 32 zmm registers: 4 x 6 accumulators, 4 weight vectors, an activation vector, the 0x80 mask.
+  static constexpr int kMaxRn = 6;
+
+  // As Avx2::Tile (p0 a multiple of 64, p1 too unless it is k).
+  template <int RM, int RN>
+  __attribute__((target(NX_AVX512))) static void Tile(const Terms& t, const int8_t* w, int j, int r0, int p0, int p1,
+                                                      int32_t* out, int ldo, bool add, const int8_t* next) {
+    const int k = t.k;
+    __v16si acc[RN][RM];  // int32 lanes typed as such: an __m512i array is cast at every vpdpbusd and
+                          // GCC then keeps it in memory (BENCHMARKS.md, "s8 kernel: register tiles")
+    NX_UNROLL for (int u = 0; u < RN; ++u)
+      NX_UNROLL for (int i = 0; i < RM; ++i) acc[u][i] = __v16si{};
+    const int8_t* wr[RM];
+    NX_UNROLL for (int i = 0; i < RM; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
+    const int8_t* ar[RN];
+    NX_UNROLL for (int u = 0; u < RN; ++u) ar[u] = t.a.data() + static_cast<size_t>(r0 + u) * t.kp;
+    int p = p0;
+    for (; p + 64 <= p1; p += 64) {
+      if (next)
+        NX_UNROLL for (int i = 0; i < RM; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T0);
+      StepVnni<RM, RN>(acc, wr, ar, p, ~0ULL);
+    }
+    if (p < p1) StepVnni<RM, RN>(acc, wr, ar, p, (~0ULL) >> (64 - (p1 - p)));
+    const __m512i z = _mm512_setzero_si512();
+    NX_UNROLL for (int u = 0; u < RN; ++u) {
+      __m512i v[4] = {z, z, z, z};
+      NX_UNROLL for (int i = 0; i < RM; ++i) v[i] = (__m512i)acc[u][i];
+      StoreVnni<RM>(v[0], v[1], v[2], v[3], t.sum[r0 + u], out + static_cast<size_t>(r0 + u) * ldo + j, add);
+    }
+  }
+};
+
+// RoundRow (common.h) in vectors: max|v| (NaN ignored alike), then round(v * inv) half to even
+// (the MXCSR default, as nearbyint), so the same terms and scale; prompts' rows are rounded in a
+// fraction of the scalar loop's time.
+__attribute__((target(NX_AVX512))) void RoundRowAvx512(const float* v, int k, int8_t* out, float* scale_out) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int i = 0; i < k; i += 16) {
+    const __mmask16 mask = i + 16 <= k ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    mx = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(mask, v + i)), mx);
+  }
+  float s = _mm512_reduce_max_ps(mx) * (1.0f / 127.0f);
+  if (!(s > 0.0f)) s = 1.0f;
+  const __m512 inv = _mm512_set1_ps(1.0f / s);
+  for (int i = 0; i < k; i += 16) {
+    const __mmask16 mask = i + 16 <= k ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, v + i), inv),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_mask_cvtepi32_storeu_epi8(out + i, mask, q);
+  }
+  *scale_out = s;
+}
+
+// L::Tile<RM, rn> for rn in 1 ... RN, chosen at run time.
+template <class L, int RM, int RN = L::kMaxRn>
+void TileRows(int rn, const Terms& t, const int8_t* w, int j, int r0, int p0, int p1, int32_t* out, int ldo, bool add,
+              const int8_t* next) {
+  if constexpr (RN > 1)
+    if (rn < RN) return TileRows<L, RM, RN - 1>(rn, t, w, j, r0, p0, p1, out, ldo, add, next);
+  L::template Tile<RM, RN>(t, w, j, r0, p0, p1, out, ldo, add, next);
+}
+
+// out[r, j] (row stride ldo) for every activation row r and weight rows j in [j0, j1) of w, which
+// holds `rows` rows (the prefetch stays inside it). Up to kStreamTerms activation rows: weight
+// rows one after another. More: each tile of weight rows serves every activation row (near-equal
+// blocks of at most L::kMaxRn) while it is in cache, so every weight byte streams from memory once
+// a call; the first block prefetches the rows kPrefetchTiles tiles ahead.
+template <class L>
+void DotTiles(const Terms& t, const int8_t* w, int rows, int j0, int j1, int32_t* out, int ldo) {
+  const int blocks = (t.r + L::kMaxRn - 1) / L::kMaxRn;
+  if (t.r <= kStreamTerms) {
+    for (int j = j0; j < j1; ++j)
+      for (int b = 0, r0 = 0; b < blocks; ++b) {
+        const int rn = (t.r - r0) / (blocks - b);
+        TileRows<L, 1>(rn, t, w, j, r0, 0, t.k, out, ldo, false, nullptr);
+        r0 += rn;
+      }
     return;
   }
-  for (; j + 4 <= j1; j += 4) RowsVnni<4>(t, w, j, out, ldo);
-  for (; j < j1; ++j) RowsVnni<1>(t, w, j, out, ldo);
+  const int span = blocks > 1 ? kSpan : t.k;
+  for (int j = j0; j < j1; j += kTileRm) {
+    const int rm = std::min(kTileRm, j1 - j);
+    const int ahead = j + kTileRm * kPrefetchTiles;
+    const int8_t* next = ahead + kTileRm <= rows ? w + static_cast<size_t>(ahead) * t.k : nullptr;
+    for (int p0 = 0; p0 < t.k; p0 += span) {
+      const int p1 = std::min(t.k, p0 + span);
+      for (int b = 0, r0 = 0; b < blocks; ++b) {
+        const int rn = (t.r - r0) / (blocks - b);  // near-equal blocks, the larger ones last
+        const int8_t* pf = b == 0 ? next : nullptr;
+        if (rm == kTileRm)
+          TileRows<L, kTileRm>(rn, t, w, j, r0, p0, p1, out, ldo, p0 > 0, pf);
+        else
+          for (int i = 0; i < rm; ++i) TileRows<L, 1>(rn, t, w, j + i, r0, p0, p1, out, ldo, p0 > 0, nullptr);
+        r0 += rn;
+      }
+    }
+  }
 }
 
 #endif  // NX_X86
 
-void Dot(int level, const Terms& t, const int8_t* w, int j0, int j1, int32_t* out, int ldo) {
+void Dot(int level, const Terms& t, const int8_t* w, int rows, int j0, int j1, int32_t* out, int ldo) {
 #ifdef NX_X86
-  if (level >= kAvx512Vnni) return DotVnni(t, w, j0, j1, out, ldo);
-  if (level >= kAvx2) return DotAvx2(t, w, j0, j1, out, ldo);
+  if (level >= kAvx512Vnni) return DotTiles<Vnni>(t, w, rows, j0, j1, out, ldo);
+  if (level >= kAvx2) return DotTiles<Avx2>(t, w, rows, j0, j1, out, ldo);
 #endif
   DotScalar(t, w, j0, j1, out, ldo);
 }
+
+// Cache blocking for prompts: a thread's weight rows in chunks of about kChunkBytes, each run
+// against the token rows kTileBytes of activation terms at a time (and those terms' int32 sums,
+// then their epilogue), so the weight streams from memory once per call, each chunk is reused from
+// L2 and the int32 sums stay small. Decode (up to 16 token rows) is one tile.
+constexpr int64_t kChunkBytes = 128 << 10;
+constexpr int64_t kTileBytes = 256 << 10;
+constexpr int kMinTile = 16;
 
 ffi::Error S8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                         ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t level,
@@ -236,24 +300,46 @@ ffi::Error S8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || scale.element_count() != static_cast<size_t>(wd[0]))
     return ffi::Error::InvalidArgument("nx_kernels_cpu s8_matmul: x [m, k], w [n, k], scale [n] expected");
   const int m = static_cast<int>(xd[0]), k = static_cast<int>(xd[1]), n = static_cast<int>(wd[0]);
+  if (m == 0 || n == 0) return ffi::Error::Success();
   const int lvl = ClampLevel(level);
-  Terms t;
-  QuantizeRows(x.typed_data(), m, k, t);
-  if (lvl >= kAvx512Vnni) SumRows(t);
+  const int kp = (k + 63) / 64 * 64;
+  const int tile = static_cast<int>(std::max<int64_t>(kMinTile, kTileBytes / (2 * kp)));
+  const int chunk = static_cast<int>(std::max<int64_t>(kTileRm, kChunkBytes / std::max(1, k) / kTileRm * kTileRm));
+  // token tiles [i0, i0 + tile): their terms (hi rows then lo rows) in one Terms each
+  std::vector<Terms> tiles((m + tile - 1) / tile);
+  for (size_t c = 0; c < tiles.size(); ++c) {
+    const int i0 = static_cast<int>(c) * tile;
+    const float* xi = x.typed_data() + static_cast<size_t>(i0) * k;
+#ifdef NX_X86
+    if (lvl >= kAvx512Vnni) {
+      QuantizeRows<RoundRowAvx512>(xi, std::min(tile, m - i0), k, tiles[c]);
+      SumRows(tiles[c]);
+      continue;
+    }
+#endif
+    QuantizeRows(xi, std::min(tile, m - i0), k, tiles[c]);
+  }
   const int8_t* wp = w.typed_data();
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
-  ParallelRows(pool, n, Threads(pool, threads), static_cast<int64_t>(t.r) * k, [&](int j0, int j1) {
-    // int32 sums of this chunk's rows only, in a per-thread buffer: a [2m, n] one would be
-    // allocated (and page-faulted) anew at every call of a large weight (the lm head).
-    const int cn = j1 - j0;
+  ParallelRows(pool, n, Threads(pool, threads), 2 * static_cast<int64_t>(m) * k, [&](int j0, int j1) {
+    // int32 sums of one chunk and tile, in a per-thread buffer: a [2m, n] one would be allocated
+    // (and page-faulted) anew at every call of a large weight (the lm head).
     thread_local std::vector<int32_t> buf;
-    if (buf.size() < static_cast<size_t>(t.r) * cn) buf.resize(static_cast<size_t>(t.r) * cn);
-    Dot(lvl, t, wp + static_cast<size_t>(j0) * k, 0, cn, buf.data(), cn);
-    for (int i = 0; i < m; ++i) {
-      const int32_t* hi = buf.data() + static_cast<size_t>(i) * cn;
-      const int32_t* lo = buf.data() + static_cast<size_t>(m + i) * cn;
-      Epilogue(hi, lo, t.scale[i], t.scale[m + i], sp + j0, cn, yp + static_cast<size_t>(i) * n + j0);
+    for (int c0 = j0; c0 < j1; c0 += chunk) {
+      const int cn = std::min(j1, c0 + chunk) - c0;
+      const int8_t* wc = wp + static_cast<size_t>(c0) * k;
+      for (size_t c = 0; c < tiles.size(); ++c) {
+        const Terms& t = tiles[c];
+        const int i0 = static_cast<int>(c) * tile, tm = t.r / 2;
+        if (buf.size() < static_cast<size_t>(t.r) * cn) buf.resize(static_cast<size_t>(t.r) * cn);
+        Dot(lvl, t, wc, n - c0, 0, cn, buf.data(), cn);
+        for (int i = 0; i < tm; ++i) {
+          const int32_t* hi = buf.data() + static_cast<size_t>(i) * cn;
+          const int32_t* lo = buf.data() + static_cast<size_t>(tm + i) * cn;
+          Epilogue(hi, lo, t.scale[i], t.scale[tm + i], sp + c0, cn, yp + static_cast<size_t>(i0 + i) * n + c0);
+        }
+      }
     }
   });
   return ffi::Error::Success();
@@ -279,7 +365,7 @@ ffi::Error S8DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<f
   const int8_t* wp = w.typed_data();
   int32_t* op = out->typed_data();
   ParallelRows(pool, n, Threads(pool, threads), static_cast<int64_t>(r) * k,
-               [&](int j0, int j1) { Dot(lvl, t, wp, j0, j1, op, n); });
+               [&](int j0, int j1) { Dot(lvl, t, wp, n, j0, j1, op, n); });
   return ffi::Error::Success();
 }
 

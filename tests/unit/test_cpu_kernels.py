@@ -76,6 +76,33 @@ def test_matmul_equals_the_xla_path(monkeypatch, level, shape, threads):
     assert not got[-1].any()
 
 
+#: Token rows through the kernel: every decode batch 1-16, prompts (up to `cpu_kernels.MAX_ROWS`) and
+#: an odd one; [k, n] = [2100, 130]: k spans (2048 + a tail), several token tiles and weight chunks
+#: (n not a multiple of the register tiles' 4 rows).
+ROWS = [*range(1, 17), 17, 64, 77, 128, 256]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_row_count_equals_the_xla_path_bit_for_bit(monkeypatch, level):
+    """Register tiles, cache blocking and the vector rounding keep the XLA path's results exactly."""
+    import nx_kernels_cpu
+
+    x, q, scale = _random(max(ROWS), 2100, 130, seed=5)
+    w = QuantizedWeight(jnp.asarray(q), jnp.asarray(scale))
+
+    def kernel(threads):
+        return jax.jit(lambda x: nx_kernels_cpu.s8_matmul(x, w.q, w.scale, level=level, threads=threads))
+
+    # one thread: its rows in several weight chunks; two: the rows split between them
+    got = {(m, threads): np.asarray(kernel(threads)(x[:m])) for threads in (0, 1) for m in ROWS}
+    _xla(monkeypatch)
+    xla = jax.jit(qops.matmul)
+    for m in ROWS:
+        ref = np.asarray(xla(jnp.asarray(x[:m]), w))
+        for threads in (0, 1):
+            np.testing.assert_array_equal(got[m, threads], ref, err_msg=f"{m} rows, threads {threads}")
+
+
 def _lowered(x, w):
     return jax.jit(lambda x: ops.lm_head(x, w)).lower(x).as_text()
 
