@@ -74,9 +74,6 @@ constexpr int kTileRm = 4;
 // How many tiles ahead the first activation block of a tile prefetches the weight rows (into L1),
 // so the weights stream from memory while the tiles compute.
 constexpr int kPrefetchTiles = 8;
-// With several activation blocks the k range is cut into spans of this many bytes, so a tile's
-// weight rows stay in L1 while every block reuses them (1B shapes: k up to 8192).
-constexpr int kSpan = 2048;
 
 // ---- AVX2: 32 int8 a step, vpmaddubsw(|w|, sign(a, w)) then vpmaddwd with ones ----
 
@@ -91,12 +88,11 @@ struct Avx2 {
   // 16 ymm registers: 4 x 2 accumulators, 2 activation vectors, a weight vector, |w|, ones, temps.
   static constexpr int kMaxRn = 2;
 
-  // Weight rows [j, j + RM) x activation rows [r0, r0 + RN) over k in [p0, p1) (p0 a multiple of
-  // 32, p1 too unless it is k): int32 dots stored to out (`add`: added to it). `next` (or null):
-  // weight rows prefetched at the same offsets while these stream.
+  // Weight rows [j, j + RM) x activation rows [r0, r0 + RN): int32 dots stored to out. `next` (or
+  // null): weight rows prefetched at the same offsets while these stream.
   template <int RM, int RN>
-  __attribute__((target("avx2"))) static void Tile(const Terms& t, const int8_t* w, int j, int r0, int p0, int p1,
-                                                   int32_t* out, int ldo, bool add, const int8_t* next) {
+  __attribute__((target("avx2"))) static void Tile(const Terms& t, const int8_t* w, int j, int r0, int32_t* out,
+                                                   int ldo, const int8_t* next) {
     const int k = t.k;
     const __m256i ones = _mm256_set1_epi16(1);
     __v8si acc[RM][RN];  // typed as int32 lanes, so GCC keeps them in registers (see Vnni::Tile)
@@ -106,8 +102,8 @@ struct Avx2 {
     NX_UNROLL for (int i = 0; i < RM; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
     const int8_t* ar[RN];
     NX_UNROLL for (int u = 0; u < RN; ++u) ar[u] = t.a.data() + static_cast<size_t>(r0 + u) * t.kp;
-    const int pv = p0 + (p1 - p0) / 32 * 32;
-    for (int p = p0; p < pv; p += 32) {
+    const int kv = k / 32 * 32;
+    for (int p = 0; p < kv; p += 32) {
       if (next && (p & 63) == 0)
         NX_UNROLL for (int i = 0; i < RM; ++i)
           _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T0);
@@ -125,9 +121,8 @@ struct Avx2 {
     NX_UNROLL for (int i = 0; i < RM; ++i)
       NX_UNROLL for (int u = 0; u < RN; ++u) {
         int32_t s = HsumAvx2((__m256i)acc[i][u]);
-        for (int q = pv; q < p1; ++q) s += static_cast<int32_t>(ar[u][q]) * wr[i][q];
-        int32_t& o = out[static_cast<size_t>(r0 + u) * ldo + j + i];
-        o = add ? o + s : s;
+        for (int q = kv; q < k; ++q) s += static_cast<int32_t>(ar[u][q]) * wr[i][q];
+        out[static_cast<size_t>(r0 + u) * ldo + j + i] = s;
       }
   }
 };
@@ -161,26 +156,24 @@ __attribute__((target(NX_AVX512), always_inline)) inline void StepVnni(__v16si (
   }
 }
 
-// The tile's sums for one activation row into out[0, RM) (`add`: added to it, else stored less the
-// offset's 128 * sum(a)). The accumulators go by value: an array's address would keep GCC storing
-// them to the stack at every k-step.
+// The tile's sums for one activation row, less the offset's 128 * sum(a), into out[0, RM). The
+// accumulators go by value: an array's address would keep GCC storing them to the stack at every
+// k-step.
 template <int RM>
 __attribute__((target(NX_AVX512))) inline void StoreVnni(__m512i v0, __m512i v1, __m512i v2, __m512i v3,
-                                                          int32_t sum, int32_t* out, bool add) {
-  const __m128i s = Reduce4(v0, v1, v2, v3);
-  const __mmask8 mask = (1u << RM) - 1;
-  const __m128i o = add ? _mm_maskz_loadu_epi32(mask, out) : _mm_set1_epi32(-128 * sum);
-  _mm_mask_storeu_epi32(out, mask, _mm_add_epi32(s, o));
+                                                          int32_t sum, int32_t* out) {
+  const __m128i s = _mm_sub_epi32(Reduce4(v0, v1, v2, v3), _mm_set1_epi32(128 * sum));
+  _mm_mask_storeu_epi32(out, static_cast<__mmask8>((1u << RM) - 1), s);
 }
 
 struct Vnni {
   // 32 zmm registers: 4 x 6 accumulators, 4 weight vectors, an activation vector, the 0x80 mask.
   static constexpr int kMaxRn = 6;
 
-  // As Avx2::Tile (p0 a multiple of 64, p1 too unless it is k).
+  // As Avx2::Tile.
   template <int RM, int RN>
-  __attribute__((target(NX_AVX512))) static void Tile(const Terms& t, const int8_t* w, int j, int r0, int p0, int p1,
-                                                      int32_t* out, int ldo, bool add, const int8_t* next) {
+  __attribute__((target(NX_AVX512))) static void Tile(const Terms& t, const int8_t* w, int j, int r0, int32_t* out,
+                                                      int ldo, const int8_t* next) {
     const int k = t.k;
     __v16si acc[RN][RM];  // int32 lanes typed as such: an __m512i array is cast at every vpdpbusd and
                           // GCC then keeps it in memory (BENCHMARKS.md, "s8 kernel: register tiles")
@@ -190,19 +183,19 @@ struct Vnni {
     NX_UNROLL for (int i = 0; i < RM; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
     const int8_t* ar[RN];
     NX_UNROLL for (int u = 0; u < RN; ++u) ar[u] = t.a.data() + static_cast<size_t>(r0 + u) * t.kp;
-    int p = p0;
-    for (; p + 64 <= p1; p += 64) {
+    int p = 0;
+    for (; p + 64 <= k; p += 64) {
       if (next)
         NX_UNROLL for (int i = 0; i < RM; ++i)
           _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T0);
       StepVnni<RM, RN>(acc, wr, ar, p, ~0ULL);
     }
-    if (p < p1) StepVnni<RM, RN>(acc, wr, ar, p, (~0ULL) >> (64 - (p1 - p)));
+    if (p < k) StepVnni<RM, RN>(acc, wr, ar, p, (~0ULL) >> (64 - (k - p)));
     const __m512i z = _mm512_setzero_si512();
     NX_UNROLL for (int u = 0; u < RN; ++u) {
       __m512i v[4] = {z, z, z, z};
       NX_UNROLL for (int i = 0; i < RM; ++i) v[i] = (__m512i)acc[u][i];
-      StoreVnni<RM>(v[0], v[1], v[2], v[3], t.sum[r0 + u], out + static_cast<size_t>(r0 + u) * ldo + j, add);
+      StoreVnni<RM>(v[0], v[1], v[2], v[3], t.sum[r0 + u], out + static_cast<size_t>(r0 + u) * ldo + j);
     }
   }
 };
@@ -230,11 +223,10 @@ __attribute__((target(NX_AVX512))) void RoundRowAvx512(const float* v, int k, in
 
 // L::Tile<RM, rn> for rn in 1 ... RN, chosen at run time.
 template <class L, int RM, int RN = L::kMaxRn>
-void TileRows(int rn, const Terms& t, const int8_t* w, int j, int r0, int p0, int p1, int32_t* out, int ldo, bool add,
-              const int8_t* next) {
+void TileRows(int rn, const Terms& t, const int8_t* w, int j, int r0, int32_t* out, int ldo, const int8_t* next) {
   if constexpr (RN > 1)
-    if (rn < RN) return TileRows<L, RM, RN - 1>(rn, t, w, j, r0, p0, p1, out, ldo, add, next);
-  L::template Tile<RM, RN>(t, w, j, r0, p0, p1, out, ldo, add, next);
+    if (rn < RN) return TileRows<L, RM, RN - 1>(rn, t, w, j, r0, out, ldo, next);
+  L::template Tile<RM, RN>(t, w, j, r0, out, ldo, next);
 }
 
 // out[r, j] (row stride ldo) for every activation row r and weight rows j in [j0, j1) of w, which
@@ -249,27 +241,23 @@ void DotTiles(const Terms& t, const int8_t* w, int rows, int j0, int j1, int32_t
     for (int j = j0; j < j1; ++j)
       for (int b = 0, r0 = 0; b < blocks; ++b) {
         const int rn = (t.r - r0) / (blocks - b);
-        TileRows<L, 1>(rn, t, w, j, r0, 0, t.k, out, ldo, false, nullptr);
+        TileRows<L, 1>(rn, t, w, j, r0, out, ldo, nullptr);
         r0 += rn;
       }
     return;
   }
-  const int span = blocks > 1 ? kSpan : t.k;
   for (int j = j0; j < j1; j += kTileRm) {
     const int rm = std::min(kTileRm, j1 - j);
     const int ahead = j + kTileRm * kPrefetchTiles;
     const int8_t* next = ahead + kTileRm <= rows ? w + static_cast<size_t>(ahead) * t.k : nullptr;
-    for (int p0 = 0; p0 < t.k; p0 += span) {
-      const int p1 = std::min(t.k, p0 + span);
-      for (int b = 0, r0 = 0; b < blocks; ++b) {
-        const int rn = (t.r - r0) / (blocks - b);  // near-equal blocks, the larger ones last
-        const int8_t* pf = b == 0 ? next : nullptr;
-        if (rm == kTileRm)
-          TileRows<L, kTileRm>(rn, t, w, j, r0, p0, p1, out, ldo, p0 > 0, pf);
-        else
-          for (int i = 0; i < rm; ++i) TileRows<L, 1>(rn, t, w, j + i, r0, p0, p1, out, ldo, p0 > 0, nullptr);
-        r0 += rn;
-      }
+    for (int b = 0, r0 = 0; b < blocks; ++b) {
+      const int rn = (t.r - r0) / (blocks - b);  // near-equal blocks, the larger ones last
+      const int8_t* pf = b == 0 ? next : nullptr;
+      if (rm == kTileRm)
+        TileRows<L, kTileRm>(rn, t, w, j, r0, out, ldo, pf);
+      else
+        for (int i = 0; i < rm; ++i) TileRows<L, 1>(rn, t, w, j + i, r0, out, ldo, nullptr);
+      r0 += rn;
     }
   }
 }
