@@ -112,13 +112,15 @@ def test_nx_ops_dispatch_and_off_switch(monkeypatch):
     w = QuantizedWeight(*quantize(np.asarray(q, np.float32) * scale[:, None]))
     target = "nx_kernels_cpu_s8_matmul"
     assert target in _lowered(x, w)  # on by default where the package runs
+    for rows in (128, cpu_kernels.MAX_ROWS):  # prompts too
+        assert target in _lowered(np.zeros((rows, 64), np.float32), w)
     many = np.zeros((cpu_kernels.MAX_ROWS + 1, 64), np.float32)
-    assert target not in _lowered(many, w)  # prompts stay on XLA's dots
+    assert target not in _lowered(many, w)  # longer prompts stay on XLA's dots
     accel = QuantizedWeight(w.q, w.scale, int8_dot=False)  # the accelerators' conversion
     assert target not in _lowered(x, accel)
     for level in LEVELS:
         monkeypatch.setenv(cpu_kernels.ENV, level)
-        assert target in _lowered(x, w)
+        assert target in _lowered(x, w) and target in _lowered(np.zeros((128, 64), np.float32), w)
     assert cpu_kernels.describe() == f"{cpu_kernels.package()}, {LEVELS[-1]}"  # nx bench's line
     monkeypatch.setenv(cpu_kernels.ENV, "off")
     assert target not in _lowered(x, w) and "xi32>" in _lowered(x, w)
@@ -168,11 +170,13 @@ CASE = CASES[0]
     ids=str,
 )
 def test_greedy_tokens_equal_the_xla_path(saved_case, monkeypatch, opts):
-    """A whole s8 model (decode programs through the kernel) against the same model on XLA's dots."""
+    """A whole s8 model (decode and prompt programs through the kernel) against the same model on XLA's
+    dots: the same tokens; logits to 1e-4, as each matmul is exact but XLA contracts its last product
+    with the residual add after it (one rounding fewer), which a custom call's result cannot share."""
     _, path = saved_case(CASE)
     load = dict(n_positions=[64], context_length_estimate=[16], progress=False, quant="s8", **opts)
     levels = LEVELS if opts == dict(batch_size=2) else LEVELS[-1:]  # every level once, the variants at the best
-    assert_kernel_matches_xla(path, load, opts.get("batch_size", 1), CASE.vocab, levels, monkeypatch, rtol=1e-5)
+    assert_kernel_matches_xla(path, load, opts.get("batch_size", 1), CASE.vocab, levels, monkeypatch, rtol=1e-4)
 
 
 def test_artifacts_record_the_kernels(saved_case, tmp_path, monkeypatch):
