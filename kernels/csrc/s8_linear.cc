@@ -75,6 +75,10 @@ constexpr int kTileRm = 4;
 // (into L1 they evict the tiles' rows: 10-20% slower at 8 rows of the 1B and lm head shapes), so
 // the weights stream from memory while the tiles compute.
 constexpr int kPrefetchTiles = 8;
+// From this k on, the second activation block also moves the next tile's rows from L2 into L1, so
+// the next tile's first block does not wait for them (1.3-1.4x at 8-16 rows of the 1B shapes; at
+// k = 576 it cost 5-20%).
+constexpr int kNearMinK = 1024;
 
 // ---- AVX2: 32 int8 a step, vpmaddubsw(|w|, sign(a, w)) then vpmaddwd with ones ----
 
@@ -90,10 +94,10 @@ struct Avx2 {
   static constexpr int kMaxRn = 2;
 
   // Weight rows [j, j + RM) x activation rows [r0, r0 + RN): int32 dots stored to out. `next` (or
-  // null): weight rows prefetched at the same offsets while these stream.
+  // null): weight rows prefetched at the same offsets while these stream, into L1 (`l1`) or L2.
   template <int RM, int RN>
   __attribute__((target("avx2"))) static void Tile(const Terms& t, const int8_t* w, int j, int r0, int32_t* out,
-                                                   int ldo, const int8_t* next) {
+                                                   int ldo, const int8_t* next, bool l1) {
     const int k = t.k;
     const __m256i ones = _mm256_set1_epi16(1);
     __v8si acc[RM][RN];  // typed as int32 lanes, so GCC keeps them in registers (see Vnni::Tile)
@@ -107,7 +111,8 @@ struct Avx2 {
     for (int p = 0; p < kv; p += 32) {
       if (next && (p & 63) == 0)
         NX_UNROLL for (int i = 0; i < RM; ++i)
-          _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T1);
+          l1 ? _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T0)
+             : _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T1);
       __m256i av[RN];
       NX_UNROLL for (int u = 0; u < RN; ++u) av[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[u] + p));
       NX_UNROLL for (int i = 0; i < RM; ++i) {
@@ -174,7 +179,7 @@ struct Vnni {
   // As Avx2::Tile.
   template <int RM, int RN>
   __attribute__((target(NX_AVX512))) static void Tile(const Terms& t, const int8_t* w, int j, int r0, int32_t* out,
-                                                      int ldo, const int8_t* next) {
+                                                      int ldo, const int8_t* next, bool l1) {
     const int k = t.k;
     __v16si acc[RN][RM];  // int32 lanes typed as such: an __m512i array is cast at every vpdpbusd and
                           // GCC then keeps it in memory (BENCHMARKS.md, "s8 kernel: register tiles")
@@ -188,7 +193,8 @@ struct Vnni {
     for (; p + 64 <= k; p += 64) {
       if (next)
         NX_UNROLL for (int i = 0; i < RM; ++i)
-          _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T1);
+          l1 ? _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T0)
+             : _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T1);
       StepVnni<RM, RN>(acc, wr, ar, p, ~0ULL);
     }
     if (p < k) StepVnni<RM, RN>(acc, wr, ar, p, (~0ULL) >> (64 - (k - p)));
@@ -224,17 +230,18 @@ __attribute__((target(NX_AVX512))) void RoundRowAvx512(const float* v, int k, in
 
 // L::Tile<RM, rn> for rn in 1 ... RN, chosen at run time.
 template <class L, int RM, int RN = L::kMaxRn>
-void TileRows(int rn, const Terms& t, const int8_t* w, int j, int r0, int32_t* out, int ldo, const int8_t* next) {
+void TileRows(int rn, const Terms& t, const int8_t* w, int j, int r0, int32_t* out, int ldo, const int8_t* next,
+              bool l1) {
   if constexpr (RN > 1)
-    if (rn < RN) return TileRows<L, RM, RN - 1>(rn, t, w, j, r0, out, ldo, next);
-  L::template Tile<RM, RN>(t, w, j, r0, out, ldo, next);
+    if (rn < RN) return TileRows<L, RM, RN - 1>(rn, t, w, j, r0, out, ldo, next, l1);
+  L::template Tile<RM, RN>(t, w, j, r0, out, ldo, next, l1);
 }
 
 // out[r, j] (row stride ldo) for every activation row r and weight rows j in [j0, j1) of w, which
 // holds `rows` rows (the prefetch stays inside it). Up to kStreamTerms activation rows: weight
 // rows one after another. More: each tile of weight rows serves every activation row (near-equal
 // blocks of at most L::kMaxRn) while it is in cache, so every weight byte streams from memory once
-// a call; the first block prefetches the rows kPrefetchTiles tiles ahead.
+// a call; the first block prefetches the rows kPrefetchTiles tiles ahead, the second the next tile.
 template <class L>
 void DotTiles(const Terms& t, const int8_t* w, int rows, int j0, int j1, int32_t* out, int ldo) {
   const int blocks = (t.r + L::kMaxRn - 1) / L::kMaxRn;
@@ -242,7 +249,7 @@ void DotTiles(const Terms& t, const int8_t* w, int rows, int j0, int j1, int32_t
     for (int j = j0; j < j1; ++j)
       for (int b = 0, r0 = 0; b < blocks; ++b) {
         const int rn = (t.r - r0) / (blocks - b);
-        TileRows<L, 1>(rn, t, w, j, r0, out, ldo, nullptr);
+        TileRows<L, 1>(rn, t, w, j, r0, out, ldo, nullptr, false);
         r0 += rn;
       }
     return;
@@ -251,13 +258,14 @@ void DotTiles(const Terms& t, const int8_t* w, int rows, int j0, int j1, int32_t
     const int rm = std::min(kTileRm, j1 - j);
     const int ahead = j + kTileRm * kPrefetchTiles;
     const int8_t* next = ahead + kTileRm <= rows ? w + static_cast<size_t>(ahead) * t.k : nullptr;
+    const bool near = t.k >= kNearMinK && j + 2 * kTileRm <= rows;
     for (int b = 0, r0 = 0; b < blocks; ++b) {
       const int rn = (t.r - r0) / (blocks - b);  // near-equal blocks, the larger ones last
-      const int8_t* pf = b == 0 ? next : nullptr;
+      const int8_t* pf = b == 0 ? next : b == 1 && near ? w + static_cast<size_t>(j + kTileRm) * t.k : nullptr;
       if (rm == kTileRm)
-        TileRows<L, kTileRm>(rn, t, w, j, r0, out, ldo, pf);
+        TileRows<L, kTileRm>(rn, t, w, j, r0, out, ldo, pf, b == 1);
       else
-        for (int i = 0; i < rm; ++i) TileRows<L, 1>(rn, t, w, j + i, r0, out, ldo, nullptr);
+        for (int i = 0; i < rm; ++i) TileRows<L, 1>(rn, t, w, j + i, r0, out, ldo, nullptr, false);
       r0 += rn;
     }
   }
