@@ -64,7 +64,7 @@ def main() -> None:
     import nx
     from nx.quant import nbytes
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "system"))
     from test_smollm2 import smollm2_gguf
 
     gguf = smollm2_gguf()
