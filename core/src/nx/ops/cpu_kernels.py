@@ -6,7 +6,7 @@ pure-XLA path, so the same results), or None when the kernel does not apply and 
 the pure-XLA path. It applies when all of these hold:
 
 - the weight is for the cpu backend (`QuantizedWeight.int8_dot`), 8-bit with one scale per row;
-- ``x`` has at most `MAX_ROWS` (1024) rows: decode and prompts (cache-blocked register tiles; longer
+- ``x`` has at most `MAX_ROWS` (2048) rows: decode and prompts (cache-blocked register tiles; longer
   prompts stay on XLA's dots);
 - `nx_kernels_cpu` imports and the CPU has AVX2 or better (`available`);
 - ``NX_CPU_KERNELS`` is not ``off``.
@@ -66,10 +66,10 @@ ENV = "NX_CPU_KERNELS"
 THREADS_ENV = "NX_CPU_KERNELS_THREADS"
 MODES = ("auto", "off", "avx512_bf16", "avx512_vnni", "avx2", "scalar")
 #: Most token rows an s8 call sends to the kernel (decode and prompts): at every row count measured,
-#: 1 to 1024, its VNNI tiles beat XLA's int8 dot at the SmolLM2 and 1B shapes (1.4-2.5x from 128
-#: rows); more rows stay on XLA's dots, unmeasured (BENCHMARKS.md, "s8 kernel: register tiles and
-#: prompts").
-MAX_ROWS = 1024
+#: 1 to 2048 (batch 16 x 128-token prompts), its VNNI tiles beat XLA's int8 dot at the SmolLM2 and
+#: 1B shapes (1.4-2.5x from 128 rows); more rows stay on XLA's dots, unmeasured (BENCHMARKS.md, "s8
+#: kernel: register tiles and prompts").
+MAX_ROWS = 2048
 #: Most token rows a grouped call sends to the kernel (decode and prompts: up to 256 rows its int8
 #: dots beat XLA's dequantized f32 dot at the 1B llama shapes; at 512 they tie, at 1024 XLA's GEMM
 #: is ~10% faster; BENCHMARKS.md, "Grouped kernel: one activation term per block").

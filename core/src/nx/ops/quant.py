@@ -21,7 +21,7 @@ Matmuls, chosen per weight at load time (`int8_dot`, static aux data):
 - **dequantize** (accelerators): ``q`` converted to `dequant_dtype` inside the dot, which XLA fuses.
 
 On CPU the same int8 dots run as one custom call when the optional nx-kernels-cpu package is
-installed (`nx.ops.cpu_kernels`, ``NX_CPU_KERNELS=off`` switches it off): per-row weights up to 1024
+installed (`nx.ops.cpu_kernels`, ``NX_CPU_KERNELS=off`` switches it off): per-row weights up to 2048
 token rows, prompts included, with results equal to the XLA formulation's; grouped ones (``group_size`` a multiple
 of 32; 4-bit read packed, once) up to 256 token rows, prompts included, equal to f32 rounding of
 the sums over blocks and groups.
