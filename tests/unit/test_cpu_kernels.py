@@ -112,15 +112,15 @@ def test_nx_ops_dispatch_and_off_switch(monkeypatch):
     w = QuantizedWeight(*quantize(np.asarray(q, np.float32) * scale[:, None]))
     target = "nx_kernels_cpu_s8_matmul"
     assert target in _lowered(x, w)  # on by default where the package runs
-    for rows in (128, cpu_kernels.MAX_ROWS):  # prompts too
-        assert target in _lowered(np.zeros((rows, 64), np.float32), w)
-    many = np.zeros((cpu_kernels.MAX_ROWS + 1, 64), np.float32)
-    assert target not in _lowered(many, w)  # longer prompts stay on XLA's dots
     accel = QuantizedWeight(w.q, w.scale, int8_dot=False)  # the accelerators' conversion
     assert target not in _lowered(x, accel)
-    for level in LEVELS:
+    for level in ["auto", *LEVELS]:  # prompts too at the AVX-512 levels; longer ones stay on XLA's dots
         monkeypatch.setenv(cpu_kernels.ENV, level)
-        assert target in _lowered(x, w) and target in _lowered(np.zeros((128, 64), np.float32), w)
+        vnni = (cpu_kernels.isa() if level == "auto" else level).startswith("avx512")
+        limit = cpu_kernels.MAX_ROWS if vnni else cpu_kernels.AVX2_MAX_ROWS
+        assert target in _lowered(x, w) and target in _lowered(np.zeros((limit, 64), np.float32), w)
+        assert (target in _lowered(np.zeros((128, 64), np.float32), w)) == vnni
+        assert target not in _lowered(np.zeros((limit + 1, 64), np.float32), w)
     assert cpu_kernels.describe() == f"{cpu_kernels.package()}, {LEVELS[-1]}"  # nx bench's line
     monkeypatch.setenv(cpu_kernels.ENV, "off")
     assert target not in _lowered(x, w) and "xi32>" in _lowered(x, w)

@@ -6,8 +6,9 @@ pure-XLA path, so the same results), or None when the kernel does not apply and 
 the pure-XLA path. It applies when all of these hold:
 
 - the weight is for the cpu backend (`QuantizedWeight.int8_dot`), 8-bit with one scale per row;
-- ``x`` has at most `MAX_ROWS` (2048) rows: decode and prompts (cache-blocked register tiles; longer
-  prompts stay on XLA's dots);
+- ``x`` has at most `MAX_ROWS` (2048) rows at the AVX-512 levels: decode and prompts (cache-blocked
+  register tiles; longer prompts stay on XLA's dots); `AVX2_MAX_ROWS` (16) at the ``avx2`` and
+  ``scalar`` levels (decode);
 - `nx_kernels_cpu` imports and the CPU has AVX2 or better (`available`);
 - ``NX_CPU_KERNELS`` is not ``off``.
 
@@ -70,6 +71,9 @@ MODES = ("auto", "off", "avx512_bf16", "avx512_vnni", "avx2", "scalar")
 #: 1B shapes (1.4-2.5x from 128 rows); more rows stay on XLA's dots, unmeasured (BENCHMARKS.md, "s8
 #: kernel: register tiles and prompts").
 MAX_ROWS = 2048
+#: The same at the ``avx2`` (and ``scalar``) level: its 4 x 2 tiles beat XLA's int8 dot at decode's
+#: 16 rows but not at 128 (3x slower on the EPYC, whose XLA dot runs AVX-512), so prompts stay on XLA.
+AVX2_MAX_ROWS = 16
 #: Most token rows a grouped call sends to the kernel (decode and prompts: up to 256 rows its int8
 #: dots beat XLA's dequantized f32 dot at the 1B llama shapes; at 512 they tie, at 1024 XLA's GEMM
 #: is ~10% faster; BENCHMARKS.md, "Grouped kernel: one activation term per block").
@@ -159,9 +163,12 @@ def s8_matmul(x: Any, w: Any) -> Any:
     kernel, or None where it does not apply (see the module docstring): the caller's XLA path then."""
     if not (w.int8_dot and w.bits == 8 and w.group_size is None and w.zero is None):
         return None
-    if x.ndim != 2 or x.shape[0] > MAX_ROWS or not enabled():
+    if x.ndim != 2 or not enabled():
         return None
     level = mode()
+    vnni = (isa() if level == "auto" else level).startswith("avx512") and isa().startswith("avx512")
+    if x.shape[0] > (MAX_ROWS if vnni else AVX2_MAX_ROWS):
+        return None
     return _kernels.s8_matmul(x, w.q, w.scale, level=None if level == "auto" else level, threads=_threads())
 
 
