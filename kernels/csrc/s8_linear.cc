@@ -300,7 +300,7 @@ ffi::Error S8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (m == 0 || n == 0) return ffi::Error::Success();
   const int lvl = ClampLevel(level);
   const int kp = (k + 63) / 64 * 64;
-  const int tile = static_cast<int>(std::max<int64_t>(kMinTile, kTileBytes / (2 * kp)));
+  const int tile = static_cast<int>(std::max<int64_t>(kMinTile, kTileBytes / (2 * std::max(64, kp))));
   const int chunk = static_cast<int>(std::max<int64_t>(kTileRm, kChunkBytes / std::max(1, k) / kTileRm * kTileRm));
   // token tiles [i0, i0 + tile): their terms (hi rows then lo rows) in one Terms each
   std::vector<Terms> tiles((m + tile - 1) / tile);
