@@ -1,7 +1,7 @@
 """Microbenchmark of nx-kernels-cpu's grouped kernel (s4 / GGUF Q4_0 layout: 4-bit symmetric, groups
 of 32, f16 scales) at the 1B llama shapes, and of XLA's dequantized path for prompt rows.
 
-    python benchmarks/grouped_kernel.py [--rows 1,8,16,128] [--xla-rows 16,128,1024] [--repeats 7]
+    python benchmarks/grouped_kernel.py [--rows 1,8,16,128] [--xla-rows 16,128,1024] [--repeats 7] [--level avx2] [--threads 1]
 
 Prints one line per (shape, rows, path): median and best wall ms of `--repeats` timed calls (after a
 warm-up), and from the best: GB/s of the packed weight (nibbles + f16 scales) and GMAC/s. Runs with whatever nx and
@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,16,128")
     ap.add_argument("--xla-rows", default="")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--level", default=None, help="the kernel's level (avx512_vnni, avx2, scalar; default: the CPU's best)")
+    ap.add_argument("--threads", type=int, default=0, help="the kernel's threads (default 0: XLA's pool)")
     args = ap.parse_args()
     import nx_kernels_cpu
 
@@ -55,7 +57,8 @@ def main() -> None:
     for n, k in SHAPES:
         w = _weight(n, k)
         gb = (w.q.size + 2 * w.scale.size) / 1e9
-        kern = jax.jit(lambda x, w: nx_kernels_cpu.grouped_matmul(x, w.q, w.scale, bits=4, group_size=32))
+        kern = jax.jit(lambda x, w: nx_kernels_cpu.grouped_matmul(
+            x, w.q, w.scale, bits=4, group_size=32, level=args.level, threads=args.threads))
         paths = [("kernel", kern, args.rows)]
         if args.xla_rows:
             paths.append(("xla-dequant", jax.jit(quant.matmul), args.xla_rows))
