@@ -518,6 +518,25 @@ inline int32_t Load4(const int8_t* p) {
   return v;
 }
 
+// A panel as the tiles read it: its packed rows (stride rb), its scales and offsets transposed (see
+// Scales), and the bytes to prefetch while the first tile runs: the next panel's rows, `pf_step`
+// bytes a window of 4 blocks (null: none). Why: a panel reads P rows at once, P streams the
+// hardware prefetchers do not follow from memory, while the rows of P consecutive panels are one
+// sequential stream.
+struct Panel {
+  const uint8_t* q;
+  size_t rb;
+  const float* ds;
+  const float* zs;
+  const char* pf;
+  size_t pf_step;
+
+  inline void Prefetch(int window) const {
+    if (pf == nullptr) return;
+    for (size_t l = 0; l < pf_step; l += 64) _mm_prefetch(pf + window * pf_step + l, _MM_HINT_T1);
+  }
+};
+
 // AVX-512 VNNI: panels of 16 rows, 8 token rows a tile (32 registers).
 struct PanelVnni {
   static constexpr int kRows = 16, kWide = 8;
@@ -555,23 +574,27 @@ struct PanelVnni {
         dot = _mm512_dpbusd_epi32(dot, lo[d], _mm512_set1_epi32(Load4(a + 4 * d)));
         dot = _mm512_dpbusd_epi32(dot, hi[d], _mm512_set1_epi32(Load4(a + 16 + 4 * d)));
       }
-      acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d16, _mm512_set1_ps(g.sx[i * g.wb + b])), acc[u]);
+      const __m512 scale = _mm512_mul_ps(d16, _mm512_set1_ps(g.sx[i * g.wb + b]));
+      acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[u]);
       if constexpr (Zero)
         acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(zs + 16 * b), _mm512_set1_ps(g.xsum[i * g.gp + b]), acc[u]);
     }
   }
 
-  // y[i * n + j0 + r] for token rows i in [i0, i0 + T): the panel's packed rows q (stride rb). Four
+  // y[i * n + j0 + r] for token rows i in [i0, i0 + T), from panel pn at weight row j0. Four
   // blocks (a 64-byte line of each row) at a time, one 16x16 dword transpose: whole lines, as rows
   // 4 KB apart share an L1 set; the last blocks one at a time.
   template <int T, bool Zero>
-  __attribute__((target(NX_AVX512))) static void Tile(const GroupedActs& g, const uint8_t* q, size_t rb,
-                                                      const float* ds, const float* zs, int i0, float* y, int n,
+  __attribute__((target(NX_AVX512))) static void Tile(const GroupedActs& g, const Panel& pn, int i0, float* y, int n,
                                                       int j0) {
+    const uint8_t* q = pn.q;
+    const size_t rb = pn.rb;
+    const float *ds = pn.ds, *zs = pn.zs;
     __m512 acc[T];
     for (int u = 0; u < T; ++u) acc[u] = _mm512_setzero_ps();
     int b = 0;
     for (; b + 4 <= g.nb; b += 4) {
+      pn.Prefetch(b / 4);
       __m512 r[16];
       for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(_mm512_loadu_si512(q + i * rb + 16 * b));
       Transpose16(r);  // r[4c + d]: bytes 4d ... 4d + 3 of block b + c, of every row
@@ -639,7 +662,8 @@ struct PanelAvx2 {
       }
       __m256i dot = _mm256_madd_epi16(p, ones);
       if constexpr (!Zero) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * g.asum[i * g.nb + b]));
-      acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d8, _mm256_set1_ps(g.sx[i * g.wb + b])), acc[u]);
+      const __m256 scale = _mm256_mul_ps(d8, _mm256_set1_ps(g.sx[i * g.wb + b]));
+      acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[u]);
       if constexpr (Zero)
         acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(zs + 8 * b), _mm256_set1_ps(g.xsum[i * g.gp + b]), acc[u]);
     }
@@ -647,17 +671,20 @@ struct PanelAvx2 {
 
   // As PanelVnni::Tile: four blocks (a line of each row) at a time, two 8x8 dword transposes.
   template <int T, bool Zero>
-  __attribute__((target(NX_AVX2))) static void Tile(const GroupedActs& g, const uint8_t* q, size_t rb,
-                                                    const float* ds, const float* zs, int i0, float* y, int n,
+  __attribute__((target(NX_AVX2))) static void Tile(const GroupedActs& g, const Panel& pn, int i0, float* y, int n,
                                                     int j0) {
+    const uint8_t* q = pn.q;
+    const size_t rb = pn.rb;
+    const float *ds = pn.ds, *zs = pn.zs;
     __m256 acc[T];
     for (int u = 0; u < T; ++u) acc[u] = _mm256_setzero_ps();
     int b = 0;
     for (; b + 4 <= g.nb; b += 4) {
+      pn.Prefetch(b / 4);
       for (int half = 0; half < 2; ++half) {  // blocks b + 2 half, b + 2 half + 1
         __m256 r[8];
         for (int i = 0; i < 8; ++i)
-          r[i] = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * rb + 16 * b + 32 * half)));
+          r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(q + i * rb + 16 * b + 32 * half));
         Transpose8(r);  // r[4c + d]: bytes 4d ... 4d + 3 of block b + 2 half + c, of every row
         for (int c = 0; c < 2; ++c) {
           const __m256i s[4] = {_mm256_castps_si256(r[4 * c]), _mm256_castps_si256(r[4 * c + 1]),
@@ -679,18 +706,28 @@ struct PanelAvx2 {
                             _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};  // lane r: row r
       Block<T, Zero>(g, s, ds, zs, i0, b, acc);
     }
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(std::min(8, n - j0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i mask =
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(std::min(8, n - j0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int u = 0; u < T; ++u) _mm256_maskstore_ps(y + static_cast<size_t>(i0 + u) * n + j0, mask, acc[u]);
   }
 };
 
 // Token rows [i0, i1) of the panel from weight row j0: its scales (offsets) transposed once, then
-// tiles of kWide, 4, 3, 2, 1 token rows; the panel's weight bytes stay in L1/L2 between tiles.
+// tiles of kWide, 4, 3, 2, 1 token rows; the panel's weight bytes stay in L1/L2 between tiles. The
+// next panel's scales, and (during the first tile) its rows, are prefetched in memory order.
 template <class L, bool Zero, bool F16>
 void PanelRows(const GroupedActs& g, const GroupedWeight& w, int j0, int i0, int i1, float* y, int n) {
   constexpr int P = L::kRows;
   thread_local std::vector<float> ds, zs;
   thread_local std::vector<uint8_t> tail;
+  if (j0 + P < n) {  // the next panel's scales (and offsets), for its Scales
+    const size_t sb = w.scale_f16 ? 2 : 4, at = static_cast<size_t>(j0 + P) * w.groups * sb;
+    const size_t len = static_cast<size_t>(P) * w.groups * sb;
+    for (size_t l = 0; l < len; l += 64) {
+      _mm_prefetch(static_cast<const char*>(w.scale) + at + l, _MM_HINT_T1);
+      if constexpr (Zero) _mm_prefetch(static_cast<const char*>(w.zero) + at + l, _MM_HINT_T1);
+    }
+  }
   ds.resize(static_cast<size_t>(P) * w.groups);
   L::template Scales<F16>(w.scale, w, j0, ds.data());
   if constexpr (Zero) {
@@ -703,14 +740,25 @@ void PanelRows(const GroupedActs& g, const GroupedWeight& w, int j0, int i0, int
     std::memcpy(tail.data(), q, (n - j0) * w.row_bytes);
     q = tail.data();
   }
-  const size_t rb = w.row_bytes;
+  Panel pn{q, w.row_bytes, ds.data(), zs.data(), nullptr, 0};
+  const size_t bytes = P * w.row_bytes;  // the next panel's rows, over this one's windows
+  const int windows = g.nb / 4;
+  if (j0 + P < n && windows > 0) {
+    pn.pf = reinterpret_cast<const char*>(w.q) + static_cast<size_t>(j0 + P) * w.row_bytes;
+    pn.pf_step = (bytes / windows + 127) / 64 * 64;
+  }
+  const auto tile = [&](auto t) {  // the first tile prefetches
+    L::template Tile<decltype(t)::value, Zero>(g, pn, i0, y, n, j0);
+    pn.pf = nullptr;
+    i0 += decltype(t)::value;
+  };
   if constexpr (L::kWide >= 8)
-    for (; i0 + 8 <= i1; i0 += 8) L::template Tile<8, Zero>(g, q, rb, ds.data(), zs.data(), i0, y, n, j0);
-  for (; i0 + 4 <= i1; i0 += 4) L::template Tile<4, Zero>(g, q, rb, ds.data(), zs.data(), i0, y, n, j0);
+    while (i0 + 8 <= i1) tile(std::integral_constant<int, 8>{});
+  while (i0 + 4 <= i1) tile(std::integral_constant<int, 4>{});
   switch (i1 - i0) {
-    case 3: L::template Tile<3, Zero>(g, q, rb, ds.data(), zs.data(), i0, y, n, j0); break;
-    case 2: L::template Tile<2, Zero>(g, q, rb, ds.data(), zs.data(), i0, y, n, j0); break;
-    case 1: L::template Tile<1, Zero>(g, q, rb, ds.data(), zs.data(), i0, y, n, j0); break;
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    case 1: tile(std::integral_constant<int, 1>{}); break;
     default: break;
   }
 }
