@@ -155,8 +155,8 @@ def test_panels_of_4bit_rows(level, affine, f16):
     """4-bit weights with groups of 32 run in panels of 16 (AVX-512) or 8 (AVX2) weight rows, 4
     blocks (a 64-byte line of each row) at a time, then block by block: n around the panel sizes
     (a last panel of zero rows whose outputs are dropped), k of 1 ... 131 blocks (every remainder
-    of 4; rows 4 KB apart), and 1 ... 13 token rows (tiles of 8, 4, 3, 2, 1). One block (k = 32)
-    makes an output one block dot times its scales, so an integer off by one would show."""
+    of 4), and 1 ... 13 token rows (tiles of 8, 4, 3, 2, 1). One block (k = 32) makes an output
+    one block dot times its scales, so an integer off by one would show."""
     for k, ns in ((32, (1, 7, 8, 9, 15, 16, 17, 33)), (96, (16, 24)), (160, (31,)), (4192, (17,))):
         for n in ns:
             w = _weight(n, k, 4, 32, affine, f16, seed=n + k)
