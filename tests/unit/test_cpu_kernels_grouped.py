@@ -187,13 +187,15 @@ def test_prompt_rows_against_the_dequantized_dot(monkeypatch, kind):
     """Prompt rows through the kernel against XLA's dequantized f32 dot (its path for them without
     the kernel): apart from the block rounding of the activations, f32 accumulation."""
     bits, affine = kind
-    m, k, n = 70, 1024, 64
+    k, n = 1024, 64
     w = _weight(n, k, bits, 32, affine, True, seed=7)
-    x = _x(m, k, seed=8)
-    got = _kernel(x, w)
-    ref = _xla_reference(monkeypatch, x, w)
-    bound = _rounding_bound(x, w) * (1 + 1e-4) + 1e-5 * np.abs(ref).max()
-    assert (np.abs(got - ref) <= bound).all()
+    for m in (70, 300):  # 300: past GROUPED_MAX_ROWS, within PANEL_MAX_ROWS (the panels' limit)
+        x = _x(m, k, seed=8)
+        assert TARGET in jax.jit(qops.matmul).lower(jnp.asarray(x), w).as_text()
+        got = _kernel(x, w)
+        ref = _xla_reference(monkeypatch, x, w)
+        bound = _rounding_bound(x, w) * (1 + 1e-4) + 1e-5 * np.abs(ref).max()
+        assert (np.abs(got - ref) <= bound).all()
 
 
 def test_threads_do_not_change_results():
@@ -220,8 +222,11 @@ def test_dispatch_fallbacks_and_off_switch(monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV, "off")
     assert TARGET not in _lowered(x, w)
     monkeypatch.delenv(cpu_kernels.ENV)
-    assert TARGET in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS, 96), w)  # prompts too, up to a limit
-    assert TARGET not in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS + 1, 96), w)  # then XLA's dequantized dot
+    assert TARGET in _lowered(_x(cpu_kernels.PANEL_MAX_ROWS, 96), w)  # prompts too, up to a limit
+    assert TARGET not in _lowered(_x(cpu_kernels.PANEL_MAX_ROWS + 1, 96), w)  # then XLA's dequantized dot
+    g64 = _weight(40, 128, 4, 64, False, False)  # other grouped weights: a lower limit
+    assert TARGET in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS, 128), g64)
+    assert TARGET not in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS + 1, 128), g64)
     accel = QuantizedWeight(w.q, w.scale, int8_dot=False, bits=4, group_size=32)
     assert TARGET not in _lowered(x, accel)  # the accelerators' conversion
     # group sizes the kernel does not take (GGUF Q6_K's 16; 96 does not tile 512) and bf16
