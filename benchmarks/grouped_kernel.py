@@ -1,11 +1,15 @@
 """Microbenchmark of nx-kernels-cpu's grouped kernel (s4 / GGUF Q4_0 layout: 4-bit symmetric, groups
 of 32, f16 scales) at the 1B llama shapes, and of XLA's dequantized path for prompt rows.
 
-    python benchmarks/grouped_kernel.py [--rows 1,8,16,128] [--xla-rows 16,128,1024] [--repeats 7]
+    python benchmarks/grouped_kernel.py [--rows 1,8,16,128] [--xla-rows 16,128,1024] [--repeats 7] [--level avx2] [--threads 1]
+        [--copies 24]
 
 Prints one line per (shape, rows, path): median and best wall ms of `--repeats` timed calls (after a
 warm-up), and from the best: GB/s of the packed weight (nibbles + f16 scales) and GMAC/s. Runs with whatever nx and
-nx-kernels-cpu the interpreter imports, so the same script measures two builds A/B.
+nx-kernels-cpu the interpreter imports, so the same script measures two builds A/B. ``--copies N``
+times N distinct weights of each shape in turn (per call: the mean over them), so that they stream
+from memory as a model's decode step does; with one (the default) a weight of ~2-9 MB stays in the
+L3 cache between calls.
 """
 
 from __future__ import annotations
@@ -22,23 +26,26 @@ import numpy as np
 SHAPES = [(2048, 2048), (8192, 2048), (2048, 8192)]  # [out, in]: attention / MLP up / MLP down of a 1B llama
 
 
-def _weight(n: int, k: int):
+def _weight(n: int, k: int, seed: int = 0):
     from nx.ops.quant import QuantizedWeight
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.integers(0, 256, (n, k // 2)).astype(np.uint8))
     scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (n, k // 32)).astype(np.float16))
     return QuantizedWeight(q, scale, bits=4, group_size=32)
 
 
-def _time(f, *args, repeats: int) -> tuple[float, float]:
-    """Median and best wall seconds of `repeats` calls (the best is steadier on a loaded machine)."""
-    jax.block_until_ready(f(*args))
+def _time(f, x, ws, repeats: int) -> tuple[float, float]:
+    """Median and best wall seconds a call of `repeats` rounds of calls on each weight of `ws` (the
+    best is steadier on a loaded machine)."""
+    for w in ws:
+        jax.block_until_ready(f(x, w))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
+        for w in ws:
+            jax.block_until_ready(f(x, w))
+        times.append((time.perf_counter() - t) / len(ws))
     return statistics.median(times), min(times)
 
 
@@ -47,15 +54,20 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,16,128")
     ap.add_argument("--xla-rows", default="")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--level", default=None, help="the kernel's level (avx512_vnni, avx2, scalar; default: the CPU's best)")
+    ap.add_argument("--threads", type=int, default=0, help="the kernel's threads (default 0: XLA's pool)")
+    ap.add_argument("--copies", type=int, default=1, help="distinct weights a shape, timed in turn (24: from memory)")
     args = ap.parse_args()
     import nx_kernels_cpu
 
     from nx.ops import quant
 
     for n, k in SHAPES:
-        w = _weight(n, k)
+        ws = [_weight(n, k, seed) for seed in range(args.copies)]
+        w = ws[0]
         gb = (w.q.size + 2 * w.scale.size) / 1e9
-        kern = jax.jit(lambda x, w: nx_kernels_cpu.grouped_matmul(x, w.q, w.scale, bits=4, group_size=32))
+        kern = jax.jit(lambda x, w: nx_kernels_cpu.grouped_matmul(
+            x, w.q, w.scale, bits=4, group_size=32, level=args.level, threads=args.threads))
         paths = [("kernel", kern, args.rows)]
         if args.xla_rows:
             paths.append(("xla-dequant", jax.jit(quant.matmul), args.xla_rows))
@@ -65,7 +77,7 @@ def main() -> None:
                 if name == "xla-dequant":
                     os.environ["NX_CPU_KERNELS"] = "off"
                     f = jax.jit(quant.matmul)  # traced now, with the kernels off
-                med, t = _time(f, x, w, repeats=args.repeats)
+                med, t = _time(f, x, ws, repeats=args.repeats)
                 os.environ.pop("NX_CPU_KERNELS", None)
                 print(f"{n}x{k} m={m:4d} {name:11s} median {med * 1e3:8.2f} ms, best {t * 1e3:8.2f} ms "
                       f"{gb / t:6.1f} GB/s {m * n * k / t / 1e9:7.1f} GMAC/s", flush=True)

@@ -23,7 +23,11 @@
 // (the SIMD levels load a row's scales 16 groups or 512 values at a time); any m: decode and
 // prompts (cache-blocked: chunks of weight rows against tiles of token rows, see GroupedMatmulImpl).
 //
-// The weight is read once per call, packed, and its nibbles unpacked in registers. Per weight row:
+// The weight is read once per call, packed, and its nibbles unpacked in registers.
+// 4-bit weights with groups of 32 (s4's default, GGUF Q4_0 and Q4_1) run at the SIMD levels in
+// panels of 16 (AVX-512 VNNI) or 8 (AVX2) weight rows, transposed in registers so that each int32
+// lane holds one row's whole block dot (see PanelRows; llama.cpp gets the same lanes by repacking
+// Q4_0 at load, this needs no other layout). Other weights, per weight row:
 //   2 AVX-512 VNNI: 64 values a step: 32 packed bytes (or 64 int8) as u8, vpdpbusd with each token
 //     row's terms; every int32 lane sums 4 values of one block, and is converted and multiplied
 //     into f32 accumulators by its block's scale times its group's scale. Symmetric 4-bit values
@@ -102,7 +106,8 @@ struct GroupedActs {
   std::vector<float> sx;    // [m, wb]
   std::vector<float> cb;    // [m, wb], empty when offset is 0
   std::vector<float> xb;    // [m, wb], SIMD levels with offsets
-  std::vector<float> xsum;  // [m, gp], the scalar level with offsets
+  std::vector<float> xsum;  // [m, gp], the scalar level (and panels) with offsets
+  std::vector<int32_t> asum;  // [m, nb], panels of symmetric 4-bit rows: each block's term sum
   std::vector<int> blocks;  // [wb]: the block (or -1) of each window position
   // Step s (of 8) of a window: each lane's group, from the window's first (see the tiles), and
   // each lane's block position in the window; each window position's group.
@@ -141,11 +146,19 @@ std::vector<int> ValueOrder(int k, int kp, int gs, int bits, int level) {
 // Token rows [i0, i1) of g from x, once the sizes, the order and the buffers are set.
 void PrepareRows(const float* x, int k, const GroupedWeight& w, const std::vector<int>& order, int i0, int i1,
                  GroupedActs& g) {
-  if (g.bw == 0) {  // the scalar level: natural order
+  if (g.bw == 0) {  // the scalar level and panels: natural order
     QuantizeBlocks(x, k, i0, i1, g.a.data(), g.sx.data());
     if (w.zero)
       for (int i = i0; i < i1; ++i)
         for (int v = 0; v < k; ++v) g.xsum[static_cast<size_t>(i) * g.gp + v / w.gs] += x[static_cast<size_t>(i) * k + v];
+    if (!g.asum.empty())
+      for (int i = i0; i < i1; ++i)
+        for (int b = 0; b < g.nb; ++b) {
+          const int8_t* a = g.a.data() + static_cast<size_t>(i) * k + 32 * b;
+          int32_t sum = 0;
+          for (int t = 0; t < 32; ++t) sum += a[t];
+          g.asum[static_cast<size_t>(i) * g.nb + b] = sum;
+        }
     return;
   }
   thread_local std::vector<int8_t> q;
@@ -174,16 +187,17 @@ void PrepareRows(const float* x, int k, const GroupedWeight& w, const std::vecto
   }
 }
 
+// `panel`: for the panel kernels (natural order, as the scalar level, with the blocks' term sums).
 void PrepareActs(ffi::ThreadPool& pool, int threads, const float* x, int m, int k, const GroupedWeight& w, int level,
-                 GroupedActs& g) {
+                 bool panel, GroupedActs& g) {
   const int gs = w.gs;
   g.m = m;
   g.nb = k / 32;
   g.gp = (w.groups + 7) / 8 * 8;
-  const bool simd = level != kScalar;
+  const bool simd = level != kScalar && !panel;
   g.kp = simd ? (k + 63) / 64 * 64 : k;
   g.offset = simd && w.bits == 4 && !w.zero ? 8 : 0;
-  const std::vector<int> order = ValueOrder(k, g.kp, gs, w.bits, level);
+  const std::vector<int> order = ValueOrder(k, g.kp, gs, w.bits, simd ? level : kScalar);
   g.a.assign(static_cast<size_t>(m) * g.kp, 0);
   if (simd) {
     // AVX-512: step s's lane l holds values of share A (from value 64 s) or B (64 s + 32): 4-bit
@@ -226,6 +240,7 @@ void PrepareActs(ffi::ThreadPool& pool, int threads, const float* x, int m, int 
     g.wb = g.nb;
     g.sx.assign(static_cast<size_t>(m) * g.nb, 1.0f);
     if (w.zero) g.xsum.assign(static_cast<size_t>(m) * g.gp, 0.0f);
+    if (panel && !w.zero) g.asum.assign(static_cast<size_t>(m) * g.nb, 0);
   }
   // prompts: a few ms of rounding, over the threads too
   ParallelRows(pool, m, threads, 64 * static_cast<int64_t>(k),
@@ -440,6 +455,314 @@ __attribute__((target(NX_AVX512))) void TileVnni(const GroupedActs& g, const Gro
   for (int u = 0; u < T; ++u) y[static_cast<size_t>(i0 + u) * n + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[u], ext[u]));
 }
 
+// ---- 4-bit with groups of 32 at the SIMD levels: panels of P weight rows ----
+//
+// A panel is P consecutive weight rows (AVX-512: 16, AVX2: 8). For each block, its 16 packed bytes
+// in the panel's rows are transposed in registers (4x4 dword transposes) to 4 vectors, vector d
+// holding bytes 4d ... 4d + 3 of every row, so each int32 lane belongs to one row; their low
+// nibbles (values 4d ... 4d + 3) and high ones (16 + 4d ...) meet broadcast activation terms in the
+// natural order, and after the block's 8 dot steps each lane holds that row's whole block dot,
+// exact in int32 (symmetric: the unsigned nibbles' dot started from -8 times the block's term sum,
+// which is the signed values' dot). One convert and one fma with the P rows' scales (times the
+// token row's block scale) then finish the block for all P rows.
+// Why: the f32 work once per block and P rows rather than per 4 values and row (the row kernels'),
+// one activation broadcast serves P rows, and the transposed weight serves the tile's T token rows.
+// A panel past n reads zero rows (copied) and stores only its first n - j0 outputs.
+
+// r[i] lane t -> r[t] lane i, for 16 (AVX-512) or 8 (AVX2) rows.
+__attribute__((target(NX_AVX512))) inline void Transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
+      t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+
+__attribute__((target(NX_AVX2))) inline void Transpose8(__m256* r) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m256 a = r[i], b = r[4 + i];
+    r[i] = _mm256_permute2f128_ps(a, b, 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(a, b, 0x31);
+  }
+}
+
+inline int32_t Load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// A panel as the tiles read it: its packed rows (stride rb), its scales and offsets transposed (see
+// Scales), and the bytes to prefetch while the first tile runs: the next panel's rows, `pf_step`
+// bytes a window of 4 blocks (null: none). Why: a panel reads P rows at once, P streams the
+// hardware prefetchers do not follow from memory, while the rows of P consecutive panels are one
+// sequential stream.
+struct Panel {
+  const uint8_t* q;
+  size_t rb;
+  const float* ds;
+  const float* zs;
+  const char* pf;
+  size_t pf_step;
+
+  inline void Prefetch(int window) const {
+    if (pf == nullptr) return;
+    for (size_t l = 0; l < pf_step; l += 64) _mm_prefetch(pf + window * pf_step + l, _MM_HINT_T1);
+  }
+};
+
+// AVX-512 VNNI: panels of 16 rows, 8 token rows a tile (32 registers).
+struct PanelVnni {
+  static constexpr int kRows = 16, kWide = 8;
+
+  // out[16 b + r]: the scale (or offset) of panel row r (rows past n: 0) for block b.
+  template <bool F16>
+  __attribute__((target(NX_AVX512))) static void Scales(const void* src, const GroupedWeight& w, int j0, float* out) {
+    for (int b0 = 0; b0 < w.groups; b0 += 16) {
+      const int count = std::min(16, w.groups - b0);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < w.n ? Scales16<F16>(src, static_cast<size_t>(j0 + i) * w.groups + b0, count)
+                            : _mm512_setzero_ps();
+      Transpose16(r);
+      for (int t = 0; t < count; ++t) _mm512_storeu_ps(out + 16 * (b0 + t), r[t]);
+    }
+  }
+
+  // Block b of token rows [i0, i0 + T) into acc: s[d] lane r holds bytes 4d ... 4d + 3 of row r's block.
+  template <int T, bool Zero>
+  __attribute__((target(NX_AVX512))) static inline void Block(const GroupedActs& g, const __m512i* s, const float* ds,
+                                                              const float* zs, int i0, int b, __m512* acc) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512i lo[4], hi[4];
+    for (int d = 0; d < 4; ++d) {
+      lo[d] = _mm512_and_si512(s[d], low4);
+      hi[d] = _mm512_and_si512(_mm512_srli_epi16(s[d], 4), low4);
+    }
+    const __m512 d16 = _mm512_loadu_ps(ds + 16 * b);
+    for (int u = 0; u < T; ++u) {
+      const size_t i = static_cast<size_t>(i0 + u);
+      const int8_t* a = g.a.data() + i * g.kp + 32 * b;
+      __m512i dot = Zero ? _mm512_setzero_si512() : _mm512_set1_epi32(-8 * g.asum[i * g.nb + b]);
+      for (int d = 0; d < 4; ++d) {
+        dot = _mm512_dpbusd_epi32(dot, lo[d], _mm512_set1_epi32(Load4(a + 4 * d)));
+        dot = _mm512_dpbusd_epi32(dot, hi[d], _mm512_set1_epi32(Load4(a + 16 + 4 * d)));
+      }
+      const __m512 scale = _mm512_mul_ps(d16, _mm512_set1_ps(g.sx[i * g.wb + b]));
+      acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[u]);
+      if constexpr (Zero)
+        acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(zs + 16 * b), _mm512_set1_ps(g.xsum[i * g.gp + b]), acc[u]);
+    }
+  }
+
+  // y[i * n + j0 + r] for token rows i in [i0, i0 + T), from panel pn at weight row j0. Four
+  // blocks (a 64-byte line of each row) at a time, one 16x16 dword transpose: whole lines, as rows
+  // 4 KB apart share an L1 set; the last blocks one at a time.
+  template <int T, bool Zero>
+  __attribute__((target(NX_AVX512))) static void Tile(const GroupedActs& g, const Panel& pn, int i0, float* y, int n,
+                                                      int j0) {
+    const uint8_t* q = pn.q;
+    const size_t rb = pn.rb;
+    const float *ds = pn.ds, *zs = pn.zs;
+    __m512 acc[T];
+    for (int u = 0; u < T; ++u) acc[u] = _mm512_setzero_ps();
+    int b = 0;
+    for (; b + 4 <= g.nb; b += 4) {
+      pn.Prefetch(b / 4);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(_mm512_loadu_si512(q + i * rb + 16 * b));
+      Transpose16(r);  // r[4c + d]: bytes 4d ... 4d + 3 of block b + c, of every row
+      for (int c = 0; c < 4; ++c) {
+        const __m512i s[4] = {_mm512_castps_si512(r[4 * c]), _mm512_castps_si512(r[4 * c + 1]),
+                              _mm512_castps_si512(r[4 * c + 2]), _mm512_castps_si512(r[4 * c + 3])};
+        Block<T, Zero>(g, s, ds, zs, i0, b + c, acc);
+      }
+    }
+    for (; b < g.nb; ++b) {
+      const uint8_t* qb = q + 16 * static_cast<size_t>(b);
+      __m512i z[4];  // z[a]'s 128-bit lane i: row 4 i + a
+      for (int a = 0; a < 4; ++a) {
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + a * rb)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + (4 + a) * rb)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + (8 + a) * rb)), 2);
+        z[a] = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + (12 + a) * rb)), 3);
+      }
+      const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+      const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+      const __m512i s[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                            _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};  // lane r: row r
+      Block<T, Zero>(g, s, ds, zs, i0, b, acc);
+    }
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min(16, n - j0)) - 1);
+    for (int u = 0; u < T; ++u) _mm512_mask_storeu_ps(y + static_cast<size_t>(i0 + u) * n + j0, mask, acc[u]);
+  }
+};
+
+// AVX2: panels of 8 rows, vpmaddubsw (int16 sums of 2 products, |.| <= 2 * 15 * 127; the block's 8
+// added stay below 2^15) and one vpmaddwd with ones a block; 4 token rows a tile (16 registers).
+struct PanelAvx2 {
+  static constexpr int kRows = 8, kWide = 4;
+
+  template <bool F16>
+  __attribute__((target(NX_AVX2))) static void Scales(const void* src, const GroupedWeight& w, int j0, float* out) {
+    for (int b0 = 0; b0 < w.groups; b0 += 8) {
+      const int count = std::min(8, w.groups - b0);
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = j0 + i < w.n ? Scales8<F16>(src, static_cast<size_t>(j0 + i) * w.groups + b0, count)
+                            : _mm256_setzero_ps();
+      Transpose8(r);
+      for (int t = 0; t < count; ++t) _mm256_storeu_ps(out + 8 * (b0 + t), r[t]);
+    }
+  }
+
+  template <int T, bool Zero>
+  __attribute__((target(NX_AVX2))) static inline void Block(const GroupedActs& g, const __m256i* s, const float* ds,
+                                                            const float* zs, int i0, int b, __m256* acc) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256i lo[4], hi[4];
+    for (int d = 0; d < 4; ++d) {
+      lo[d] = _mm256_and_si256(s[d], low4);
+      hi[d] = _mm256_and_si256(_mm256_srli_epi16(s[d], 4), low4);
+    }
+    const __m256 d8 = _mm256_loadu_ps(ds + 8 * b);
+    for (int u = 0; u < T; ++u) {
+      const size_t i = static_cast<size_t>(i0 + u);
+      const int8_t* a = g.a.data() + i * g.kp + 32 * b;
+      __m256i p = _mm256_setzero_si256();
+      for (int d = 0; d < 4; ++d) {
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo[d], _mm256_set1_epi32(Load4(a + 4 * d))));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi[d], _mm256_set1_epi32(Load4(a + 16 + 4 * d))));
+      }
+      __m256i dot = _mm256_madd_epi16(p, ones);
+      if constexpr (!Zero) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * g.asum[i * g.nb + b]));
+      const __m256 scale = _mm256_mul_ps(d8, _mm256_set1_ps(g.sx[i * g.wb + b]));
+      acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[u]);
+      if constexpr (Zero)
+        acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(zs + 8 * b), _mm256_set1_ps(g.xsum[i * g.gp + b]), acc[u]);
+    }
+  }
+
+  // As PanelVnni::Tile: four blocks (a line of each row) at a time, two 8x8 dword transposes.
+  template <int T, bool Zero>
+  __attribute__((target(NX_AVX2))) static void Tile(const GroupedActs& g, const Panel& pn, int i0, float* y, int n,
+                                                    int j0) {
+    const uint8_t* q = pn.q;
+    const size_t rb = pn.rb;
+    const float *ds = pn.ds, *zs = pn.zs;
+    __m256 acc[T];
+    for (int u = 0; u < T; ++u) acc[u] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 4 <= g.nb; b += 4) {
+      pn.Prefetch(b / 4);
+      for (int half = 0; half < 2; ++half) {  // blocks b + 2 half, b + 2 half + 1
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i)
+          r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(q + i * rb + 16 * b + 32 * half));
+        Transpose8(r);  // r[4c + d]: bytes 4d ... 4d + 3 of block b + 2 half + c, of every row
+        for (int c = 0; c < 2; ++c) {
+          const __m256i s[4] = {_mm256_castps_si256(r[4 * c]), _mm256_castps_si256(r[4 * c + 1]),
+                                _mm256_castps_si256(r[4 * c + 2]), _mm256_castps_si256(r[4 * c + 3])};
+          Block<T, Zero>(g, s, ds, zs, i0, b + 2 * half + c, acc);
+        }
+      }
+    }
+    for (; b < g.nb; ++b) {
+      const uint8_t* qb = q + 16 * static_cast<size_t>(b);
+      __m256i z[4];  // z[a]'s 128-bit lane i: row 4 i + a
+      for (int a = 0; a < 4; ++a)
+        z[a] = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + a * rb))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + (4 + a) * rb)), 1);
+      const __m256i t0 = _mm256_unpacklo_epi32(z[0], z[1]), t1 = _mm256_unpackhi_epi32(z[0], z[1]);
+      const __m256i t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
+      const __m256i s[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                            _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};  // lane r: row r
+      Block<T, Zero>(g, s, ds, zs, i0, b, acc);
+    }
+    const __m256i mask =
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(std::min(8, n - j0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int u = 0; u < T; ++u) _mm256_maskstore_ps(y + static_cast<size_t>(i0 + u) * n + j0, mask, acc[u]);
+  }
+};
+
+// Token rows [i0, i1) of the panel from weight row j0: its scales (offsets) transposed once, then
+// tiles of kWide, 4, 3, 2, 1 token rows; the panel's weight bytes stay in L1/L2 between tiles. The
+// next panel's scales, and (during the first tile) its rows, are prefetched in memory order.
+template <class L, bool Zero, bool F16>
+void PanelRows(const GroupedActs& g, const GroupedWeight& w, int j0, int i0, int i1, float* y, int n) {
+  constexpr int P = L::kRows;
+  thread_local std::vector<float> ds, zs;
+  thread_local std::vector<uint8_t> tail;
+  if (j0 + P < n) {  // the next panel's scales (and offsets), for its Scales
+    const size_t sb = w.scale_f16 ? 2 : 4, at = static_cast<size_t>(j0 + P) * w.groups * sb;
+    const size_t len = static_cast<size_t>(P) * w.groups * sb;
+    for (size_t l = 0; l < len; l += 64) {
+      _mm_prefetch(static_cast<const char*>(w.scale) + at + l, _MM_HINT_T1);
+      if constexpr (Zero) _mm_prefetch(static_cast<const char*>(w.zero) + at + l, _MM_HINT_T1);
+    }
+  }
+  ds.resize(static_cast<size_t>(P) * w.groups);
+  L::template Scales<F16>(w.scale, w, j0, ds.data());
+  if constexpr (Zero) {
+    zs.resize(ds.size());
+    L::template Scales<F16>(w.zero, w, j0, zs.data());
+  }
+  const uint8_t* q = w.q + static_cast<size_t>(j0) * w.row_bytes;
+  if (j0 + P > n) {  // the last panel: its rows, then zeros
+    tail.assign(P * w.row_bytes, 0);
+    std::memcpy(tail.data(), q, (n - j0) * w.row_bytes);
+    q = tail.data();
+  }
+  Panel pn{q, w.row_bytes, ds.data(), zs.data(), nullptr, 0};
+  const size_t bytes = P * w.row_bytes;  // the next panel's rows, over this one's windows
+  const int windows = g.nb / 4;
+  if (j0 + P < n && windows > 0) {
+    pn.pf = reinterpret_cast<const char*>(w.q) + static_cast<size_t>(j0 + P) * w.row_bytes;
+    pn.pf_step = (bytes / windows + 127) / 64 * 64;
+  }
+  const auto tile = [&](auto t) {  // the first tile prefetches
+    L::template Tile<decltype(t)::value, Zero>(g, pn, i0, y, n, j0);
+    pn.pf = nullptr;
+    i0 += decltype(t)::value;
+  };
+  if constexpr (L::kWide >= 8)
+    while (i0 + 8 <= i1) tile(std::integral_constant<int, 8>{});
+  while (i0 + 4 <= i1) tile(std::integral_constant<int, 4>{});
+  switch (i1 - i0) {
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    case 1: tile(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
 // Token rows [i0, i1) of weight row j, eight (AVX-512: 32 registers) or four (AVX2: 16) a pass; the
 // weight row stays in L1 between passes.
 #define NX_ROW(Tile, Wide)                                                                            \
@@ -484,6 +807,28 @@ RowFnAll PickRow(int level, const GroupedWeight& w) {
   }
 #endif
   return RowScalar;
+}
+
+#ifdef NX_X86
+template <class L>
+RowFnAll PickPanelAt(const GroupedWeight& w) {
+  const bool z = w.zero != nullptr, h = w.scale_f16;
+  return z ? (h ? PanelRows<L, true, true> : PanelRows<L, true, false>)
+           : (h ? PanelRows<L, false, true> : PanelRows<L, false, false>);
+}
+#endif
+
+// The panel function for this weight at `level` (4-bit with groups of 32 at the SIMD levels, scales
+// and offsets of one precision) and its rows a panel; else null (the row functions).
+RowFnAll PickPanel(int level, const GroupedWeight& w, int* rows) {
+#ifdef NX_X86
+  if (level >= kAvx2 && w.bits == 4 && w.gs == 32 && (!w.zero || w.zero_f16 == w.scale_f16)) {
+    *rows = level >= kAvx512Vnni ? PanelVnni::kRows : PanelAvx2::kRows;
+    return level >= kAvx512Vnni ? PickPanelAt<PanelVnni>(w) : PickPanelAt<PanelAvx2>(w);
+  }
+#endif
+  *rows = 1;
+  return nullptr;
 }
 
 // Cache blocking for prompts: a thread's weight rows in chunks of about kChunkBytes, each run
@@ -534,18 +879,22 @@ ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     lvl = kScalar;
     row = RowScalar;
   }
+  int unit = 1;  // weight rows a call of `row` covers from its first (a panel's, or one)
+  if (RowFnAll panel = PickPanel(lvl, w, &unit)) row = panel;
   const int m = static_cast<int>(xd[0]), n = w.n, nthreads = Threads(pool, threads);
   GroupedActs g;
-  PrepareActs(pool, nthreads, x.typed_data(), m, w.k, w, lvl, g);
+  PrepareActs(pool, nthreads, x.typed_data(), m, w.k, w, lvl, unit > 1, g);
   float* yp = y->typed_data();
   const int64_t act_bytes = g.kp + 12 * static_cast<int64_t>(g.wb);  // a row's terms and its per-block f32 data
-  const int chunk = static_cast<int>(std::max<int64_t>(4, kChunkBytes / static_cast<int64_t>(w.row_bytes)));
+  const int64_t unit_bytes = static_cast<int64_t>(unit) * static_cast<int64_t>(w.row_bytes);
+  const int chunk = static_cast<int>(std::max<int64_t>(unit > 1 ? 1 : 4, kChunkBytes / unit_bytes));  // in units
   const int tile = static_cast<int>(std::max<int64_t>(8, kTileBytes / act_bytes / 8 * 8));
-  ParallelRows(pool, n, nthreads, static_cast<int64_t>(m) * w.k, [&](int j0, int j1) {
-    for (int c0 = j0; c0 < j1; c0 += chunk) {
-      const int c1 = std::min(j1, c0 + chunk);
+  const int units = (n + unit - 1) / unit;
+  ParallelRows(pool, units, nthreads, static_cast<int64_t>(unit) * m * w.k, [&](int u0, int u1) {
+    for (int c0 = u0; c0 < u1; c0 += chunk) {
+      const int c1 = std::min(u1, c0 + chunk);
       for (int i0 = 0; i0 < m; i0 += tile)
-        for (int j = c0; j < c1; ++j) row(g, w, j, i0, std::min(m, i0 + tile), yp, n);
+        for (int u = c0; u < c1; ++u) row(g, w, u * unit, i0, std::min(m, i0 + tile), yp, n);
     }
   });
   return ffi::Error::Success();

@@ -148,6 +148,23 @@ def test_decode_and_prompt_rows(level, kind, f16, gs):
         _close(_kernel(x, w, level), _int8_reference(x, w))
 
 
+@pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
+@pytest.mark.parametrize("affine", [False, True], ids=["s4", "s4-affine"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_panels_of_4bit_rows(level, affine, f16):
+    """4-bit weights with groups of 32 run in panels of 16 (AVX-512) or 8 (AVX2) weight rows, 4
+    blocks (a 64-byte line of each row) at a time, then block by block: n around the panel sizes
+    (a last panel of zero rows whose outputs are dropped), k of 1 ... 131 blocks (every remainder
+    of 4), and 1 ... 13 token rows (tiles of 8, 4, 3, 2, 1). One block (k = 32) makes an output
+    one block dot times its scales, so an integer off by one would show."""
+    for k, ns in ((32, (1, 7, 8, 9, 15, 16, 17, 33)), (96, (16, 24)), (160, (31,)), (4192, (17,))):
+        for n in ns:
+            w = _weight(n, k, 4, 32, affine, f16, seed=n + k)
+            for m in (1, 2, 3, 8, 13):
+                x = _x(m, k, seed=m)
+                _close(_kernel(x, w, level), _int8_reference(x, w))
+
+
 def test_block_rounding_is_xlas():
     """The kernel's block terms are XLA's, to the last rounding: x built from exact halves (ties,
     rounded to even) and values next to them; one weight row per input picks out each term."""
@@ -170,13 +187,15 @@ def test_prompt_rows_against_the_dequantized_dot(monkeypatch, kind):
     """Prompt rows through the kernel against XLA's dequantized f32 dot (its path for them without
     the kernel): apart from the block rounding of the activations, f32 accumulation."""
     bits, affine = kind
-    m, k, n = 70, 1024, 64
+    k, n = 1024, 64
     w = _weight(n, k, bits, 32, affine, True, seed=7)
-    x = _x(m, k, seed=8)
-    got = _kernel(x, w)
-    ref = _xla_reference(monkeypatch, x, w)
-    bound = _rounding_bound(x, w) * (1 + 1e-4) + 1e-5 * np.abs(ref).max()
-    assert (np.abs(got - ref) <= bound).all()
+    for m in (70, 300):  # 300: past GROUPED_MAX_ROWS, within PANEL_MAX_ROWS (the panels' limit)
+        x = _x(m, k, seed=8)
+        assert TARGET in jax.jit(qops.matmul).lower(jnp.asarray(x), w).as_text()
+        got = _kernel(x, w)
+        ref = _xla_reference(monkeypatch, x, w)
+        bound = _rounding_bound(x, w) * (1 + 1e-4) + 1e-5 * np.abs(ref).max()
+        assert (np.abs(got - ref) <= bound).all()
 
 
 def test_threads_do_not_change_results():
@@ -203,8 +222,11 @@ def test_dispatch_fallbacks_and_off_switch(monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV, "off")
     assert TARGET not in _lowered(x, w)
     monkeypatch.delenv(cpu_kernels.ENV)
-    assert TARGET in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS, 96), w)  # prompts too, up to a limit
-    assert TARGET not in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS + 1, 96), w)  # then XLA's dequantized dot
+    assert TARGET in _lowered(_x(cpu_kernels.PANEL_MAX_ROWS, 96), w)  # prompts too, up to a limit
+    assert TARGET not in _lowered(_x(cpu_kernels.PANEL_MAX_ROWS + 1, 96), w)  # then XLA's dequantized dot
+    g64 = _weight(40, 128, 4, 64, False, False)  # other grouped weights: a lower limit
+    assert TARGET in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS, 128), g64)
+    assert TARGET not in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS + 1, 128), g64)
     accel = QuantizedWeight(w.q, w.scale, int8_dot=False, bits=4, group_size=32)
     assert TARGET not in _lowered(x, accel)  # the accelerators' conversion
     # group sizes the kernel does not take (GGUF Q6_K's 16; 96 does not tile 512) and bf16

@@ -13,15 +13,18 @@ the pure-XLA path. It applies when all of these hold:
 - ``NX_CPU_KERNELS`` is not ``off``.
 
 `grouped_matmul(x, w)` is the same for a grouped weight (``group_size``: nx's ``s4``, grouped
-``s8``, GGUF Q4_0 / Q4_1 / Q4_K / Q8_0): bits 4 (packed, unpacked in registers) or 8, symmetric
-or affine (``zero``), f32 or f16 scales, ONE int8 activation term per block of 32 inputs
+``s8``, GGUF Q4_0 / Q4_1 / Q4_K / Q8_0): bits 4 (packed, unpacked in registers; with groups of 32
+in panels of 16 or 8 weight rows transposed in registers, so that each int32 lane sums one row's
+whole block and the f32 work runs once a block for the panel, not once per 4 values and row) or 8,
+symmetric or affine (``zero``), f32 or f16 scales, ONE int8 activation term per block of 32 inputs
 (`nx.ops.quant.block_terms`, llama.cpp's q8_0 activations: half the dot work of the two terms
 per row the per-row kernel takes) and the same exact int32 dots per block as
 `nx.ops.quant.grouped_int8_dot`; only the f32 sums over blocks and groups run in another order, so
 results agree to f32 rounding (~1e-6 of the largest output), not bit for bit. It applies under
 the same conditions with 8-bit replaced by: bits 4 or 8, ``group_size`` a multiple of 32 (GGUF
-Q6_K's 16 stays on XLA), scales and offsets f32 or f16, and up to `GROUPED_MAX_ROWS` (256) rows:
-prompts run the kernel too (cache-blocked; more rows stay on XLA's dequantized dot, as fast there).
+Q6_K's 16 stays on XLA), scales and offsets f32 or f16, and up to `GROUPED_MAX_ROWS` (256) rows,
+`PANEL_MAX_ROWS` (1024) for 4-bit weights with groups of 32: prompts run the kernel too
+(cache-blocked; more rows stay on XLA's dequantized dot, as fast there).
 
 `bf16_matmul(x, w, xla)` returns f32 ``x @ w.T`` for a plain bf16 ``w [out, in]`` (``amp="bf16"``
 weights) and a bf16 or f32 ``x`` through the package's bf16 kernel (AVX512_BF16 ``vdpbf16ps``,
@@ -78,6 +81,10 @@ AVX2_MAX_ROWS = 16
 #: dots beat XLA's dequantized f32 dot at the 1B llama shapes; at 512 they tie, at 1024 XLA's GEMM
 #: is ~10% faster; BENCHMARKS.md, "Grouped kernel: one activation term per block").
 GROUPED_MAX_ROWS = 256
+#: The same for 4-bit weights with groups of 32 (the kernel's panels of weight rows): at 512 and 1024
+#: rows they ran 1.1-3.6x faster than XLA's dequantized dot at the 1B llama shapes (BENCHMARKS.md,
+#: "4-bit interleaved layout"); beyond, not measured.
+PANEL_MAX_ROWS = 1024
 #: Most token rows a bf16 call sends to the kernel (decode up to batch 16, as `nx serve` runs): its
 #: register tiles read each weight byte once for all rows, faster than XLA's bf16 dot at every row
 #: count 1-16 (BENCHMARKS.md, "bf16 kernel up to 16 rows"); more rows stay on XLA's GEMM.
@@ -185,7 +192,8 @@ def grouped_matmul(x: Any, w: Any) -> Any:
         return None
     if str(w.scale.dtype) not in _FLOATS or (w.zero is not None and str(w.zero.dtype) not in _FLOATS):
         return None
-    if x.ndim != 2 or x.shape[0] > GROUPED_MAX_ROWS or x.shape[1] % gs or not enabled():
+    rows = PANEL_MAX_ROWS if w.bits == 4 and gs == 32 else GROUPED_MAX_ROWS
+    if x.ndim != 2 or x.shape[0] > rows or x.shape[1] % gs or not enabled():
         return None
     level = None if mode() == "auto" else mode()
     return _kernels.grouped_matmul(x, w.q, w.scale, w.zero, bits=w.bits, group_size=gs, level=level, threads=_threads())

@@ -201,9 +201,10 @@ def _grouped_matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
       with many rows its cost is shared, and the int32 partial sums would be larger than it.
     - affine groups add ``sum_g zero[:, g] * sum(x[:, group g])``, a small ``[m, groups]`` dot.
 
-    On CPU up to 256 rows run the first formulation as one custom call (`nx.ops.cpu_kernels`)
-    where it applies: XLA:CPU unpacks a 4-bit weight to int8 in memory and runs the batched dot
-    slowly, and up to there prompts' dequantized dot costs more than the kernel's int8 dots.
+    On CPU up to 256 rows (1024 for 4-bit groups of 32) run the first formulation as one custom
+    call (`nx.ops.cpu_kernels`) where it applies: XLA:CPU unpacks a 4-bit weight to int8 in memory
+    and runs the batched dot slowly, and up to there prompts' dequantized dot costs more than the
+    kernel's int8 dots.
     """
     y = cpu_kernels.grouped_matmul(x, w)
     if y is not None:
