@@ -1,9 +1,9 @@
 """nx-kernels-cpu's f32 decode kernel against XLA's f32 dot: weight-streaming GB/s per matmul shape.
 
 Each case is ``nx.ops.linear.project(x [m, k], w [n, k])`` as nx runs it, traced once with the kernel
-(``NX_CPU_KERNELS=auto``) and once on XLA's dots (``off``); rows below ``F32_MIN_ROWS``, which nx
-keeps on XLA's dots, call ``nx_kernels_cpu.f32_matmul`` directly. One timed call chains the product
-over enough distinct copies of the weight (>= ``--min-mb`` MB together, at most 64) that they stream
+(``NX_CPU_KERNELS=auto``) and once on XLA's dots (``off``); rows nx keeps on XLA's dots (below
+``F32_MIN_ROWS``, above ``F32_MAX_ROWS``) call ``nx_kernels_cpu.f32_matmul`` directly. One timed
+call chains the product over enough distinct copies of the weight (>= ``--min-mb`` MB together, at most 64) that they stream
 from memory, as decode's weights do; each chained x depends on the previous product so the calls run one
 after another. Kernel and XLA calls alternate (``--repeats`` each) so machine noise hits both alike;
 the figure is the median. GB/s counts the weight bytes only.
@@ -56,7 +56,7 @@ def main() -> None:
     from nx.ops import cpu_kernels
     from nx.ops.linear import project
 
-    def direct(x, w, dtype):  # rows nx keeps on XLA's dots (below F32_MIN_ROWS): the kernel itself
+    def direct(x, w, dtype):  # rows nx keeps on XLA's dots (outside F32_MIN_ROWS..F32_MAX_ROWS): the kernel
         import nx_kernels_cpu
 
         return nx_kernels_cpu.f32_matmul(x, w)
@@ -78,7 +78,8 @@ def main() -> None:
                 fns = {}
                 for name, env in (("kernel", "auto"), ("xla", "off")):
                     os.environ[cpu_kernels.ENV] = env
-                    f = direct if name == "kernel" and m < cpu_kernels.F32_MIN_ROWS else project
+                    inside = cpu_kernels.F32_MIN_ROWS <= m <= cpu_kernels.F32_MAX_ROWS
+                    f = direct if name == "kernel" and not inside else project
                     fns[name] = chain(f, copies).lower(x, ws).compile()
                     fns[name](x, ws).block_until_ready()  # warm
                 os.environ.pop(cpu_kernels.ENV)

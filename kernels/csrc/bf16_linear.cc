@@ -33,7 +33,7 @@
 
 namespace {
 
-using namespace nxk;  // levels, HasFma, ParallelRows, Threads, ClampLevel, NX_UNROLL (common.h)
+using namespace nxk;  // levels, HasFma, ParallelRows, Threads, ClampLevel, StoreSums, NX_UNROLL (common.h)
 
 inline float Bf16ToF32(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -262,16 +262,6 @@ constexpr int kBf16MaxRn = 6;
 // With several x-row blocks the k range is cut into spans of this many elements, so the tile's
 // weight rows (4 x 2 KiB) and x rows (16 x 2 KiB) stay in L1/L2 while each x block reuses them.
 constexpr int kBf16Span = 1024;
-
-// [sum(v0), ..., sum(v{RM - 1})] into out[0, RM): added to it (`add`) or stored. The accumulators go
-// by value: an array's address would keep GCC storing them to the stack at every k-step.
-template <int RM>
-__attribute__((target(NX_AVX512BF16))) inline void StoreSums(__m512 v0, __m512 v1, __m512 v2, __m512 v3, float* out,
-                                                              bool add) {
-  const __m128 s = Reduce4Avx512(v0, v1, v2, v3);
-  const __mmask8 mask = (1u << RM) - 1;
-  _mm_mask_storeu_ps(out, mask, add ? _mm_add_ps(s, _mm_maskz_loadu_ps(mask, out)) : s);
-}
 
 // One k-step (32 elements at p, `mask` on the last) of the tile below.
 template <int RM, int RN>

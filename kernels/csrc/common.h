@@ -184,7 +184,7 @@ inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work
 
 // Loops over a register tile's accumulators, unrolled before GCC decides where arrays live: left to
 // its later unrolling, the accumulator arrays stay in memory and every k-step stores them to the
-// stack (the bf16 and s8 kernels' tiles).
+// stack (the bf16, f32 and s8 kernels' tiles).
 #define NX_UNROLL _Pragma("GCC unroll 8")
 
 #ifdef NX_X86
@@ -212,6 +212,17 @@ __attribute__((target(NX_AVX512F))) inline __m128 Reduce4Avx512(__m512 a, __m512
   const __m512 v = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)), _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
   const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// [sum(v0), ..., sum(v{RM - 1})] into out[0, RM), RM <= 4: added to it (`add`) or stored; the
+// register tiles' epilogue (bf16_linear.cc, f32_linear.cc). The accumulators go by value: an
+// array's address would keep GCC storing them to the stack at every k-step.
+template <int RM>
+__attribute__((target(NX_AVX512F))) inline void StoreSums(__m512 v0, __m512 v1, __m512 v2, __m512 v3, float* out,
+                                                          bool add) {
+  const __m128 s = Reduce4Avx512(v0, v1, v2, v3);
+  const __mmask8 mask = (1u << RM) - 1;
+  _mm_mask_storeu_ps(out, mask, add ? _mm_add_ps(s, _mm_maskz_loadu_ps(mask, out)) : s);
 }
 
 #endif  // NX_X86

@@ -72,6 +72,20 @@ def test_matmul_within_f32_summation_error(level, size):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("m", [17, 37, 130])
+def test_many_rows_across_spans(level, m):
+    """Prompt-sized row counts: several x-row blocks (near-equal, up to 6 rows), k cut into spans with
+    a partial last vector, n with a tail of weight rows; threads split the outputs alike."""
+    import nx_kernels_cpu
+
+    x, w = _random(m, 1100, 103, seed=m)
+    f = jax.jit(lambda x, w, t: nx_kernels_cpu.f32_matmul(x, w, level=level, threads=t), static_argnums=2)
+    outs = [np.asarray(f(x, w, t)) for t in (0, 1)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    _check(outs[0], x, w)
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_large_shape_and_threads(level):
     """An lm-head-like shape: many output rows split over the pool, every row tile and tail."""
     import nx_kernels_cpu

@@ -89,12 +89,12 @@ PANEL_MAX_ROWS = 1024
 #: register tiles read each weight byte once for all rows, faster than XLA's bf16 dot at every row
 #: count 1-16 (BENCHMARKS.md, "bf16 kernel up to 16 rows"); more rows stay on XLA's GEMM.
 BF16_MAX_ROWS = 16
-#: Token rows an f32 call sends to the kernel, F32_MIN_ROWS ... F32_MAX_ROWS: there decode was faster
-#: than on XLA's f32 dots on the 2-core EPYC; one row was not (XLA's matrix-vector product kept up),
-#: nor 8 rows at Llama-3.2-1B's shape (XLA's GEMM), so batch 1 and batch 8 stay on XLA's dots
-#: (BENCHMARKS.md, "f32 decode kernel (loaded machine)").
+#: Token rows an f32 call sends to the kernel, F32_MIN_ROWS ... F32_MAX_ROWS: decode batches and short
+#: prompt chunks, where its register tiles beat XLA's f32 dots on the 2-core EPYC; one row does not
+#: (XLA's matrix-vector product keeps up), and from ~128 rows XLA's GEMM ties or wins (BENCHMARKS.md,
+#: "f32 kernel: register tiles").
 F32_MIN_ROWS = 2
-F32_MAX_ROWS = 4
+F32_MAX_ROWS = 64
 
 try:  # the optional distribution nx-kernels-cpu; importing it registers its FFI targets
     import nx_kernels_cpu as _kernels
