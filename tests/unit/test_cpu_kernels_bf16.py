@@ -129,10 +129,16 @@ def test_dispatch_and_off_switch(monkeypatch):
     assert TARGET in _lowered(x, w)  # on by default where the package runs
     assert TARGET in _lowered(x.astype(jnp.float32), w)  # f32 activations, bf16 weight
     assert TARGET not in _lowered(x, w.astype(jnp.float32))  # f32 weights stay on XLA's dots
-    many = jnp.zeros((cpu_kernels.BF16_MAX_ROWS + 1, 64), jnp.bfloat16)
-    assert TARGET not in _lowered(many, w)  # larger batches and prompts stay on XLA's GEMM
-    rows = jnp.zeros((2, cpu_kernels.BF16_MAX_ROWS // 2, 64), jnp.bfloat16)
-    assert TARGET in _lowered(rows, w)  # the row limit in any leading shape
+    for level in LEVELS[1:]:  # the row limit at each level (vdpbf16ps tiles take prompt chunks)
+        monkeypatch.setenv(cpu_kernels.ENV, level)
+        limit = cpu_kernels.BF16_MAX_ROWS if level == "avx512_bf16" else cpu_kernels.BF16_NARROW_MAX_ROWS
+        many = jnp.zeros((limit + 1, 64), jnp.bfloat16)
+        assert TARGET not in _lowered(many, w)  # larger batches and prompts stay on XLA's GEMM
+        rows = jnp.zeros((2, limit // 2, 64), jnp.bfloat16)
+        assert TARGET in _lowered(rows, w)  # the row limit in any leading shape
+        f32 = jnp.zeros((cpu_kernels.BF16_NARROW_MAX_ROWS + 1, 64), jnp.float32)
+        assert TARGET not in _lowered(f32, w)  # f32 activations: the narrow limit at every level
+    monkeypatch.delenv(cpu_kernels.ENV)
     assert_chosen_when_lowered(TARGET, _lowered, x, w, LEVELS, monkeypatch)
 
 

@@ -132,10 +132,14 @@ def test_dispatch_and_off_switch(monkeypatch):
     assert TARGET not in _lowered(x[: cpu_kernels.F32_MIN_ROWS - 1], w)  # one row: XLA's matrix-vector product
     assert TARGET not in _lowered(x.astype(jnp.bfloat16), w)  # bf16 activations stay on XLA's dots
     assert TARGET not in _lowered(x, w.astype(jnp.bfloat16))  # bf16 weights: the bf16 kernel
-    many = jnp.zeros((cpu_kernels.F32_MAX_ROWS + 1, 64), jnp.float32)
-    assert TARGET not in _lowered(many, w)  # larger batches and prompts stay on XLA's GEMM
-    rows = jnp.zeros((2, cpu_kernels.F32_MAX_ROWS // 2, 64), jnp.float32)
-    assert TARGET in _lowered(rows, w)  # the row limit in any leading shape
+    for level in LEVELS[1:]:  # the row limit at each level (the AVX-512 tiles take prompt chunks)
+        monkeypatch.setenv(cpu_kernels.ENV, level)
+        limit = cpu_kernels.F32_MAX_ROWS if level.startswith("avx512") else cpu_kernels.F32_AVX2_MAX_ROWS
+        many = jnp.zeros((limit + 1, 64), jnp.float32)
+        assert TARGET not in _lowered(many, w)  # larger batches and prompts stay on XLA's GEMM
+        rows = jnp.zeros((2, limit // 2, 64), jnp.float32)
+        assert TARGET in _lowered(rows, w)  # the row limit in any leading shape
+    monkeypatch.delenv(cpu_kernels.ENV)
     assert TARGET in jax.jit(lambda x, w: linear.lm_head(x, w)).lower(x, w).as_text()  # lm head / tied table
     assert_chosen_when_lowered(TARGET, _lowered, x, w, LEVELS, monkeypatch)
 

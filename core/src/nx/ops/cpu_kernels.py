@@ -85,16 +85,22 @@ GROUPED_MAX_ROWS = 256
 #: rows they ran 1.1-3.6x faster than XLA's dequantized dot at the 1B llama shapes (BENCHMARKS.md,
 #: "4-bit interleaved layout"); beyond, not measured.
 PANEL_MAX_ROWS = 1024
-#: Most token rows a bf16 call sends to the kernel (decode up to batch 16, as `nx serve` runs): its
-#: register tiles read each weight byte once for all rows, faster than XLA's bf16 dot at every row
-#: count 1-16 (BENCHMARKS.md, "bf16 kernel up to 16 rows"); more rows stay on XLA's GEMM.
-BF16_MAX_ROWS = 16
-#: Token rows an f32 call sends to the kernel, F32_MIN_ROWS ... F32_MAX_ROWS: decode batches and short
-#: prompt chunks, where its register tiles beat XLA's f32 dots on the 2-core EPYC; one row does not
-#: (XLA's matrix-vector product keeps up), and from ~128 rows XLA's GEMM ties or wins (BENCHMARKS.md,
-#: "f32 kernel: register tiles").
+#: Most token rows a bf16 call sends to the kernel at the ``avx512_bf16`` level with bf16 x (decode
+#: batches and prompt chunks): its `vdpbf16ps` register tiles beat XLA's bf16 dot at every row count
+#: 1-64 on the 2-core EPYC, and tie from 128 rows (BENCHMARKS.md, "bf16 kernel up to 16 rows",
+#: "Kernels, fourth round"); more rows stay on XLA's GEMM.
+BF16_MAX_ROWS = 64
+#: The same at the lower levels (AVX-512F or AVX2 multiply-adds on widened weights, or f32 x):
+#: measured faster than XLA up to decode's 16 rows only.
+BF16_NARROW_MAX_ROWS = 16
+#: Token rows an f32 call sends to the kernel, F32_MIN_ROWS ... F32_MAX_ROWS at the AVX-512 levels:
+#: decode batches and short prompt chunks, where its register tiles beat XLA's f32 dots on the 2-core
+#: EPYC (1.1-2.7x); one row does not (XLA's matrix-vector product keeps up), and from 128 rows XLA's
+#: GEMM ties (BENCHMARKS.md, "f32 kernel: register tiles").
 F32_MIN_ROWS = 2
 F32_MAX_ROWS = 64
+#: The same at the ``avx2`` (and ``scalar``) level, whose 4 x 2 tiles were measured up to 4 rows.
+F32_AVX2_MAX_ROWS = 4
 
 try:  # the optional distribution nx-kernels-cpu; importing it registers its FFI targets
     import nx_kernels_cpu as _kernels
@@ -173,8 +179,7 @@ def s8_matmul(x: Any, w: Any) -> Any:
     if x.ndim != 2 or not enabled():
         return None
     level = mode()
-    vnni = (isa() if level == "auto" else level).startswith("avx512") and isa().startswith("avx512")
-    if x.shape[0] > (MAX_ROWS if vnni else AVX2_MAX_ROWS):
+    if x.shape[0] > (MAX_ROWS if _level().startswith("avx512") else AVX2_MAX_ROWS):
         return None
     return _kernels.s8_matmul(x, w.q, w.scale, level=None if level == "auto" else level, threads=_threads())
 
@@ -197,6 +202,15 @@ def grouped_matmul(x: Any, w: Any) -> Any:
         return None
     level = None if mode() == "auto" else mode()
     return _kernels.grouped_matmul(x, w.q, w.scale, w.zero, bits=w.bits, group_size=gs, level=level, threads=_threads())
+
+
+def _level() -> str:
+    """The level kernels traced now run: the one `NX_CPU_KERNELS` forces (never above the CPU's) or
+    the CPU's best (the row limits depend on it: the lower levels' tiles are narrower)."""
+    best = isa() or "scalar"
+    level = best if mode() in ("auto", "off") else mode()
+    order = MODES[2:][::-1]  # scalar, avx2, avx512_vnni, avx512_bf16
+    return order[min(order.index(level), order.index(best))]
 
 
 def _varying(a: Any) -> frozenset:
@@ -238,7 +252,8 @@ def bf16_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
     shape, f32) on any other; None where the kernel does not apply (see the module docstring)."""
     if not (hasattr(w, "dtype") and w.dtype == jnp.bfloat16):
         return None
-    rows = _rows(x, w, (jnp.bfloat16, jnp.float32), BF16_MAX_ROWS)
+    wide = x.dtype == jnp.bfloat16 and _level() == "avx512_bf16"
+    rows = _rows(x, w, (jnp.bfloat16, jnp.float32), BF16_MAX_ROWS if wide else BF16_NARROW_MAX_ROWS)
     return None if rows is None else _staged(_kernels.bf16_matmul, x, w, xla, rows)
 
 
@@ -248,5 +263,6 @@ def f32_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
     kernel does not apply (see the module docstring)."""
     if not (hasattr(w, "dtype") and w.dtype == jnp.float32):
         return None
-    rows = _rows(x, w, (jnp.float32,), F32_MAX_ROWS, F32_MIN_ROWS)
+    rows = _rows(x, w, (jnp.float32,), F32_MAX_ROWS if _level().startswith("avx512") else F32_AVX2_MAX_ROWS,
+                 F32_MIN_ROWS)
     return None if rows is None else _staged(_kernels.f32_matmul, x, w, xla, rows)
