@@ -88,7 +88,7 @@ PANEL_MAX_ROWS = 1024
 #: Most token rows a bf16 call sends to the kernel at the ``avx512_bf16`` level with bf16 x (decode
 #: batches and prompt chunks): its `vdpbf16ps` register tiles beat XLA's bf16 dot at every row count
 #: 1-64 on the 2-core EPYC, and tie from 128 rows (BENCHMARKS.md, "bf16 kernel up to 16 rows",
-#: "Kernels, fourth round"); more rows stay on XLA's GEMM.
+#: "f32 kernel: register tiles, and the bf16 kernel to 64 rows"); more rows stay on XLA's GEMM.
 BF16_MAX_ROWS = 64
 #: The same at the lower levels (AVX-512F or AVX2 multiply-adds on widened weights, or f32 x):
 #: measured faster than XLA up to decode's 16 rows only.
@@ -96,7 +96,7 @@ BF16_NARROW_MAX_ROWS = 16
 #: Token rows an f32 call sends to the kernel, F32_MIN_ROWS ... F32_MAX_ROWS at the AVX-512 levels:
 #: decode batches and short prompt chunks, where its register tiles beat XLA's f32 dots on the 2-core
 #: EPYC (1.1-2.7x); one row does not (XLA's matrix-vector product keeps up), and from 128 rows XLA's
-#: GEMM ties (BENCHMARKS.md, "f32 kernel: register tiles").
+#: GEMM ties (BENCHMARKS.md, "f32 kernel: register tiles, and the bf16 kernel to 64 rows").
 F32_MIN_ROWS = 2
 F32_MAX_ROWS = 64
 #: The same at the ``avx2`` (and ``scalar``) level, whose 4 x 2 tiles were measured up to 4 rows.

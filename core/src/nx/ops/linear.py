@@ -20,7 +20,7 @@ def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
     installed (XLA:CPU has no fast bf16 matrix-vector path; BENCHMARKS.md, "bf16 CPU kernel"), and
     so do f32 weights and activations with 2 to `cpu_kernels.F32_MAX_ROWS` token rows (XLA's f32
     dot runs below the machine's FMA and memory speed there; BENCHMARKS.md, "f32 kernel: register
-    tiles")."""
+    tiles, and the bf16 kernel to 64 rows")."""
     if quant.is_quantized(w):
         return quant.matmul(x, w).astype(dtype)
     y = cpu_kernels.bf16_matmul(x, w, _xla)  # _xla: off the cpu platform
