@@ -17,46 +17,13 @@ its own FFI target and timed in the same rounds.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
-import os
 import statistics
 import time
 
-import jax
 import jax.numpy as jnp
+import kernel_bench
 import numpy as np
-
-SHAPES = {  # [n, k]: qkv parts, o, up/gate, down, lm head
-    "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)],
-    "1b": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (128256, 2048)],
-}
-
-
-def _runner(fn, x, ws, env=None):
-    """One program over the weights in turn; each x waits for the last product (a tiny fusion, as
-    decode has between its matmuls), so the matmuls run one after another."""
-
-    def chain(x, ws):
-        for w in ws:
-            y = fn(x, w)
-            x = x + (y[:, :1] * 0).astype(x.dtype)
-        return y
-
-    from nx.ops import cpu_kernels
-
-    f = jax.jit(chain)
-    saved = os.environ.get(cpu_kernels.ENV)
-    if env is not None:  # read when the program is traced
-        os.environ[cpu_kernels.ENV] = env
-    try:
-        jax.block_until_ready(f(x, ws))
-    finally:
-        if saved is None:
-            os.environ.pop(cpu_kernels.ENV, None)
-        else:
-            os.environ[cpu_kernels.ENV] = saved
-    return lambda: jax.block_until_ready(f(x, ws))
 
 
 def main() -> None:
@@ -77,28 +44,22 @@ def main() -> None:
         "xla": lambda x, w: linear.project(x, w, jnp.float32),
     }
     if args.baseline:
-        lib = ctypes.CDLL(args.baseline)
-        jax.ffi.register_ffi_target("bench_baseline_bf16", jax.ffi.pycapsule(lib.NxBf16Matmul), platform="cpu")
-
-        def baseline(x, w):
-            call = jax.ffi.ffi_call("bench_baseline_bf16", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
-            return call(x, w, level=np.int32(3), threads=np.int32(args.threads))
-
-        variants["baseline"] = baseline
+        other = kernel_bench.baseline(args.baseline, "NxBf16Matmul", 3, args.threads)
+        variants["baseline"] = lambda x, w: other(x, w, n=w.shape[0])
     only = {tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s}
     rng = np.random.default_rng(0)
     print(f"isa {nx_kernels_cpu.isa()}; ms per matrix, weight GB/s, GMAC/s; medians of {args.repeats}")
     head = " | ".join(f"{name + ' ms':>11} {'GB/s':>6} {'GMAC/s':>7}" for name in variants)
     print(f"{'model':8} {'n x k':>12} {'m':>3} | {head} | {'xla/kernel':>10}")
     for model in args.model.split(","):
-        for n, k in SHAPES[model]:
+        for n, k in kernel_bench.SHAPES[model]:
             if only and (n, k) not in only:
                 continue
             count = max(1, int(np.ceil(args.stream_mb * 2**20 / (2 * n * k))))
             ws = [jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16) for _ in range(count)]
             for m in (int(r) for r in args.rows.split(",")):
                 x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
-                runs = {name: _runner(fn, x, ws, "off" if name == "xla" else None) for name, fn in variants.items()}
+                runs = {name: kernel_bench.runner(fn, x, ws, "off" if name == "xla" else None) for name, fn in variants.items()}
                 times = {name: [] for name in runs}
                 for _ in range(args.repeats):
                     for name, run in runs.items():

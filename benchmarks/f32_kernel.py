@@ -18,13 +18,8 @@ import os
 import statistics
 import time
 
+import kernel_bench
 import numpy as np
-
-#: (n, k): SmolLM2-135M's projections (qkv slices, o, up, down) and lm head; Llama-3.2-1B's.
-SHAPES = {
-    "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)],
-    "1b": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (128256, 2048)],
-}
 
 
 def chain(project, copies):
@@ -67,7 +62,7 @@ def main() -> None:
     print("| model | n x k | m | kernel GB/s | XLA GB/s | kernel / XLA |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for model in models:
-        for n, k in SHAPES[model]:
+        for n, k in kernel_bench.SHAPES[model]:
             if args.shapes and f"{n}x{k}" not in args.shapes.split(","):
                 continue
             nbytes = 4 * n * k

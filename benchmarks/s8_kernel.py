@@ -18,45 +18,13 @@ registered under its own FFI target and timed in the same rounds.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import time
 
-import jax
 import jax.numpy as jnp
+import kernel_bench
 import numpy as np
-
-SHAPES = {  # [n, k]: qkv parts, o, up/gate, down, lm head
-    "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)],
-    "1b": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (128256, 2048)],
-}
-
-
-def _runner(fn, x, ws, env=None):
-    """One program over the weights in turn; each x waits for the last product (a tiny fusion, as
-    between a model's matmuls), so the matmuls run one after another."""
-
-    def chain(x, ws):
-        for w in ws:
-            y = fn(x, w)
-            x = x + y[:, :1] * 0
-        return y
-
-    from nx.ops import cpu_kernels
-
-    f = jax.jit(chain)
-    saved = os.environ.get(cpu_kernels.ENV)
-    if env is not None:  # read when the program is traced
-        os.environ[cpu_kernels.ENV] = env
-    try:
-        jax.block_until_ready(f(x, ws))
-    finally:
-        if saved is None:
-            os.environ.pop(cpu_kernels.ENV, None)
-        else:
-            os.environ[cpu_kernels.ENV] = saved
-    return lambda: jax.block_until_ready(f(x, ws))
 
 
 def main() -> None:
@@ -78,15 +46,9 @@ def main() -> None:
 
     variants = {"kernel": lambda x, w: nx_kernels_cpu.s8_matmul(x, w.q, w.scale, threads=args.threads)}
     if args.baseline:
-        lib = ctypes.CDLL(args.baseline)
-        jax.ffi.register_ffi_target("bench_baseline_s8", jax.ffi.pycapsule(lib.NxS8Matmul), platform="cpu")
-
-        def baseline(x, w):
-            call = jax.ffi.ffi_call("bench_baseline_s8", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
-            return call(x, w.q, w.scale, level=np.int32(nx_kernels_cpu.LEVELS[nx_kernels_cpu.isa()]),
-                        threads=np.int32(args.threads))
-
-        variants["baseline"] = baseline
+        other = kernel_bench.baseline(args.baseline, "NxS8Matmul", nx_kernels_cpu.LEVELS[nx_kernels_cpu.isa()],
+                                      args.threads)
+        variants["baseline"] = lambda x, w: other(x, w.q, w.scale, n=w.shape[0])
     if not args.no_xla:
         variants["xla"] = quant.matmul
     only = {tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s}
@@ -97,7 +59,7 @@ def main() -> None:
     ratios = [f"{name}/kernel" for name in variants if name != "kernel"]
     print(f"{'model':8} {'n x k':>12} {'m':>3} | {head} | {' '.join(f'{r:>14}' for r in ratios)}")
     for model in args.model.split(","):
-        for n, k in SHAPES[model]:
+        for n, k in kernel_bench.SHAPES[model]:
             if only and (n, k) not in only:
                 continue
             count = min(args.max_count, max(1, int(np.ceil(args.stream_mb * 2**20 / (n * k)))))
@@ -105,7 +67,7 @@ def main() -> None:
                                   jnp.asarray(rng.uniform(1e-3, 1e-1, n).astype(np.float32))) for _ in range(count)]
             for m in (int(r) for r in args.rows.split(",")):
                 x = jnp.asarray(rng.standard_normal((m, k), np.float32))
-                runs = {name: _runner(fn, x, ws, "off" if name == "xla" else None) for name, fn in variants.items()}
+                runs = {name: kernel_bench.runner(fn, x, ws, "off" if name == "xla" else None) for name, fn in variants.items()}
                 times = {name: [] for name in runs}
                 for _ in range(args.repeats):
                     for name, run in runs.items():
