@@ -56,3 +56,17 @@ def baseline(path: str, symbol: str, level: int, threads: int):
         return jax.ffi.ffi_call(target, out)(*operands, level=np.int32(level), threads=np.int32(threads))
 
     return call
+
+
+def alternate(runs: dict, repeats: int, count: int = 1) -> dict:
+    """Seconds per matmul of each timed call in `runs` (name -> call over `count` matmuls), the
+    calls taken in turn `repeats` times so that machine noise hits them alike."""
+    import time
+
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - t0) / count)
+    return times

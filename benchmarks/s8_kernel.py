@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import jax.numpy as jnp
 import kernel_bench
@@ -68,12 +67,7 @@ def main() -> None:
             for m in (int(r) for r in args.rows.split(",")):
                 x = jnp.asarray(rng.standard_normal((m, k), np.float32))
                 runs = {name: kernel_bench.runner(fn, x, ws, "off" if name == "xla" else None) for name, fn in variants.items()}
-                times = {name: [] for name in runs}
-                for _ in range(args.repeats):
-                    for name, run in runs.items():
-                        t0 = time.perf_counter()
-                        run()
-                        times[name].append((time.perf_counter() - t0) / count)
+                times = kernel_bench.alternate(runs, args.repeats, count)
                 cols = []
                 for name in runs:
                     t = statistics.median(times[name])
