@@ -2,14 +2,15 @@
 of 32, f16 scales) at the 1B llama shapes, and of XLA's dequantized path for prompt rows.
 
     python benchmarks/grouped_kernel.py [--rows 1,8,16,128] [--xla-rows 16,128,1024] [--repeats 7] [--level avx2] [--threads 1]
-        [--copies 24]
+        [--copies 24] [--layouts rows,panel]
 
 Prints one line per (shape, rows, path): median and best wall ms of `--repeats` timed calls (after a
 warm-up), and from the best: GB/s of the packed weight (nibbles + f16 scales) and GMAC/s. Runs with whatever nx and
 nx-kernels-cpu the interpreter imports, so the same script measures two builds A/B. ``--copies N``
 times N distinct weights of each shape in turn (per call: the mean over them), so that they stream
 from memory as a model's decode step does; with one (the default) a weight of ~2-9 MB stays in the
-L3 cache between calls.
+L3 cache between calls. ``--layouts`` picks the weight layouts the kernel reads: ``rows`` (as
+stored) and ``panel`` (`nx.ops.quant.QuantizedWeight.panel`, transposed at load).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ import numpy as np
 SHAPES = [(2048, 2048), (8192, 2048), (2048, 8192)]  # [out, in]: attention / MLP up / MLP down of a 1B llama
 
 
-def _weight(n: int, k: int, seed: int = 0):
-    from nx.ops.quant import QuantizedWeight
+def _weight(n: int, k: int, seed: int = 0, panel: bool = False):
+    from nx.ops.quant import QuantizedWeight, to_panels
 
     rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.integers(0, 256, (n, k // 2)).astype(np.uint8))
-    scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (n, k // 32)).astype(np.float16))
-    return QuantizedWeight(q, scale, bits=4, group_size=32)
+    q = rng.integers(0, 256, (n, k // 2)).astype(np.uint8)
+    scale = rng.uniform(1e-3, 1e-1, (n, k // 32)).astype(np.float16)
+    if panel:
+        q, scale = to_panels(q, bytes_=True), to_panels(scale)
+    return QuantizedWeight(jnp.asarray(q), jnp.asarray(scale), bits=4, group_size=32, panel=panel)
 
 
 def _time(f, x, ws, repeats: int) -> tuple[float, float]:
@@ -57,21 +60,22 @@ def main() -> None:
     ap.add_argument("--level", default=None, help="the kernel's level (avx512_vnni, avx2, scalar; default: the CPU's best)")
     ap.add_argument("--threads", type=int, default=0, help="the kernel's threads (default 0: XLA's pool)")
     ap.add_argument("--copies", type=int, default=1, help="distinct weights a shape, timed in turn (24: from memory)")
+    ap.add_argument("--layouts", default="rows,panel", help="weight layouts the kernel reads: rows, panel")
     args = ap.parse_args()
     import nx_kernels_cpu
 
     from nx.ops import quant
 
     for n, k in SHAPES:
-        ws = [_weight(n, k, seed) for seed in range(args.copies)]
-        w = ws[0]
-        gb = (w.q.size + 2 * w.scale.size) / 1e9
         kern = jax.jit(lambda x, w: nx_kernels_cpu.grouped_matmul(
-            x, w.q, w.scale, bits=4, group_size=32, level=args.level, threads=args.threads))
-        paths = [("kernel", kern, args.rows)]
+            x, w.q, w.scale, bits=4, group_size=32, level=args.level, threads=args.threads, panel=w.panel))
+        weights = {layout: [_weight(n, k, seed, layout == "panel") for seed in range(args.copies)]
+                   for layout in args.layouts.split(",")}
+        gb = n * k * (0.5 + 2 / 32) / 1e9
+        paths = [(f"kernel-{layout}", kern, args.rows, ws) for layout, ws in weights.items()]
         if args.xla_rows:
-            paths.append(("xla-dequant", jax.jit(quant.matmul), args.xla_rows))
-        for name, f, rows in paths:
+            paths.append(("xla-dequant", jax.jit(quant.matmul), args.xla_rows, next(iter(weights.values()))))
+        for name, f, rows, ws in paths:
             for m in (int(r) for r in rows.split(",")):
                 x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)).astype(np.float32))
                 if name == "xla-dequant":
@@ -79,7 +83,7 @@ def main() -> None:
                     f = jax.jit(quant.matmul)  # traced now, with the kernels off
                 med, t = _time(f, x, ws, repeats=args.repeats)
                 os.environ.pop("NX_CPU_KERNELS", None)
-                print(f"{n}x{k} m={m:4d} {name:11s} median {med * 1e3:8.2f} ms, best {t * 1e3:8.2f} ms "
+                print(f"{n}x{k} m={m:4d} {name:12s} median {med * 1e3:8.2f} ms, best {t * 1e3:8.2f} ms "
                       f"{gb / t:6.1f} GB/s {m * n * k / t / 1e9:7.1f} GMAC/s", flush=True)
 
 

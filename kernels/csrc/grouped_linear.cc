@@ -11,6 +11,10 @@
 //     bits 4: q uint8 [n, k / 2], two values a byte in llama.cpp's order within a group (byte j of a
 //       group holds value j in its low nibble, value j + gs / 2 in its high one), v = nibble - 8
 //       (symmetric) or v = nibble (affine);
+//     with `panel` (bits 4, gs 32, n a multiple of 16), the same bytes and scales in the panel layout
+//     nx transposes them to once, at load: q uint8 [n / 16, k / 32, 256], byte 64 d + 4 r + t of
+//     [P, b] being byte 4 d + t of block b of row 16 P + r; d and z [n / 16, k / 32, 16], [P, b, r]
+//     being row 16 P + r's of block b;
 //   y[i, j] = sum_g d[j, g] * sum_{b in g} sx[i, b] * dot(a_i, v_j)_b
 //             + sum_g z[j, g] * sum(x[i, group g]),  f32 [m, n],
 //   each block's dot exact in int32 (the same integers as the XLA path; symmetric 4-bit at the SIMD
@@ -27,7 +31,8 @@
 // 4-bit weights with groups of 32 (s4's default, GGUF Q4_0 and Q4_1) run at the SIMD levels in
 // panels of 16 (AVX-512 VNNI) or 8 (AVX2) weight rows, transposed in registers so that each int32
 // lane holds one row's whole block dot (see PanelRows; llama.cpp gets the same lanes by repacking
-// Q4_0 at load, this needs no other layout). Other weights, per weight row:
+// Q4_0 at load, this needs no other layout); in the panel layout they read the transposed bytes and
+// scales directly (PackedTile: no transposes, one sequential stream). Other weights, per weight row:
 //   2 AVX-512 VNNI: 64 values a step: 32 packed bytes (or 64 int8) as u8, vpdpbusd with each token
 //     row's terms; every int32 lane sums 4 values of one block, and is converted and multiplied
 //     into f32 accumulators by its block's scale times its group's scale. Symmetric 4-bit values
@@ -87,7 +92,19 @@ struct GroupedWeight {
   bool scale_f16 = false;
   const void* zero = nullptr;  // null: symmetric
   bool zero_f16 = false;
+  bool panel = false;  // the panel layout (4-bit, gs 32, n a multiple of 16; see the file comment)
 };
+
+// Where weight row j's packed byte p (of k / 2) and its scale (offset) of group gi are.
+inline size_t ByteAt(const GroupedWeight& w, int j, int p) {
+  if (!w.panel) return static_cast<size_t>(j) * w.row_bytes + p;
+  const size_t block = static_cast<size_t>(j / 16) * w.groups + p / 16;
+  return 256 * block + 64 * (p % 16 / 4) + 4 * (j % 16) + p % 4;
+}
+inline size_t ScaleAt(const GroupedWeight& w, int j, int gi) {
+  if (!w.panel) return static_cast<size_t>(j) * w.groups + gi;
+  return 16 * (static_cast<size_t>(j / 16) * w.groups + gi) + j % 16;
+}
 
 // The activations, prepared once per call: one int8 term per block of 32 inputs (common.h,
 // QuantizeBlocks), `a` [m, kp], at the SIMD levels in the order the weight's bytes come out of a
@@ -247,14 +264,9 @@ void PrepareActs(ffi::ThreadPool& pool, int threads, const float* x, int m, int 
                [&](int i0, int i1) { PrepareRows(x, k, w, order, i0, i1, g); });
 }
 
-// count f32 or f16 values at src to f32 dst (the scalar level).
-void ToFloat(const void* src, bool f16, int count, float* dst) {
-  if (!f16) {
-    std::memcpy(dst, src, sizeof(float) * count);
-    return;
-  }
-  const auto* h = static_cast<const uint16_t*>(src);
-  for (int i = 0; i < count; ++i) dst[i] = HalfToFloat(h[i]);
+// Element i of f32 or f16 values at src, as f32 (the scalar level).
+inline float ValueAt(const void* src, bool f16, size_t i) {
+  return f16 ? HalfToFloat(static_cast<const uint16_t*>(src)[i]) : static_cast<const float*>(src)[i];
 }
 
 // ---- scalar: signed values in natural order, an int32 dot per block ----
@@ -267,17 +279,18 @@ void RowScalar(const GroupedActs& g, const GroupedWeight& w, int j, int i0, int 
   v.resize(k);
   d.assign(g.gp, 0.0f);
   z.assign(g.gp, 0.0f);
-  const size_t row = static_cast<size_t>(j) * w.groups;
-  ToFloat(static_cast<const char*>(w.scale) + row * (w.scale_f16 ? 2 : 4), w.scale_f16, w.groups, d.data());
-  if (w.zero) ToFloat(static_cast<const char*>(w.zero) + row * (w.zero_f16 ? 2 : 4), w.zero_f16, w.groups, z.data());
-  const uint8_t* qj = w.q + static_cast<size_t>(j) * w.row_bytes;
+  for (int gi = 0; gi < w.groups; ++gi) {
+    d[gi] = ValueAt(w.scale, w.scale_f16, ScaleAt(w, j, gi));
+    if (w.zero) z[gi] = ValueAt(w.zero, w.zero_f16, ScaleAt(w, j, gi));
+  }
   if (w.bits == 8) {
-    std::memcpy(v.data(), qj, k);
+    std::memcpy(v.data(), w.q + static_cast<size_t>(j) * w.row_bytes, k);
   } else {
     const int off = w.zero ? 0 : 8;
     for (int p = 0; p < k / 2; ++p) {
-      v[LowValue(p, gs)] = static_cast<int8_t>((qj[p] & 0xF) - off);
-      v[HighValue(p, gs)] = static_cast<int8_t>((qj[p] >> 4) - off);
+      const uint8_t byte = w.q[ByteAt(w, j, p)];
+      v[LowValue(p, gs)] = static_cast<int8_t>((byte & 0xF) - off);
+      v[HighValue(p, gs)] = static_cast<int8_t>((byte >> 4) - off);
     }
   }
   for (int i = i0; i < i1; ++i) {
@@ -537,6 +550,17 @@ struct Panel {
   }
 };
 
+// A panel in the panel layout (GroupedWeight::panel) as PackedTile reads it: block b's vector d at
+// q + 256 b + 64 d, its rows' scales (offsets) at element s0 + 16 b of ds (zs), f32 or f16. AVX2's
+// half panels start 32 bytes and 8 scales in. Why: the weight is one sequential stream and needs
+// no transposes (the bytes and scales were transposed once, at load).
+struct Packed {
+  const uint8_t* q;
+  const void* ds;
+  const void* zs;
+  size_t s0;
+};
+
 // AVX-512 VNNI: panels of 16 rows, 8 token rows a tile (32 registers).
 struct PanelVnni {
   static constexpr int kRows = 16, kWide = 8;
@@ -555,17 +579,22 @@ struct PanelVnni {
     }
   }
 
+  // The transposed scales (offsets) of block b (Scales' out), or zeros where unused.
+  template <bool Use = true>
+  __attribute__((target(NX_AVX512))) static inline __m512 Lanes(const float* p, int b) {
+    return Use ? _mm512_loadu_ps(p + 16 * b) : _mm512_setzero_ps();
+  }
+
   // Block b of token rows [i0, i0 + T) into acc: s[d] lane r holds bytes 4d ... 4d + 3 of row r's block.
   template <int T, bool Zero>
-  __attribute__((target(NX_AVX512))) static inline void Block(const GroupedActs& g, const __m512i* s, const float* ds,
-                                                              const float* zs, int i0, int b, __m512* acc) {
+  __attribute__((target(NX_AVX512))) static inline void Block(const GroupedActs& g, const __m512i* s, __m512 d16,
+                                                              __m512 z16, int i0, int b, __m512* acc) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512i lo[4], hi[4];
     for (int d = 0; d < 4; ++d) {
       lo[d] = _mm512_and_si512(s[d], low4);
       hi[d] = _mm512_and_si512(_mm512_srli_epi16(s[d], 4), low4);
     }
-    const __m512 d16 = _mm512_loadu_ps(ds + 16 * b);
     for (int u = 0; u < T; ++u) {
       const size_t i = static_cast<size_t>(i0 + u);
       const int8_t* a = g.a.data() + i * g.kp + 32 * b;
@@ -577,7 +606,7 @@ struct PanelVnni {
       const __m512 scale = _mm512_mul_ps(d16, _mm512_set1_ps(g.sx[i * g.wb + b]));
       acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[u]);
       if constexpr (Zero)
-        acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(zs + 16 * b), _mm512_set1_ps(g.xsum[i * g.gp + b]), acc[u]);
+        acc[u] = _mm512_fmadd_ps(z16, _mm512_set1_ps(g.xsum[i * g.gp + b]), acc[u]);
     }
   }
 
@@ -601,7 +630,7 @@ struct PanelVnni {
       for (int c = 0; c < 4; ++c) {
         const __m512i s[4] = {_mm512_castps_si512(r[4 * c]), _mm512_castps_si512(r[4 * c + 1]),
                               _mm512_castps_si512(r[4 * c + 2]), _mm512_castps_si512(r[4 * c + 3])};
-        Block<T, Zero>(g, s, ds, zs, i0, b + c, acc);
+        Block<T, Zero>(g, s, Lanes(ds, b + c), Lanes<Zero>(zs, b + c), i0, b + c, acc);
       }
     }
     for (; b < g.nb; ++b) {
@@ -617,10 +646,27 @@ struct PanelVnni {
       const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
       const __m512i s[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
                             _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};  // lane r: row r
-      Block<T, Zero>(g, s, ds, zs, i0, b, acc);
+      Block<T, Zero>(g, s, Lanes(ds, b), Lanes<Zero>(zs, b), i0, b, acc);
     }
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min(16, n - j0)) - 1);
     for (int u = 0; u < T; ++u) _mm512_mask_storeu_ps(y + static_cast<size_t>(i0 + u) * n + j0, mask, acc[u]);
+  }
+
+  // As Tile, for a panel already in the panel layout (Packed): no transposes.
+  template <int T, bool Zero, bool F16>
+  __attribute__((target(NX_AVX512))) static void PackedTile(const GroupedActs& g, const Packed& pk, int i0, float* y,
+                                                            int n, int j0) {
+    __m512 acc[T];
+    for (int u = 0; u < T; ++u) acc[u] = _mm512_setzero_ps();
+    for (int b = 0; b < g.nb; ++b) {
+      const uint8_t* qb = pk.q + 256 * static_cast<size_t>(b);
+      const __m512i s[4] = {_mm512_loadu_si512(qb), _mm512_loadu_si512(qb + 64), _mm512_loadu_si512(qb + 128),
+                            _mm512_loadu_si512(qb + 192)};
+      const size_t at = pk.s0 + 16 * static_cast<size_t>(b);
+      Block<T, Zero>(g, s, Scales16<F16>(pk.ds, at, 16), Zero ? Scales16<F16>(pk.zs, at, 16) : _mm512_setzero_ps(),
+                     i0, b, acc);
+    }
+    for (int u = 0; u < T; ++u) _mm512_storeu_ps(y + static_cast<size_t>(i0 + u) * n + j0, acc[u]);
   }
 };
 
@@ -642,16 +688,20 @@ struct PanelAvx2 {
     }
   }
 
+  template <bool Use = true>
+  __attribute__((target(NX_AVX2))) static inline __m256 Lanes(const float* p, int b) {
+    return Use ? _mm256_loadu_ps(p + 8 * b) : _mm256_setzero_ps();
+  }
+
   template <int T, bool Zero>
-  __attribute__((target(NX_AVX2))) static inline void Block(const GroupedActs& g, const __m256i* s, const float* ds,
-                                                            const float* zs, int i0, int b, __m256* acc) {
+  __attribute__((target(NX_AVX2))) static inline void Block(const GroupedActs& g, const __m256i* s, __m256 d8,
+                                                            __m256 z8, int i0, int b, __m256* acc) {
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256i lo[4], hi[4];
     for (int d = 0; d < 4; ++d) {
       lo[d] = _mm256_and_si256(s[d], low4);
       hi[d] = _mm256_and_si256(_mm256_srli_epi16(s[d], 4), low4);
     }
-    const __m256 d8 = _mm256_loadu_ps(ds + 8 * b);
     for (int u = 0; u < T; ++u) {
       const size_t i = static_cast<size_t>(i0 + u);
       const int8_t* a = g.a.data() + i * g.kp + 32 * b;
@@ -665,7 +715,7 @@ struct PanelAvx2 {
       const __m256 scale = _mm256_mul_ps(d8, _mm256_set1_ps(g.sx[i * g.wb + b]));
       acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[u]);
       if constexpr (Zero)
-        acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(zs + 8 * b), _mm256_set1_ps(g.xsum[i * g.gp + b]), acc[u]);
+        acc[u] = _mm256_fmadd_ps(z8, _mm256_set1_ps(g.xsum[i * g.gp + b]), acc[u]);
     }
   }
 
@@ -689,7 +739,7 @@ struct PanelAvx2 {
         for (int c = 0; c < 2; ++c) {
           const __m256i s[4] = {_mm256_castps_si256(r[4 * c]), _mm256_castps_si256(r[4 * c + 1]),
                                 _mm256_castps_si256(r[4 * c + 2]), _mm256_castps_si256(r[4 * c + 3])};
-          Block<T, Zero>(g, s, ds, zs, i0, b + 2 * half + c, acc);
+          Block<T, Zero>(g, s, Lanes(ds, b + 2 * half + c), Lanes<Zero>(zs, b + 2 * half + c), i0, b + 2 * half + c, acc);
         }
       }
     }
@@ -704,13 +754,47 @@ struct PanelAvx2 {
       const __m256i t2 = _mm256_unpacklo_epi32(z[2], z[3]), t3 = _mm256_unpackhi_epi32(z[2], z[3]);
       const __m256i s[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
                             _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};  // lane r: row r
-      Block<T, Zero>(g, s, ds, zs, i0, b, acc);
+      Block<T, Zero>(g, s, Lanes(ds, b), Lanes<Zero>(zs, b), i0, b, acc);
     }
     const __m256i mask =
         _mm256_cmpgt_epi32(_mm256_set1_epi32(std::min(8, n - j0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int u = 0; u < T; ++u) _mm256_maskstore_ps(y + static_cast<size_t>(i0 + u) * n + j0, mask, acc[u]);
   }
+
+  // As Tile, for half a panel in the panel layout (Packed, its q and s0 at the half): no transposes.
+  template <int T, bool Zero, bool F16>
+  __attribute__((target(NX_AVX2))) static void PackedTile(const GroupedActs& g, const Packed& pk, int i0, float* y,
+                                                          int n, int j0) {
+    __m256 acc[T];
+    for (int u = 0; u < T; ++u) acc[u] = _mm256_setzero_ps();
+    for (int b = 0; b < g.nb; ++b) {
+      const uint8_t* qb = pk.q + 256 * static_cast<size_t>(b);
+      const __m256i s[4] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb)),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64)),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 128)),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 192))};
+      const size_t at = pk.s0 + 16 * static_cast<size_t>(b);
+      Block<T, Zero>(g, s, Scales8<F16>(pk.ds, at, 8), Zero ? Scales8<F16>(pk.zs, at, 8) : _mm256_setzero_ps(), i0,
+                     b, acc);
+    }
+    for (int u = 0; u < T; ++u) _mm256_storeu_ps(y + static_cast<size_t>(i0 + u) * n + j0, acc[u]);
+  }
 };
+
+// tile(std::integral_constant<int, T>, i) for tiles of T = Wide (if 8), 4, 3, 2, 1 token rows from
+// i = i0 until i1.
+template <int Wide, class F>
+inline void EachTile(int i0, int i1, F&& tile) {
+  if constexpr (Wide >= 8)
+    for (; i0 + 8 <= i1; i0 += 8) tile(std::integral_constant<int, 8>{}, i0);
+  for (; i0 + 4 <= i1; i0 += 4) tile(std::integral_constant<int, 4>{}, i0);
+  switch (i1 - i0) {
+    case 3: tile(std::integral_constant<int, 3>{}, i0); break;
+    case 2: tile(std::integral_constant<int, 2>{}, i0); break;
+    case 1: tile(std::integral_constant<int, 1>{}, i0); break;
+    default: break;
+  }
+}
 
 // Token rows [i0, i1) of the panel from weight row j0: its scales (offsets) transposed once, then
 // tiles of kWide, 4, 3, 2, 1 token rows; the panel's weight bytes stay in L1/L2 between tiles. The
@@ -747,19 +831,22 @@ void PanelRows(const GroupedActs& g, const GroupedWeight& w, int j0, int i0, int
     pn.pf = reinterpret_cast<const char*>(w.q) + static_cast<size_t>(j0 + P) * w.row_bytes;
     pn.pf_step = (bytes / windows + 127) / 64 * 64;
   }
-  const auto tile = [&](auto t) {  // the first tile prefetches
-    L::template Tile<decltype(t)::value, Zero>(g, pn, i0, y, n, j0);
+  EachTile<L::kWide>(i0, i1, [&](auto t, int i) {  // the first tile prefetches
+    L::template Tile<decltype(t)::value, Zero>(g, pn, i, y, n, j0);
     pn.pf = nullptr;
-    i0 += decltype(t)::value;
-  };
-  if constexpr (L::kWide >= 8)
-    while (i0 + 8 <= i1) tile(std::integral_constant<int, 8>{});
-  while (i0 + 4 <= i1) tile(std::integral_constant<int, 4>{});
-  switch (i1 - i0) {
-    case 3: tile(std::integral_constant<int, 3>{}); break;
-    case 2: tile(std::integral_constant<int, 2>{}); break;
-    case 1: tile(std::integral_constant<int, 1>{}); break;
-    default: break;
+  });
+}
+
+// As PanelRows for a weight in the panel layout (j0 a multiple of 16): its 16 rows (AVX2: two
+// halves of 8), tiles read straight from the layout.
+template <class L, bool Zero, bool F16>
+void PackedRows(const GroupedActs& g, const GroupedWeight& w, int j0, int i0, int i1, float* y, int n) {
+  const size_t panel = static_cast<size_t>(j0 / 16) * w.groups;  // the panel's first block
+  for (int h = 0; h < 16 / L::kRows; ++h) {
+    const Packed pk{w.q + 256 * panel + 32 * h, w.scale, w.zero, 16 * panel + 8 * h};
+    EachTile<L::kWide>(i0, i1, [&](auto t, int i) {
+      L::template PackedTile<decltype(t)::value, Zero, F16>(g, pk, i, y, n, j0 + L::kRows * h);
+    });
   }
 }
 
@@ -813,6 +900,9 @@ RowFnAll PickRow(int level, const GroupedWeight& w) {
 template <class L>
 RowFnAll PickPanelAt(const GroupedWeight& w) {
   const bool z = w.zero != nullptr, h = w.scale_f16;
+  if (w.panel)
+    return z ? (h ? PackedRows<L, true, true> : PackedRows<L, true, false>)
+             : (h ? PackedRows<L, false, true> : PackedRows<L, false, false>);
   return z ? (h ? PanelRows<L, true, true> : PanelRows<L, true, false>)
            : (h ? PanelRows<L, false, true> : PanelRows<L, false, false>);
 }
@@ -823,7 +913,7 @@ RowFnAll PickPanelAt(const GroupedWeight& w) {
 RowFnAll PickPanel(int level, const GroupedWeight& w, int* rows) {
 #ifdef NX_X86
   if (level >= kAvx2 && w.bits == 4 && w.gs == 32 && (!w.zero || w.zero_f16 == w.scale_f16)) {
-    *rows = level >= kAvx512Vnni ? PanelVnni::kRows : PanelAvx2::kRows;
+    *rows = w.panel ? 16 : level >= kAvx512Vnni ? PanelVnni::kRows : PanelAvx2::kRows;
     return level >= kAvx512Vnni ? PickPanelAt<PanelVnni>(w) : PickPanelAt<PanelAvx2>(w);
   }
 #endif
@@ -839,28 +929,31 @@ constexpr int64_t kTileBytes = 128 << 10;
 
 ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
                              ffi::AnyBuffer zero, ffi::ResultBuffer<ffi::F32> y, int32_t bits, int32_t group_size,
-                             int32_t level, int32_t threads) {
+                             int32_t level, int32_t threads, int32_t panel) {
   const auto xd = x.dimensions();
   const auto qd = q.dimensions();
   const auto bad = [] {
     return ffi::Error::InvalidArgument(
-        "nx_kernels_cpu grouped_matmul: x f32 [m, k]; q int8 [n, k] (bits 8) or uint8 [n, k / 2] (bits 4); "
-        "scale and zero (or an empty array) f32 or f16 [n, k / group_size]; group_size a multiple of 32 "
-        "that divides 512 or that 512 divides");
+        "nx_kernels_cpu grouped_matmul: x f32 [m, k]; q int8 [n, k] (bits 8) or uint8 [n, k / 2] (bits 4), "
+        "or with panel uint8 [n / 16, k / 32, 256] (bits 4, group_size 32); scale and zero (or an empty "
+        "array) f32 or f16 with n * k / group_size values; group_size a multiple of 32 that divides 512 or "
+        "that 512 divides");
   };
-  if (xd.size() != 2 || qd.size() != 2 || (bits != 4 && bits != 8) || group_size <= 0 || group_size % 32 ||
-      (512 % group_size && group_size % 512))
+  if (xd.size() != 2 || qd.size() != (panel ? 3u : 2u) || (bits != 4 && bits != 8) || group_size <= 0 ||
+      group_size % 32 || (512 % group_size && group_size % 512) || (panel && (bits != 4 || group_size != 32)))
     return bad();
   GroupedWeight w;
   w.bits = bits;
   w.gs = group_size;
   w.k = static_cast<int>(xd[1]);
-  w.n = static_cast<int>(qd[0]);
+  w.panel = panel != 0;
+  w.n = static_cast<int>(qd[0]) * (w.panel ? 16 : 1);
   if (w.k % w.gs) return bad();
   w.groups = w.k / w.gs;
   const auto qtype = bits == 4 ? ffi::DataType::U8 : ffi::DataType::S8;
   w.row_bytes = static_cast<size_t>(bits == 4 ? w.k / 2 : w.k);
-  if (q.element_type() != qtype || static_cast<size_t>(qd[1]) != w.row_bytes) return bad();
+  if (q.element_type() != qtype) return bad();
+  if (w.panel ? qd[1] != w.groups || qd[2] != 256 : static_cast<size_t>(qd[1]) != w.row_bytes) return bad();
   const auto is_float = [](ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::F16; };
   const size_t ng = static_cast<size_t>(w.n) * w.groups;
   if (!is_float(scale.element_type()) || scale.element_count() != ng) return bad();
@@ -875,12 +968,13 @@ ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   int lvl = ClampLevel(level);
   if (lvl >= kAvx2 && !HasFmaF16c()) lvl = kScalar;
   RowFnAll row = PickRow(lvl, w);
-  if (row == nullptr) {  // scales and offsets of different precisions: the scalar level
+  int unit = 1;  // weight rows a call of `row` covers from its first (a panel's, or one)
+  if (RowFnAll panels = PickPanel(lvl, w, &unit)) {
+    row = panels;
+  } else if (row == nullptr || w.panel) {  // mixed scale and offset precisions; the panel layout: scalar
     lvl = kScalar;
     row = RowScalar;
   }
-  int unit = 1;  // weight rows a call of `row` covers from its first (a panel's, or one)
-  if (RowFnAll panel = PickPanel(lvl, w, &unit)) row = panel;
   const int m = static_cast<int>(xd[0]), n = w.n, nthreads = Threads(pool, threads);
   GroupedActs g;
   PrepareActs(pool, nthreads, x.typed_data(), m, w.k, w, lvl, unit > 1, g);
@@ -913,4 +1007,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NxGroupedMatmul, GroupedMatmulImpl,
                                   .Attr<int32_t>("bits")
                                   .Attr<int32_t>("group_size")
                                   .Attr<int32_t>("level")
-                                  .Attr<int32_t>("threads"));
+                                  .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("panel"));

@@ -12,6 +12,7 @@ import torch
 
 import nx
 from nx import ops
+from nx.ops import cpu_kernels
 from nx.ops.quant import QuantizedWeight
 from nx.quant import (
     QuantizationConfig,
@@ -201,8 +202,13 @@ def test_s4_under_tensor_parallelism_and_group_checks(saved_case, tmp_path):
 
     layer = two.params["layers"][0]
     o, qkv = layer["o"]["w"], layer["qkv"]["w"]  # o: [64, 64] row-parallel; qkv: [128, 64] column
-    assert shards(o.q) == [(64, 16)] * 2 and shards(o.scale) == [(64, 1)] * 2  # inputs and groups split
-    assert shards(qkv.q) == [(64, 32)] * 2 and shards(qkv.scale) == [(64, 2)] * 2  # rows split
+    if cpu_kernels.enabled():  # the panel layout (16 rows, blocks of 32 inputs): the same splits
+        assert o.panel and qkv.panel
+        assert shards(o.q) == [(4, 1, 256)] * 2 and shards(o.scale) == [(4, 1, 16)] * 2  # blocks split
+        assert shards(qkv.q) == [(4, 2, 256)] * 2 and shards(qkv.scale) == [(4, 2, 16)] * 2  # panels split
+    else:
+        assert shards(o.q) == [(64, 16)] * 2 and shards(o.scale) == [(64, 1)] * 2  # inputs and groups split
+        assert shards(qkv.q) == [(64, 32)] * 2 and shards(qkv.scale) == [(64, 2)] * 2  # rows split
     with pytest.raises(nx.ConfigError, match=r"Valid group sizes at tp_degree=2: \[16, 32\]"):
         nx.load("llama", path, tp_degree=2, **{**opts, "quant": QuantizationConfig("s4", group_size=64)})
     with pytest.raises(nx.ConfigError, match=r"Valid group sizes: \[16, 32, 64\]"):
@@ -210,7 +216,7 @@ def test_s4_under_tensor_parallelism_and_group_checks(saved_case, tmp_path):
     one.save(tmp_path / "art")
     back = nx.load(tmp_path / "art", quant="s4")
     w = back.params["layers"][0]["o"]["w"]
-    assert (w.bits, w.group_size, w.q.dtype) == (4, 32, np.uint8)
+    assert (w.bits, w.group_size, w.q.dtype, w.panel) == (4, 32, np.uint8, cpu_kernels.enabled())
     np.testing.assert_array_equal(back.logits(ids), a)
 
 

@@ -105,7 +105,7 @@ def _kernel(x, w, level=None):
     import nx_kernels_cpu
 
     return np.asarray(jax.jit(lambda x, w: nx_kernels_cpu.grouped_matmul(
-        x, w.q, w.scale, w.zero, bits=w.bits, group_size=w.group_size, level=level))(x, w))
+        x, w.q, w.scale, w.zero, bits=w.bits, group_size=w.group_size, level=level, panel=w.panel))(x, w))
 
 
 def _close(got, ref):
@@ -287,3 +287,111 @@ def test_greedy_tokens_equal_the_xla_path(saved_case, monkeypatch, quant):
         _, tokens, logits = greedy()
         assert_greedy_up_to_ties(ref_tokens, tokens, prompt, forced, GROUPED_TIE)
         np.testing.assert_allclose(logits, ref_logits, rtol=1e-3, atol=1e-3 * np.abs(ref_logits).max())
+
+
+# ---- the panel layout (QuantizedWeight.panel): the same bytes and scales, transposed at load ----
+
+
+def _panels(w):
+    """`w` (rows layout, numpy-backed) in the panel layout, as `nx.quant.panel_layout` converts it."""
+    def host(a):
+        return None if a is None else np.asarray(a)
+
+    return QuantizedWeight(qops.to_panels(host(w.q), bytes_=True), qops.to_panels(host(w.scale)), w.dequant_dtype,
+                           w.dtype, w.int8_dot, zero=None if w.zero is None else qops.to_panels(host(w.zero)),
+                           bits=w.bits, group_size=w.group_size, panel=True)
+
+
+@pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
+@pytest.mark.parametrize("affine", [False, True], ids=["s4", "s4-affine"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_panel_layout_equals_the_rows_layout(level, affine, f16):
+    """The kernel on the panel layout gives the rows layout's results bit for bit (the same block
+    dots summed in the same order) at every level (the scalar level gathers the layout's bytes):
+    1, 3 and 131 blocks, one and several panels, 1 ... 13 token rows and a prompt of 70."""
+    for k, n in ((32, 16), (96, 48), (4192, 32)):
+        w = _weight(n, k, 4, 32, affine, f16, seed=n + k)
+        p = _panels(w)
+        assert p.shape == w.shape == (n, k)
+        for m in (1, 2, 3, 8, 13, 70):
+            x = _x(m, k, seed=m)
+            np.testing.assert_array_equal(_kernel(x, p, level), _kernel(x, w, level))
+
+
+def test_panel_layout_round_trip_and_xla_paths(monkeypatch):
+    """`to_panels` / `from_panels` invert each other (numpy at load, jax in programs, with a leading
+    layer axis); XLA's paths (kernels off) read a panel-layout weight back as rows: its matmul,
+    dequantized values and embedding rows equal the rows layout's; with the kernels on, nx's
+    matmul takes the panel kernel."""
+    w = _weight(48, 96, 4, 32, True, True, seed=3)
+    q = np.asarray(w.q)
+    stacked = np.stack([q, q[::-1]])
+    packed = qops.to_panels(stacked, bytes_=True)
+    assert packed.shape == (2, 3, 3, 256)
+    np.testing.assert_array_equal(np.asarray(qops.from_panels(jnp.asarray(packed), bytes_=True)), stacked)
+    np.testing.assert_array_equal(packed[0, 1, 2, 64 * 3 + 4 * 5 + 2], q[16 + 5, 16 * 2 + 4 * 3 + 2])
+    s = np.asarray(w.scale)
+    np.testing.assert_array_equal(qops.to_panels(s)[2, 1, 7], s[32 + 7, 1])
+    np.testing.assert_array_equal(np.asarray(qops.from_panels(jnp.asarray(qops.to_panels(s)))), s)
+    p = _panels(w)
+    ids = jnp.asarray([[0, 17, 47], [31, 16, 5]])
+    np.testing.assert_array_equal(np.asarray(qops.take_rows(p, ids, jnp.float32)),
+                                  np.asarray(qops.take_rows(w, ids, jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(p.dequantize()), np.asarray(w.dequantize()))
+    x = jnp.asarray(_x(5, 96))
+    assert TARGET in jax.jit(qops.matmul).lower(x, p).as_text()
+    np.testing.assert_array_equal(np.asarray(jax.jit(qops.matmul)(x, p)), np.asarray(jax.jit(qops.matmul)(x, w)))
+    _off(monkeypatch)
+    np.testing.assert_array_equal(np.asarray(jax.jit(qops.matmul)(x, p)), np.asarray(jax.jit(qops.matmul)(x, w)))
+
+
+def test_panel_layout_at_load(monkeypatch):
+    """`nx.quant.panel_layout` converts the 4-bit, groups-of-32 weights the kernels read whose
+    outputs (per column-parallel shard) are whole panels, and nothing where the kernels are off."""
+    from nx.quant import panel_layout
+
+    def tree():
+        return {"layers": [{"qkv": {"w": _weight(64, 64, 4, 32, False, False)},  # column: 32 rows a shard at tp 2
+                            "o": {"w": _weight(48, 64, 4, 32, False, False)},  # row: not split by outputs
+                            "up": {"w": _weight(40, 64, 4, 32, False, False)},  # 40 rows: no whole panels
+                            "down": {"w": _weight(48, 128, 4, 64, False, False)}}],  # groups of 64
+                "embed": {"w": _weight(48, 64, 4, 32, False, False)}}  # vocab: 24 rows a shard at tp 2
+
+    layer, out = tree()["layers"][0], panel_layout(tree(), tp=1)
+    got = {name: w["w"].panel for name, w in out["layers"][0].items()}
+    assert got == {"qkv": True, "o": True, "up": False, "down": False} and out["embed"]["w"].panel
+    np.testing.assert_array_equal(np.asarray(out["layers"][0]["qkv"]["w"].values()), np.asarray(layer["qkv"]["w"].values()))
+    two = panel_layout(tree(), tp=2)
+    assert two["layers"][0]["qkv"]["w"].panel and two["layers"][0]["o"]["w"].panel and not two["embed"]["w"].panel
+    _off(monkeypatch)
+    assert not panel_layout(tree())["layers"][0]["qkv"]["w"].panel
+
+
+def test_panel_layout_inside_scan(monkeypatch):
+    """Layers scanned over stacked panel-layout weights, against the same layers in rows layout."""
+    x = _x(3, 128, seed=3)
+    layers = [_weight(64, 128, 4, 32, False, True, seed=s) for s in range(3)]
+    w2 = [_weight(128, 64, 4, 32, False, True, seed=10 + s) for s in range(3)]
+
+    def run(x, stacked):
+        def body(h, ws):
+            return jnp.tanh(qops.matmul(jnp.tanh(qops.matmul(h, ws[0])), ws[1])), None
+
+        return jax.lax.scan(body, x, stacked)[0]
+
+    def stack(ws):
+        return jax.tree.map(lambda *a: jnp.stack(a), *ws)
+
+    rows = (stack(layers), stack(w2))
+    panels = (stack([_panels(w) for w in layers]), stack([_panels(w) for w in w2]))
+    np.testing.assert_array_equal(np.asarray(jax.jit(run)(x, panels)), np.asarray(jax.jit(run)(x, rows)))
+
+
+def test_panel_layout_bad_shapes():
+    import nx_kernels_cpu
+
+    w = _panels(_weight(32, 64, 4, 32, False, False))
+    with pytest.raises(ValueError, match="panel layout"):
+        nx_kernels_cpu.grouped_matmul(_x(1, 96), w.q, w.scale, bits=4, group_size=32, panel=True)
+    with pytest.raises(ValueError, match="panel layout"):
+        nx_kernels_cpu.grouped_matmul(_x(1, 64), w.q, w.scale, bits=4, group_size=64, panel=True)

@@ -175,7 +175,7 @@ def _flat_params(params: Any) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
         if is_quantized(leaf):
             quantized[name.q.rsplit(".", 1)[0]] = {"dequant_dtype": leaf.dequant_dtype, "dtype": leaf.dtype,
                                                    "int8_dot": leaf.int8_dot, "bits": leaf.bits,
-                                                   "group_size": leaf.group_size}
+                                                   "group_size": leaf.group_size, "panel": leaf.panel}
 
     names = tree_names(params)
     jax.tree.map(note, names, params, is_leaf=is_quantized)
@@ -218,7 +218,7 @@ def _params_tree(flat: dict[str, np.ndarray], quantized: dict[str, dict], n_laye
         int8_dot = info.get("int8_dot", info.get("blocked", True))  # "blocked": the CPU formulation before int8 dots
         flat[name] = QuantizedWeight(q, scale, info["dequant_dtype"], info.get("dtype"), bool(int8_dot),
                                      zero=flat.pop(f"{name}.zero", None), bits=info.get("bits", 8),
-                                     group_size=info.get("group_size"))
+                                     group_size=info.get("group_size"), panel=bool(info.get("panel", False)))
     return nest(flat, n_layers)
 
 

@@ -20,7 +20,7 @@ from nx import memory, scan, sharding
 from nx.config import RuntimeConfig
 from nx.errors import ConfigError
 from nx.ops.quant import is_quantized
-from nx.quant import QuantizationConfig, quantize_params
+from nx.quant import QuantizationConfig, panel_layout, quantize_params
 from nx.spec import ModelSpec
 
 AMP_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
@@ -95,12 +95,14 @@ class Placement:
 
         Unless `prepared` (restored from an artifact: already re-laid out and quantized), the
         tree is re-laid out for tensor parallelism and quantized after that, so scales shard with
-        their columns. With `unroll`, layers are stacked into scanned blocks (`nx.scan`)."""
+        their columns (4-bit weights the cpu kernels read then take their panel layout). With
+        `unroll`, layers are stacked into scanned blocks (`nx.scan`)."""
         params = _take(params)
         if not prepared:
             params = sharding.relayout(params, spec, self.tp)
             if quant is not None:
                 params = quantize_params(params, quant, self.config.amp, self.config.backend)
+                params = panel_layout(params, self.tp)
         names = sharding.tree_names(params)
         specs = jax.tree.map(lambda n, a: sharding.partition_spec(n, a.ndim), names, params)
         if unroll:

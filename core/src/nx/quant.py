@@ -336,6 +336,40 @@ def quantize_params(params: dict, config: QuantizationConfig, amp: str = "f32", 
     return walk(params, "")
 
 
+def panel_layout(params: dict, tp: int = 1) -> dict:
+    """The tree with every 4-bit weight in groups of 32 that the cpu kernels read put in the panel
+    layout (`nx.ops.quant.to_panels`), where nx-kernels-cpu runs (`nx.ops.cpu_kernels.enabled`);
+    column-parallel and vocabulary weights only where each of the `tp` shards holds whole panels.
+    Why: the kernel's panels then read the weight as one stream, with no transposes at run time.
+    The tree is modified in place (each weight's host copy is replaced as it is converted)."""
+    from nx.ops import cpu_kernels
+    from nx.ops.quant import QuantizedWeight, panel_ready, to_panels
+
+    if not cpu_kernels.enabled():
+        return params
+
+    def convert(w: QuantizedWeight, name: str) -> QuantizedWeight:
+        shards = tp if role(name) in ("column", "vocab") else 1
+        if not (w.int8_dot and panel_ready(w, shards)):
+            return w
+        return QuantizedWeight(to_panels(np.asarray(w.q), bytes_=True), to_panels(np.asarray(w.scale)), w.dequant_dtype,
+                               w.dtype, w.int8_dot, zero=None if w.zero is None else to_panels(np.asarray(w.zero)),
+                               bits=w.bits, group_size=w.group_size, panel=True)
+
+    def walk(node: Any, name: str) -> Any:
+        if isinstance(node, QuantizedWeight):
+            return convert(node, name)
+        if isinstance(node, dict):
+            for k in node:
+                node[k] = walk(node[k], _join(name, k))
+        elif isinstance(node, list):
+            for i in range(len(node)):
+                node[i] = walk(node[i], _join(name, i))
+        return node
+
+    return walk(params, "")
+
+
 def check_groups(weight_map: Any, config: QuantizationConfig | None, tp: int = 1) -> None:
     """Fail before reading weights if `config`'s groups do not tile every quantized weight: each
     input size must be a multiple of the group size, and a row-parallel weight's per-shard input

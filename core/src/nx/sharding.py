@@ -116,8 +116,8 @@ def partition_spec(name: str, ndim: int):
     r = role(name)
     if r in ("column", "vocab"):  # [out, in] weights, [out] biases and scales: split the outputs
         return P(AXIS, *([None] * (ndim - 1)))
-    if r == "row" and ndim == 2:  # [out, in]: split the inputs
-        return P(None, AXIS)
+    if r == "row" and ndim >= 2:  # [out, in] (or the panel layout's [out / 16, in / 32, 256]): split the inputs
+        return P(None, AXIS, *([None] * (ndim - 2)))
     return P()
 
 

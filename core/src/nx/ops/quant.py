@@ -20,6 +20,16 @@ Matmuls, chosen per weight at load time (`int8_dot`, static aux data):
   the 4-bit weight it meets needs (BENCHMARKS.md, "Grouped kernel: one activation term per block");
 - **dequantize** (accelerators): ``q`` converted to `dequant_dtype` inside the dot, which XLA fuses.
 
+**Panel layout** (`QuantizedWeight.panel`, 4-bit weights with groups of 32 on the cpu backend
+where nx-kernels-cpu runs; set at load by `nx.quant.to_panels`): the same bytes and scales, in
+panels of `PANEL` (16) weight rows transposed once, ``q`` uint8 ``[out / 16, in / 32, 256]``
+(byte ``64 d + 4 r + t`` of ``[p, b]`` is byte ``4 d + t`` of block ``b`` of row ``16 p + r``) and
+``scale`` / ``zero`` ``[out / 16, in / 32, 16]`` (``[p, b, r]``: row ``16 p + r``'s of block
+``b``). The kernel's panels then read one sequential stream with no transposes (about twice as
+fast at batch 1; BENCHMARKS.md, "4-bit panel layout"); XLA's paths read it back as rows
+(`QuantizedWeight.rows`). Axis 0 stays the outputs and axis 1 the inputs' blocks, so tensor
+parallelism shards it by role as the rows layout.
+
 On CPU the same int8 dots run as one custom call when the optional nx-kernels-cpu package is
 installed (`nx.ops.cpu_kernels`, ``NX_CPU_KERNELS=off`` switches it off): per-row weights up to 2048
 token rows, prompts included, with results equal to the XLA formulation's; grouped ones (``group_size`` a multiple
@@ -35,6 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from nx.ops import cpu_kernels
@@ -42,6 +53,8 @@ from nx.ops import cpu_kernels
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 #: Inputs per int8 activation term of grouped weights (`block_terms`).
 BLOCK = 32
+#: Weight rows of a panel in the panel layout (`QuantizedWeight.panel`).
+PANEL = 16
 
 
 class QuantizedWeight:
@@ -54,10 +67,13 @@ class QuantizedWeight:
     int8 activation terms, set for the cpu backend, instead of converting ``q`` to `dequant_dtype`
     on accelerators), `bits` (8: ``q`` int8 ``[out, in]``; 4: ``q`` packed uint8 ``[out, in / 2]``)
     and `group_size` (None: one f32 scale per row, ``scale [out]``; else ``scale`` and ``zero``
-    ``[out, in / group_size]``, f32 or f16 (GGUF's own f16 block scales), see the module docstring).
+    ``[out, in / group_size]``, f32 or f16 (GGUF's own f16 block scales), see the module docstring),
+    and `panel` (the panel layout, 4-bit with groups of 32 only: ``q [out / 16, in / 32, 256]``,
+    ``scale`` and ``zero`` ``[out / 16, in / 32, 16]``; see the module docstring). Leading axes
+    (scanned layers) come before these.
     """
 
-    __slots__ = ("q", "scale", "zero", "dequant_dtype", "dtype", "int8_dot", "bits", "group_size")
+    __slots__ = ("q", "scale", "zero", "dequant_dtype", "dtype", "int8_dot", "bits", "group_size", "panel")
 
     def __init__(
         self,
@@ -70,6 +86,7 @@ class QuantizedWeight:
         zero: Any = None,
         bits: int = 8,
         group_size: int | None = None,
+        panel: bool = False,
     ) -> None:
         self.q = q
         self.scale = scale
@@ -79,39 +96,53 @@ class QuantizedWeight:
         self.int8_dot = int8_dot
         self.bits = bits
         self.group_size = group_size
+        self.panel = panel
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The weight's logical shape ``[out, in]`` (a 4-bit ``q`` holds half as many bytes)."""
+        if self.panel:
+            *lead, panels, blocks, _ = self.q.shape
+            return (*lead, panels * PANEL, blocks * BLOCK)
         *lead, n = self.q.shape
         return (*lead, n * 8 // self.bits)
 
     @property
     def ndim(self) -> int:
-        return len(self.q.shape)
+        return len(self.shape)
 
     @property
     def compute_dtype(self):
         return DTYPES[self.dequant_dtype]
 
+    def rows(self) -> QuantizedWeight:
+        """This weight in the rows layout (itself unless `panel`): what XLA's paths read."""
+        if not self.panel:
+            return self
+        return QuantizedWeight(from_panels(self.q, bytes_=True), from_panels(self.scale), self.dequant_dtype,
+                               self.dtype, self.int8_dot, zero=None if self.zero is None else from_panels(self.zero),
+                               bits=self.bits, group_size=self.group_size)
+
     def values(self) -> jnp.ndarray:
         """The integer values ``v`` as int8 ``[out, in]`` (4-bit nibbles unpacked)."""
-        return unpack(self.q, self.bits, self.group_size, self.zero is None)
+        w = self.rows()
+        return unpack(w.q, w.bits, w.group_size, w.zero is None)
 
     def dequantize(self) -> jnp.ndarray:
         """The full-precision weight ``v * scale (+ zero)`` (in `dequant_dtype`)."""
-        return _dequantize(self.values(), self.scale, self.zero, self.group_size).astype(self.compute_dtype)
+        w = self.rows()
+        return _dequantize(w.values(), w.scale, w.zero, w.group_size).astype(self.compute_dtype)
 
     def __repr__(self) -> str:
         return (
             f"QuantizedWeight(q={self.q!r}, scale={self.scale!r}, zero={self.zero!r}, bits={self.bits}, "
-            f"group_size={self.group_size}, dequant_dtype={self.dequant_dtype!r}, dtype={self.dtype!r}, "
-            f"int8_dot={self.int8_dot})"
+            f"group_size={self.group_size}, panel={self.panel}, dequant_dtype={self.dequant_dtype!r}, "
+            f"dtype={self.dtype!r}, int8_dot={self.int8_dot})"
         )
 
 
 def _aux(w: QuantizedWeight) -> tuple:
-    return (w.dequant_dtype, w.dtype, w.int8_dot, w.bits, w.group_size)
+    return (w.dequant_dtype, w.dtype, w.int8_dot, w.bits, w.group_size, w.panel)
 
 
 def _flatten_with_keys(w: QuantizedWeight):
@@ -124,9 +155,10 @@ def _flatten(w: QuantizedWeight):
 
 
 def _unflatten(aux, children) -> QuantizedWeight:
-    dequant_dtype, dtype, int8_dot, bits, group_size = aux
+    dequant_dtype, dtype, int8_dot, bits, group_size, panel = aux
     q, scale, zero = children
-    return QuantizedWeight(q, scale, dequant_dtype, dtype, int8_dot, zero=zero, bits=bits, group_size=group_size)
+    return QuantizedWeight(q, scale, dequant_dtype, dtype, int8_dot, zero=zero, bits=bits, group_size=group_size,
+                           panel=panel)
 
 
 jax.tree_util.register_pytree_with_keys(QuantizedWeight, _flatten_with_keys, _unflatten, _flatten)
@@ -134,6 +166,40 @@ jax.tree_util.register_pytree_with_keys(QuantizedWeight, _flatten_with_keys, _un
 
 def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedWeight)
+
+
+def panel_ready(w: QuantizedWeight, shards: int = 1) -> bool:
+    """Whether `w` can take the panel layout split over `shards` output shards: 4-bit, groups of
+    32, rows layout, and each shard's outputs a whole number of panels."""
+    return (not w.panel and w.bits == 4 and w.group_size == BLOCK and len(w.q.shape) == 2
+            and w.shape[0] % (PANEL * shards) == 0)
+
+
+def to_panels(a: Any, bytes_: bool = False) -> Any:
+    """The panel layout of a rows-layout ``[..., out, in / 2]`` packed 4-bit ``q`` (`bytes_`) or
+    ``[..., out, in / 32]`` scales / offsets (numpy or jax arrays; see the module docstring)."""
+    *lead, n, c = a.shape
+    if bytes_:
+        t = a.reshape(*lead, n // PANEL, PANEL, c // 16, 4, 4)
+        return _moveaxis(t, -4, -2).reshape(*lead, n // PANEL, c // 16, 256)
+    return _moveaxis(a.reshape(*lead, n // PANEL, PANEL, c), -2, -1)
+
+
+def from_panels(a: Any, bytes_: bool = False) -> Any:
+    """The rows layout of a panel-layout ``q`` (`bytes_`) or scales / offsets: `to_panels`' inverse."""
+    if bytes_:
+        *lead, panels, blocks, _ = a.shape
+        t = _moveaxis(a.reshape(*lead, panels, blocks, 4, PANEL, 4), -2, -4)
+        return t.reshape(*lead, panels * PANEL, blocks * 16)
+    *lead, panels, blocks, _ = a.shape
+    return _moveaxis(a, -1, -2).reshape(*lead, panels * PANEL, blocks)
+
+
+def _moveaxis(a: Any, src: int, dst: int) -> Any:
+    """`a` with axis `src` moved to `dst`, contiguous for numpy arrays (host layouts), lazy in jax."""
+    if isinstance(a, np.ndarray):
+        return np.ascontiguousarray(np.moveaxis(a, src, dst))
+    return jnp.moveaxis(a, src, dst)
 
 
 def unpack(q: jnp.ndarray, bits: int, group_size: int | None, signed: bool = True) -> jnp.ndarray:
@@ -209,6 +275,7 @@ def _grouped_matmul(x: jnp.ndarray, w: QuantizedWeight) -> jnp.ndarray:
     y = cpu_kernels.grouped_matmul(x, w)
     if y is not None:
         return y
+    w = w.rows()
     m, k = x.shape
     gs = w.group_size
     if w.int8_dot and m <= BLOCK:
@@ -266,10 +333,21 @@ def int8_terms(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def take_rows(w: QuantizedWeight, ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
-    """Rows `ids` of a quantized ``[vocab, hidden]`` table, dequantized to `dtype`."""
+    """Rows `ids` of a quantized ``[vocab, hidden]`` table, dequantized to `dtype` (a panel-layout
+    table gathers the ids' panels, then each id's row within its panel)."""
 
-    def rows(a):
-        return None if a is None else jnp.take(a, ids, axis=0)
+    def rows(a, bytes_=False):
+        if a is None:
+            return None
+        if not w.panel:
+            return jnp.take(a, ids, axis=0)
+        p = jnp.take(a, ids // PANEL, axis=0)  # [..., blocks, 256] or [..., blocks, 16]
+        r = (ids % PANEL)[..., None, None]
+        if bytes_:  # [..., blocks, 4, 16, 4] -> row r's [..., blocks, 4, 4]
+            p = p.reshape(*p.shape[:-1], 4, PANEL, 4)
+            got = jnp.take_along_axis(p, r[..., None, None], axis=-2)[..., 0, :]
+            return got.reshape(*ids.shape, -1)
+        return jnp.take_along_axis(p, r, axis=-1)[..., 0]
 
-    v = unpack(rows(w.q), w.bits, w.group_size, w.zero is None)
+    v = unpack(rows(w.q, True), w.bits, w.group_size, w.zero is None)
     return _dequantize(v, rows(w.scale), rows(w.zero), w.group_size).astype(dtype)
