@@ -1,8 +1,8 @@
 """Microbenchmark of nx-kernels-cpu's grouped kernel (s4 / GGUF Q4_0 layout: 4-bit symmetric, groups
-of 32, f16 scales) at the 1B llama shapes, and of XLA's dequantized path for prompt rows.
+of 32, f16 scales; ``--bits 8``: Q8_0's int8 groups of 32) at the 1B llama shapes, and of XLA's dequantized path for prompt rows.
 
     python benchmarks/grouped_kernel.py [--rows 1,8,16,128] [--xla-rows 16,128,1024] [--repeats 7] [--level avx2] [--threads 1]
-        [--copies 24] [--layouts rows,panel]
+        [--copies 24] [--layouts rows,panel] [--bits 8]
 
 Prints one line per (shape, rows, path): median and best wall ms of `--repeats` timed calls (after a
 warm-up), and from the best: GB/s of the packed weight (nibbles + f16 scales) and GMAC/s. Runs with whatever nx and
@@ -27,15 +27,18 @@ import numpy as np
 SHAPES = [(2048, 2048), (8192, 2048), (2048, 8192)]  # [out, in]: attention / MLP up / MLP down of a 1B llama
 
 
-def _weight(n: int, k: int, seed: int = 0, panel: bool = False):
+def _weight(n: int, k: int, seed: int = 0, panel: bool = False, bits: int = 4):
     from nx.ops.quant import QuantizedWeight, to_panels
 
     rng = np.random.default_rng(seed)
-    q = rng.integers(0, 256, (n, k // 2)).astype(np.uint8)
+    if bits == 4:
+        q = rng.integers(0, 256, (n, k // 2)).astype(np.uint8)
+    else:
+        q = rng.integers(-128, 128, (n, k)).astype(np.int8)
     scale = rng.uniform(1e-3, 1e-1, (n, k // 32)).astype(np.float16)
     if panel:
-        q, scale = to_panels(q, bytes_=True), to_panels(scale)
-    return QuantizedWeight(jnp.asarray(q), jnp.asarray(scale), bits=4, group_size=32, panel=panel)
+        q, scale = to_panels(q, bits), to_panels(scale)
+    return QuantizedWeight(jnp.asarray(q), jnp.asarray(scale), bits=bits, group_size=32, panel=panel)
 
 
 def _time(f, x, ws, repeats: int) -> tuple[float, float]:
@@ -61,6 +64,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="the kernel's threads (default 0: XLA's pool)")
     ap.add_argument("--copies", type=int, default=1, help="distinct weights a shape, timed in turn (24: from memory)")
     ap.add_argument("--layouts", default="rows,panel", help="weight layouts the kernel reads: rows, panel")
+    ap.add_argument("--bits", type=int, default=4, choices=(4, 8), help="4: s4 / Q4_0; 8: grouped s8 / Q8_0")
     args = ap.parse_args()
     import nx_kernels_cpu
 
@@ -68,10 +72,10 @@ def main() -> None:
 
     for n, k in SHAPES:
         kern = jax.jit(lambda x, w: nx_kernels_cpu.grouped_matmul(
-            x, w.q, w.scale, bits=4, group_size=32, level=args.level, threads=args.threads, panel=w.panel))
-        weights = {layout: [_weight(n, k, seed, layout == "panel") for seed in range(args.copies)]
+            x, w.q, w.scale, bits=w.bits, group_size=32, level=args.level, threads=args.threads, panel=w.panel))
+        weights = {layout: [_weight(n, k, seed, layout == "panel", args.bits) for seed in range(args.copies)]
                    for layout in args.layouts.split(",")}
-        gb = n * k * (0.5 + 2 / 32) / 1e9
+        gb = n * k * (args.bits / 8 + 2 / 32) / 1e9
         paths = [(f"kernel-{layout}", kern, args.rows, ws) for layout, ws in weights.items()]
         if args.xla_rows:
             paths.append(("xla-dequant", jax.jit(quant.matmul), args.xla_rows, next(iter(weights.values()))))

@@ -11,8 +11,8 @@
 //     bits 4: q uint8 [n, k / 2], two values a byte in llama.cpp's order within a group (byte j of a
 //       group holds value j in its low nibble, value j + gs / 2 in its high one), v = nibble - 8
 //       (symmetric) or v = nibble (affine);
-//     with `panel` (bits 4, gs 32, n a multiple of 16), the same bytes and scales in the panel layout
-//     nx transposes them to once, at load: q uint8 [n / 16, k / 32, 256], byte 64 d + 4 r + t of
+//     with `panel` (gs 32, n a multiple of 16), the same bytes and scales in the panel layout nx
+//     transposes them to once, at load: q [n / 16, k / 32, 64 * bits], byte 64 d + 4 r + t of
 //     [P, b] being byte 4 d + t of block b of row 16 P + r; d and z [n / 16, k / 32, 16], [P, b, r]
 //     being row 16 P + r's of block b;
 //   y[i, j] = sum_g d[j, g] * sum_{b in g} sx[i, b] * dot(a_i, v_j)_b
@@ -32,7 +32,8 @@
 // panels of 16 (AVX-512 VNNI) or 8 (AVX2) weight rows, transposed in registers so that each int32
 // lane holds one row's whole block dot (see PanelRows; llama.cpp gets the same lanes by repacking
 // Q4_0 at load, this needs no other layout); in the panel layout they read the transposed bytes and
-// scales directly (PackedTile: no transposes, one sequential stream). Other weights, per weight row:
+// scales directly (PackedTile: no transposes, one sequential stream), and so do int8 weights with
+// groups of 32 (grouped s8, GGUF Q8_0). Other weights, per weight row:
 //   2 AVX-512 VNNI: 64 values a step: 32 packed bytes (or 64 int8) as u8, vpdpbusd with each token
 //     row's terms; every int32 lane sums 4 values of one block, and is converted and multiplied
 //     into f32 accumulators by its block's scale times its group's scale. Symmetric 4-bit values
@@ -92,14 +93,15 @@ struct GroupedWeight {
   bool scale_f16 = false;
   const void* zero = nullptr;  // null: symmetric
   bool zero_f16 = false;
-  bool panel = false;  // the panel layout (4-bit, gs 32, n a multiple of 16; see the file comment)
+  bool panel = false;  // the panel layout (gs 32, n a multiple of 16; see the file comment)
 };
 
 // Where weight row j's packed byte p (of k / 2) and its scale (offset) of group gi are.
 inline size_t ByteAt(const GroupedWeight& w, int j, int p) {
   if (!w.panel) return static_cast<size_t>(j) * w.row_bytes + p;
-  const size_t block = static_cast<size_t>(j / 16) * w.groups + p / 16;
-  return 256 * block + 64 * (p % 16 / 4) + 4 * (j % 16) + p % 4;
+  const int bb = 4 * w.bits;  // a block's bytes in a row
+  const size_t block = static_cast<size_t>(j / 16) * w.groups + p / bb;
+  return 16 * bb * block + 64 * (p % bb / 4) + 4 * (j % 16) + p % 4;
 }
 inline size_t ScaleAt(const GroupedWeight& w, int j, int gi) {
   if (!w.panel) return static_cast<size_t>(j) * w.groups + gi;
@@ -124,7 +126,7 @@ struct GroupedActs {
   std::vector<float> cb;    // [m, wb], empty when offset is 0
   std::vector<float> xb;    // [m, wb], SIMD levels with offsets
   std::vector<float> xsum;  // [m, gp], the scalar level (and panels) with offsets
-  std::vector<int32_t> asum;  // [m, nb], panels of symmetric 4-bit rows: each block's term sum
+  std::vector<int32_t> asum;  // [m, nb], panels of symmetric 4-bit or int8 rows: each block's term sum
   std::vector<int> blocks;  // [wb]: the block (or -1) of each window position
   // Step s (of 8) of a window: each lane's group, from the window's first (see the tiles), and
   // each lane's block position in the window; each window position's group.
@@ -257,7 +259,7 @@ void PrepareActs(ffi::ThreadPool& pool, int threads, const float* x, int m, int 
     g.wb = g.nb;
     g.sx.assign(static_cast<size_t>(m) * g.nb, 1.0f);
     if (w.zero) g.xsum.assign(static_cast<size_t>(m) * g.gp, 0.0f);
-    if (panel && !w.zero) g.asum.assign(static_cast<size_t>(m) * g.nb, 0);
+    if (panel && (!w.zero || w.bits == 8)) g.asum.assign(static_cast<size_t>(m) * g.nb, 0);
   }
   // prompts: a few ms of rounding, over the threads too
   ParallelRows(pool, m, threads, 64 * static_cast<int64_t>(k),
@@ -284,7 +286,7 @@ void RowScalar(const GroupedActs& g, const GroupedWeight& w, int j, int i0, int 
     if (w.zero) z[gi] = ValueAt(w.zero, w.zero_f16, ScaleAt(w, j, gi));
   }
   if (w.bits == 8) {
-    std::memcpy(v.data(), w.q + static_cast<size_t>(j) * w.row_bytes, k);
+    for (int p = 0; p < k; ++p) v[p] = static_cast<int8_t>(w.q[ByteAt(w, j, p)]);
   } else {
     const int off = w.zero ? 0 : 8;
     for (int p = 0; p < k / 2; ++p) {
@@ -551,7 +553,7 @@ struct Panel {
 };
 
 // A panel in the panel layout (GroupedWeight::panel) as PackedTile reads it: block b's vector d at
-// q + 256 b + 64 d, its rows' scales (offsets) at element s0 + 16 b of ds (zs), f32 or f16. AVX2's
+// q + 64 bits b + 64 d (d < bits), its rows' scales (offsets) at element s0 + 16 b of ds (zs), f32 or f16. AVX2's
 // half panels start 32 bytes and 8 scales in. Why: the weight is one sequential stream and needs
 // no transposes (the bytes and scales were transposed once, at load).
 struct Packed {
@@ -590,23 +592,40 @@ struct PanelVnni {
   __attribute__((target(NX_AVX512))) static inline void Block(const GroupedActs& g, const __m512i* s, __m512 d16,
                                                               __m512 z16, int i0, int b, __m512* acc) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    __m512i lo[4], hi[4];
+    __m512i u[8];  // low nibbles: values 4d ... 4d + 3; high ones: 16 + 4d ...
     for (int d = 0; d < 4; ++d) {
-      lo[d] = _mm512_and_si512(s[d], low4);
-      hi[d] = _mm512_and_si512(_mm512_srli_epi16(s[d], 4), low4);
+      u[d] = _mm512_and_si512(s[d], low4);
+      u[4 + d] = _mm512_and_si512(_mm512_srli_epi16(s[d], 4), low4);
     }
-    for (int u = 0; u < T; ++u) {
-      const size_t i = static_cast<size_t>(i0 + u);
+    Dots<T, Zero, Zero ? 0 : 8>(g, u, d16, z16, i0, b, acc);
+  }
+
+  // As Block for an int8 block in the panel layout: s[e] lane r holds values 4e ... 4e + 3 of row r,
+  // which enter as unsigned values with the sign bit flipped (v + 128).
+  template <int T, bool Zero>
+  __attribute__((target(NX_AVX512))) static inline void Block8(const GroupedActs& g, const __m512i* s, __m512 d16,
+                                                               __m512 z16, int i0, int b, __m512* acc) {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    __m512i u[8];
+    for (int e = 0; e < 8; ++e) u[e] = _mm512_xor_si512(s[e], flip);
+    Dots<T, Zero, 128>(g, u, d16, z16, i0, b, acc);
+  }
+
+  // Block b of token rows [i0, i0 + T) into acc: u[e] lane r holds values 4e ... 4e + 3 of row r's
+  // block as unsigned bytes, the signed values plus Off (8: symmetric 4-bit nibbles, 128: int8 with
+  // its sign bit flipped, 0: affine 4-bit nibbles as they are), Off times the block's term sum taken
+  // off in int32 (exact: |dot| <= 32 * 255 * 127).
+  template <int T, bool Zero, int Off>
+  __attribute__((target(NX_AVX512))) static inline void Dots(const GroupedActs& g, const __m512i* u, __m512 d16,
+                                                             __m512 z16, int i0, int b, __m512* acc) {
+    for (int t = 0; t < T; ++t) {
+      const size_t i = static_cast<size_t>(i0 + t);
       const int8_t* a = g.a.data() + i * g.kp + 32 * b;
-      __m512i dot = Zero ? _mm512_setzero_si512() : _mm512_set1_epi32(-8 * g.asum[i * g.nb + b]);
-      for (int d = 0; d < 4; ++d) {
-        dot = _mm512_dpbusd_epi32(dot, lo[d], _mm512_set1_epi32(Load4(a + 4 * d)));
-        dot = _mm512_dpbusd_epi32(dot, hi[d], _mm512_set1_epi32(Load4(a + 16 + 4 * d)));
-      }
+      __m512i dot = Off ? _mm512_set1_epi32(-Off * g.asum[i * g.nb + b]) : _mm512_setzero_si512();
+      for (int e = 0; e < 8; ++e) dot = _mm512_dpbusd_epi32(dot, u[e], _mm512_set1_epi32(Load4(a + 4 * e)));
       const __m512 scale = _mm512_mul_ps(d16, _mm512_set1_ps(g.sx[i * g.wb + b]));
-      acc[u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[u]);
-      if constexpr (Zero)
-        acc[u] = _mm512_fmadd_ps(z16, _mm512_set1_ps(g.xsum[i * g.gp + b]), acc[u]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+      if constexpr (Zero) acc[t] = _mm512_fmadd_ps(z16, _mm512_set1_ps(g.xsum[i * g.gp + b]), acc[t]);
     }
   }
 
@@ -653,18 +672,22 @@ struct PanelVnni {
   }
 
   // As Tile, for a panel already in the panel layout (Packed): no transposes.
-  template <int T, bool Zero, bool F16>
+  template <int Bits, int T, bool Zero, bool F16>
   __attribute__((target(NX_AVX512))) static void PackedTile(const GroupedActs& g, const Packed& pk, int i0, float* y,
                                                             int n, int j0) {
     __m512 acc[T];
     for (int u = 0; u < T; ++u) acc[u] = _mm512_setzero_ps();
     for (int b = 0; b < g.nb; ++b) {
-      const uint8_t* qb = pk.q + 256 * static_cast<size_t>(b);
-      const __m512i s[4] = {_mm512_loadu_si512(qb), _mm512_loadu_si512(qb + 64), _mm512_loadu_si512(qb + 128),
-                            _mm512_loadu_si512(qb + 192)};
+      const uint8_t* qb = pk.q + 64 * Bits * static_cast<size_t>(b);
+      __m512i s[Bits];
+      for (int e = 0; e < Bits; ++e) s[e] = _mm512_loadu_si512(qb + 64 * e);
       const size_t at = pk.s0 + 16 * static_cast<size_t>(b);
-      Block<T, Zero>(g, s, Scales16<F16>(pk.ds, at, 16), Zero ? Scales16<F16>(pk.zs, at, 16) : _mm512_setzero_ps(),
-                     i0, b, acc);
+      const __m512 d16 = Scales16<F16>(pk.ds, at, 16);
+      const __m512 z16 = Zero ? Scales16<F16>(pk.zs, at, 16) : _mm512_setzero_ps();
+      if constexpr (Bits == 4)
+        Block<T, Zero>(g, s, d16, z16, i0, b, acc);
+      else
+        Block8<T, Zero>(g, s, d16, z16, i0, b, acc);
     }
     for (int u = 0; u < T; ++u) _mm512_storeu_ps(y + static_cast<size_t>(i0 + u) * n + j0, acc[u]);
   }
@@ -719,6 +742,29 @@ struct PanelAvx2 {
     }
   }
 
+  // As Block for an int8 block in the panel layout (s[e] lane r: values 4e ... 4e + 3 of row r):
+  // vpmaddubsw(|w|, sign(a, w)), whose pairs (<= 2 * 128 * 127) fit int16, widened by vpmaddwd
+  // each step (unsigned w + 128 would overflow int16 pairs).
+  template <int T, bool Zero>
+  __attribute__((target(NX_AVX2))) static inline void Block8(const GroupedActs& g, const __m256i* s, __m256 d8,
+                                                             __m256 z8, int i0, int b, __m256* acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i aw[8];
+    for (int e = 0; e < 8; ++e) aw[e] = _mm256_sign_epi8(s[e], s[e]);  // |w| as u8 (-128 -> 128)
+    for (int t = 0; t < T; ++t) {
+      const size_t i = static_cast<size_t>(i0 + t);
+      const int8_t* a = g.a.data() + i * g.kp + 32 * b;
+      __m256i dot = _mm256_setzero_si256();
+      for (int e = 0; e < 8; ++e) {
+        const __m256i av = _mm256_sign_epi8(_mm256_set1_epi32(Load4(a + 4 * e)), s[e]);
+        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[e], av), ones));
+      }
+      const __m256 scale = _mm256_mul_ps(d8, _mm256_set1_ps(g.sx[i * g.wb + b]));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t]);
+      if constexpr (Zero) acc[t] = _mm256_fmadd_ps(z8, _mm256_set1_ps(g.xsum[i * g.gp + b]), acc[t]);
+    }
+  }
+
   // As PanelVnni::Tile: four blocks (a line of each row) at a time, two 8x8 dword transposes.
   template <int T, bool Zero>
   __attribute__((target(NX_AVX2))) static void Tile(const GroupedActs& g, const Panel& pn, int i0, float* y, int n,
@@ -762,20 +808,22 @@ struct PanelAvx2 {
   }
 
   // As Tile, for half a panel in the panel layout (Packed, its q and s0 at the half): no transposes.
-  template <int T, bool Zero, bool F16>
+  template <int Bits, int T, bool Zero, bool F16>
   __attribute__((target(NX_AVX2))) static void PackedTile(const GroupedActs& g, const Packed& pk, int i0, float* y,
                                                           int n, int j0) {
     __m256 acc[T];
     for (int u = 0; u < T; ++u) acc[u] = _mm256_setzero_ps();
     for (int b = 0; b < g.nb; ++b) {
-      const uint8_t* qb = pk.q + 256 * static_cast<size_t>(b);
-      const __m256i s[4] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb)),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64)),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 128)),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 192))};
+      const uint8_t* qb = pk.q + 64 * Bits * static_cast<size_t>(b);
+      __m256i s[Bits];
+      for (int e = 0; e < Bits; ++e) s[e] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * e));
       const size_t at = pk.s0 + 16 * static_cast<size_t>(b);
-      Block<T, Zero>(g, s, Scales8<F16>(pk.ds, at, 8), Zero ? Scales8<F16>(pk.zs, at, 8) : _mm256_setzero_ps(), i0,
-                     b, acc);
+      const __m256 d8 = Scales8<F16>(pk.ds, at, 8);
+      const __m256 z8 = Zero ? Scales8<F16>(pk.zs, at, 8) : _mm256_setzero_ps();
+      if constexpr (Bits == 4)
+        Block<T, Zero>(g, s, d8, z8, i0, b, acc);
+      else
+        Block8<T, Zero>(g, s, d8, z8, i0, b, acc);
     }
     for (int u = 0; u < T; ++u) _mm256_storeu_ps(y + static_cast<size_t>(i0 + u) * n + j0, acc[u]);
   }
@@ -839,13 +887,13 @@ void PanelRows(const GroupedActs& g, const GroupedWeight& w, int j0, int i0, int
 
 // As PanelRows for a weight in the panel layout (j0 a multiple of 16): its 16 rows (AVX2: two
 // halves of 8), tiles read straight from the layout.
-template <class L, bool Zero, bool F16>
+template <class L, int Bits, bool Zero, bool F16>
 void PackedRows(const GroupedActs& g, const GroupedWeight& w, int j0, int i0, int i1, float* y, int n) {
   const size_t panel = static_cast<size_t>(j0 / 16) * w.groups;  // the panel's first block
   for (int h = 0; h < 16 / L::kRows; ++h) {
-    const Packed pk{w.q + 256 * panel + 32 * h, w.scale, w.zero, 16 * panel + 8 * h};
+    const Packed pk{w.q + 64 * Bits * panel + 32 * h, w.scale, w.zero, 16 * panel + 8 * h};
     EachTile<L::kWide>(i0, i1, [&](auto t, int i) {
-      L::template PackedTile<decltype(t)::value, Zero, F16>(g, pk, i, y, n, j0 + L::kRows * h);
+      L::template PackedTile<Bits, decltype(t)::value, Zero, F16>(g, pk, i, y, n, j0 + L::kRows * h);
     });
   }
 }
@@ -900,9 +948,12 @@ RowFnAll PickRow(int level, const GroupedWeight& w) {
 template <class L>
 RowFnAll PickPanelAt(const GroupedWeight& w) {
   const bool z = w.zero != nullptr, h = w.scale_f16;
+  if (w.panel && w.bits == 8)
+    return z ? (h ? PackedRows<L, 8, true, true> : PackedRows<L, 8, true, false>)
+             : (h ? PackedRows<L, 8, false, true> : PackedRows<L, 8, false, false>);
   if (w.panel)
-    return z ? (h ? PackedRows<L, true, true> : PackedRows<L, true, false>)
-             : (h ? PackedRows<L, false, true> : PackedRows<L, false, false>);
+    return z ? (h ? PackedRows<L, 4, true, true> : PackedRows<L, 4, true, false>)
+             : (h ? PackedRows<L, 4, false, true> : PackedRows<L, 4, false, false>);
   return z ? (h ? PanelRows<L, true, true> : PanelRows<L, true, false>)
            : (h ? PanelRows<L, false, true> : PanelRows<L, false, false>);
 }
@@ -912,7 +963,7 @@ RowFnAll PickPanelAt(const GroupedWeight& w) {
 // and offsets of one precision) and its rows a panel; else null (the row functions).
 RowFnAll PickPanel(int level, const GroupedWeight& w, int* rows) {
 #ifdef NX_X86
-  if (level >= kAvx2 && w.bits == 4 && w.gs == 32 && (!w.zero || w.zero_f16 == w.scale_f16)) {
+  if (level >= kAvx2 && (w.bits == 4 || w.panel) && w.gs == 32 && (!w.zero || w.zero_f16 == w.scale_f16)) {
     *rows = w.panel ? 16 : level >= kAvx512Vnni ? PanelVnni::kRows : PanelAvx2::kRows;
     return level >= kAvx512Vnni ? PickPanelAt<PanelVnni>(w) : PickPanelAt<PanelAvx2>(w);
   }
@@ -935,12 +986,12 @@ ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   const auto bad = [] {
     return ffi::Error::InvalidArgument(
         "nx_kernels_cpu grouped_matmul: x f32 [m, k]; q int8 [n, k] (bits 8) or uint8 [n, k / 2] (bits 4), "
-        "or with panel uint8 [n / 16, k / 32, 256] (bits 4, group_size 32); scale and zero (or an empty "
+        "or with panel [n / 16, k / 32, 64 * bits] (group_size 32); scale and zero (or an empty "
         "array) f32 or f16 with n * k / group_size values; group_size a multiple of 32 that divides 512 or "
         "that 512 divides");
   };
   if (xd.size() != 2 || qd.size() != (panel ? 3u : 2u) || (bits != 4 && bits != 8) || group_size <= 0 ||
-      group_size % 32 || (512 % group_size && group_size % 512) || (panel && (bits != 4 || group_size != 32)))
+      group_size % 32 || (512 % group_size && group_size % 512) || (panel && group_size != 32))
     return bad();
   GroupedWeight w;
   w.bits = bits;
@@ -953,7 +1004,7 @@ ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   const auto qtype = bits == 4 ? ffi::DataType::U8 : ffi::DataType::S8;
   w.row_bytes = static_cast<size_t>(bits == 4 ? w.k / 2 : w.k);
   if (q.element_type() != qtype) return bad();
-  if (w.panel ? qd[1] != w.groups || qd[2] != 256 : static_cast<size_t>(qd[1]) != w.row_bytes) return bad();
+  if (w.panel ? qd[1] != w.groups || qd[2] != 64 * bits : static_cast<size_t>(qd[1]) != w.row_bytes) return bad();
   const auto is_float = [](ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::F16; };
   const size_t ng = static_cast<size_t>(w.n) * w.groups;
   if (!is_float(scale.element_type()) || scale.element_count() != ng) return bad();

@@ -297,25 +297,33 @@ def _panels(w):
     def host(a):
         return None if a is None else np.asarray(a)
 
-    return QuantizedWeight(qops.to_panels(host(w.q), bytes_=True), qops.to_panels(host(w.scale)), w.dequant_dtype,
+    return QuantizedWeight(qops.to_panels(host(w.q), w.bits), qops.to_panels(host(w.scale)), w.dequant_dtype,
                            w.dtype, w.int8_dot, zero=None if w.zero is None else qops.to_panels(host(w.zero)),
                            bits=w.bits, group_size=w.group_size, panel=True)
 
 
 @pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])
-@pytest.mark.parametrize("affine", [False, True], ids=["s4", "s4-affine"])
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"s{k[0]}{'-affine' if k[1] else ''}")
 @pytest.mark.parametrize("level", LEVELS)
-def test_panel_layout_equals_the_rows_layout(level, affine, f16):
-    """The kernel on the panel layout gives the rows layout's results bit for bit (the same block
-    dots summed in the same order) at every level (the scalar level gathers the layout's bytes):
-    1, 3 and 131 blocks, one and several panels, 1 ... 13 token rows and a prompt of 70."""
+def test_panel_layout_equals_the_rows_layout(level, kind, f16):
+    """The kernel on the panel layout against the rows layout at every level (the scalar level
+    gathers the layout's bytes): 4-bit bit for bit (the same block dots summed in the same order),
+    int8 (panels here, rows tiles there: another f32 order) to f32 rounding and against the XLA
+    formulation; 1, 3 and 131 blocks, one and several panels, 1 ... 13 token rows and a prompt of
+    70. int8 values cover -128 ... 127, whose flipped sign bits make 0 ... 255."""
+    bits, affine = kind
     for k, n in ((32, 16), (96, 48), (4192, 32)):
-        w = _weight(n, k, 4, 32, affine, f16, seed=n + k)
+        w = _weight(n, k, bits, 32, affine, f16, seed=n + k)
         p = _panels(w)
         assert p.shape == w.shape == (n, k)
         for m in (1, 2, 3, 8, 13, 70):
             x = _x(m, k, seed=m)
-            np.testing.assert_array_equal(_kernel(x, p, level), _kernel(x, w, level))
+            got = _kernel(x, p, level)
+            if bits == 4 or level == "scalar":
+                np.testing.assert_array_equal(got, _kernel(x, w, level))
+            else:
+                _close(got, _int8_reference(x, w))
+                _close(got, _kernel(x, w, level))
 
 
 def test_panel_layout_round_trip_and_xla_paths(monkeypatch):
@@ -326,10 +334,15 @@ def test_panel_layout_round_trip_and_xla_paths(monkeypatch):
     w = _weight(48, 96, 4, 32, True, True, seed=3)
     q = np.asarray(w.q)
     stacked = np.stack([q, q[::-1]])
-    packed = qops.to_panels(stacked, bytes_=True)
+    packed = qops.to_panels(stacked, 4)
     assert packed.shape == (2, 3, 3, 256)
-    np.testing.assert_array_equal(np.asarray(qops.from_panels(jnp.asarray(packed), bytes_=True)), stacked)
+    np.testing.assert_array_equal(np.asarray(qops.from_panels(jnp.asarray(packed), 4)), stacked)
     np.testing.assert_array_equal(packed[0, 1, 2, 64 * 3 + 4 * 5 + 2], q[16 + 5, 16 * 2 + 4 * 3 + 2])
+    q8 = np.asarray(_weight(32, 64, 8, 32, False, False).q)
+    p8 = qops.to_panels(q8, 8)
+    assert p8.shape == (2, 2, 512)
+    np.testing.assert_array_equal(p8[1, 1, 64 * 7 + 4 * 9 + 3], q8[16 + 9, 32 + 4 * 7 + 3])
+    np.testing.assert_array_equal(np.asarray(qops.from_panels(jnp.asarray(p8), 8)), q8)
     s = np.asarray(w.scale)
     np.testing.assert_array_equal(qops.to_panels(s)[2, 1, 7], s[32 + 7, 1])
     np.testing.assert_array_equal(np.asarray(qops.from_panels(jnp.asarray(qops.to_panels(s)))), s)
@@ -338,6 +351,9 @@ def test_panel_layout_round_trip_and_xla_paths(monkeypatch):
     np.testing.assert_array_equal(np.asarray(qops.take_rows(p, ids, jnp.float32)),
                                   np.asarray(qops.take_rows(w, ids, jnp.float32)))
     np.testing.assert_array_equal(np.asarray(p.dequantize()), np.asarray(w.dequantize()))
+    w8 = _weight(48, 64, 8, 32, False, True, seed=4)
+    np.testing.assert_array_equal(np.asarray(qops.take_rows(_panels(w8), ids, jnp.float32)),
+                                  np.asarray(qops.take_rows(w8, ids, jnp.float32)))
     x = jnp.asarray(_x(5, 96))
     assert TARGET in jax.jit(qops.matmul).lower(x, p).as_text()
     np.testing.assert_array_equal(np.asarray(jax.jit(qops.matmul)(x, p)), np.asarray(jax.jit(qops.matmul)(x, w)))
@@ -354,12 +370,13 @@ def test_panel_layout_at_load(monkeypatch):
         return {"layers": [{"qkv": {"w": _weight(64, 64, 4, 32, False, False)},  # column: 32 rows a shard at tp 2
                             "o": {"w": _weight(48, 64, 4, 32, False, False)},  # row: not split by outputs
                             "up": {"w": _weight(40, 64, 4, 32, False, False)},  # 40 rows: no whole panels
-                            "down": {"w": _weight(48, 128, 4, 64, False, False)}}],  # groups of 64
+                            "down": {"w": _weight(48, 128, 4, 64, False, False)},  # groups of 64
+                            "gate": {"w": _weight(32, 64, 8, 32, False, True)}}],  # int8, groups of 32
                 "embed": {"w": _weight(48, 64, 4, 32, False, False)}}  # vocab: 24 rows a shard at tp 2
 
     layer, out = tree()["layers"][0], panel_layout(tree(), tp=1)
     got = {name: w["w"].panel for name, w in out["layers"][0].items()}
-    assert got == {"qkv": True, "o": True, "up": False, "down": False} and out["embed"]["w"].panel
+    assert got == {"qkv": True, "o": True, "up": False, "down": False, "gate": True} and out["embed"]["w"].panel
     np.testing.assert_array_equal(np.asarray(out["layers"][0]["qkv"]["w"].values()), np.asarray(layer["qkv"]["w"].values()))
     two = panel_layout(tree(), tp=2)
     assert two["layers"][0]["qkv"]["w"].panel and two["layers"][0]["o"]["w"].panel and not two["embed"]["w"].panel

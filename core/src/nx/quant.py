@@ -337,7 +337,7 @@ def quantize_params(params: dict, config: QuantizationConfig, amp: str = "f32", 
 
 
 def panel_layout(params: dict, tp: int = 1) -> dict:
-    """The tree with every 4-bit weight in groups of 32 that the cpu kernels read put in the panel
+    """The tree with every grouped weight (groups of 32) that the cpu kernels read put in the panel
     layout (`nx.ops.quant.to_panels`), where nx-kernels-cpu runs (`nx.ops.cpu_kernels.enabled`);
     column-parallel and vocabulary weights only where each of the `tp` shards holds whole panels.
     Why: the kernel's panels then read the weight as one stream, with no transposes at run time.
@@ -352,7 +352,7 @@ def panel_layout(params: dict, tp: int = 1) -> dict:
         shards = tp if role(name) in ("column", "vocab") else 1
         if not (w.int8_dot and panel_ready(w, shards)):
             return w
-        return QuantizedWeight(to_panels(np.asarray(w.q), bytes_=True), to_panels(np.asarray(w.scale)), w.dequant_dtype,
+        return QuantizedWeight(to_panels(np.asarray(w.q), w.bits), to_panels(np.asarray(w.scale)), w.dequant_dtype,
                                w.dtype, w.int8_dot, zero=None if w.zero is None else to_panels(np.asarray(w.zero)),
                                bits=w.bits, group_size=w.group_size, panel=True)
 

@@ -101,15 +101,15 @@ def grouped_matmul(x, q, scale, zero=None, *, bits: int, group_size: int, level:
                    panel: bool = False):
     """f32 ``[m, n]``: ``x [m, k]`` (cast to f32) times the grouped weight ``(q, scale, zero)`` transposed.
 
-    With `panel`, the weight is in the panel layout (4-bit, groups of 32): ``q`` uint8
-    ``[n / 16, k / 32, 256]`` and ``scale`` / ``zero`` ``[n / 16, k / 32, 16]`` (see grouped_linear.cc)."""
+    With `panel`, the weight is in the panel layout (groups of 32): ``q`` ``[n / 16, k / 32, 64 * bits]``
+    and ``scale`` / ``zero`` ``[n / 16, k / 32, 16]`` (see grouped_linear.cc)."""
     x = jnp.asarray(x, jnp.float32)
     m, n = x.shape[0], q.shape[0] * (16 if panel else 1)
     if bits not in (4, 8) or group_size % 32 or (512 % group_size and group_size % 512) or x.shape[1] % group_size:
         msg = f"bits {bits}, group_size {group_size}, k {x.shape[1]}: bits 4 or 8, group_size a multiple of 32"
         raise ValueError(f"{msg} that divides 512 or that 512 divides, and k a multiple of group_size expected")
-    if panel and (bits != 4 or group_size != 32 or q.shape[1:] != (x.shape[1] // 32, 256)):
-        raise ValueError(f"the panel layout is 4-bit with groups of 32, q [n / 16, k / 32, 256]; got bits {bits}, "
+    if panel and (group_size != 32 or q.shape[1:] != (x.shape[1] // 32, 64 * bits)):
+        raise ValueError(f"the panel layout has groups of 32, q [n / 16, k / 32, 64 * bits]; got bits {bits}, "
                          f"group_size {group_size}, q {tuple(q.shape)} for k {x.shape[1]}")
     if zero is None:
         zero = jnp.zeros((0,), jnp.float32)

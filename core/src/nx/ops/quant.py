@@ -20,10 +20,11 @@ Matmuls, chosen per weight at load time (`int8_dot`, static aux data):
   the 4-bit weight it meets needs (BENCHMARKS.md, "Grouped kernel: one activation term per block");
 - **dequantize** (accelerators): ``q`` converted to `dequant_dtype` inside the dot, which XLA fuses.
 
-**Panel layout** (`QuantizedWeight.panel`, 4-bit weights with groups of 32 on the cpu backend
-where nx-kernels-cpu runs; set at load by `nx.quant.to_panels`): the same bytes and scales, in
-panels of `PANEL` (16) weight rows transposed once, ``q`` uint8 ``[out / 16, in / 32, 256]``
-(byte ``64 d + 4 r + t`` of ``[p, b]`` is byte ``4 d + t`` of block ``b`` of row ``16 p + r``) and
+**Panel layout** (`QuantizedWeight.panel`, 4-bit and int8 weights with groups of 32 on the cpu
+backend where nx-kernels-cpu runs; set at load by `nx.quant.panel_layout`): the same bytes and
+scales, in panels of `PANEL` (16) weight rows transposed once, ``q`` ``[out / 16, in / 32, 64 *
+bits]`` (byte ``64 d + 4 r + t`` of ``[p, b]`` is byte ``4 d + t`` of block ``b`` of row ``16 p +
+r``) and
 ``scale`` / ``zero`` ``[out / 16, in / 32, 16]`` (``[p, b, r]``: row ``16 p + r``'s of block
 ``b``). The kernel's panels then read one sequential stream with no transposes (about twice as
 fast at batch 1; BENCHMARKS.md, "4-bit panel layout"); XLA's paths read it back as rows
@@ -68,7 +69,7 @@ class QuantizedWeight:
     on accelerators), `bits` (8: ``q`` int8 ``[out, in]``; 4: ``q`` packed uint8 ``[out, in / 2]``)
     and `group_size` (None: one f32 scale per row, ``scale [out]``; else ``scale`` and ``zero``
     ``[out, in / group_size]``, f32 or f16 (GGUF's own f16 block scales), see the module docstring),
-    and `panel` (the panel layout, 4-bit with groups of 32 only: ``q [out / 16, in / 32, 256]``,
+    and `panel` (the panel layout, groups of 32 only: ``q [out / 16, in / 32, 64 * bits]``,
     ``scale`` and ``zero`` ``[out / 16, in / 32, 16]``; see the module docstring). Leading axes
     (scanned layers) come before these.
     """
@@ -119,7 +120,7 @@ class QuantizedWeight:
         """This weight in the rows layout (itself unless `panel`): what XLA's paths read."""
         if not self.panel:
             return self
-        return QuantizedWeight(from_panels(self.q, bytes_=True), from_panels(self.scale), self.dequant_dtype,
+        return QuantizedWeight(from_panels(self.q, self.bits), from_panels(self.scale), self.dequant_dtype,
                                self.dtype, self.int8_dot, zero=None if self.zero is None else from_panels(self.zero),
                                bits=self.bits, group_size=self.group_size)
 
@@ -169,30 +170,33 @@ def is_quantized(x: Any) -> bool:
 
 
 def panel_ready(w: QuantizedWeight, shards: int = 1) -> bool:
-    """Whether `w` can take the panel layout split over `shards` output shards: 4-bit, groups of
-    32, rows layout, and each shard's outputs a whole number of panels."""
-    return (not w.panel and w.bits == 4 and w.group_size == BLOCK and len(w.q.shape) == 2
+    """Whether `w` can take the panel layout split over `shards` output shards: groups of 32, rows
+    layout, and each shard's outputs a whole number of panels."""
+    return (not w.panel and w.group_size == BLOCK and len(w.q.shape) == 2
             and w.shape[0] % (PANEL * shards) == 0)
 
 
-def to_panels(a: Any, bytes_: bool = False) -> Any:
-    """The panel layout of a rows-layout ``[..., out, in / 2]`` packed 4-bit ``q`` (`bytes_`) or
-    ``[..., out, in / 32]`` scales / offsets (numpy or jax arrays; see the module docstring)."""
+def to_panels(a: Any, bits: int | None = None) -> Any:
+    """The panel layout of a rows-layout ``q`` with `bits` (int8 ``[..., out, in]``, packed 4-bit
+    ``[..., out, in / 2]``) or, with `bits` None, of ``[..., out, in / 32]`` scales / offsets
+    (numpy or jax arrays; see the module docstring)."""
     *lead, n, c = a.shape
-    if bytes_:
-        t = a.reshape(*lead, n // PANEL, PANEL, c // 16, 4, 4)
-        return _moveaxis(t, -4, -2).reshape(*lead, n // PANEL, c // 16, 256)
-    return _moveaxis(a.reshape(*lead, n // PANEL, PANEL, c), -2, -1)
+    if bits is None:
+        return _moveaxis(a.reshape(*lead, n // PANEL, PANEL, c), -2, -1)
+    row = BLOCK * bits // 8  # a block's bytes in a row
+    t = a.reshape(*lead, n // PANEL, PANEL, c // row, row // 4, 4)
+    return _moveaxis(t, -4, -2).reshape(*lead, n // PANEL, c // row, PANEL * row)
 
 
-def from_panels(a: Any, bytes_: bool = False) -> Any:
-    """The rows layout of a panel-layout ``q`` (`bytes_`) or scales / offsets: `to_panels`' inverse."""
-    if bytes_:
-        *lead, panels, blocks, _ = a.shape
-        t = _moveaxis(a.reshape(*lead, panels, blocks, 4, PANEL, 4), -2, -4)
-        return t.reshape(*lead, panels * PANEL, blocks * 16)
-    *lead, panels, blocks, _ = a.shape
-    return _moveaxis(a, -1, -2).reshape(*lead, panels * PANEL, blocks)
+def from_panels(a: Any, bits: int | None = None) -> Any:
+    """The rows layout of a panel-layout ``q`` (`bits` 8 or 4) or scales / offsets (None):
+    `to_panels`' inverse."""
+    *lead, panels, blocks, c = a.shape
+    if bits is None:
+        return _moveaxis(a, -1, -2).reshape(*lead, panels * PANEL, blocks)
+    row = c // PANEL
+    t = _moveaxis(a.reshape(*lead, panels, blocks, row // 4, PANEL, 4), -2, -4)
+    return t.reshape(*lead, panels * PANEL, blocks * row)
 
 
 def _moveaxis(a: Any, src: int, dst: int) -> Any:
@@ -341,10 +345,10 @@ def take_rows(w: QuantizedWeight, ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
             return None
         if not w.panel:
             return jnp.take(a, ids, axis=0)
-        p = jnp.take(a, ids // PANEL, axis=0)  # [..., blocks, 256] or [..., blocks, 16]
+        p = jnp.take(a, ids // PANEL, axis=0)  # [..., blocks, 16 * block bytes] or [..., blocks, 16]
         r = (ids % PANEL)[..., None, None]
-        if bytes_:  # [..., blocks, 4, 16, 4] -> row r's [..., blocks, 4, 4]
-            p = p.reshape(*p.shape[:-1], 4, PANEL, 4)
+        if bytes_:  # [..., blocks, block bytes / 4, 16, 4] -> row r's [..., blocks, block bytes / 4, 4]
+            p = p.reshape(*p.shape[:-1], -1, PANEL, 4)
             got = jnp.take_along_axis(p, r[..., None, None], axis=-2)[..., 0, :]
             return got.reshape(*ids.shape, -1)
         return jnp.take_along_axis(p, r, axis=-1)[..., 0]
