@@ -45,7 +45,8 @@ class QuantizationConfig:
     """How to store weights: ``QuantizationConfig(quant_dtype="s8", dequant_dtype="bf16")``.
 
     - `quant_dtype`: storage type; ``"s8"`` (symmetric int8, per-output-channel f32 scales) or
-      ``"s4"`` (symmetric 4-bit, two per byte, one f32 scale per group of inputs).
+      ``"s4"`` (symmetric 4-bit, two per byte, one f16 scale per group of inputs, as llama.cpp's
+      Q4_0; f32 where a scale falls outside f16's normal range).
     - `group_size`: inputs per scale along each row: None (``"s8"``'s default) is one scale per
       row, ``"s4"`` defaults to 32 (Q4_0's blocks). Every quantized weight's input size, and a
       row-parallel weight's per-shard input size, must be a multiple (`check_groups`).
@@ -136,13 +137,14 @@ def dequantize(q: np.ndarray, scale: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def quantize_groups(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric quantization of ``w [rows, in]`` with one f32 scale per `group_size` inputs of a row.
+    """Symmetric quantization of ``w [rows, in]`` with one scale per `group_size` inputs of a row.
 
     As llama.cpp's Q8_0 / Q4_0: ``scale = m / -(2**(bits-1))`` with ``m`` the group's value of
-    largest magnitude, so ``m`` maps exactly to -128 / -8 and the rest round to nearest (clipped to
-    127 / 7: within one step of the value, half a step unless clipped). Returns ``(q, scale)``: for
-    8 bits ``q`` int8 ``[rows, in]``, for 4 bits packed uint8 ``[rows, in / 2]`` (`pack4`);
-    ``scale`` ``[rows, in / group_size]``. All-zero groups get scale 0 and value 0.
+    largest magnitude, stored as f16 (`_half_scales`), so ``m`` maps to -128 / -8 (exactly, up to
+    the scale's f16 rounding) and the rest round to nearest (clipped to 127 / 7: within one step of
+    the value, half a step unless clipped). Returns ``(q, scale)``: for 8 bits ``q`` int8
+    ``[rows, in]``, for 4 bits packed uint8 ``[rows, in / 2]`` (`pack4`); ``scale``
+    ``[rows, in / group_size]``. All-zero groups get scale 0 and value 0.
     """
     w = np.asarray(w, dtype=np.float32)
     rows, n = w.shape
@@ -150,10 +152,21 @@ def quantize_groups(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarr
     idx = np.abs(g).argmax(axis=-1)[..., None]
     peak = np.take_along_axis(g, idx, axis=-1)[..., 0]
     lo = -(1 << (bits - 1))
-    scale = (peak / lo).astype(np.float32)
+    scale = _half_scales((peak / lo).astype(np.float32))
     safe = np.where(scale != 0, scale, 1.0).astype(np.float32)
     v = np.clip(np.rint(g / safe[..., None]), lo, -lo - 1).astype(np.int8).reshape(rows, n)
     return (v if bits == 8 else pack4(v, group_size)), scale
+
+
+def _half_scales(scale: np.ndarray) -> np.ndarray:
+    """Group scales as f16 when every nonzero one is a normal f16 (2**-14 ... 65504), else as f32.
+    Why: the bytes a decode step streams (an f32 scale adds 1 bit per 4-bit weight, f16 half of
+    that, as GGUF's Q4_0 / Q8_0 blocks), at a relative rounding of 2**-11, far below a 4- or 8-bit
+    step; outside that range f16 would lose the scale (subnormals, overflow)."""
+    a = np.abs(scale[scale != 0])
+    if a.size and (a.min() < 2.0**-14 or a.max() > 65504.0):
+        return scale
+    return scale.astype(np.float16)
 
 
 def pack4(v: np.ndarray, group_size: int, signed: bool = True) -> np.ndarray:
@@ -264,9 +277,11 @@ class QuantizedArray:
             return a
         if a.bits == 8:  # symmetric -> affine: zero 0
             return QuantizedArray(a.q, a.scale, 8, a.group_size, np.zeros_like(a.scale))
-        # 4-bit affine values are unsigned nibbles n = v + 8, so zero = -8 * scale
+        # 4-bit affine values are unsigned nibbles n = v + 8, so zero = -8 * scale (both in f32, where
+        # -8 * a large f16 scale could overflow)
         n = pack4(unpack4(a.q, a.group_size) + 8, a.group_size, signed=False)
-        return QuantizedArray(n, a.scale, 4, a.group_size, (-8.0 * a.scale).astype(np.float32))
+        scale = a.scale.astype(np.float32)
+        return QuantizedArray(n, scale, 4, a.group_size, -8.0 * scale)
 
     def __array_function__(self, func, types, args, kwargs):
         if func is np.concatenate and kwargs.get("axis", 0) == 0 and len(args) == 1:
@@ -437,14 +452,14 @@ def patterns(value: Sequence[str] | str | None) -> tuple[str, ...]:
 
 def weight_bytes(weight_map: Any, config: QuantizationConfig, itemsize: int) -> int:
     """Bytes the weights of a family's weight map occupy once quantized (int8 / packed int4 + f32
-    scales for the quantized 2-D weights, `itemsize` per element for the rest); used by the memory
-    fit check."""
+    row scales or f16 group scales for the quantized 2-D weights, `itemsize` per element for the
+    rest); used by the memory fit check."""
     total = 0
     for name, w in weight_map.items():
         n = int(np.prod(w.shape))
         if len(w.shape) == 2 and not config.skips(name):
             scales = w.shape[0] if config.group_size is None else n // config.group_size
-            total += n * config.bits // 8 + 4 * scales
+            total += n * config.bits // 8 + (4 if config.group_size is None else 2) * scales
         else:
             total += n * itemsize
     return total
