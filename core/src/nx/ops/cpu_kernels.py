@@ -15,9 +15,9 @@ the pure-XLA path. It applies when all of these hold:
 `grouped_matmul(x, w)` is the same for a grouped weight (``group_size``: nx's ``s4``, grouped
 ``s8``, GGUF Q4_0 / Q4_1 / Q4_K / Q8_0): bits 4 (packed, unpacked in registers; with groups of 32
 in panels of 16 or 8 weight rows transposed in registers, so that each int32 lane sums one row's
-whole block and the f32 work runs once a block for the panel, not once per 4 values and row; in
-the panel layout, `nx.ops.quant.QuantizedWeight.panel`, with no transposes) or 8,
-symmetric or affine (``zero``), f32 or f16 scales, ONE int8 activation term per block of 32 inputs
+whole block and the f32 work runs once a block for the panel, not once per 4 values and row) or 8,
+and in the panel layout (`nx.ops.quant.QuantizedWeight.panel`: 4-bit or int8 with groups of 32,
+transposed at load) the same panels with no transposes, symmetric or affine (``zero``), f32 or f16 scales, ONE int8 activation term per block of 32 inputs
 (`nx.ops.quant.block_terms`, llama.cpp's q8_0 activations: half the dot work of the two terms
 per row the per-row kernel takes) and the same exact int32 dots per block as
 `nx.ops.quant.grouped_int8_dot`; only the f32 sums over blocks and groups run in another order, so
