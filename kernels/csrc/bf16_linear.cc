@@ -18,11 +18,12 @@
 // Any number of x rows; nx sends up to 16 (decode batches up to 16, nx.ops.cpu_kernels
 // .BF16_MAX_ROWS). Weight rows stream from memory once per call: up to 2 x rows one weight row
 // after another (the order the hardware prefetcher follows best, BENCHMARKS.md "CPU kernels"); from
-// 3 x rows (kTileRows), at level 3, register tiles of 4 weight rows x up to 6 x rows (tinyBLAS's
-// scheme: every weight and x block loaded once per k-step for the whole tile), all x rows served
-// while a tile of weight rows is in cache and the next tile prefetched, so batch 16 costs about the
-// same weight traffic as batch 1; levels 1-2 keep 4 weight rows x up to 4 (AVX-512F) or 2 (AVX2) x
-// rows. Output rows are split over XLA's intra-op threads (ParallelRows).
+// 3 x rows (kTileRows), at level 3, register tiles (tiles.h, as the f32 kernel's) of 4 weight rows
+// x up to 6 x rows (tinyBLAS's scheme: every weight and x block loaded once per k-step for the
+// whole tile), all x rows served while a tile of weight rows is in cache and the next tile
+// prefetched, so batch 16 costs about the same weight traffic as batch 1; levels 1-2 keep 4 weight
+// rows x up to 4 (AVX-512F) or 2 (AVX2) x rows. Output rows are split over XLA's intra-op threads
+// (ParallelRows).
 
 #include <algorithm>
 #include <cstdint>
@@ -30,10 +31,15 @@
 #include <vector>
 
 #include "common.h"
+// The ISA of the vdpbf16ps path (level 3), the one its dots (tiles.h) are compiled for.
+#define NX_AVX512BF16 "avx512f,avx512bw,avx512vl,avx512bf16"
+#define NX_TILES_TARGET NX_AVX512BF16
+#include "tiles.h"
 
 namespace {
 
-using namespace nxk;  // levels, HasFma, ParallelRows, Threads, ClampLevel, StoreSums, NX_UNROLL (common.h)
+// levels, HasFma, ParallelRows, Threads, ClampLevel, NX_UNROLL (common.h); DotTiles (tiles.h)
+using namespace nxk;
 
 inline float Bf16ToF32(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -252,137 +258,26 @@ __attribute__((target(NX_AVX512F))) void DotAvx512(const Acts& a, const uint16_t
 
 // ---- AVX512_BF16: vdpbf16ps ----
 
-#define NX_AVX512BF16 "avx512f,avx512bw,avx512vl,avx512bf16"
+// The k-step of the level-3 dots (tiles.h): 32 bf16 values, vdpbf16ps (16 f32 lanes, a pair each).
+struct Bf16Dot {
+  using T = uint16_t;
+  using V = __m512bh;
+  using Mask = __mmask32;
+  static constexpr int kStep = 32;
+  // The tile's weight rows (4 x 2 KiB) and x rows (16 x 2 KiB) stay in L1/L2 for the x blocks.
+  static constexpr int kSpan = 1024;
+  static constexpr int kRowAhead = 0;
 
-// Register tiles (tinyBLAS's scheme): RM weight rows x RN x rows of vdpbf16ps accumulators; each
-// k-step loads the RM weight blocks and the RN x blocks once and runs RM * RN dots with them.
-// RM = 4, RN <= 6: 24 accumulators + 4 weight blocks + 1 x block of the 32 zmm registers.
-constexpr int kBf16Rm = 4;
-constexpr int kBf16MaxRn = 6;
-// With several x-row blocks the k range is cut into spans of this many elements, so the tile's
-// weight rows (4 x 2 KiB) and x rows (16 x 2 KiB) stay in L1/L2 while each x block reuses them.
-constexpr int kBf16Span = 1024;
-
-// One k-step (32 elements at p, `mask` on the last) of the tile below.
-template <int RM, int RN>
-__attribute__((target(NX_AVX512BF16), always_inline)) inline void StepBf16(__m512 (&acc)[RN][RM],
-                                                                           const uint16_t* const (&wr)[RM],
-                                                                           const uint16_t* const (&xr)[RN], int p,
-                                                                           __mmask32 mask) {
-  __m512bh wv[RM];
-  NX_UNROLL for (int i = 0; i < RM; ++i) wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[i] + p);
-  NX_UNROLL for (int u = 0; u < RN; ++u) {
-    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xr[u] + p);
-    NX_UNROLL for (int i = 0; i < RM; ++i) acc[u][i] = _mm512_dpbf16_ps(acc[u][i], wv[i], xv);
+  __attribute__((target(NX_AVX512BF16), always_inline)) static V Load(const uint16_t* p) {
+    return (__m512bh)_mm512_loadu_si512(p);
   }
-}
-
-// Weight rows [j, j + RM) x x rows [r0, r0 + RN) over k in [p0, p1) (p0 a multiple of 32): dots
-// added to y (`add`) or stored. `next` (or null): the weight rows after these, prefetched into L2
-// while these stream (one cache line per row and k-step, one tile ahead).
-template <int RM, int RN>
-__attribute__((target(NX_AVX512BF16))) void TileBf16(const Acts& a, const uint16_t* w, int j, int r0, int p0,
-                                                     int p1, float* y, int ldy, bool add, const uint16_t* next) {
-  const int k = a.k;
-  __m512 acc[RN][RM];
-  NX_UNROLL for (int u = 0; u < RN; ++u)
-    NX_UNROLL for (int i = 0; i < RM; ++i) acc[u][i] = _mm512_setzero_ps();
-  const uint16_t* wr[RM];
-  NX_UNROLL for (int i = 0; i < RM; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
-  const uint16_t* xr[RN];
-  NX_UNROLL for (int u = 0; u < RN; ++u) xr[u] = a.b.data() + static_cast<size_t>(r0 + u) * a.kp;
-  int p = p0;
-  for (; p + 32 <= p1; p += 32) {
-    if (next)
-      NX_UNROLL for (int i = 0; i < RM; ++i)
-        _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T1);
-    StepBf16<RM, RN>(acc, wr, xr, p, ~0u);
+  __attribute__((target(NX_AVX512BF16), always_inline)) static V LoadMasked(const uint16_t* p, Mask mask) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
   }
-  if (p < p1) StepBf16<RM, RN>(acc, wr, xr, p, (1u << (p1 - p)) - 1);  // the last block (x is zero padded)
-  const __m512 z = _mm512_setzero_ps();
-  NX_UNROLL for (int u = 0; u < RN; ++u) {
-    __m512 v[4] = {z, z, z, z};
-    NX_UNROLL for (int i = 0; i < RM; ++i) v[i] = acc[u][i];
-    StoreSums<RM>(v[0], v[1], v[2], v[3], y + static_cast<size_t>(r0 + u) * ldy + j, add);
+  __attribute__((target(NX_AVX512BF16), always_inline)) static __m512 Dot(__m512 acc, V w, V x) {
+    return _mm512_dpbf16_ps(acc, w, x);
   }
-}
-
-// One tile shape of RM weight rows for rn (1 ... kBf16MaxRn) x rows, chosen at run time.
-template <int RM, int RN = kBf16MaxRn>
-__attribute__((target(NX_AVX512BF16))) void TileBf16Rows(int rn, const Acts& a, const uint16_t* w, int j, int r0,
-                                                         int p0, int p1, float* y, int ldy, bool add,
-                                                         const uint16_t* next) {
-  if constexpr (RN > 1)
-    if (rn < RN) return TileBf16Rows<RM, RN - 1>(rn, a, w, j, r0, p0, p1, y, ldy, add, next);
-  TileBf16<RM, RN>(a, w, j, r0, p0, p1, y, ldy, add, next);
-}
-
-// Up to 2 x rows: one weight row against x rows [r0, r0 + T), weight rows one after another (the
-// order the hardware prefetcher streams best), U independent accumulator chains per x row
-// (vdpbf16ps has 6 cycles of latency).
-template <int T>
-__attribute__((target(NX_AVX512BF16))) void RowBf16(const Acts& a, const uint16_t* wj, int r0, float* y, int ldy,
-                                                    int j) {
-  constexpr int U = T == 1 ? 4 : 2;
-  const int k = a.k;
-  __m512 acc[U][T];
-  NX_UNROLL for (int s = 0; s < U; ++s)
-    NX_UNROLL for (int u = 0; u < T; ++u) acc[s][u] = _mm512_setzero_ps();
-  const uint16_t* xr[T];
-  NX_UNROLL for (int u = 0; u < T; ++u) xr[u] = a.b.data() + static_cast<size_t>(r0 + u) * a.kp;
-  int p = 0;
-  for (; p + 32 * U <= k; p += 32 * U) {
-    NX_UNROLL for (int s = 0; s < U; ++s) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wj + p + 32 * s);
-      NX_UNROLL for (int u = 0; u < T; ++u)
-        acc[s][u] = _mm512_dpbf16_ps(acc[s][u], wv, (__m512bh)_mm512_loadu_si512(xr[u] + p + 32 * s));
-    }
-  }
-  for (; p < k; p += 32) {  // the rest, the last block read under a mask (zeros, as x is padded)
-    const __mmask32 mask = p + 32 <= k ? ~0u : (1u << (k - p)) - 1;
-    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wj + p);
-    NX_UNROLL for (int u = 0; u < T; ++u)
-      acc[0][u] = _mm512_dpbf16_ps(acc[0][u], wv, (__m512bh)_mm512_loadu_si512(xr[u] + p));
-  }
-  NX_UNROLL for (int u = 0; u < T; ++u) {
-    __m512 s = acc[0][u];
-    NX_UNROLL for (int q = 1; q < U; ++q) s = _mm512_add_ps(s, acc[q][u]);
-    y[static_cast<size_t>(r0 + u) * ldy + j] = _mm512_reduce_add_ps(s);
-  }
-}
-
-// Weight rows [j0, j1) against every x row: a pass over each tile of weight rows serves all x rows
-// (split into near-equal blocks of at most kBf16MaxRn), so every weight byte streams from memory
-// once a call; the first x block prefetches the next tile's rows.
-__attribute__((target(NX_AVX512BF16))) void DotBf16(const Acts& a, const uint16_t* w, int j0, int j1, float* y,
-                                                    int ldy) {
-  if (a.m < kTileRows) {
-    for (int j = j0; j < j1; ++j) {
-      const uint16_t* wj = w + static_cast<size_t>(j) * a.k;
-      if (a.m == 2) RowBf16<2>(a, wj, 0, y, ldy, j); else RowBf16<1>(a, wj, 0, y, ldy, j);
-    }
-    return;
-  }
-  const int blocks = (a.m + kBf16MaxRn - 1) / kBf16MaxRn;
-  const int span = blocks > 1 ? kBf16Span : a.k;
-  for (int j = j0; j < j1; j += kBf16Rm) {
-    const int rm = std::min(kBf16Rm, j1 - j);
-    const uint16_t* next = j + kBf16Rm + kBf16Rm <= j1 ? w + static_cast<size_t>(j + kBf16Rm) * a.k : nullptr;
-    for (int p0 = 0; p0 < a.k; p0 += span) {
-      const int p1 = std::min(a.k, p0 + span);
-      for (int b = 0, r0 = 0; b < blocks; ++b) {
-        const int rn = (a.m - r0) / (blocks - b);  // near-equal blocks, the larger ones last
-        const uint16_t* pf = b == 0 ? next : nullptr;
-        const bool add = p0 > 0;
-        if (rm == kBf16Rm)
-          TileBf16Rows<kBf16Rm>(rn, a, w, j, r0, p0, p1, y, ldy, add, pf);
-        else
-          for (int i = 0; i < rm; ++i) TileBf16Rows<1>(rn, a, w, j + i, r0, p0, p1, y, ldy, add, nullptr);
-        r0 += rn;
-      }
-    }
-  }
-}
+};
 
 #endif  // NX_X86
 
@@ -400,7 +295,7 @@ Path Choose(int level, bool x_bf16) {
 void Dot(Path path, const Acts& a, const uint16_t* w, int j0, int j1, float* y, int ldy) {
   switch (path) {
 #ifdef NX_X86
-    case Path::kBf16: return DotBf16(a, w, j0, j1, y, ldy);
+    case Path::kBf16: return DotTiles<Bf16Dot>({a.b.data(), a.m, a.kp, w, a.k, y, ldy}, j0, j1);
     case Path::kAvx512: return DotAvx512(a, w, j0, j1, y, ldy);
     case Path::kAvx2: return DotAvx2(a, w, j0, j1, y, ldy);
 #endif

@@ -215,8 +215,8 @@ __attribute__((target(NX_AVX512F))) inline __m128 Reduce4Avx512(__m512 a, __m512
 }
 
 // [sum(v0), ..., sum(v{RM - 1})] into out[0, RM), RM <= 4: added to it (`add`) or stored; the
-// register tiles' epilogue (bf16_linear.cc, f32_linear.cc). The accumulators go by value: an
-// array's address would keep GCC storing them to the stack at every k-step.
+// register tiles' epilogue (tiles.h). The accumulators go by value: an array's address would keep
+// GCC storing them to the stack at every k-step.
 template <int RM>
 __attribute__((target(NX_AVX512F))) inline void StoreSums(__m512 v0, __m512 v1, __m512 v2, __m512 v3, float* out,
                                                           bool add) {

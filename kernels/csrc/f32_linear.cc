@@ -12,14 +12,14 @@
 //   2-3 AVX-512F: 16 f32 lanes a fused multiply-add;
 //   1 AVX2 + FMA: 8 lanes (scalar without FMA);
 //   0 scalar.
-// Each weight row is streamed from memory once per call. AVX-512 with 1-2 x rows: one weight row
-// after another, 4 (1 row) or 2 (2 rows) independent accumulators per x row, a software prefetch
-// kAheadBytes ahead. From 3 x rows (kTileFrom), register tiles of 4 weight rows x up to 6 x rows
-// (tinyBLAS's scheme, as the bf16 kernel's): every x row served while a tile of weight rows is in
-// L1 and the next tile prefetched, so many x rows cost about the weight traffic of one. AVX2: tiles
-// of kRows weight rows against up to 2 x rows, each weight vector loaded once for the x rows, each x
-// vector once for the weight rows. The x rows (zero padded to whole vectors) stay in L1/L2. Output
-// rows are split over XLA's intra-op threads (ParallelRows, chunks of 4 rows).
+// Each weight row is streamed from memory once per call. AVX-512 (tiles.h, as the bf16 kernel's
+// level 3) with 1-2 x rows: one weight row after another, 4 (1 row) or 2 (2 rows) independent
+// accumulators per x row, a software prefetch kAheadBytes ahead. From 3 x rows, register tiles of 4
+// weight rows x up to 6 x rows (tinyBLAS's scheme): every x row served while a tile of weight rows
+// is in L1 and the next tile prefetched, so many x rows cost about the weight traffic of one. AVX2:
+// tiles of kRows weight rows against up to 2 x rows, each weight vector loaded once for the x rows,
+// each x vector once for the weight rows. The x rows (zero padded to whole vectors) stay in L1/L2.
+// Output rows are split over XLA's intra-op threads (ParallelRows, chunks of 4 rows).
 
 #include <algorithm>
 #include <cstdint>
@@ -27,10 +27,13 @@
 #include <vector>
 
 #include "common.h"
+#define NX_TILES_TARGET NX_AVX512F
+#include "tiles.h"
 
 namespace {
 
-using namespace nxk;  // levels, HasFma, ParallelRows, Threads, ClampLevel, Reduce4*, StoreSums (common.h)
+// levels, HasFma, ParallelRows, Threads, ClampLevel, HsumAvx2, Reduce4Avx2 (common.h); DotTiles (tiles.h)
+using namespace nxk;
 
 // The activations: rows [m, kp], kp = k rounded up to 16, zero padded (so full vectors read them).
 struct Acts {
@@ -62,9 +65,6 @@ void DotScalar(const Acts& a, const float* w, int j0, int j1, float* y, int ldy)
 
 constexpr int kRows = 4;  // weight rows an AVX2 tile
 constexpr int kAheadBytes = 2048;  // software prefetch distance along each weight row
-// Up to this many x rows, AVX-512 streams weight rows one after another (RowAvx512), the order the
-// hardware prefetcher follows best; from here on register tiles (each x vector shared by the rows).
-constexpr int kTileFrom = 3;
 
 // Where to prefetch for the weight row `wr` (of a tile of R rows of k) at offset p: kAheadBytes
 // ahead, or past the row's end the same row of the next tile (the rows between are this tile's).
@@ -131,128 +131,24 @@ __attribute__((target("avx2,fma"))) void DotAvx2(const Acts& a, const float* w, 
 
 // ---- AVX-512F: 16 lanes ----
 
-// Register tiles (tinyBLAS's scheme, as the bf16 kernel's): RM weight rows x RN x rows of FMA
-// accumulators; each k-step loads the RM weight vectors and the RN x vectors once and runs RM * RN
-// multiply-adds with them. RM = 4, RN <= 6: 24 accumulators + 4 weight vectors + 1 x vector of the
-// 32 zmm registers.
-constexpr int kRm = 4;
-constexpr int kMaxRn = 6;
-// With several x-row blocks the k range is cut into spans of this many elements, so the tile's
-// weight rows (4 x 2 KiB) and an x block (6 x 2 KiB) stay in L1 while each x block reuses them.
-constexpr int kSpan = 512;
+// The k-step of the AVX-512 dots (tiles.h): 16 f32 lanes, a fused multiply-add.
+struct F32Fma {
+  using T = float;
+  using V = __m512;
+  using Mask = __mmask16;
+  static constexpr int kStep = 16;
+  // The tile's weight rows (4 x 2 KiB) and an x block (6 x 2 KiB) stay in L1 for the x blocks.
+  static constexpr int kSpan = 512;
+  static constexpr int kRowAhead = kAheadBytes;
 
-// One k-step (16 elements at p, `mask` on the last) of the tile below.
-template <int RM, int RN>
-__attribute__((target(NX_AVX512F), always_inline)) inline void StepAvx512(__m512 (&acc)[RN][RM],
-                                                                         const float* const (&wr)[RM],
-                                                                         const float* const (&xr)[RN], int p,
-                                                                         __mmask16 mask) {
-  __m512 wv[RM];
-  NX_UNROLL for (int i = 0; i < RM; ++i) wv[i] = _mm512_maskz_loadu_ps(mask, wr[i] + p);
-  NX_UNROLL for (int u = 0; u < RN; ++u) {
-    const __m512 xv = _mm512_loadu_ps(xr[u] + p);
-    NX_UNROLL for (int i = 0; i < RM; ++i) acc[u][i] = _mm512_fmadd_ps(wv[i], xv, acc[u][i]);
+  __attribute__((target(NX_AVX512F), always_inline)) static V Load(const float* p) { return _mm512_loadu_ps(p); }
+  __attribute__((target(NX_AVX512F), always_inline)) static V LoadMasked(const float* p, Mask mask) {
+    return _mm512_maskz_loadu_ps(mask, p);
   }
-}
-
-// Weight rows [j, j + RM) x x rows [r0, r0 + RN) over k in [p0, p1) (p0 a multiple of 16): dots
-// added to y (`add`) or stored. `next` (or null): the weight rows after these, prefetched into L2
-// while these stream (one cache line per row and k-step, one tile ahead).
-template <int RM, int RN>
-__attribute__((target(NX_AVX512F))) void TileAvx512(const Acts& a, const float* w, int j, int r0, int p0, int p1,
-                                                   float* y, int ldy, bool add, const float* next) {
-  const int k = a.k;
-  __m512 acc[RN][RM];
-  NX_UNROLL for (int u = 0; u < RN; ++u)
-    NX_UNROLL for (int i = 0; i < RM; ++i) acc[u][i] = _mm512_setzero_ps();
-  const float* wr[RM];
-  NX_UNROLL for (int i = 0; i < RM; ++i) wr[i] = w + static_cast<size_t>(j + i) * k;
-  const float* xr[RN];
-  NX_UNROLL for (int u = 0; u < RN; ++u) xr[u] = a.row(r0 + u);
-  int p = p0;
-  for (; p + 16 <= p1; p += 16) {
-    if (next)
-      NX_UNROLL for (int i = 0; i < RM; ++i)
-        _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(i) * k + p), _MM_HINT_T1);
-    StepAvx512<RM, RN>(acc, wr, xr, p, 0xffff);
+  __attribute__((target(NX_AVX512F), always_inline)) static __m512 Dot(__m512 acc, V w, V x) {
+    return _mm512_fmadd_ps(w, x, acc);
   }
-  if (p < p1) StepAvx512<RM, RN>(acc, wr, xr, p, static_cast<__mmask16>((1u << (p1 - p)) - 1));  // x zero padded
-  const __m512 z = _mm512_setzero_ps();
-  NX_UNROLL for (int u = 0; u < RN; ++u) {
-    __m512 v[4] = {z, z, z, z};
-    NX_UNROLL for (int i = 0; i < RM; ++i) v[i] = acc[u][i];
-    StoreSums<RM>(v[0], v[1], v[2], v[3], y + static_cast<size_t>(r0 + u) * ldy + j, add);
-  }
-}
-
-// One tile shape of RM weight rows for rn (1 ... kMaxRn) x rows, chosen at run time.
-template <int RM, int RN = kMaxRn>
-__attribute__((target(NX_AVX512F))) void TileAvx512Rows(int rn, const Acts& a, const float* w, int j, int r0, int p0,
-                                                       int p1, float* y, int ldy, bool add, const float* next) {
-  if constexpr (RN > 1)
-    if (rn < RN) return TileAvx512Rows<RM, RN - 1>(rn, a, w, j, r0, p0, p1, y, ldy, add, next);
-  TileAvx512<RM, RN>(a, w, j, r0, p0, p1, y, ldy, add, next);
-}
-
-// One weight row j against x rows [r0, r0 + T), U accumulators per x row (independent chains),
-// the software prefetch kAheadBytes ahead along the weight (rows are contiguous).
-template <int T>
-__attribute__((target(NX_AVX512F))) void RowAvx512(const Acts& a, const float* w, int j, int r0, float* y, int ldy) {
-  constexpr int U = T == 1 ? 4 : 2;
-  const int k = a.k;
-  const float* wj = w + static_cast<size_t>(j) * k;
-  __m512 acc[U][T];
-  for (int s = 0; s < U; ++s)
-    for (int u = 0; u < T; ++u) acc[s][u] = _mm512_setzero_ps();
-  const float* xr[T];
-  for (int u = 0; u < T; ++u) xr[u] = a.row(r0 + u);
-  int p = 0;
-  for (; p + 16 * U <= k; p += 16 * U) {
-    for (int s = 0; s < U; ++s) {
-      _mm_prefetch(reinterpret_cast<const char*>(wj + p + 16 * s) + kAheadBytes, _MM_HINT_T0);
-      const __m512 wv = _mm512_loadu_ps(wj + p + 16 * s);
-      for (int u = 0; u < T; ++u) acc[s][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr[u] + p + 16 * s), acc[s][u]);
-    }
-  }
-  for (; p < k; p += 16) {  // the rest, the last vector under a mask (x zero padded)
-    const __mmask16 mask = p + 16 <= k ? 0xffff : static_cast<__mmask16>((1u << (k - p)) - 1);
-    const __m512 wv = _mm512_maskz_loadu_ps(mask, wj + p);
-    for (int u = 0; u < T; ++u) acc[0][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr[u] + p), acc[0][u]);
-  }
-  for (int u = 0; u < T; ++u) {
-    __m512 sum = acc[0][u];
-    for (int s = 1; s < U; ++s) sum = _mm512_add_ps(sum, acc[s][u]);
-    y[static_cast<size_t>(r0 + u) * ldy + j] = _mm512_reduce_add_ps(sum);
-  }
-}
-
-// Weight rows [j0, j1) against every x row: a pass over each tile of weight rows serves all x rows
-// (split into near-equal blocks of at most kMaxRn), so every weight byte streams from memory once a
-// call; the first x block prefetches the next tile's rows. 1-2 x rows: one weight row after another.
-__attribute__((target(NX_AVX512F))) void DotAvx512(const Acts& a, const float* w, int j0, int j1, float* y, int ldy) {
-  if (a.m < kTileFrom) {
-    for (int j = j0; j < j1; ++j) a.m == 1 ? RowAvx512<1>(a, w, j, 0, y, ldy) : RowAvx512<2>(a, w, j, 0, y, ldy);
-    return;
-  }
-  const int blocks = (a.m + kMaxRn - 1) / kMaxRn;
-  const int span = blocks > 1 ? kSpan : a.k;
-  for (int j = j0; j < j1; j += kRm) {
-    const int rm = std::min(kRm, j1 - j);
-    const float* next = j + 2 * kRm <= j1 ? w + static_cast<size_t>(j + kRm) * a.k : nullptr;
-    for (int p0 = 0; p0 < a.k; p0 += span) {
-      const int p1 = std::min(a.k, p0 + span);
-      for (int b = 0, r0 = 0; b < blocks; ++b) {
-        const int rn = (a.m - r0) / (blocks - b);  // near-equal blocks, the larger ones last
-        const float* pf = b == 0 ? next : nullptr;
-        if (rm == kRm)
-          TileAvx512Rows<kRm>(rn, a, w, j, r0, p0, p1, y, ldy, p0 > 0, pf);
-        else
-          for (int i = 0; i < rm; ++i) TileAvx512Rows<1>(rn, a, w, j + i, r0, p0, p1, y, ldy, p0 > 0, nullptr);
-        r0 += rn;
-      }
-    }
-  }
-}
+};
 
 #endif  // NX_X86
 
@@ -269,7 +165,7 @@ Path Choose(int level) {
 void Dot(Path path, const Acts& a, const float* w, int j0, int j1, float* y, int ldy) {
   switch (path) {
 #ifdef NX_X86
-    case Path::kAvx512: return DotAvx512(a, w, j0, j1, y, ldy);
+    case Path::kAvx512: return DotTiles<F32Fma>({a.f.data(), a.m, a.kp, w, a.k, y, ldy}, j0, j1);
     case Path::kAvx2: return DotAvx2(a, w, j0, j1, y, ldy);
 #endif
     default: return DotScalar(a, w, j0, j1, y, ldy);
