@@ -224,6 +224,9 @@ def test_dispatch_fallbacks_and_off_switch(monkeypatch):
     monkeypatch.delenv(cpu_kernels.ENV)
     assert TARGET in _lowered(_x(cpu_kernels.PANEL_MAX_ROWS, 96), w)  # prompts too, up to a limit
     assert TARGET not in _lowered(_x(cpu_kernels.PANEL_MAX_ROWS + 1, 96), w)  # then XLA's dequantized dot
+    q8 = _panels(_weight(48, 96, 8, 32, False, True))  # int8 in the panel layout: the panels' limit
+    assert TARGET in _lowered(_x(cpu_kernels.PANEL_MAX_ROWS, 96), q8)
+    assert TARGET not in _lowered(_x(cpu_kernels.PANEL_MAX_ROWS + 1, 96), q8)
     g64 = _weight(40, 128, 4, 64, False, False)  # other grouped weights: a lower limit
     assert TARGET in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS, 128), g64)
     assert TARGET not in _lowered(_x(cpu_kernels.GROUPED_MAX_ROWS + 1, 128), g64)

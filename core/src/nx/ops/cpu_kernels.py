@@ -24,7 +24,8 @@ per row the per-row kernel takes) and the same exact int32 dots per block as
 results agree to f32 rounding (~1e-6 of the largest output), not bit for bit. It applies under
 the same conditions with 8-bit replaced by: bits 4 or 8, ``group_size`` a multiple of 32 (GGUF
 Q6_K's 16 stays on XLA), scales and offsets f32 or f16, and up to `GROUPED_MAX_ROWS` (256) rows,
-`PANEL_MAX_ROWS` (1024) for 4-bit weights with groups of 32: prompts run the kernel too
+`PANEL_MAX_ROWS` (1024) for 4-bit weights with groups of 32 and int8 ones in the panel layout:
+prompts run the kernel too
 (cache-blocked; more rows stay on XLA's dequantized dot, as fast there).
 
 `bf16_matmul(x, w, xla)` returns f32 ``x @ w.T`` for a plain bf16 ``w [out, in]`` (``amp="bf16"``
@@ -84,7 +85,8 @@ AVX2_MAX_ROWS = 16
 GROUPED_MAX_ROWS = 256
 #: The same for 4-bit weights with groups of 32 (the kernel's panels of weight rows): at 512 and 1024
 #: rows they ran 1.1-3.6x faster than XLA's dequantized dot at the 1B llama shapes (BENCHMARKS.md,
-#: "4-bit interleaved layout"); beyond, not measured.
+#: "4-bit interleaved layout"), and int8 ones in the panel layout 2.2-4.0x (BENCHMARKS.md, "Panel
+#: layout"); beyond, not measured.
 PANEL_MAX_ROWS = 1024
 #: Most token rows a bf16 call sends to the kernel at the ``avx512_bf16`` level with bf16 x (decode
 #: batches and prompt chunks): its `vdpbf16ps` register tiles beat XLA's bf16 dot at every row count
@@ -198,7 +200,7 @@ def grouped_matmul(x: Any, w: Any) -> Any:
         return None
     if str(w.scale.dtype) not in _FLOATS or (w.zero is not None and str(w.zero.dtype) not in _FLOATS):
         return None
-    rows = PANEL_MAX_ROWS if w.bits == 4 and gs == 32 else GROUPED_MAX_ROWS
+    rows = PANEL_MAX_ROWS if gs == 32 and (w.bits == 4 or w.panel) else GROUPED_MAX_ROWS
     if x.ndim != 2 or x.shape[0] > rows or x.shape[1] % gs or not enabled():
         return None
     level = None if mode() == "auto" else mode()
