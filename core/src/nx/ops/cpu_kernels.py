@@ -85,8 +85,8 @@ AVX2_MAX_ROWS = 16
 GROUPED_MAX_ROWS = 256
 #: The same for 4-bit weights with groups of 32 (the kernel's panels of weight rows): at 512 and 1024
 #: rows they ran 1.1-3.6x faster than XLA's dequantized dot at the 1B llama shapes (BENCHMARKS.md,
-#: "4-bit interleaved layout"), and int8 ones in the panel layout 2.2-4.0x (BENCHMARKS.md, "Panel
-#: layout"); beyond, not measured.
+#: "4-bit interleaved layout"), and int8 ones in the panel layout 2.0-6.4x (BENCHMARKS.md, "Issue
+#: #22's targets on this CPU, fifth round"); beyond, not measured.
 PANEL_MAX_ROWS = 1024
 #: Most token rows a bf16 call sends to the kernel at the ``avx512_bf16`` level with bf16 x (decode
 #: batches and prompt chunks): its `vdpbf16ps` register tiles beat XLA's bf16 dot at every row count

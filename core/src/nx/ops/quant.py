@@ -20,14 +20,14 @@ Matmuls, chosen per weight at load time (`int8_dot`, static aux data):
   the 4-bit weight it meets needs (BENCHMARKS.md, "Grouped kernel: one activation term per block");
 - **dequantize** (accelerators): ``q`` converted to `dequant_dtype` inside the dot, which XLA fuses.
 
-**Panel layout** (`QuantizedWeight.panel`, 4-bit and int8 weights with groups of 32 on the cpu
+**Panel layout** (`QuantizedWeight.panel`: 4-bit and int8 weights with groups of 32, on the cpu
 backend where nx-kernels-cpu runs; set at load by `nx.quant.panel_layout`): the same bytes and
-scales, in panels of `PANEL` (16) weight rows transposed once, ``q`` ``[out / 16, in / 32, 64 *
-bits]`` (byte ``64 d + 4 r + t`` of ``[p, b]`` is byte ``4 d + t`` of block ``b`` of row ``16 p +
-r``) and
-``scale`` / ``zero`` ``[out / 16, in / 32, 16]`` (``[p, b, r]``: row ``16 p + r``'s of block
-``b``). The kernel's panels then read one sequential stream with no transposes (about twice as
-fast at batch 1; BENCHMARKS.md, "4-bit panel layout"); XLA's paths read it back as rows
+scales in panels of `PANEL` (16) weight rows, transposed once. ``q`` is ``[out / 16, in / 32,
+64 * bits]`` (byte ``64 d + 4 r + t`` of ``[p, b]`` is byte ``4 d + t`` of block ``b`` of row
+``16 p + r``), ``scale`` / ``zero`` ``[out / 16, in / 32, 16]`` (``[p, b, r]``: row ``16 p + r``'s
+of block ``b``). Why: the kernel's panels then read one sequential stream with no transposes
+(one-row 4-bit calls 1.2-1.3x faster from memory, int8 ones up to 2.5x; BENCHMARKS.md, "Issue
+#22's targets on this CPU, fifth round"). XLA's paths read it back as rows
 (`QuantizedWeight.rows`). Axis 0 stays the outputs and axis 1 the inputs' blocks, so tensor
 parallelism shards it by role as the rows layout.
 
