@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from nx import memory
 from nx.errors import ConfigError
 from nx.names import role
 
@@ -356,33 +357,47 @@ def panel_layout(params: dict, tp: int = 1) -> dict:
     layout (`nx.ops.quant.to_panels`), where nx-kernels-cpu runs (`nx.ops.cpu_kernels.enabled`);
     column-parallel and vocabulary weights only where each of the `tp` shards holds whole panels.
     Why: the kernel's panels then read the weight as one stream, with no transposes at run time.
-    The tree is modified in place (each weight's host copy is replaced as it is converted)."""
+    The tree is modified in place: each weight's host copy is replaced as it is converted, and the
+    freed heap goes back to the OS every `TRIM_BYTES`, so loading holds one model's weights plus
+    one tensor, not two copies."""
     from nx.ops import cpu_kernels
     from nx.ops.quant import QuantizedWeight, panel_ready, to_panels
 
     if not cpu_kernels.enabled():
         return params
+    freed = 0
+
+    def host(a: Any, bits: int | None = None) -> Any:  # aligned: placed without another copy
+        return None if a is None else to_panels(np.asarray(a), bits, aligned_empty)
 
     def convert(w: QuantizedWeight, name: str) -> QuantizedWeight:
+        nonlocal freed
         shards = tp if role(name) in ("column", "vocab") else 1
         if not (w.int8_dot and panel_ready(w, shards)):
             return w
-        return QuantizedWeight(to_panels(np.asarray(w.q), w.bits), to_panels(np.asarray(w.scale)), w.dequant_dtype,
-                               w.dtype, w.int8_dot, zero=None if w.zero is None else to_panels(np.asarray(w.zero)),
-                               bits=w.bits, group_size=w.group_size, panel=True)
+        freed += sum(a.nbytes for a in (w.q, w.scale, w.zero) if a is not None)
+        return QuantizedWeight(host(w.q, w.bits), host(w.scale), w.dequant_dtype, w.dtype, w.int8_dot,
+                               zero=host(w.zero), bits=w.bits, group_size=w.group_size, panel=True)
 
     def walk(node: Any, name: str) -> Any:
+        nonlocal freed
         if isinstance(node, QuantizedWeight):
             return convert(node, name)
-        if isinstance(node, dict):
-            for k in node:
-                node[k] = walk(node[k], _join(name, k))
-        elif isinstance(node, list):
-            for i in range(len(node)):
-                node[i] = walk(node[i], _join(name, i))
+        keys = node.keys() if isinstance(node, dict) else range(len(node)) if isinstance(node, list) else ()
+        for k in keys:
+            node[k] = walk(node[k], _join(name, k))  # the old weight is released here
+            if freed >= TRIM_BYTES:
+                memory.return_freed_memory()
+                freed = 0
         return node
 
-    return walk(params, "")
+    walk(params, "")
+    memory.return_freed_memory()
+    return params
+
+
+#: Host bytes converted between two returns of the freed heap to the OS (`panel_layout`).
+TRIM_BYTES = 64 << 20
 
 
 def check_groups(weight_map: Any, config: QuantizationConfig | None, tp: int = 1) -> None:

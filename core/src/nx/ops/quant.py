@@ -176,16 +176,23 @@ def panel_ready(w: QuantizedWeight, shards: int = 1) -> bool:
             and w.shape[0] % (PANEL * shards) == 0)
 
 
-def to_panels(a: Any, bits: int | None = None) -> Any:
+def to_panels(a: Any, bits: int | None = None, empty: Any = None) -> Any:
     """The panel layout of a rows-layout ``q`` with `bits` (int8 ``[..., out, in]``, packed 4-bit
     ``[..., out, in / 2]``) or, with `bits` None, of ``[..., out, in / 32]`` scales / offsets
-    (numpy or jax arrays; see the module docstring)."""
+    (numpy or jax arrays; see the module docstring). For numpy, ``empty(shape, dtype)`` (default
+    `numpy.empty`) allocates the result, which is written once."""
     *lead, n, c = a.shape
     if bits is None:
-        return _moveaxis(a.reshape(*lead, n // PANEL, PANEL, c), -2, -1)
-    row = BLOCK * bits // 8  # a block's bytes in a row
-    t = a.reshape(*lead, n // PANEL, PANEL, c // row, row // 4, 4)
-    return _moveaxis(t, -4, -2).reshape(*lead, n // PANEL, c // row, PANEL * row)
+        shape, t = (*lead, n // PANEL, c, PANEL), _moveaxis(a.reshape(*lead, n // PANEL, PANEL, c), -2, -1)
+    else:
+        row = BLOCK * bits // 8  # a block's bytes in a row
+        t = _moveaxis(a.reshape(*lead, n // PANEL, PANEL, c // row, row // 4, 4), -4, -2)
+        shape = (*lead, n // PANEL, c // row, PANEL * row)
+    if not isinstance(a, np.ndarray):
+        return t.reshape(shape)
+    out = (empty or np.empty)(shape, a.dtype)
+    np.copyto(out.reshape(t.shape), t)
+    return out
 
 
 def from_panels(a: Any, bits: int | None = None) -> Any:
@@ -200,10 +207,8 @@ def from_panels(a: Any, bits: int | None = None) -> Any:
 
 
 def _moveaxis(a: Any, src: int, dst: int) -> Any:
-    """`a` with axis `src` moved to `dst`, contiguous for numpy arrays (host layouts), lazy in jax."""
-    if isinstance(a, np.ndarray):
-        return np.ascontiguousarray(np.moveaxis(a, src, dst))
-    return jnp.moveaxis(a, src, dst)
+    """`a` with axis `src` moved to `dst` (a view in numpy, lazy in jax)."""
+    return np.moveaxis(a, src, dst) if isinstance(a, np.ndarray) else jnp.moveaxis(a, src, dst)
 
 
 def unpack(q: jnp.ndarray, bits: int, group_size: int | None, signed: bool = True) -> jnp.ndarray:
