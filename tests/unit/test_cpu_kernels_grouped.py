@@ -391,7 +391,7 @@ def test_panel_layout_at_load(monkeypatch):
 
 def test_panel_layout_returns_freed_memory_as_it_goes(monkeypatch):
     """Each converted weight's old host copy is released at once, and the freed heap goes back to
-    the OS every `TRIM_BYTES` (glibc keeps it otherwise: a 1B Q4_0 GGUF's load peaked at 1.9x the
+    the OS every `nx.memory.TRIM_BYTES` (glibc keeps it otherwise: a 1B Q4_0 GGUF's load peaked at 1.9x the
     file instead of 1.2x)."""
     import weakref
 
@@ -400,7 +400,7 @@ def test_panel_layout_returns_freed_memory_as_it_goes(monkeypatch):
 
     trims = []
     monkeypatch.setattr(memory, "return_freed_memory", lambda: trims.append(1))
-    monkeypatch.setattr(nq, "TRIM_BYTES", 1)
+    monkeypatch.setattr(memory, "TRIM_BYTES", 1)
     ws = [_weight(32, 64, 4, 32, False, False, seed=s) for s in range(3)]
     ws = [QuantizedWeight(np.asarray(w.q), np.asarray(w.scale), bits=4, group_size=32) for w in ws]
     old = [weakref.ref(w.q) for w in ws]

@@ -66,6 +66,11 @@ def _malloc_trim():
         return None
 
 
+#: Host bytes released between two `return_freed_memory` calls while weights are converted or
+#: placed: now and then, not per tensor (each call walks the heap).
+TRIM_BYTES = 64 << 20
+
+
 def return_freed_memory() -> None:
     """Hand memory freed on the host heap back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 

@@ -95,7 +95,7 @@ class Placement:
 
         Unless `prepared` (restored from an artifact: already re-laid out and quantized), the
         tree is re-laid out for tensor parallelism and quantized after that, so scales shard with
-        their columns (4-bit weights the cpu kernels read then take their panel layout). With
+        their columns (grouped weights the cpu kernels read then take their panel layout). With
         `unroll`, layers are stacked into scanned blocks (`nx.scan`)."""
         params = _take(params)
         if not prepared:
@@ -116,15 +116,11 @@ class Placement:
             placed.append(jax.tree.map(lambda x, ps: self.place(x, self.sharding(ps)), a, where))
             freed += sum(x.nbytes for x in jax.tree.leaves(a))
             del a
-            if freed >= _TRIM_BYTES:  # the freed heap back to the OS now and then, not per tensor
+            if freed >= memory.TRIM_BYTES:  # the freed heap back to the OS now and then, not per tensor
                 memory.return_freed_memory()
                 freed = 0
         memory.return_freed_memory()
         return tree.unflatten(placed), specs
-
-
-#: host bytes placed between two returns of the freed heap to the OS
-_TRIM_BYTES = 64 << 20
 
 
 def _owns_all(a: np.ndarray) -> bool:

@@ -358,8 +358,8 @@ def panel_layout(params: dict, tp: int = 1) -> dict:
     column-parallel and vocabulary weights only where each of the `tp` shards holds whole panels.
     Why: the kernel's panels then read the weight as one stream, with no transposes at run time.
     The tree is modified in place: each weight's host copy is replaced as it is converted, and the
-    freed heap goes back to the OS every `TRIM_BYTES`, so loading holds one model's weights plus
-    one tensor, not two copies."""
+    freed heap goes back to the OS every `nx.memory.TRIM_BYTES`, so loading holds one model's
+    weights plus one tensor, not two copies."""
     from nx.ops import cpu_kernels
     from nx.ops.quant import QuantizedWeight, panel_ready, to_panels
 
@@ -386,7 +386,7 @@ def panel_layout(params: dict, tp: int = 1) -> dict:
         keys = node.keys() if isinstance(node, dict) else range(len(node)) if isinstance(node, list) else ()
         for k in keys:
             node[k] = walk(node[k], _join(name, k))  # the old weight is released here
-            if freed >= TRIM_BYTES:
+            if freed >= memory.TRIM_BYTES:
                 memory.return_freed_memory()
                 freed = 0
         return node
@@ -394,10 +394,6 @@ def panel_layout(params: dict, tp: int = 1) -> dict:
     walk(params, "")
     memory.return_freed_memory()
     return params
-
-
-#: Host bytes converted between two returns of the freed heap to the OS (`panel_layout`).
-TRIM_BYTES = 64 << 20
 
 
 def check_groups(weight_map: Any, config: QuantizationConfig | None, tp: int = 1) -> None:
