@@ -297,12 +297,7 @@ def test_greedy_tokens_equal_the_xla_path(saved_case, monkeypatch, quant):
 
 def _panels(w):
     """`w` (rows layout, numpy-backed) in the panel layout, as `nx.quant.panel_layout` converts it."""
-    def host(a):
-        return None if a is None else np.asarray(a)
-
-    return QuantizedWeight(qops.to_panels(host(w.q), w.bits), qops.to_panels(host(w.scale)), w.dequant_dtype,
-                           w.dtype, w.int8_dot, zero=None if w.zero is None else qops.to_panels(host(w.zero)),
-                           bits=w.bits, group_size=w.group_size, panel=True)
+    return jax.tree.map(np.asarray, w).panels()
 
 
 @pytest.mark.parametrize("f16", [False, True], ids=["f32", "f16"])

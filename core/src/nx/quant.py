@@ -361,14 +361,11 @@ def panel_layout(params: dict, tp: int = 1) -> dict:
     freed heap goes back to the OS every `nx.memory.TRIM_BYTES`, so loading holds one model's
     weights plus one tensor, not two copies."""
     from nx.ops import cpu_kernels
-    from nx.ops.quant import QuantizedWeight, panel_ready, to_panels
+    from nx.ops.quant import QuantizedWeight, panel_ready
 
     if not cpu_kernels.enabled():
         return params
     freed = 0
-
-    def host(a: Any, bits: int | None = None) -> Any:  # aligned: placed without another copy
-        return None if a is None else to_panels(np.asarray(a), bits, aligned_empty)
 
     def convert(w: QuantizedWeight, name: str) -> QuantizedWeight:
         nonlocal freed
@@ -376,8 +373,7 @@ def panel_layout(params: dict, tp: int = 1) -> dict:
         if not (w.int8_dot and panel_ready(w, shards)):
             return w
         freed += sum(a.nbytes for a in (w.q, w.scale, w.zero) if a is not None)
-        return QuantizedWeight(host(w.q, w.bits), host(w.scale), w.dequant_dtype, w.dtype, w.int8_dot,
-                               zero=host(w.zero), bits=w.bits, group_size=w.group_size, panel=True)
+        return w.panels(aligned_empty)  # aligned: placed without another copy
 
     def walk(node: Any, name: str) -> Any:
         nonlocal freed

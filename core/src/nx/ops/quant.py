@@ -120,9 +120,17 @@ class QuantizedWeight:
         """This weight in the rows layout (itself unless `panel`): what XLA's paths read."""
         if not self.panel:
             return self
-        return QuantizedWeight(from_panels(self.q, self.bits), from_panels(self.scale), self.dequant_dtype,
-                               self.dtype, self.int8_dot, zero=None if self.zero is None else from_panels(self.zero),
-                               bits=self.bits, group_size=self.group_size)
+        return self._relaid(lambda a, bits=None: from_panels(a, bits), panel=False)
+
+    def panels(self, empty: Any = None) -> QuantizedWeight:
+        """This rows-layout weight in the panel layout (`to_panels`; `empty` allocates numpy results)."""
+        return self._relaid(lambda a, bits=None: to_panels(a, bits, empty), panel=True)
+
+    def _relaid(self, fn: Any, panel: bool) -> QuantizedWeight:
+        """This weight with ``fn(q, bits)``, ``fn(scale)``, ``fn(zero)`` in the layout `panel`."""
+        return QuantizedWeight(fn(self.q, self.bits), fn(self.scale), self.dequant_dtype, self.dtype, self.int8_dot,
+                               zero=None if self.zero is None else fn(self.zero), bits=self.bits,
+                               group_size=self.group_size, panel=panel)
 
     def values(self) -> jnp.ndarray:
         """The integer values ``v`` as int8 ``[out, in]`` (4-bit nibbles unpacked)."""
@@ -180,7 +188,10 @@ def to_panels(a: Any, bits: int | None = None, empty: Any = None) -> Any:
     """The panel layout of a rows-layout ``q`` with `bits` (int8 ``[..., out, in]``, packed 4-bit
     ``[..., out, in / 2]``) or, with `bits` None, of ``[..., out, in / 32]`` scales / offsets
     (numpy or jax arrays; see the module docstring). For numpy, ``empty(shape, dtype)`` (default
-    `numpy.empty`) allocates the result, which is written once."""
+    `numpy.empty`) allocates the result, which is written once; with `empty`, `a` is taken to the
+    host first (the load-time conversion)."""
+    if empty is not None:
+        a = np.asarray(a)
     *lead, n, c = a.shape
     if bits is None:
         shape, t = (*lead, n // PANEL, c, PANEL), _moveaxis(a.reshape(*lead, n // PANEL, PANEL, c), -2, -1)
