@@ -157,18 +157,6 @@ struct Job {
   }
 };
 
-// The job's chunks on the caller and `parts - 1` pool tasks; returns when all are done.
-inline void RunJob(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, int parts, std::function<void(int, int)> body) {
-  job->body = std::move(body);
-  for (int i = 1; i < parts; ++i) pool.Schedule([job] { job->RunChunks(); });
-  job->RunChunks();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) {
-#ifdef NX_X86
-    _mm_pause();
-#endif
-  }
-}
-
 inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work_per_row,
                   std::function<void(int, int)> body) {
   // Below ~64k multiply-adds a second thread costs more than it saves.
@@ -184,26 +172,14 @@ inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work
   job->chunks = 4 * parts;
   job->rows_per_chunk = ((n + job->chunks - 1) / job->chunks + 3) / 4 * 4;
   job->chunks = (n + job->rows_per_chunk - 1) / job->rows_per_chunk;
-  RunJob(pool, job, parts, std::move(body));
-}
-
-// Units [0, n) (independent pieces of work of about `work_per_unit` multiply-adds each), one
-// chunk of units per part, on up to `threads` threads: as ParallelRows without its 16-row minimum,
-// for a handful of large units (decode attention's batch rows x kv heads).
-inline void ParallelUnits(ffi::ThreadPool& pool, int n, int threads, int64_t work_per_unit,
-                          std::function<void(int, int)> body) {
-  // a pool task's hand-off costs microseconds: each part gets at least ~256k multiply-adds
-  const int64_t min_units = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, work_per_unit));
-  const int parts = static_cast<int>(std::min<int64_t>(threads, n / min_units));
-  if (parts <= 1) {
-    body(0, n);
-    return;
+  job->body = std::move(body);
+  for (int i = 1; i < parts; ++i) pool.Schedule([job] { job->RunChunks(); });
+  job->RunChunks();
+  while (job->done.load(std::memory_order_acquire) < job->chunks) {
+#ifdef NX_X86
+    _mm_pause();
+#endif
   }
-  auto job = std::make_shared<Job>();
-  job->n = n;
-  job->rows_per_chunk = (n + 2 * parts - 1) / (2 * parts);
-  job->chunks = (n + job->rows_per_chunk - 1) / job->rows_per_chunk;
-  RunJob(pool, job, parts, std::move(body));
 }
 
 // Loops over a register tile's accumulators, unrolled before GCC decides where arrays live: left to

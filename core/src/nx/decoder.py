@@ -44,15 +44,9 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
         q = ops.apply_rotary(q, ctx.rotary, spec.rope)
         k = ops.apply_rotary(k, ctx.rotary, spec.rope)
     cache = ops.update_caches(cache, k, v, ctx.slot, ctx.first, ctx.rep)
-    q = _select(q, only)
-    if q.shape[1] == 1 and ctx.first is None and ctx.rep == 1 and ctx.bias is None:
-        # one query a row (decode, a prompt's last layer) sees positions pad .. its own
-        hi = ctx.slot if only is None else ctx.slot + only
-        o = ops.attend_one(q, cache, ctx.pad, hi, ctx.window, spec.kv_heads, spec.scale)
-    else:
-        read = cache if ctx.first is None else ops.cache_row(cache, ctx.first[0], spec.kv_heads)
-        windows = ops.cache_windows(read, ctx.window, spec.kv_heads, ctx.rep, q.dtype)
-        o = ops.attend(q, *windows, _select(ctx.mask, only), spec.scale, ctx.bias)
+    q, mask = _select(q, only), _select(ctx.mask, only)
+    read = cache if ctx.first is None else ops.cache_row(cache, ctx.first[0], spec.kv_heads)
+    o = ops.attend(q, *ops.cache_windows(read, ctx.window, spec.kv_heads, ctx.rep, q.dtype), mask, spec.scale, ctx.bias)
     return ops.row_parallel_linear(o, p[N.O], ctx.tp_axis), cache
 
 
@@ -119,7 +113,6 @@ def layer(spec: ModelSpec, p: dict, x: jnp.ndarray, cache: LayerCache, ctx: _Con
 
 class _Context(NamedTuple):
     slot: jnp.ndarray
-    pad: jnp.ndarray  # [B]: each row's first visible cache position
     rotary: tuple[jnp.ndarray, jnp.ndarray] | None  # (cos, sin) of the tokens' rotary angles
     mask: jnp.ndarray  # [B, T, W]
     bias: jnp.ndarray | None  # [B, H, W] ALiBi
@@ -170,7 +163,7 @@ def step(
     rep = 1 if insert else caches[0][0].shape[-3] // (spec.kv_heads * b)
     rotary = ops.rotary_tables(positions, spec.rope, window) if spec.positions == "rope" else None
     mask = ops.causal_padding_mask(slot, inp.pad, t, window)
-    ctx = _Context(slot, inp.pad, rotary, mask, bias, window, tp_axis, rep, inp.row[None] if insert else None)
+    ctx = _Context(slot, rotary, mask, bias, window, tp_axis, rep, inp.row[None] if insert else None)
     if unroll is None:
         # the last layer computes only the token whose logits are returned (see `layer`)
         only = [None] * (len(caches) - 1) + [inp.last if t > 1 else None]

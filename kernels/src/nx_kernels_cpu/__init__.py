@@ -24,12 +24,6 @@ groups in f32, plus ``zero [n, k / group_size]`` (f32 or f16) times each group's
 ``x [m, k] @ w.T`` for f32 ``w [n, k]``, fused multiply-adds summed in f32 (another order than
 XLA's: equal to f32 summation error), the weight streamed once with software prefetch.
 
-`decode_attention(q, k, v, lo, hi, scale=, window=)` is nx's attention of one query token per
-batch row over one layer's KV cache (``nx.ops.attention``'s layout: keys ``[kvh * B, d, P]``,
-values ``[kvh * B, P, d]``, f32 or the uint16 bits of bf16 / f16 values): row ``b`` reads the
-positions ``lo[b] .. hi[b]`` of the first `window`, and only those; f32 ``[B, H, d]``, the softmax
-in f32 with its weights rounded to the cache's type before the values' sums, as nx's XLA path.
-
 `level` selects the instructions: ``"avx512_bf16"``, ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``
 (each implies the ones after it; the s8 kernels run ``avx512_bf16`` as ``avx512_vnni``, the bf16
 and f32 kernels run ``avx512_vnni`` and ``avx512_bf16`` as AVX-512F); None is the best this CPU has (`isa`). A level above the
@@ -50,9 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LEVELS", "__version__", "bf16_matmul", "f32_matmul", "decode_attention", "grouped_matmul", "isa", "s8_dot", "s8_matmul"]
+__all__ = ["LEVELS", "__version__", "bf16_matmul", "f32_matmul", "grouped_matmul", "isa", "s8_dot", "s8_matmul"]
 
-__version__ = "0.6.0"
+__version__ = "0.5.0"
 
 #: Dispatch levels, in the library's numbering.
 LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512_bf16": 3}
@@ -63,7 +57,6 @@ _DOT = "nx_kernels_cpu_s8_dot"
 _GROUPED = "nx_kernels_cpu_grouped_matmul"
 _BF16 = "nx_kernels_cpu_bf16_matmul"
 _F32 = "nx_kernels_cpu_f32_matmul"
-_ATTENTION = "nx_kernels_cpu_decode_attention"
 
 _lib = ctypes.CDLL(str(Path(__file__).with_name("libnx_kernels_cpu.so")))
 _lib.nx_kernels_cpu_isa.restype = ctypes.c_int
@@ -74,7 +67,6 @@ jax.ffi.register_ffi_target(_DOT, jax.ffi.pycapsule(_lib.NxS8Dot), platform="cpu
 jax.ffi.register_ffi_target(_GROUPED, jax.ffi.pycapsule(_lib.NxGroupedMatmul), platform="cpu")
 jax.ffi.register_ffi_target(_BF16, jax.ffi.pycapsule(_lib.NxBf16Matmul), platform="cpu")
 jax.ffi.register_ffi_target(_F32, jax.ffi.pycapsule(_lib.NxF32Matmul), platform="cpu")
-jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(_lib.NxDecodeAttention), platform="cpu")
 
 
 def isa() -> str:
@@ -142,29 +134,3 @@ def f32_matmul(x, w, *, level: str | None = None, threads: int = 0):
     m, n = x.shape[0], w.shape[0]
     call = jax.ffi.ffi_call(_F32, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
     return call(x, jnp.asarray(w, jnp.float32), level=_level(level), threads=np.int32(threads))
-
-
-#: Cache element kinds of `decode_attention`, in the library's numbering.
-CACHE_KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}
-
-
-def decode_attention(q, k, v, lo, hi, *, scale: float, window: int, values=None, level: str | None = None,
-                     threads: int = 0):
-    """f32 ``[B, H, d]``: each row's query ``q [B, H, d]`` (cast to f32) attending over the cache
-    positions ``lo[b] .. hi[b]`` (int32 ``[B]``, clamped to ``[0, window)``) of keys ``k [kvh * B, d, P]``
-    and values ``v [kvh * B, P, d]``; query head ``h`` reads kv head ``h // (H // kvh)``; zeros for a
-    row with no position. f32 caches, or uint16 ones holding the bits of `values` (bf16 or f16)."""
-    q = jnp.asarray(q, jnp.float32)
-    if k.dtype == jnp.float32 and v.dtype == jnp.float32:
-        kind = 0
-    elif k.dtype == jnp.uint16 and v.dtype == jnp.uint16 and jnp.dtype(values).name in ("bfloat16", "float16"):
-        kind = CACHE_KINDS[jnp.dtype(values).name]
-    else:
-        raise ValueError(f"caches {k.dtype} / {v.dtype} (values {values}): f32, or uint16 bits of bf16 or f16 expected")
-    b, h, d = q.shape
-    if k.ndim != 3 or k.shape[0] % b or h % (k.shape[0] // b) or k.shape[1] != d or v.shape != (k.shape[0], k.shape[2], d):
-        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: q [B, H, d], k [kvh * B, d, P], v [kvh * B, P, d] "
-                         "with H a multiple of kvh expected")
-    call = jax.ffi.ffi_call(_ATTENTION, jax.ShapeDtypeStruct((b, h, d), jnp.float32), vmap_method="sequential")
-    return call(q, k, v, jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32), scale=np.float32(scale),
-                window=np.int32(window), kind=np.int32(kind), level=_level(level), threads=np.int32(threads))

@@ -4,7 +4,6 @@ from nx.ops.activations import activation
 from nx.ops.alibi import alibi_slopes
 from nx.ops.attention import (
     attend,
-    attend_one,
     cache_dtype,
     cache_row,
     cache_shapes,
@@ -23,7 +22,6 @@ __all__ = [
     "alibi_slopes",
     "apply_rotary",
     "attend",
-    "attend_one",
     "cache_dtype",
     "cache_row",
     "cache_shapes",

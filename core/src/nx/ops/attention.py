@@ -13,8 +13,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from nx.ops import cpu_kernels
-
 NEG_INF = -1e30  # finite, so fully masked rows of padding stay NaN-free
 QUERY_BLOCK = 256  # longer prompts attend in blocks of this many query tokens (bounds the scores)
 
@@ -111,26 +109,6 @@ def causal_padding_mask(slot: jnp.ndarray, pad: jnp.ndarray, n_tokens: int, wind
     q = slot[:, None] + jnp.arange(n_tokens, dtype=jnp.int32)[None, :]
     j = jnp.arange(window, dtype=jnp.int32)
     return (j[None, None, :] <= q[:, :, None]) & (j[None, None, :] >= pad[:, None, None])
-
-
-def attend_one(q: jnp.ndarray, caches: tuple, lo: jnp.ndarray, hi: jnp.ndarray, window: int, kv_heads: int,
-               scale: float) -> jnp.ndarray:
-    """`attend` for one query token per row, ``q [B, 1, H, d]``, that sees the cache positions
-    ``lo[b] .. hi[b]`` of the first `window` (decode: ``pad[b] .. slot[b]``) of one layer's ``(K, V)``
-    caches, as stored (`cache_dtype`). Returns ``[B, 1, H * d]``.
-
-    On the cpu platform with nx-kernels-cpu (`nx.ops.cpu_kernels.decode_attention`) this is one
-    custom call that reads only those positions; elsewhere it is `attend` over `cache_windows`. Why:
-    at decode's sizes XLA:CPU's two attention dots cost more per call than their work, over every
-    position of the window (BENCHMARKS.md, "Decode attention kernel")."""
-
-    def xla(q, k, v, lo, hi):
-        j = jnp.arange(window, dtype=jnp.int32)
-        mask = ((j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None]))[:, None, :]
-        return attend(q, *cache_windows((k, v), window, kv_heads, 1, q.dtype), mask, scale)
-
-    y = cpu_kernels.decode_attention(q, caches, lo, hi, window, scale, xla)
-    return xla(q, *caches, lo, hi) if y is None else y
 
 
 def attend(

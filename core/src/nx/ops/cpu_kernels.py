@@ -224,22 +224,6 @@ def _varying(a: Any) -> frozenset:
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
-def _platform(cpu: Callable[..., Any], xla: Callable[..., Any], *args: Any) -> Any:
-    """``cpu(*args)`` in programs lowered for the cpu platform, ``xla(*args)`` (same type and shape)
-    on any other: the kernels' FFI targets exist only for cpu."""
-
-    def on_cpu(*a):
-        y = cpu(*a)
-        # under shard_map the custom call's result is typed as invariant; type it varying over the
-        # mesh axes its operands vary over, as XLA's ops (the other branch) are
-        axes = frozenset().union(*map(_varying, a)) - _varying(y)
-        if axes:
-            y = jax.lax.pcast(y, tuple(sorted(axes)), to="varying")
-        return y
-
-    return jax.lax.platform_dependent(*args, cpu=on_cpu, default=xla)
-
-
 def _staged(kernel: Callable[..., Any], x: Any, w: Any, xla: Callable[[Any, Any], Any], rows: int) -> Any:
     """``kernel(x [rows, k], w, level=, threads=)`` in programs lowered for the cpu platform, typed and
     shaped as ``xla(x, w)`` (``[..., n]`` f32), which any other platform runs."""
@@ -247,9 +231,14 @@ def _staged(kernel: Callable[..., Any], x: Any, w: Any, xla: Callable[[Any, Any]
 
     def cpu(x, w):
         y = kernel(x.reshape(rows, -1), w, level=None if level == "auto" else level, threads=threads)
+        # under shard_map the custom call's result is typed as invariant; type it varying over the
+        # mesh axes its operands vary over, as XLA's dot (the other branch) is
+        axes = (_varying(x) | _varying(w)) - _varying(y)
+        if axes:
+            y = jax.lax.pcast(y, tuple(sorted(axes)), to="varying")
         return y.reshape(*x.shape[:-1], w.shape[0])
 
-    return _platform(cpu, xla, x, w)
+    return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla)
 
 
 def _rows(x: Any, w: Any, dtypes: tuple, max_rows: int, min_rows: int = 1) -> int | None:
@@ -281,33 +270,3 @@ def f32_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
     rows = _rows(x, w, (jnp.float32,), F32_MAX_ROWS if _level().startswith("avx512") else F32_AVX2_MAX_ROWS,
                  F32_MIN_ROWS)
     return None if rows is None else _staged(_kernels.f32_matmul, x, w, xla, rows)
-
-
-def decode_attention(q: Any, caches: tuple, lo: Any, hi: Any, window: int, scale: float,
-                     xla: Callable[..., Any]) -> Any:
-    """Attention of one query token per row, ``q [B, 1, H, d]``, over the positions ``lo[b] ..
-    hi[b]`` of one layer's ``(K, V)`` caches (`nx.ops.attention`'s layout) through the package's
-    kernel in programs lowered for the cpu platform, ``xla(q, k, v, lo, hi)`` on any other; None where
-    the kernel does not apply (the caller runs ``xla`` then). It applies at the AVX-512 levels, when
-    `enabled`, to f32 caches and to uint16 ones holding a bf16 or f16 ``q``'s values. Returns
-    ``[B, 1, H * d]`` in the values' dtype, as `nx.ops.attention.attend`."""
-    k, v = caches
-    if not enabled() or not _level().startswith("avx512") or q.ndim != 4 or q.shape[1] != 1:
-        return None
-    b, _, h, d = q.shape
-    if k.ndim != 3 or k.shape[0] % b or h % max(1, k.shape[0] // b) or k.shape[1] != d or v.shape != (k.shape[0], k.shape[2], d):
-        return None
-    if k.dtype == jnp.float32 and v.dtype == jnp.float32:
-        values, out = None, jnp.float32
-    elif k.dtype == jnp.uint16 and v.dtype == jnp.uint16 and q.dtype in (jnp.bfloat16, jnp.float16):
-        values, out = q.dtype, q.dtype
-    else:
-        return None
-    level, threads = mode(), _threads()
-
-    def cpu(q, k, v, lo, hi):
-        y = _kernels.decode_attention(q[:, 0], k, v, lo, hi, scale=scale, window=window, values=values,
-                                      level=None if level == "auto" else level, threads=threads)
-        return y.astype(out).reshape(b, 1, h * d)
-
-    return _platform(cpu, xla, q, k, v, lo, hi)
