@@ -32,6 +32,11 @@ Unless ``--no-nx-bench``, ``nx bench`` also runs in a fresh process at batch 1 w
 buckets, for the cold-compile and peak-RSS targets (a clean process, so other engines' memory does
 not count).
 
+Order: HF first, then one round per llama.cpp precision (its nx precisions, then llama.cpp at
+it), ``--passes`` times in turn, each pass starting with a short memory probe. The memory's speed
+on these machines drifts by a third over minutes, so a ratio's two sides run minutes apart and
+rows report the medians over passes (with every pass's figures).
+
 Every figure is printed with its ratio to each peer, and everything is written as JSON
 (``--out``, default benchmarks/results/compare.json). A requested peer that is not installed is
 an error with the install command; leave it out with ``--engines`` instead.
@@ -465,6 +470,43 @@ def run_nx_bench(gguf: Path, args) -> dict[str, Any]:
 RATIO_METRICS = ("decode_tokens_per_s", "ttft_s", "ttft128_s", "latency_p50_ms", "latency_p99_ms")
 
 
+def rounds(args) -> list[argparse.Namespace]:
+    """The runs as they happen: one round per llama.cpp precision (`PEER_PRECISION`), its nx
+    precisions, then its llama.cpp runs. The memory's speed on these machines drifts by a third
+    over minutes (BENCHMARKS.md, "The memory's speed drifts"), so each ratio's two sides run minutes
+    apart, not a whole sweep apart; each round also probes the memory it ran on."""
+    out = []
+    for peer in LLAMA_TOOLS_PRECISIONS:
+        sub = argparse.Namespace(**vars(args))
+        sub.nx_precisions = [p for p in args.nx_precisions if PEER_PRECISION[p] == peer]
+        sub.llama_tools_precisions = [p for p in args.llama_tools_precisions if p == peer]
+        sub.llama_cpp_precisions = [p for p in args.llama_cpp_precisions if p == peer]
+        if sub.nx_precisions or sub.llama_tools_precisions or sub.llama_cpp_precisions:
+            sub.round = peer
+            out.append(sub)
+    return out
+
+
+def merge_passes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per engine, tool, precision and batch from its passes (`--passes`): each ratio
+    metric, the round's memory speed and the median decode rate's row otherwise; every pass's
+    decode rate and memory speed kept (``passes_decode_tokens_per_s``, ``passes_bandwidth_gbs``)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["engine"], r.get("tool"), r["precision"], r["batch"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        row = dict(pick_median(runs, "decode_tokens_per_s"))
+        for m in (*RATIO_METRICS, "bandwidth_gbs_at_round"):
+            values = [r[m] for r in runs if r.get(m) is not None]
+            if values:
+                row[m] = statistics.median(values)
+        row["passes_decode_tokens_per_s"] = [r["decode_tokens_per_s"] for r in runs]
+        row["passes_bandwidth_gbs"] = [r["bandwidth_gbs_at_round"] for r in runs]
+        out.append(row)
+    return out
+
+
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each nx row's figure over each peer's, for every metric both have at the same batch size
     (llama.cpp at the nx precision's `PEER_PRECISION`; HF, f32 only, against every nx precision)."""
@@ -528,10 +570,11 @@ def print_report(result: dict[str, Any]) -> None:
               f"({bw['threads']} threads)")
     if result.get("compute"):
         print("compute probe (GMAC/s, all threads): " + ", ".join(f"{k} {v:.0f}" for k, v in result["compute"].items()))
-        print("mem / comp: each row's fraction of the memory roof (bytes streamed) and of its precision's compute roof")
+        print("mem / comp: each row's fraction of the memory roof (bytes streamed) and of its precision's compute roof;"
+              " mem GB/s: the memory's speed when the row's round (one llama.cpp precision and its nx rows) began")
     head = (f"{'engine':<10} {'prec':<5} {'batch':>5} {'decode tok/s':>12} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'TTFT ms':>8} {'TTFT128 ms':>10} {'MB/token':>9} {'GB/s':>6} {'roofline tok/s':>14} {'mem':>6} "
-            f"{'comp':>6} {'load 1m':>10}")
+            f"{'comp':>6} {'load 1m':>10} {'mem GB/s':>8}")
     print(head)
     for r in result["rows"]:
         ttft128 = f"{r['ttft128_s'] * 1e3:>10.1f}" if "ttft128_s" in r else f"{'':>10}"
@@ -542,7 +585,8 @@ def print_report(result: dict[str, Any]) -> None:
               f"{r.get('ttft_s', nan) * 1e3:>8.1f} {ttft128} "
               f"{r['bytes_per_token'] / 1e6:>9.1f} {r['achieved_gbs']:>6.2f} {roof} "
               f"{r.get('memory_fraction', nan):>6.2f} {r.get('compute_fraction', nan):>6.2f} "
-              f"{'/'.join(f'{x:.1f}' for x in r.get('load_average_1m', [])):>10}")
+              f"{'/'.join(f'{x:.1f}' for x in r.get('load_average_1m', [])):>10} "
+              f"{r.get('bandwidth_gbs_at_round', nan):>8.1f}")
     print("\nratios (nx / peer; > 1 is better for tok/s, < 1 is better for times):")
     for q in result["ratios"]:
         print(f"  {q['metric']:<20} batch {q['batch']:<2} nx-{q.get('nx_precision', 'f32'):<4} / {q['peer']:<14} "
@@ -589,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-cpp-extra-bufts", choices=("auto", "on", "off"), default="auto",
                     help="llama.cpp AMX/repacked kernels for quantized weights (auto: off on CPUs with AMX, "
                     "where they crash)")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="runs of each round (nx, then llama.cpp), alternating; rows report the medians")
     ap.add_argument("--no-nx-bench", action="store_true", help="skip the fresh-process nx bench (compile, RSS)")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nx-bench", help="converted GGUFs")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "compare.json")
@@ -601,9 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = ([e for e in args.engines if e not in ENGINES] + [p for p in args.llama_cpp_precisions if p not in LLAMA_CPP_PRECISIONS]
            + [p for p in args.nx_precisions if p not in NX_PRECISIONS]
            + [p for p in args.llama_tools_precisions if p not in LLAMA_TOOLS_PRECISIONS])
-    if bad or args.new_tokens < 2 or args.repeats < 1:
+    if bad or args.new_tokens < 2 or args.repeats < 1 or args.passes < 1:
         ap.error(f"unknown engine/precision {bad} (engines: {ENGINES}, llama.cpp: {LLAMA_CPP_PRECISIONS}, "
-                 f"nx: {NX_PRECISIONS}), or --new-tokens < 2, or --repeats < 1")
+                 f"nx: {NX_PRECISIONS}), or --new-tokens < 2, or --repeats < 1, or --passes < 1")
     args.llama_cpp_extra_bufts = {"on": True, "off": False}.get(args.llama_cpp_extra_bufts, not cpu_has_amx())
     require_peers(args.engines)
     if "llama-tools" in args.engines and not (args.llama_dir and (Path(args.llama_dir) / "llama-bench").is_file()):
@@ -634,8 +680,17 @@ def main(argv: list[str] | None = None) -> int:
     macs = roofline.macs_per_token(gguf)
     rows: list[dict[str, Any]] = []
     runners = {"nx": run_nx, "hf": run_hf, "llama.cpp": run_llama_cpp, "llama-tools": run_llama_tools}
-    for engine in args.engines:
-        rows += runners[engine](gguf, args, tokenizer)
+    if "hf" in args.engines:
+        rows += run_hf(gguf, args, tokenizer)
+    for sub in rounds(args):
+        passes: list[dict[str, Any]] = []
+        for n in range(args.passes):
+            bw = bandwidth_probe(args.bandwidth_gb / 2, 3, args.threads)["gbs"]
+            log(f"round {sub.round}, pass {n + 1}/{args.passes}: memory {bw:.1f} GB/s now")
+            for engine in (e for e in args.engines if e != "hf"):
+                passes += [{**row, "round": sub.round, "bandwidth_gbs_at_round": bw}
+                           for row in runners[engine](gguf, sub, tokenizer)]
+        rows += merge_passes(passes)
     for r in rows:
         r["achieved_gbs"] = r["bytes_per_token"] * r["decode_tokens_per_s"] / 1e9
         r["roofline_tokens_per_s"] = result["bandwidth"]["gbs"] * 1e9 / r["bytes_per_token"]
