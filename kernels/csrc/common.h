@@ -169,7 +169,9 @@ inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work
   }
   auto job = std::make_shared<Job>();
   job->n = n;
-  job->chunks = 4 * parts;
+  // two chunks a part: one each leaves the caller idle when a pool task starts late, more cost
+  // hand-offs (BENCHMARKS.md, "Chunks a part")
+  job->chunks = 2 * parts;
   job->rows_per_chunk = ((n + job->chunks - 1) / job->chunks + 3) / 4 * 4;
   job->chunks = (n + job->rows_per_chunk - 1) / job->rows_per_chunk;
   job->body = std::move(body);
