@@ -24,9 +24,9 @@ COMMANDS = """\
 ```bash
 . .venv/bin/activate
 pip install -c constraints.txt -e './core[bench]'   # llama-cpp-python (builds llama.cpp) + matplotlib
-python benchmarks/compare.py --llama-dir ~/.cache/nx-llama.cpp/0.3.36   # nx, HF eager, llama.cpp's tools + probes + nx bench
+python benchmarks/compare.py --llama-dir ~/.cache/nx-llama.cpp/0.3.36 --passes 2   # nx, HF eager, llama.cpp's tools + probes + nx bench
 python benchmarks/compare.py --llama-dir ~/.cache/nx-llama.cpp/0.3.36 --shape 1b --engines nx,llama-tools \\
-    --new-tokens 32 --repeats 2 --no-nx-bench --out benchmarks/results/compare-1b.json
+    --new-tokens 32 --repeats 2 --passes 2 --no-nx-bench --out benchmarks/results/compare-1b.json
 python benchmarks/chart.py            # benchmarks/results/decode.png
 python benchmarks/report.py           # this file
 ```"""
@@ -82,8 +82,8 @@ def render(data: dict, note: str | None) -> str:
         "",
         "| engine | precision | batch | decode tok/s | p50 ms/step | p99 ms/step | TTFT ms "
         f"({s['prompt_tokens']} tok) | TTFT ms ({s['ttft_prompt_tokens']} tok) | MB/token | GB/s | % memory roof | "
-        "% compute roof | nx / llama.cpp (decode) | nx / llama.cpp (TTFT 128) | load 1m |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "% compute roof | nx / llama.cpp (decode) | nx / llama.cpp (TTFT 128) | load 1m | memory GB/s (passes) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows = data["rows"]
     for r in rows:
@@ -98,7 +98,8 @@ def render(data: dict, note: str | None) -> str:
             f"{fmt(r['achieved_gbs'])} | {fmt(r.get('memory_fraction', r['fraction_of_roofline']), '.0f', 100)} | "
             f"{fmt(r.get('compute_fraction'), '.0f', 100)} | "
             f"{fmt(dec, '.2f')}{'x' if dec else ''} | {fmt(ttft, '.2f')}{'x' if ttft else ''} | "
-            f"{loadavg(r.get('load_average_1m'))} |"
+            f"{loadavg(r.get('load_average_1m'))} | "
+            f"{' / '.join(f'{x:.0f}' for x in r.get('passes_bandwidth_gbs', [])) or '-'} |"
         )
     out += [
         "",
@@ -111,7 +112,9 @@ def render(data: dict, note: str | None) -> str:
         "position bucket attends; llama.cpp: the GGUF file size). % memory roof: achieved bytes/s over the "
         "bandwidth probe. % compute roof: one multiply-accumulate per weight and token row, over the compute "
         "probe's peak for the precision's dot instructions (f32 FMA, bf16 dot, int8 dot). load 1m: the 1-minute "
-        "load average before / after the row's timed runs (above the core count, other jobs shared the cores).",
+        "load average before / after the row's timed runs (above the core count, other jobs shared the cores). "
+        "memory GB/s: the memory probe at the start of each pass of the row's round (`--passes`); the row's "
+        "figures are the medians over its passes.",
         "",
         "![decode tokens/s](benchmarks/results/decode.png)",
         "",
