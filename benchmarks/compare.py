@@ -172,13 +172,26 @@ def pick_median(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return out
 
 
+def cpu_steal_s() -> float:
+    """Seconds of CPU time the hypervisor has taken from this VM's vCPUs since boot (/proc/stat's
+    steal column, all CPUs; 0 where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def measure(run_once, repeats: int) -> dict[str, Any]:
     """Warm up once, then `repeats` timed runs; the median run by decode rate. Records the 1-minute
-    load average before and after, so a row measured while other jobs ran can be spotted."""
+    load average before and after, so a row measured while other jobs ran can be spotted, and the
+    CPU time the hypervisor stole meanwhile (``steal_s``: on these VMs it makes a step's outliers)."""
     run_once(warmup=True)
-    before = os.getloadavg()[0]
+    before, steal = os.getloadavg()[0], cpu_steal_s()
     out = pick_median([run_once(warmup=False).summary() for _ in range(repeats)], "decode_tokens_per_s")
     out["load_average_1m"] = [before, os.getloadavg()[0]]
+    out["steal_s"] = cpu_steal_s() - steal
     return out
 
 
@@ -377,16 +390,19 @@ def run_llama_tools(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
         path = args.files[precision]
         size = path.stat().st_size
         log(f"llama-bench {precision}: batch 1 decode and {args.ttft_prompt_tokens}-token prompt")
+        steal = cpu_steal_s()
         row = llama_tools.bench(args.llama_dir, path, args.threads, args.new_tokens, args.ttft_prompt_tokens, args.repeats)
         row.update(engine="llama.cpp", tool="llama-bench", precision=precision, batch=1, gguf=str(path),
-                   weight_bytes=size, bytes_per_token=size, n_threads=args.threads)
+                   weight_bytes=size, bytes_per_token=size, n_threads=args.threads, steal_s=cpu_steal_s() - steal)
         rows_out.append(row)
         if others:
             log(f"llama-batched-bench {precision}: batches {others}")
+            steal = cpu_steal_s()
             for b, r in llama_tools.batched(args.llama_dir, path, args.threads, args.prompt_tokens, args.new_tokens,
                                             others).items():
                 r.update(engine="llama.cpp", tool="llama-batched-bench", precision=precision, batch=b, gguf=str(path),
-                         weight_bytes=size, bytes_per_token=size / b, n_threads=args.threads)
+                         weight_bytes=size, bytes_per_token=size / b, n_threads=args.threads,
+                         steal_s=cpu_steal_s() - steal)
                 rows_out.append(r)
     return rows_out
 
@@ -503,6 +519,7 @@ def merge_passes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[m] = statistics.median(values)
         row["passes_decode_tokens_per_s"] = [r["decode_tokens_per_s"] for r in runs]
         row["passes_bandwidth_gbs"] = [r["bandwidth_gbs_at_round"] for r in runs]
+        row["passes_steal_s"] = [r.get("steal_s") for r in runs]
         out.append(row)
     return out
 
@@ -571,10 +588,11 @@ def print_report(result: dict[str, Any]) -> None:
     if result.get("compute"):
         print("compute probe (GMAC/s, all threads): " + ", ".join(f"{k} {v:.0f}" for k, v in result["compute"].items()))
         print("mem / comp: each row's fraction of the memory roof (bytes streamed) and of its precision's compute roof;"
-              " mem GB/s: the memory's speed when the row's round (one llama.cpp precision and its nx rows) began")
+              " mem GB/s: the memory's speed when the row's round (one llama.cpp precision and its nx rows) began;"
+              " steal s: CPU time the hypervisor took from this VM during the row's timed runs")
     head = (f"{'engine':<10} {'prec':<5} {'batch':>5} {'decode tok/s':>12} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'TTFT ms':>8} {'TTFT128 ms':>10} {'MB/token':>9} {'GB/s':>6} {'roofline tok/s':>14} {'mem':>6} "
-            f"{'comp':>6} {'load 1m':>10} {'mem GB/s':>8}")
+            f"{'comp':>6} {'load 1m':>10} {'mem GB/s':>8} {'steal s':>7}")
     print(head)
     for r in result["rows"]:
         ttft128 = f"{r['ttft128_s'] * 1e3:>10.1f}" if "ttft128_s" in r else f"{'':>10}"
@@ -586,7 +604,7 @@ def print_report(result: dict[str, Any]) -> None:
               f"{r['bytes_per_token'] / 1e6:>9.1f} {r['achieved_gbs']:>6.2f} {roof} "
               f"{r.get('memory_fraction', nan):>6.2f} {r.get('compute_fraction', nan):>6.2f} "
               f"{'/'.join(f'{x:.1f}' for x in r.get('load_average_1m', [])):>10} "
-              f"{r.get('bandwidth_gbs_at_round', nan):>8.1f}")
+              f"{r.get('bandwidth_gbs_at_round', nan):>8.1f} {r.get('steal_s', nan):>7.2f}")
     print("\nratios (nx / peer; > 1 is better for tok/s, < 1 is better for times):")
     for q in result["ratios"]:
         print(f"  {q['metric']:<20} batch {q['batch']:<2} nx-{q.get('nx_precision', 'f32'):<4} / {q['peer']:<14} "
