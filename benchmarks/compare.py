@@ -505,8 +505,8 @@ def rounds(args) -> list[argparse.Namespace]:
 
 def merge_passes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per engine, tool, precision and batch from its passes (`--passes`): each ratio
-    metric, the round's memory speed and the median decode rate's row otherwise; every pass's
-    decode rate and memory speed kept (``passes_decode_tokens_per_s``, ``passes_bandwidth_gbs``)."""
+    metric, the round's memory speed and the median decode rate's row otherwise, the stolen CPU time
+    summed; every pass's decode rate, memory speed and steal kept (``passes_*``)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["engine"], r.get("tool"), r["precision"], r["batch"]), []).append(r)
@@ -519,7 +519,10 @@ def merge_passes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[m] = statistics.median(values)
         row["passes_decode_tokens_per_s"] = [r["decode_tokens_per_s"] for r in runs]
         row["passes_bandwidth_gbs"] = [r["bandwidth_gbs_at_round"] for r in runs]
-        row["passes_steal_s"] = [r.get("steal_s") for r in runs]
+        steal = [r["steal_s"] for r in runs if r.get("steal_s") is not None]
+        if steal:  # CPU time stolen during all of the row's timed runs, not one pass's
+            row["steal_s"] = sum(steal)
+        row["passes_steal_s"] = steal
         out.append(row)
     return out
 
