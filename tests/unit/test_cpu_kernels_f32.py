@@ -103,7 +103,7 @@ def test_exact_sums_are_exact(level):
     assert_exact_integer_sums(nx_kernels_cpu.f32_matmul, jnp.float32, 1001, level)
 
 
-@pytest.mark.parametrize("rows", sorted({cpu_kernels.F32_MIN_ROWS, 3, cpu_kernels.F32_MAX_ROWS}))
+@pytest.mark.parametrize("rows", sorted({cpu_kernels.F32_MIN_ROWS, 2, 3, cpu_kernels.F32_MAX_ROWS}))
 @pytest.mark.parametrize("level", LEVELS)
 def test_project_equals_the_xla_path(monkeypatch, level, rows):
     """`nx.ops.linear.project` (f32) with the kernel and on XLA's dots: both within f32 summation
@@ -129,7 +129,6 @@ def _lowered(x, w, **kw):
 def test_dispatch_and_off_switch(monkeypatch):
     x, w = _random(4, 64, 32)
     assert TARGET in _lowered(x, w)  # on by default where the package runs
-    assert TARGET not in _lowered(x[: cpu_kernels.F32_MIN_ROWS - 1], w)  # one row: XLA's matrix-vector product
     assert TARGET not in _lowered(x.astype(jnp.bfloat16), w)  # bf16 activations stay on XLA's dots
     assert TARGET not in _lowered(x, w.astype(jnp.bfloat16))  # bf16 weights: the bf16 kernel
     for level in LEVELS[1:]:  # the row limit at each level (the AVX-512 tiles take prompt chunks)
@@ -139,6 +138,8 @@ def test_dispatch_and_off_switch(monkeypatch):
         assert TARGET not in _lowered(many, w)  # larger batches and prompts stay on XLA's GEMM
         rows = jnp.zeros((2, limit // 2, 64), jnp.float32)
         assert TARGET in _lowered(rows, w)  # the row limit in any leading shape
+        one = jnp.zeros((1, 1, 64), jnp.float32)  # one row: the kernel at AVX-512, XLA's matvec at avx2
+        assert (TARGET in _lowered(one, w)) == level.startswith("avx512")
     monkeypatch.delenv(cpu_kernels.ENV)
     assert TARGET in jax.jit(lambda x, w: linear.lm_head(x, w)).lower(x, w).as_text()  # lm head / tied table
     assert_chosen_when_lowered(TARGET, _lowered, x, w, LEVELS, monkeypatch)

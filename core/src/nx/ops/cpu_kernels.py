@@ -41,7 +41,7 @@ and when `enabled`.
 precision's linear layers and lm head, a tied embedding table included) through the package's f32
 kernel (AVX-512F or AVX2 fused multiply-adds over tiles of weight and token rows, the weights
 streamed once with software prefetch; sums in another order than XLA's, so equal to f32 summation
-error), for `F32_MIN_ROWS` (2) to `F32_MAX_ROWS` token rows.
+error), for `F32_MIN_ROWS` (1; 2 at ``avx2``) to `F32_MAX_ROWS` token rows.
 
 ``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
 or a level to force, ``avx512_bf16``, ``avx512_vnni``, ``avx2`` or ``scalar`` (never above the
@@ -97,12 +97,15 @@ BF16_MAX_ROWS = 64
 #: measured faster than XLA up to decode's 16 rows only.
 BF16_NARROW_MAX_ROWS = 16
 #: Token rows an f32 call sends to the kernel, F32_MIN_ROWS ... F32_MAX_ROWS at the AVX-512 levels:
-#: decode batches and short prompt chunks, where its register tiles beat XLA's f32 dots on the 2-core
-#: EPYC (1.1-2.7x); one row does not (XLA's matrix-vector product keeps up), and from 128 rows XLA's
-#: GEMM ties (BENCHMARKS.md, "f32 kernel: register tiles, and the bf16 kernel to 64 rows").
-F32_MIN_ROWS = 2
+#: decode (one row included, since the kernels' helper threads stay warm between a step's calls)
+#: and short prompt chunks, where its register tiles beat XLA's f32 dots on the 2-core EPYC
+#: (1.1-2.7x); from 128 rows XLA's GEMM ties (BENCHMARKS.md, "f32 kernel: register tiles, and the
+#: bf16 kernel to 64 rows", "Warm helpers").
+F32_MIN_ROWS = 1
 F32_MAX_ROWS = 64
-#: The same at the ``avx2`` (and ``scalar``) level, whose 4 x 2 tiles were measured up to 4 rows.
+#: The same at the ``avx2`` (and ``scalar``) level, whose 4 x 2 tiles were measured from 2 to 4 rows
+#: (one row is faster on XLA's matrix-vector product there).
+F32_AVX2_MIN_ROWS = 2
 F32_AVX2_MAX_ROWS = 4
 
 try:  # the optional distribution nx-kernels-cpu; importing it registers its FFI targets
@@ -267,6 +270,7 @@ def f32_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
     kernel does not apply (see the module docstring)."""
     if not (hasattr(w, "dtype") and w.dtype == jnp.float32):
         return None
-    rows = _rows(x, w, (jnp.float32,), F32_MAX_ROWS if _level().startswith("avx512") else F32_AVX2_MAX_ROWS,
-                 F32_MIN_ROWS)
+    wide = _level().startswith("avx512")
+    rows = _rows(x, w, (jnp.float32,), F32_MAX_ROWS if wide else F32_AVX2_MAX_ROWS,
+                 F32_MIN_ROWS if wide else F32_AVX2_MIN_ROWS)
     return None if rows is None else _staged(_kernels.f32_matmul, x, w, xla, rows)
