@@ -40,6 +40,8 @@ class ContinuousBatch:
         self._suppress = np.zeros((b, v), bool)
         self._suppress_dev = self._put(self._suppress)
         self._seen = self._put(np.zeros((b, v), bool))  # carried from call to call on the device
+        self._knobs: tuple | None = None  # the rows' sampling knobs on the device, until a row's change
+        self._zeros = (self._put(np.zeros(b, np.int32)), self._put(np.int32(0)))  # a step's pad; last and row
 
     def program_keys(self, sample: bool = False) -> list[ProgramKey]:
         """Every program `insert` and `step` can run: an insert per prompt bucket, a decode step per
@@ -47,9 +49,12 @@ class ContinuousBatch:
         return buckets.serving_keys(self.config, sample)
 
     def _sampling(self) -> SamplingInputs:
-        put = self._put
-        return SamplingInputs(put(np.where(self._sample, self._temperature, 0).astype(np.float32)), put(self._top_k),
-                              put(self._top_p), put(self._penalty), self._seen, self._suppress_dev, put(self._keys))
+        if self._knobs is None:  # sent once per change, not at every step
+            put = self._put
+            self._knobs = (put(np.where(self._sample, self._temperature, 0).astype(np.float32)), put(self._top_k),
+                           put(self._top_p), put(self._penalty), put(self._keys))
+        temperature, top_k, top_p, penalty, keys = self._knobs
+        return SamplingInputs(temperature, top_k, top_p, penalty, self._seen, self._suppress_dev, keys)
 
     def suppress(self, row: int, tokens: np.ndarray | None) -> None:
         """Tokens row `row` may not choose from now on (EOS before min_new_tokens); None: none."""
@@ -67,6 +72,7 @@ class ContinuousBatch:
         self._top_p[row] = sp.top_p
         self._penalty[row] = sp.repetition_penalty
         self._keys[row] = row_keys(sp.seed_or_random(), 1)[0]
+        self._knobs = None
         put, length = self._put, len(prompt)
         ids = np.asarray(prompt, np.int32)
         for start, c, window in buckets.prompt_chunks(self.config, length):
@@ -88,10 +94,10 @@ class ContinuousBatch:
         active = self.active
         slots = np.where(active, self.slots, 0).astype(np.int32)
         window = buckets.decode_window(self.config, int(slots.max()))
-        put, b = self._put, self.config.batch_size
-        inp = decoder.StepInputs(put(np.where(active, self.tokens, 0)[:, None].astype(np.int32)), put(slots),
-                                 put(np.zeros(b, np.int32)), put(np.int32(0)), put(np.int32(0)))
-        key = ProgramKey(b, 1, window, bool((self._sample & active).any()))
+        put, (pad, zero) = self._put, self._zeros
+        inp = decoder.StepInputs(put(np.where(active, self.tokens, 0)[:, None].astype(np.int32)), put(slots), pad,
+                                 zero, zero)
+        key = ProgramKey(self.config.batch_size, 1, window, bool((self._sample & active).any()))
         tokens, _, self._seen = self.programs.run(key, inp, self._sampling())
         self.slots[active] += 1
         return tokens
@@ -100,5 +106,6 @@ class ContinuousBatch:
         """The row's request ended; the row takes no more steps until it is inserted into again."""
         self.active[row] = False
         self._sample[row] = False
+        self._knobs = None
         if self._suppress[row].any():
             self.suppress(row, None)

@@ -106,7 +106,14 @@ class Program:
     def __call__(self, *args: Any) -> Any:
         import jax
 
-        outs = self._loaded.execute_sharded(jax.tree.leaves(args)).disassemble_into_single_device_arrays()
+        return self.call_flat(jax.tree.leaves(args))
+
+    def call_flat(self, leaves: list[Any]) -> Any:
+        """The call on the input pytree's leaves, in `jax.tree.leaves` order (a caller that keeps
+        some inputs' leaves saves flattening them at every call)."""
+        import jax
+
+        outs = self._loaded.execute_sharded(leaves).disassemble_into_single_device_arrays()
         if self._single:  # one device: each output is its one buffer
             flat = [o[0] for o in outs]
         else:

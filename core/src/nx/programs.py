@@ -47,12 +47,16 @@ class BlockInputs(NamedTuple):
 
 
 class ProgramSet:
-    """Compiled programs of one model over its params and KV cache."""
+    """Compiled programs of one model over its params and KV cache. The params are fixed once
+    given: every call passes the same arrays."""
 
     def __init__(self, spec: ModelSpec, placement: Placement, params: dict, param_specs: dict, kv: KVCache,
                  unroll: int | None) -> None:
         self.spec, self.placement, self.params, self.param_specs, self.kv, self.unroll = (
             spec, placement, params, param_specs, kv, unroll)
+        # flattened once: a model's params are hundreds of leaves, quantized weights flattened in
+        # Python, ~80 us a call on the 2-core CPU (BENCHMARKS.md, "Host work per step")
+        self._param_leaves = jax.tree.leaves(params)
         self.local_spec = sharding.local_spec(spec, placement.tp)
         self._executables: dict[ProgramKey, executables.Program] = {}
         self._building: dict[ProgramKey, Future] = {}  # programs being built, so each is built once
@@ -386,7 +390,7 @@ class ProgramSet:
         exe = self.get(key)
         args = (inp, smp) if blk is None else (inp, smp, blk)
         with self.kv.lock:  # the caches are donated and replaced
-            out = exe(self.params, self.kv.arrays, *args)
+            out = exe.call_flat([*self._param_leaves, *jax.tree.leaves((self.kv.arrays, *args))])
             self.kv.swap(out[2])
         return (*out[:2], *out[3:])
 

@@ -70,6 +70,7 @@ class Session:
         self._rows = programs.kv.acquire(config.batch_size, wait=True)  # every row, for this session only
         self.slot = 0  # cache position the next fed token is written to
         self.pad = self._put(np.repeat(prompt.pad, config.broadcast).astype(np.int32))
+        self._zero = self._put(np.int32(0))  # a decode step's `last` and `row`: one transfer, not two a step
         self.sampling = self._sampling_inputs(sampling)
         self.closed = False
 
@@ -94,8 +95,8 @@ class Session:
         rows, n = tokens.shape
         if isinstance(tokens, np.ndarray):
             tokens = self._put(tokens.astype(np.int32))
-        inp = decoder.StepInputs(tokens, self._put(np.full(rows, slot, np.int32)), pad, self._put(np.int32(last)),
-                                 self._put(np.int32(0)))
+        inp = decoder.StepInputs(tokens, self._put(np.full(rows, slot, np.int32)), pad,
+                                 self._zero if last == 0 else self._put(np.int32(last)), self._zero)
         smp = self.sampling if suppress is None else self.sampling._replace(suppress=suppress)
         tokens, logits, seen = self.programs.run(ProgramKey(rows, n, window, self.sample), inp, smp)
         self.sampling = self.sampling._replace(seen=seen)
@@ -137,8 +138,8 @@ class Session:
         n, window = buckets.decode_block(self.config, self.slot, steps, left)
         rows = self.config.batch_size
         put = self._put
-        inp = decoder.StepInputs(tokens[:, None], put(np.full(rows, self.slot, np.int32)), self.pad, put(np.int32(0)),
-                                 put(np.int32(0)))
+        inp = decoder.StepInputs(tokens[:, None], put(np.full(rows, self.slot, np.int32)), self.pad, self._zero,
+                                 self._zero)
         blk = BlockInputs(put(np.int32(n)), put(np.int32(min(max(ban, 0), n))), done)
         key = ProgramKey(rows, 1, window, self.sample, steps=steps)
         out, _, seen, last, done = self.programs.run(key, inp, self.sampling._replace(suppress=eos), blk)
