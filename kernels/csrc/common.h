@@ -12,9 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -139,12 +137,10 @@ inline void SumRows(Terms& t) {
   }
 }
 
-// Output rows [0, n) in chunks, run by the caller and by up to `threads - 1` helpers.
+// Output rows [0, n) in chunks, run by the caller and by up to `threads - 1` pool tasks.
 struct Job {
   std::atomic<int> next{0};
   std::atomic<int> done{0};
-  std::atomic<int> joined{0};  // helpers that asked to join (the first `helpers` may)
-  int helpers = 0;
   int chunks = 0;
   int rows_per_chunk = 0;
   int n = 0;
@@ -161,57 +157,6 @@ struct Job {
   }
 };
 
-// Warm helpers: pool tasks that, after helping with one job, spin for the next one for a while
-// (`SpinNs`) before they return their thread to the pool. A decode step's products come tens of
-// microseconds apart, and a pool thread woken from sleep starts ~20 us late on a VM, after the
-// caller has claimed most chunks (BENCHMARKS.md, "Warm helpers"). One job is offered at a time; a
-// caller that finds the slot taken schedules plain pool tasks instead.
-struct Warm {
-  std::atomic<Job*> slot{nullptr};
-  std::atomic<int> inside{0};    // helpers between reading the slot and leaving the job they read
-  std::atomic<int> spinners{0};  // helpers scheduled and not yet returned
-};
-
-inline Warm& GlobalWarm() {
-  static Warm w;
-  return w;
-}
-
-inline int64_t NowNs() {
-  timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec;
-}
-
-// How long a helper waits for the next job: NX_KERNELS_SPIN_US microseconds (default 200, 0 never).
-inline int64_t SpinNs() {
-  static const int64_t ns = [] {
-    const char* v = std::getenv("NX_KERNELS_SPIN_US");
-    return (v && *v ? std::max<int64_t>(0, std::atoll(v)) : 200) * 1000;
-  }();
-  return ns;
-}
-
-inline void Help(Warm& w) {
-  int64_t last = NowNs();
-  for (int i = 0;; ++i) {
-    w.inside.fetch_add(1, std::memory_order_seq_cst);
-    Job* j = w.slot.load(std::memory_order_seq_cst);
-    const bool helped = j && j->joined.fetch_add(1, std::memory_order_relaxed) < j->helpers;
-    if (helped) j->RunChunks();
-    w.inside.fetch_sub(1, std::memory_order_release);
-    if (helped || (i & 63) == 0) {
-      const int64_t now = NowNs();
-      if (helped) last = now;
-      else if (now - last > SpinNs()) break;
-    }
-#ifdef NX_X86
-    _mm_pause();
-#endif
-  }
-  w.spinners.fetch_sub(1, std::memory_order_seq_cst);
-}
-
 inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work_per_row,
                   std::function<void(int, int)> body) {
   // Below ~64k multiply-adds a second thread costs more than it saves.
@@ -224,32 +169,14 @@ inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work
   }
   auto job = std::make_shared<Job>();
   job->n = n;
-  // two chunks a part: one each leaves the caller idle when a helper starts late, more cost
+  // two chunks a part: one each leaves the caller idle when a pool task starts late, more cost
   // hand-offs (BENCHMARKS.md, "Chunks a part")
   job->chunks = 2 * parts;
   job->rows_per_chunk = ((n + job->chunks - 1) / job->chunks + 3) / 4 * 4;
   job->chunks = (n + job->rows_per_chunk - 1) / job->rows_per_chunk;
-  job->helpers = parts - 1;
   job->body = std::move(body);
-  Warm& w = GlobalWarm();
-  Job* expected = nullptr;
-  if (SpinNs() > 0 && w.slot.compare_exchange_strong(expected, job.get(), std::memory_order_seq_cst)) {
-    for (int have = w.spinners.load(std::memory_order_seq_cst); have < parts - 1; ++have) {
-      w.spinners.fetch_add(1, std::memory_order_seq_cst);
-      pool.Schedule([&w] { Help(w); });
-    }
-    job->RunChunks();
-    w.slot.store(nullptr, std::memory_order_seq_cst);
-    // a helper that read the slot may still be about to touch the job
-    while (w.inside.load(std::memory_order_seq_cst) != 0) {
-#ifdef NX_X86
-      _mm_pause();
-#endif
-    }
-  } else {
-    for (int i = 1; i < parts; ++i) pool.Schedule([job] { job->RunChunks(); });
-    job->RunChunks();
-  }
+  for (int i = 1; i < parts; ++i) pool.Schedule([job] { job->RunChunks(); });
+  job->RunChunks();
   while (job->done.load(std::memory_order_acquire) < job->chunks) {
 #ifdef NX_X86
     _mm_pause();

@@ -208,34 +208,6 @@ def test_threads_do_not_change_results():
     np.testing.assert_array_equal(np.asarray(f[0](x)), np.asarray(f[1](x)))
 
 
-def test_programs_running_at_once_share_the_warm_helpers():
-    """Chains of kernel calls from several host threads at once (the helpers' one offered job is then
-    contended, and callers fall back to plain pool tasks) give what one thread gives alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import nx_kernels_cpu
-
-    w = _weight(1536, 576, 4, 32, False, True)
-
-    def chain(threads):
-        def f(x):
-            for _ in range(12):  # each call waits for the last, as a decode step's matmuls do
-                y = nx_kernels_cpu.grouped_matmul(x, w.q, w.scale, bits=4, group_size=32, threads=threads)
-                x = x + 1e-3 * y[:, :576]
-            return x
-
-        return jax.jit(f)
-
-    xs = [_x(1 + i % 3, 576, seed=i) for i in range(8)]
-    alone = chain(1)
-    ref = [np.asarray(alone(x)) for x in xs]
-    together = chain(4)  # more helpers than this machine's pool may have
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda x: np.asarray(together(x)), xs * 3))
-    for i, g in enumerate(got):
-        np.testing.assert_array_equal(g, ref[i % len(xs)])
-
-
 def _lowered(x, w):
     return jax.jit(lambda x: ops.lm_head(x, w)).lower(x).as_text()
 

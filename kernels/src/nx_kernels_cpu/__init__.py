@@ -46,7 +46,7 @@ import numpy as np
 
 __all__ = ["LEVELS", "__version__", "bf16_matmul", "f32_matmul", "grouped_matmul", "isa", "s8_dot", "s8_matmul"]
 
-__version__ = "0.5.1"
+__version__ = "0.5.0"
 
 #: Dispatch levels, in the library's numbering.
 LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512_bf16": 3}
