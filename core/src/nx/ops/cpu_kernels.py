@@ -97,10 +97,10 @@ BF16_MAX_ROWS = 64
 #: measured faster than XLA up to decode's 16 rows only.
 BF16_NARROW_MAX_ROWS = 16
 #: Token rows an f32 call sends to the kernel, F32_MIN_ROWS ... F32_MAX_ROWS at the AVX-512 levels:
-#: decode (one row included, since the kernels' helper threads stay warm between a step's calls)
-#: and short prompt chunks, where its register tiles beat XLA's f32 dots on the 2-core EPYC
-#: (1.1-2.7x); from 128 rows XLA's GEMM ties (BENCHMARKS.md, "f32 kernel: register tiles, and the
-#: bf16 kernel to 64 rows", "Warm helpers").
+#: decode (one row included: 8% faster than XLA's matrix-vector product) and short prompt chunks,
+#: where its register tiles beat XLA's f32 dots on the 2-core EPYC (1.1-2.7x); from 128 rows XLA's
+#: GEMM ties (BENCHMARKS.md, "f32 kernel: register tiles, and the bf16 kernel to 64 rows", "One-row
+#: f32 products").
 F32_MIN_ROWS = 1
 F32_MAX_ROWS = 64
 #: The same at the ``avx2`` (and ``scalar``) level, whose 4 x 2 tiles were measured from 2 to 4 rows
