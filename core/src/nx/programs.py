@@ -196,7 +196,7 @@ class ProgramSet:
         cache lays them out, whatever arrays it holds now)."""
         caches = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where)
                   for a, where in zip(jax.tree.leaves(self.kv.arrays), jax.tree.leaves(self.kv.shardings))]
-        params = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in jax.tree.leaves(self.params)]
+        params = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in self._param_leaves]
         return params + caches + jax.tree.leaves(self.abstract_inputs(key))
 
     def outputs(self, key: ProgramKey) -> tuple[Any, list]:
@@ -213,7 +213,7 @@ class ProgramSet:
         returned as they went in. Computed from shapes alone: nothing is traced or lowered."""
         leaves = self.input_leaves(key)
         shapes = [executables.hlo_shape(a.sharding.shard_shape(a.shape), a.dtype) for a in leaves]
-        n_params, n_caches = len(jax.tree.leaves(self.params)), len(jax.tree.leaves(self.kv.arrays))
+        n_params, n_caches = len(self._param_leaves), len(jax.tree.leaves(self.kv.arrays))
         return {"program": f"jit_{program_name(key)}", "inputs": shapes,
                 "donated": list(range(n_params, n_params + n_caches)),
                 "caches": shapes[n_params : n_params + n_caches]}
