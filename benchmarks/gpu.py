@@ -74,11 +74,14 @@ def hbm_probe(backend: str, gb: float, reps: int = 10) -> dict[str, Any]:
 
 
 def write_checkpoint(name: str, directory: Path, device: str) -> Path:
-    """A random-weight Llama with `MODELS[name]`'s shape, saved as bf16 safetensors."""
+    """A random-weight Llama with `MODELS[name]`'s shape, saved as bf16 safetensors (kept if already
+    in `directory`, so several runs share one)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = directory / name
+    if (path / "config.json").exists():
+        return path
     cfg = LlamaConfig(**MODELS[name], bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(device):
@@ -93,16 +96,19 @@ def run_nx(path: Path, name: str, dtype: str, args) -> list[dict[str, Any]]:
 
     rows = []
     for b in args.batch_sizes:
-        log(f"nx {name} {dtype}: batch {b}: load + compile")
-        model, times = load_and_compile(lambda b=b: nx.load(
-            "llama", path, batch_size=b, n_positions=args.n_positions, amp=dtype, backend=args.backend,
-            context_length_estimate=args.context_buckets, compile=False, progress=False, quant="f32"))
-        vocab = model.spec.vocab_size
-        ids128 = nx_bench.random_prompt(vocab, 1, args.ttft_prompt_tokens, seed=128) if b == 1 else None
-        row = nx_row(model, nx_bench.random_prompt(vocab, b, args.prompt_tokens, seed=b), ids128, args)
-        row.update(engine="nx", model=name, precision=dtype, batch=b, **times, n_programs=len(model.program_shapes()))
-        rows.append(row)
-        del model
+        for k in args.decode_steps:
+            log(f"nx {name} {dtype}: batch {b}, decode_steps {k}: load + compile")
+            model, times = load_and_compile(lambda b=b, k=k: nx.load(
+                "llama", path, batch_size=b, n_positions=args.n_positions, amp=dtype, backend=args.backend,
+                context_length_estimate=args.context_buckets, compile=False, progress=False, quant="f32",
+                decode_steps=k))
+            vocab = model.spec.vocab_size
+            ids128 = nx_bench.random_prompt(vocab, 1, args.ttft_prompt_tokens, seed=128) if b == 1 else None
+            row = nx_row(model, nx_bench.random_prompt(vocab, b, args.prompt_tokens, seed=b), ids128, args)
+            row.update(engine="nx", model=name, precision=dtype, batch=b, steps_per_call=k, **times,
+                       n_programs=len(model.program_shapes()), xla_flags=os.environ.get("XLA_FLAGS", ""))
+            rows.append(row)
+            del model
     return rows
 
 
@@ -139,17 +145,19 @@ def run_hf(path: Path, name: str, dtype: str, args) -> list[dict[str, Any]]:
 def print_report(result: dict[str, Any]) -> None:
     hbm = result["hbm"]
     print(f"device: {hbm['device']}; HBM read probe {hbm['read_gbs']:.0f} GB/s ({hbm['array_bytes'] / 1e9:.1f} GB sum)")
-    print(f"{'model':<14} {'engine':<6} {'prec':<5} {'batch':>5} {'decode tok/s':>12} {'p50 ms':>7} {'p99 ms':>7} "
+    print(f"{'model':<14} {'engine':<6} {'prec':<5} {'batch':>5} {'k':>3} {'decode tok/s':>12} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'TTFT128 ms':>10} {'MB/token':>9} {'GB/s':>7} {'% roof':>6} {'compile s':>9}")
     for r in result["rows"]:
         ttft = f"{r['ttft128_s'] * 1e3:>10.1f}" if "ttft128_s" in r else f"{'':>10}"
         comp = f"{r['compile_s']:>9.1f}" if "compile_s" in r else f"{'':>9}"
-        print(f"{r['model']:<14} {r['engine']:<6} {r['precision']:<5} {r['batch']:>5} {r['decode_tokens_per_s']:>12.1f} "
+        print(f"{r['model']:<14} {r['engine']:<6} {r['precision']:<5} {r['batch']:>5} {r.get('steps_per_call', ''):>3} "
+              f"{r['decode_tokens_per_s']:>12.1f} "
               f"{r['latency_p50_ms']:>7.2f} {r['latency_p99_ms']:>7.2f} {ttft} {r['bytes_per_token'] / 1e6:>9.1f} "
               f"{r['achieved_gbs']:>7.1f} {100 * r['fraction_of_roofline']:>6.1f} {comp}")
     print("\nratios nx / HF (tok/s: > 1 is better; TTFT: < 1 is better):")
     for q in result["ratios"]:
-        print(f"  {q['model']:<14} {q['precision']:<5} batch {q['batch']:<2} {q['metric']:<20} {q['ratio']:>6.2f}x")
+        print(f"  {q['model']:<14} {q['precision']:<5} batch {q['batch']:<2} k {q['steps_per_call']:<2} {q['metric']:<20} "
+              f"{q['ratio']:>6.2f}x")
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -162,7 +170,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for m in ("decode_tokens_per_s", "ttft128_s", "latency_p50_ms"):
                 if m in mine and m in peer and peer[m]:
                     out.append({"model": mine["model"], "precision": mine["precision"], "batch": mine["batch"],
-                                "metric": m, "nx": mine[m], "hf": peer[m], "ratio": mine[m] / peer[m]})
+                                "steps_per_call": mine["steps_per_call"], "metric": m, "nx": mine[m], "hf": peer[m], "ratio": mine[m] / peer[m]})
     return out
 
 
@@ -178,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--n-positions", type=int, default=256)
     ap.add_argument("--context-buckets", default="32,128", help="nx prompt buckets (the prompts' own sizes)")
+    ap.add_argument("--decode-steps", default="1", help="comma list: nx decode steps per program call (one row each)")
+    ap.add_argument("--checkpoints", type=Path, default=None,
+                    help="folder to keep the random-weight checkpoints in and reuse (default: a temporary one)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hbm-gb", type=float, default=4.0)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "gpu.json")
@@ -186,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.engines = [e for e in args.engines.split(",") if e]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    args.decode_steps = [int(k) for k in args.decode_steps.split(",") if k]
     args.context_buckets = [int(c) for c in args.context_buckets.split(",") if c]
     if set(args.models) - set(MODELS) or set(args.dtypes) - set(TORCH_DTYPES) or set(args.engines) - {"nx", "hf"}:
         ap.error(f"models from {sorted(MODELS)}, dtypes from {sorted(TORCH_DTYPES)}, engines from nx,hf")
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nx-gpu-bench-") as tmp:
         for name in args.models:
             log(f"writing random-weight {name} checkpoint")
-            path = write_checkpoint(name, Path(tmp), "cuda" if args.backend == "cuda" else "cpu")
+            path = write_checkpoint(name, args.checkpoints or Path(tmp), "cuda" if args.backend == "cuda" else "cpu")
             for dtype in args.dtypes:
                 if "nx" in args.engines:
                     rows += run_nx(path, name, dtype, args)

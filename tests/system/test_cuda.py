@@ -64,3 +64,13 @@ def test_cuda_artifact_round_trip(saved_case, tmp_path):
     loaded = nx.load(tmp_path / "art")
     assert loaded.config.backend == "cuda"
     assert torch.equal(loaded.generate(ids, max_new_tokens=12, eos_token_id=[]), before)
+
+
+def test_cuda_multi_step_decode_matches_hf(saved_case):
+    """k decode steps a program call (a device-side loop) give HF's greedy tokens on the GPU too,
+    on a left-padded batch (rows end their blocks at different slots)."""
+    case = next(c for c in all_cases() if c.family == "llama")
+    hf, path = saved_case(case)
+    model = nx.load("llama", path, batch_size=3, backend="cuda", progress=False, decode_steps=4, **BUCKETS)
+    ids, mask = left_padded([16, 9, 3], case.vocab, seed=3)
+    assert_same_greedy(hf, model, ids, mask, 40)
