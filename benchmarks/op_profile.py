@@ -56,8 +56,11 @@ def categories(hlo: str, param_bytes: dict[str, int]) -> dict[str, tuple[str, in
         name, shape, op = m.groups()
         kind = re.search(r"kind=(\w+)", line)
         operands = _OPERAND.sub(lambda v: views.get(v.group(0), v.group(0)), line.split("(", 1)[1])
-        weight = _WEIGHT.search(operands) if op in ("dot", "fusion") else None
-        if weight and (op == "dot" or (kind and kind.group(1) == "kCustom")):
+        weight = _WEIGHT.search(operands) if op in ("dot", "fusion", "custom-call") else None
+        if weight and op == "custom-call":
+            w = weight.group(1)
+            out[name] = (f"kernel {w}", param_bytes.get(w, 0))
+        elif weight and (op == "dot" or (kind and kind.group(1) == "kCustom")):
             w = weight.group(1)
             out[name] = (f"matmul {w}", param_bytes.get(w, 0))
         elif op == "dot" or (kind and kind.group(1) == "kCustom"):

@@ -116,15 +116,64 @@ inline void QuantizeRows(const float* x, int m, int k, Terms& t) {
   }
 }
 
+#ifdef NX_X86
+// RoundRow in vectors: max|v| (NaN ignored alike: max returns its second operand when one is NaN),
+// then round(v * inv) half to even (the MXCSR default, as nearbyint), so the same terms and scale
+// in a fraction of the scalar loop's time (whose nearbyint is a libm call at the baseline ISA).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void RoundRowAvx512(const float* v, int k, int8_t* out,
+                                                                                  float* scale_out) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int i = 0; i < k; i += 16) {
+    const __mmask16 mask = i + 16 <= k ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    mx = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(mask, v + i)), mx);
+  }
+  float s = _mm512_reduce_max_ps(mx) * (1.0f / 127.0f);
+  if (!(s > 0.0f)) s = 1.0f;
+  const __m512 inv = _mm512_set1_ps(1.0f / s);
+  for (int i = 0; i < k; i += 16) {
+    const __mmask16 mask = i + 16 <= k ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, v + i), inv),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_mask_cvtepi32_storeu_epi8(out + i, mask, q);
+  }
+  *scale_out = s;
+}
+
+// The same at AVX2, for k a multiple of 8.
+__attribute__((target("avx2,fma"))) inline void RoundRowAvx2(const float* v, int k, int8_t* out, float* scale_out) {
+  const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx = _mm256_setzero_ps();
+  for (int i = 0; i < k; i += 8) mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(v + i), abs), mx);
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  float s = _mm_cvtss_f32(m4) * (1.0f / 127.0f);
+  if (!(s > 0.0f)) s = 1.0f;
+  const __m256 inv = _mm256_set1_ps(1.0f / s);
+  alignas(32) int32_t q[8];
+  for (int i = 0; i < k; i += 8) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i), inv)));
+    for (int t = 0; t < 8; ++t) out[i + t] = static_cast<int8_t>(q[t]);
+  }
+  *scale_out = s;
+}
+#endif
+
 // One int8 term per block of 32 inputs (llama.cpp's q8_0 activations): x[i, 32 b + t] ~=
 // a[i, 32 b + t] * scale[i, b], rounded as nx.ops.quant.block_terms (RoundRow on each block) for
-// rows [i0, i1) of x [m, k] (k a multiple of 32); a [m, k], scale [m, k / 32].
+// rows [i0, i1) of x [m, k] (k a multiple of 32); a [m, k], scale [m, k / 32]. Every ISA rounds alike.
 inline void QuantizeBlocks(const float* x, int k, int i0, int i1, int8_t* a, float* scale) {
+  using Round = void (*)(const float*, int, int8_t*, float*);
+#ifdef NX_X86
+  static const Round round = DetectIsa() >= kAvx512Vnni ? RoundRowAvx512 : HasFma() ? RoundRowAvx2 : RoundRow;
+#else
+  static const Round round = RoundRow;
+#endif
   const int nb = k / 32;
   for (int i = i0; i < i1; ++i)
     for (int b = 0; b < nb; ++b) {
       const size_t o = static_cast<size_t>(i) * k + 32 * b;
-      RoundRow(x + o, 32, a + o, scale + static_cast<size_t>(i) * nb + b);
+      round(x + o, 32, a + o, scale + static_cast<size_t>(i) * nb + b);
     }
 }
 
@@ -157,10 +206,12 @@ struct Job {
   }
 };
 
+// `align`: chunks start at multiples of it (the kernels' register tiles); `fewest`: rows a part
+// gets at least (matmuls: 16).
 inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work_per_row,
-                  std::function<void(int, int)> body) {
+                         std::function<void(int, int)> body, int align = 4, int fewest = 16) {
   // Below ~64k multiply-adds a second thread costs more than it saves.
-  const int64_t min_rows = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, work_per_row));
+  const int64_t min_rows = std::max<int64_t>(fewest, 65536 / std::max<int64_t>(1, work_per_row));
   int parts = threads;
   if (parts > 1) parts = static_cast<int>(std::min<int64_t>(parts, n / min_rows));
   if (parts <= 1) {
@@ -172,7 +223,7 @@ inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work
   // two chunks a part: one each leaves the caller idle when a pool task starts late, more cost
   // hand-offs (BENCHMARKS.md, "Chunks a part")
   job->chunks = 2 * parts;
-  job->rows_per_chunk = ((n + job->chunks - 1) / job->chunks + 3) / 4 * 4;
+  job->rows_per_chunk = ((n + job->chunks - 1) / job->chunks + align - 1) / align * align;
   job->chunks = (n + job->rows_per_chunk - 1) / job->rows_per_chunk;
   job->body = std::move(body);
   for (int i = 1; i < parts; ++i) pool.Schedule([job] { job->RunChunks(); });

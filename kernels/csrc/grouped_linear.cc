@@ -216,7 +216,7 @@ void PrepareActs(ffi::ThreadPool& pool, int threads, const float* x, int m, int 
   const bool simd = level != kScalar && !panel;
   g.kp = simd ? (k + 63) / 64 * 64 : k;
   g.offset = simd && w.bits == 4 && !w.zero ? 8 : 0;
-  const std::vector<int> order = ValueOrder(k, g.kp, gs, w.bits, simd ? level : kScalar);
+  const std::vector<int> order = simd ? ValueOrder(k, g.kp, gs, w.bits, level) : std::vector<int>();  // unused otherwise
   g.a.assign(static_cast<size_t>(m) * g.kp, 0);
   if (simd) {
     // AVX-512: step s's lane l holds values of share A (from value 64 s) or B (64 s + 32): 4-bit

@@ -207,27 +207,6 @@ struct Vnni {
   }
 };
 
-// RoundRow (common.h) in vectors: max|v| (NaN ignored alike), then round(v * inv) half to even
-// (the MXCSR default, as nearbyint), so the same terms and scale; prompts' rows are rounded in a
-// fraction of the scalar loop's time.
-__attribute__((target(NX_AVX512))) void RoundRowAvx512(const float* v, int k, int8_t* out, float* scale_out) {
-  __m512 mx = _mm512_setzero_ps();
-  for (int i = 0; i < k; i += 16) {
-    const __mmask16 mask = i + 16 <= k ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
-    mx = _mm512_max_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(mask, v + i)), mx);
-  }
-  float s = _mm512_reduce_max_ps(mx) * (1.0f / 127.0f);
-  if (!(s > 0.0f)) s = 1.0f;
-  const __m512 inv = _mm512_set1_ps(1.0f / s);
-  for (int i = 0; i < k; i += 16) {
-    const __mmask16 mask = i + 16 <= k ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
-    const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, v + i), inv),
-                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm512_mask_cvtepi32_storeu_epi8(out + i, mask, q);
-  }
-  *scale_out = s;
-}
-
 // L::Tile<RM, rn> for rn in 1 ... RN, chosen at run time.
 template <class L, int RM, int RN = L::kMaxRn>
 void TileRows(int rn, const Terms& t, const int8_t* w, int j, int r0, int32_t* out, int ldo, const int8_t* next,
