@@ -46,7 +46,7 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
     cache = ops.update_caches(cache, k, v, ctx.slot, ctx.first, ctx.rep)
     q, mask = _select(q, only), _select(ctx.mask, only)
     read = cache if ctx.first is None else ops.cache_row(cache, ctx.first[0], spec.kv_heads)
-    o = ops.attend(q, *ops.cache_windows(read, ctx.window, spec.kv_heads, ctx.rep, q.dtype), mask, spec.scale, ctx.bias)
+    o = ops.attend_cache(q, read, mask, spec.scale, spec.kv_heads, ctx.rep, ctx.bias)
     return ops.row_parallel_linear(o, p[N.O], ctx.tp_axis), cache
 
 

@@ -24,6 +24,13 @@ groups in f32, plus ``zero [n, k / group_size]`` (f32 or f16) times each group's
 ``x [m, k] @ w.T`` for f32 ``w [n, k]``, fused multiply-adds summed in f32 (another order than
 XLA's: equal to f32 summation error), the weight streamed once with software prefetch.
 
+`decode_attention(q, k, v, mask, scale=)` is nx's attention of a few query tokens over its KV
+cache (``nx.ops.attention._attend``): ``q`` ``[R, J, D]`` (cache row ``r = h * B + b``: the J
+queries of batch row b that read kv head h), keys ``k [R, D, P]`` (transposed) and values
+``v [R, P, D]`` (f32, or bf16 / their uint16 bits), ``mask`` bool ``[B, T, W]`` (query ``j`` is
+token ``j % T``; only the first ``W <= P`` positions are read, in place); f32 ``[R, J, D]``, the
+softmax-weighted values (weights rounded to bf16 for bf16 caches, as XLA's path does).
+
 `level` selects the instructions: ``"avx512_bf16"``, ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``
 (each implies the ones after it; the s8 kernels run ``avx512_bf16`` as ``avx512_vnni``, the bf16
 and f32 kernels run ``avx512_vnni`` and ``avx512_bf16`` as AVX-512F); None is the best this CPU has (`isa`). A level above the
@@ -44,9 +51,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LEVELS", "__version__", "bf16_matmul", "f32_matmul", "grouped_matmul", "isa", "s8_dot", "s8_matmul"]
+__all__ = ["LEVELS", "__version__", "bf16_matmul", "decode_attention", "f32_matmul", "grouped_matmul", "isa", "s8_dot",
+           "s8_matmul"]
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 #: Dispatch levels, in the library's numbering.
 LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512_bf16": 3}
@@ -57,6 +65,7 @@ _DOT = "nx_kernels_cpu_s8_dot"
 _GROUPED = "nx_kernels_cpu_grouped_matmul"
 _BF16 = "nx_kernels_cpu_bf16_matmul"
 _F32 = "nx_kernels_cpu_f32_matmul"
+_ATTENTION = "nx_kernels_cpu_decode_attention"
 
 _lib = ctypes.CDLL(str(Path(__file__).with_name("libnx_kernels_cpu.so")))
 _lib.nx_kernels_cpu_isa.restype = ctypes.c_int
@@ -67,6 +76,7 @@ jax.ffi.register_ffi_target(_DOT, jax.ffi.pycapsule(_lib.NxS8Dot), platform="cpu
 jax.ffi.register_ffi_target(_GROUPED, jax.ffi.pycapsule(_lib.NxGroupedMatmul), platform="cpu")
 jax.ffi.register_ffi_target(_BF16, jax.ffi.pycapsule(_lib.NxBf16Matmul), platform="cpu")
 jax.ffi.register_ffi_target(_F32, jax.ffi.pycapsule(_lib.NxF32Matmul), platform="cpu")
+jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(_lib.NxDecodeAttention), platform="cpu")
 
 
 def isa() -> str:
@@ -134,3 +144,17 @@ def f32_matmul(x, w, *, level: str | None = None, threads: int = 0):
     m, n = x.shape[0], w.shape[0]
     call = jax.ffi.ffi_call(_F32, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
     return call(x, jnp.asarray(w, jnp.float32), level=_level(level), threads=np.int32(threads))
+
+
+def decode_attention(q, k, v, mask, *, scale: float, level: str | None = None, threads: int = 0):
+    """f32 ``[R, J, D]``: attention of ``q [R, J, D]`` over the caches ``k [R, D, P]``, ``v [R, P, D]``
+    (both f32, or both bf16 or uint16 bf16 bits) where ``mask [B, T, W]`` allows (see the module docstring)."""
+    if k.dtype != v.dtype or k.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16):
+        raise ValueError(f"caches f32, bf16 or uint16 (bf16 bits) of one dtype expected; got {k.dtype}, {v.dtype}")
+    bf16 = k.dtype != jnp.float32
+    if k.dtype == jnp.bfloat16:
+        k, v = jax.lax.bitcast_convert_type(k, jnp.uint16), jax.lax.bitcast_convert_type(v, jnp.uint16)
+    q = jnp.asarray(q, jnp.float32)
+    call = jax.ffi.ffi_call(_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    return call(q, k, v, jnp.asarray(mask, jnp.bool_), scale=np.float32(scale), bf16=np.int32(bf16),
+                level=_level(level), threads=np.int32(threads))

@@ -4,6 +4,7 @@ from nx.ops.activations import activation
 from nx.ops.alibi import alibi_slopes
 from nx.ops.attention import (
     attend,
+    attend_cache,
     cache_dtype,
     cache_row,
     cache_shapes,
@@ -22,6 +23,7 @@ __all__ = [
     "alibi_slopes",
     "apply_rotary",
     "attend",
+    "attend_cache",
     "cache_dtype",
     "cache_row",
     "cache_shapes",

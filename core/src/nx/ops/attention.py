@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from nx.ops import cpu_kernels
+
 NEG_INF = -1e30  # finite, so fully masked rows of padding stay NaN-free
 QUERY_BLOCK = 256  # longer prompts attend in blocks of this many query tokens (bounds the scores)
 
@@ -102,6 +104,30 @@ def cache_windows(caches: tuple, window: int, kv_heads: int, every: int = 1, dty
         return c.reshape(kv_heads, c.shape[0] // kv_heads, *c.shape[1:])[:, ::every].reshape(-1, *c.shape[1:])
 
     return thin(k), thin(v)
+
+
+def attend_cache(
+    q: jnp.ndarray,
+    caches: tuple,
+    mask: jnp.ndarray,
+    scale: float,
+    kv_heads: int,
+    every: int = 1,
+    bias: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """`attend` over the first ``mask.shape[-1]`` positions of one layer's ``(K, V)`` caches
+    (`cache_windows`, with `every`). Decode's one query token a row runs nx-kernels-cpu's attention
+    kernel on the cpu platform where it applies (`cpu_kernels.decode_attention`): it reads the
+    window in place, where XLA's two small dots copy it out and run as general matrix products."""
+    window = mask.shape[-1]
+
+    def xla(q, caches, mask):
+        return attend(q, *cache_windows(caches, window, kv_heads, every, q.dtype), mask, scale, bias)
+
+    out = None
+    if bias is None and every == 1:
+        out = cpu_kernels.decode_attention(q, caches, mask, scale, xla)
+    return xla(q, caches, mask) if out is None else out
 
 
 def causal_padding_mask(slot: jnp.ndarray, pad: jnp.ndarray, n_tokens: int, window: int) -> jnp.ndarray:

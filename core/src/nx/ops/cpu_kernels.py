@@ -43,6 +43,15 @@ kernel (AVX-512F or AVX2 fused multiply-adds over tiles of weight and token rows
 streamed once with software prefetch; sums in another order than XLA's, so equal to f32 summation
 error), for `F32_MIN_ROWS` (1; 2 at ``avx2``) to `F32_MAX_ROWS` token rows.
 
+`decode_attention(q, caches, mask, scale, xla)` is nx's attention of one query token a row over
+the KV cache (``nx.ops.attention.attend`` over ``cache_windows``) through the package's attention
+kernel (AVX-512F: scores, softmax and the weighted values of each cache row in one pass, reading
+the window where it lies in the cache instead of a copy of it), or None where it does not apply:
+one token a row (decode, and a prompt's last layer), f32 caches with f32 queries or bf16 ones
+(uint16 bits) with bf16 queries, no ALiBi bias, every batch row its own cache row, the AVX-512
+levels (``scalar`` forced runs its scalar loops, for tests), and `enabled`. Staged like
+`bf16_matmul`: ``xla(q, caches, mask)`` off the cpu platform.
+
 ``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
 or a level to force, ``avx512_bf16``, ``avx512_vnni``, ``avx2`` or ``scalar`` (never above the
 CPU's; ``scalar`` runs the kernels without SIMD, for tests; the int8 kernels run ``avx512_bf16`` as
@@ -227,6 +236,13 @@ def _varying(a: Any) -> frozenset:
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
+def _typed_like(y: Any, *operands: Any) -> Any:
+    """`y` (a custom call's result, typed invariant under shard_map) typed varying over the mesh
+    axes its operands vary over, as XLA's own ops (the other branch) are."""
+    axes = frozenset().union(*map(_varying, operands)) - _varying(y)
+    return jax.lax.pcast(y, tuple(sorted(axes)), to="varying") if axes else y
+
+
 def _staged(kernel: Callable[..., Any], x: Any, w: Any, xla: Callable[[Any, Any], Any], rows: int) -> Any:
     """``kernel(x [rows, k], w, level=, threads=)`` in programs lowered for the cpu platform, typed and
     shaped as ``xla(x, w)`` (``[..., n]`` f32), which any other platform runs."""
@@ -234,12 +250,7 @@ def _staged(kernel: Callable[..., Any], x: Any, w: Any, xla: Callable[[Any, Any]
 
     def cpu(x, w):
         y = kernel(x.reshape(rows, -1), w, level=None if level == "auto" else level, threads=threads)
-        # under shard_map the custom call's result is typed as invariant; type it varying over the
-        # mesh axes its operands vary over, as XLA's dot (the other branch) is
-        axes = (_varying(x) | _varying(w)) - _varying(y)
-        if axes:
-            y = jax.lax.pcast(y, tuple(sorted(axes)), to="varying")
-        return y.reshape(*x.shape[:-1], w.shape[0])
+        return _typed_like(y, x, w).reshape(*x.shape[:-1], w.shape[0])
 
     return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla)
 
@@ -274,3 +285,33 @@ def f32_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
     rows = _rows(x, w, (jnp.float32,), F32_MAX_ROWS if wide else F32_AVX2_MAX_ROWS,
                  F32_MIN_ROWS if wide else F32_AVX2_MIN_ROWS)
     return None if rows is None else _staged(_kernels.f32_matmul, x, w, xla, rows)
+
+
+def decode_attention(q: Any, caches: tuple, mask: Any, scale: float, xla: Callable[[Any, tuple, Any], Any]) -> Any:
+    """Attention of ``q [B, 1, H, d]`` over one layer's whole ``(K, V)`` caches where ``mask
+    [B, 1, W]`` allows (``[B, 1, H * d]`` in q's dtype): the kernel in programs lowered for the cpu
+    platform, ``xla(q, caches, mask)`` on any other; None where the kernel does not apply (see the
+    module docstring)."""
+    k, v = caches
+    b, t, h, d = q.shape
+    f32 = q.dtype == jnp.float32 and k.dtype == jnp.float32
+    bf16 = q.dtype == jnp.bfloat16 and k.dtype == jnp.uint16
+    if t != 1 or not (f32 or bf16) or k.ndim != 3 or k.shape[0] % b or h % (k.shape[0] // b):
+        return None
+    if not (enabled() and hasattr(_kernels, "decode_attention")):  # (an nx-kernels-cpu before 0.6 lacks it)
+        return None
+    if not _level().startswith("avx512") and mode() != "scalar":  # AVX2: not measured faster than XLA
+        return None
+    rows = k.shape[0]
+    kvh = rows // b
+    g = h // kvh
+    level, threads = mode(), _threads()
+
+    def cpu(q, k, v, mask):
+        qr = q.reshape(b, kvh, g, d).transpose(1, 0, 2, 3).reshape(rows, g, d)
+        o = _kernels.decode_attention(qr, k, v, mask, scale=scale, level=None if level == "auto" else level,
+                                      threads=threads)
+        o = _typed_like(o, q, k, v, mask).reshape(kvh, b, g, d).astype(q.dtype)
+        return o.transpose(1, 0, 2, 3).reshape(b, 1, h * d)
+
+    return jax.lax.platform_dependent(q, k, v, mask, cpu=cpu, default=lambda q, k, v, mask: xla(q, (k, v), mask))

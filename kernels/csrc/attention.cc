@@ -1,0 +1,303 @@
+// nx-kernels-cpu: decode attention over nx's KV cache, called from XLA:CPU through the typed FFI.
+//
+// Contract (nx.ops.attention._attend for a few query tokens): cache row r is kv head h of batch
+// row b (r = h * B + b); its J query rows (the G query heads that read kv head h, times the T
+// tokens of row b: query j is token j % T) attend over the first W positions of the caches,
+//   s[j, p] = scale * sum_d q[r, j, d] * K[r, d, p]       (keys transposed: K [R, D, P])
+//   s[j, p] = -1e30 where mask[b, j % T, p] is false      (mask [B, T, W], W <= P)
+//   e[j, p] = exp(s[j, p] - max_p s[j, p]),  total[j] = sum_p e[j, p]
+//   out[r, j, :] = sum_p e'[j, p] * V[r, p, :] / total[j]   (V [R, P, D])
+// where e' is e rounded to bf16 for bf16 caches (as _attend rounds it to the values' dtype), else
+// e. q f32 [R, J, D]; caches f32, or bf16 held as their uint16 bits (`bf16` = 1); out f32. Sums run
+// in another order than XLA's and exp is a polynomial: results equal the XLA path's to f32 rounding.
+// Why: XLA:CPU runs decode's two small attention dots as general matrix products (~10-20 us each a
+// layer on the EPYC) and copies the window out of the cache first; this reads the cache where it
+// lies, once (BENCHMARKS.md, "Decode attention kernel").
+//
+// Dispatch (`level`, fixed when the program is traced; common.h): 2-3 AVX-512F (16 positions or
+// head dims a vector, exp by polynomial and scalef); 0-1 scalar. Cache rows are split over XLA's
+// intra-op threads (ParallelRows).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace nxk;
+
+constexpr float kNegInf = -1e30f;  // nx.ops.attention.NEG_INF
+
+struct Problem {
+  int rows = 0, batch = 0, tokens = 0, queries = 0, dim = 0, positions = 0, window = 0;
+  float scale = 1.0f;
+  bool bf16 = false;
+  const float* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const bool* mask = nullptr;
+  float* out = nullptr;
+};
+
+inline float Bf16ToFloat(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// f32 -> nearest bf16 (ties to even) -> f32, as XLA's convert rounds (NaN kept a NaN).
+inline float RoundBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return f;
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float Cache(const Problem& pr, const void* c, size_t i) {
+  return pr.bf16 ? Bf16ToFloat(static_cast<const uint16_t*>(c)[i]) : static_cast<const float*>(c)[i];
+}
+
+// Softmax of s [W] in place (e, rounded to bf16 where the caches are), its total returned.
+inline float Softmax(const Problem& pr, float* s) {
+  float mx = kNegInf;
+  for (int p = 0; p < pr.window; ++p) mx = std::max(mx, s[p]);
+  float total = 0.0f;
+  for (int p = 0; p < pr.window; ++p) {
+    const float e = std::exp(s[p] - mx);
+    total += e;
+    s[p] = pr.bf16 ? RoundBf16(e) : e;
+  }
+  return total;
+}
+
+void RowScalar(const Problem& pr, int r, std::vector<float>& s) {
+  const int b = r % pr.batch, W = pr.window, D = pr.dim, P = pr.positions;
+  s.resize(static_cast<size_t>(W));
+  for (int j = 0; j < pr.queries; ++j) {
+    const float* q = pr.q + (static_cast<size_t>(r) * pr.queries + j) * D;
+    const bool* m = pr.mask + (static_cast<size_t>(b) * pr.tokens + j % pr.tokens) * W;
+    for (int p = 0; p < W; ++p) {
+      float acc = 0.0f;
+      for (int d = 0; d < D; ++d) acc += q[d] * Cache(pr, pr.k, (static_cast<size_t>(r) * D + d) * P + p);
+      s[p] = m[p] ? acc * pr.scale : kNegInf;
+    }
+    const float total = Softmax(pr, s.data());
+    float* o = pr.out + (static_cast<size_t>(r) * pr.queries + j) * D;
+    for (int d = 0; d < D; ++d) {
+      float acc = 0.0f;
+      for (int p = 0; p < W; ++p) acc += s[p] * Cache(pr, pr.v, (static_cast<size_t>(r) * P + p) * D + d);
+      o[d] = acc / total;
+    }
+  }
+}
+
+#ifdef NX_X86
+#define NX_ATTN_TARGET "avx512f,avx512bw,avx512vl"
+
+// 16 cache values at c[i ..] as f32 (lanes outside `m` zero).
+template <bool BF>
+__attribute__((target(NX_ATTN_TARGET))) inline __m512 Load16(const void* c, size_t i, __mmask16 m) {
+  if constexpr (BF) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(c) + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_maskz_loadu_ps(m, static_cast<const float*>(c) + i);
+}
+
+// exp(x) for x <= 0 (Cephes' expf polynomial on x - n ln 2, scaled by 2^n); 0 below -87.3, where
+// exp leaves the normal floats.
+__attribute__((target(NX_ATTN_TARGET))) inline __m512 Exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+// Queries [j0, j0 + QN) of cache row r: scores into s [QN][ws] (ws: W rounded up to 16). The keys
+// are read in their memory order (a head dim's positions, then the next dim's), the sums kept in
+// s (L1), so the cache streams in once.
+template <bool BF, int QN>
+__attribute__((target(NX_ATTN_TARGET))) void Scores(const Problem& pr, int r, int j0, float* s, int ws) {
+  const int b = r % pr.batch, W = pr.window, D = pr.dim, P = pr.positions;
+  const float* q = pr.q + (static_cast<size_t>(r) * pr.queries + j0) * D;
+  std::memset(s, 0, sizeof(float) * QN * ws);
+  for (int d = 0; d < D; ++d) {
+    __m512 qd[QN];
+    NX_UNROLL for (int i = 0; i < QN; ++i) qd[i] = _mm512_set1_ps(q[i * D + d]);
+    const size_t row = (static_cast<size_t>(r) * D + d) * P;
+    for (int p = 0; p < W; p += 16) {
+      const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
+      const __m512 kv = Load16<BF>(pr.k, row + p, m);
+      NX_UNROLL for (int i = 0; i < QN; ++i) {
+        float* si = s + i * ws + p;
+        _mm512_storeu_ps(si, _mm512_fmadd_ps(qd[i], kv, _mm512_loadu_ps(si)));
+      }
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(pr.scale), neg = _mm512_set1_ps(kNegInf);
+  NX_UNROLL for (int i = 0; i < QN; ++i) {
+    const bool* mrow = pr.mask + (static_cast<size_t>(b) * pr.tokens + (j0 + i) % pr.tokens) * W;
+    for (int p = 0; p < W; p += 16) {
+      const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
+      const __m128i bytes = _mm_maskz_loadu_epi8(m, mrow + p);
+      const __mmask16 seen = _mm_test_epi8_mask(bytes, bytes);
+      float* si = s + i * ws + p;
+      _mm512_storeu_ps(si, _mm512_mask_blend_ps(seen, neg, _mm512_mul_ps(_mm512_loadu_ps(si), scale)));
+    }
+  }
+}
+
+// Softmax of s [ws] (positions from W on are ignored and left 0), its total returned.
+__attribute__((target(NX_ATTN_TARGET))) float Softmax16(const Problem& pr, float* s, int ws) {
+  const int W = pr.window;
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  for (int p = 0; p < ws; p += 16) {
+    const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
+    mx = _mm512_mask_max_ps(mx, m, mx, _mm512_loadu_ps(s + p));
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 total = _mm512_setzero_ps();
+  for (int p = 0; p < ws; p += 16) {
+    const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(m, Exp16(_mm512_sub_ps(_mm512_loadu_ps(s + p), top)));
+    total = _mm512_add_ps(total, e);
+    // bf16 caches: e rounded to bf16, ties to even (vcvtneps2bf16 needs AVX512_BF16; the integer
+    // form rounds alike, and e is never NaN)
+    __m512 out = e;
+    if (pr.bf16) {
+      const __m512i u = _mm512_castps_si512(e);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+      out = _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    }
+    _mm512_storeu_ps(s + p, out);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+// out[r, j0 + i, d0 .. d0 + 16 DN) for QN queries from their weights e (s [QN][ws]).
+template <bool BF, int QN, int DN>
+__attribute__((target(NX_ATTN_TARGET))) void Values(const Problem& pr, int r, int j0, int d0, const float* s, int ws,
+                                                    const float* total) {
+  const int W = pr.window, D = pr.dim, P = pr.positions;
+  __m512 acc[QN][DN];
+  NX_UNROLL for (int i = 0; i < QN; ++i) NX_UNROLL for (int u = 0; u < DN; ++u) acc[i][u] = _mm512_setzero_ps();
+  for (int p = 0; p < W; ++p) {
+    __m512 vv[DN];
+    const size_t at = (static_cast<size_t>(r) * P + p) * D + d0;
+    NX_UNROLL for (int u = 0; u < DN; ++u) vv[u] = Load16<BF>(pr.v, at + 16 * u, 0xFFFF);
+    NX_UNROLL for (int i = 0; i < QN; ++i) {
+      const __m512 e = _mm512_set1_ps(s[i * ws + p]);
+      NX_UNROLL for (int u = 0; u < DN; ++u) acc[i][u] = _mm512_fmadd_ps(e, vv[u], acc[i][u]);
+    }
+  }
+  NX_UNROLL for (int i = 0; i < QN; ++i) {
+    float* o = pr.out + (static_cast<size_t>(r) * pr.queries + j0 + i) * D + d0;
+    const __m512 t = _mm512_set1_ps(total[i]);
+    NX_UNROLL for (int u = 0; u < DN; ++u) _mm512_storeu_ps(o + 16 * u, _mm512_div_ps(acc[i][u], t));
+  }
+}
+
+template <bool BF, int QN>
+__attribute__((target(NX_ATTN_TARGET))) void Queries(const Problem& pr, int r, int j0, float* s, int ws) {
+  Scores<BF, QN>(pr, r, j0, s, ws);
+  float total[QN];
+  for (int i = 0; i < QN; ++i) total[i] = Softmax16(pr, s + i * ws, ws);
+  int d0 = 0;
+  for (; d0 + 64 <= pr.dim; d0 += 64) Values<BF, QN, 4>(pr, r, j0, d0, s, ws, total);
+  for (; d0 < pr.dim; d0 += 16) Values<BF, QN, 1>(pr, r, j0, d0, s, ws, total);
+}
+
+template <bool BF>
+void RowAvx512(const Problem& pr, int r, std::vector<float>& s) {
+  const int ws = (pr.window + 15) / 16 * 16;
+  s.resize(static_cast<size_t>(4) * ws);
+  for (int j = 0; j < pr.queries; j += 4) {
+    switch (std::min(4, pr.queries - j)) {
+      case 4: Queries<BF, 4>(pr, r, j, s.data(), ws); break;
+      case 3: Queries<BF, 3>(pr, r, j, s.data(), ws); break;
+      case 2: Queries<BF, 2>(pr, r, j, s.data(), ws); break;
+      default: Queries<BF, 1>(pr, r, j, s.data(), ws);
+    }
+  }
+}
+#endif  // NX_X86
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, float scale, int32_t bf16,
+                               int32_t level, int32_t threads) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  const auto bad = [] {
+    return ffi::Error::InvalidArgument(
+        "nx_kernels_cpu decode_attention: q f32 [R, J, D]; k [R, D, P] and v [R, P, D], both f32 or both "
+        "uint16 holding bf16 (bf16 = 1); mask bool [B, T, W] with R a multiple of B, J of T, and W <= P");
+  };
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3) return bad();
+  Problem pr;
+  pr.rows = static_cast<int>(qd[0]);
+  pr.queries = static_cast<int>(qd[1]);
+  pr.dim = static_cast<int>(qd[2]);
+  pr.positions = static_cast<int>(kd[2]);
+  pr.batch = static_cast<int>(md[0]);
+  pr.tokens = static_cast<int>(md[1]);
+  pr.window = static_cast<int>(md[2]);
+  const auto want = bf16 ? ffi::DataType::U16 : ffi::DataType::F32;
+  if (k.element_type() != want || v.element_type() != want) return bad();
+  if (kd[0] != pr.rows || kd[1] != pr.dim || vd[0] != pr.rows || vd[1] != pr.positions || vd[2] != pr.dim)
+    return bad();
+  if (pr.batch <= 0 || pr.tokens <= 0 || pr.rows % pr.batch || pr.queries % pr.tokens || pr.window > pr.positions ||
+      pr.window <= 0)
+    return bad();
+  pr.scale = scale;
+  pr.bf16 = bf16 != 0;
+  pr.q = q.typed_data();
+  pr.k = k.untyped_data();
+  pr.v = v.untyped_data();
+  pr.mask = mask.typed_data();
+  pr.out = out->typed_data();
+  void (*row)(const Problem&, int, std::vector<float>&) = RowScalar;
+#ifdef NX_X86
+  if (ClampLevel(level) >= kAvx512Vnni && pr.dim % 16 == 0) row = pr.bf16 ? RowAvx512<true> : RowAvx512<false>;  // whole vectors of head dims
+#endif
+  // a part of the pool at least kPartWork multiply-adds: batch 1 of a small model (~0.3M in all)
+  // runs on the caller, which measured faster than waking a helper (BENCHMARKS.md)
+  constexpr int64_t kPartWork = int64_t{1} << 18;
+  const int64_t work = 2LL * pr.queries * pr.window * pr.dim;
+  const int fewest = static_cast<int>(std::max<int64_t>(1, kPartWork / std::max<int64_t>(1, work)));
+  ParallelRows(pool, pr.rows, Threads(pool, threads), work, [&](int r0, int r1) {
+    thread_local std::vector<float> s;
+    for (int r = r0; r < r1; ++r) row(pr, r, s);
+  }, /*align=*/1, fewest);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NxDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("bf16")
+                                  .Attr<int32_t>("level")
+                                  .Attr<int32_t>("threads"));
