@@ -161,13 +161,14 @@ __attribute__((target("avx2,fma"))) inline void RoundRowAvx2(const float* v, int
 
 // One int8 term per block of 32 inputs (llama.cpp's q8_0 activations): x[i, 32 b + t] ~=
 // a[i, 32 b + t] * scale[i, b], rounded as nx.ops.quant.block_terms (RoundRow on each block) for
-// rows [i0, i1) of x [m, k] (k a multiple of 32); a [m, k], scale [m, k / 32]. Every ISA rounds alike.
-inline void QuantizeBlocks(const float* x, int k, int i0, int i1, int8_t* a, float* scale) {
+// rows [i0, i1) of x [m, k] (k a multiple of 32); a [m, k], scale [m, k / 32]. `level` (a clamped
+// dispatch level) picks the instructions; every level rounds alike.
+inline void QuantizeBlocks(const float* x, int k, int i0, int i1, int8_t* a, float* scale, int level) {
   using Round = void (*)(const float*, int, int8_t*, float*);
+  Round round = RoundRow;
 #ifdef NX_X86
-  static const Round round = DetectIsa() >= kAvx512Vnni ? RoundRowAvx512 : HasFma() ? RoundRowAvx2 : RoundRow;
-#else
-  static const Round round = RoundRow;
+  if (level >= kAvx512Vnni) round = RoundRowAvx512;
+  else if (level >= kAvx2 && HasFma()) round = RoundRowAvx2;
 #endif
   const int nb = k / 32;
   for (int i = i0; i < i1; ++i)

@@ -121,6 +121,7 @@ struct GroupedActs {
   int bw = 0;                         // blocks a window (16, 8; the scalar level: 0)
   int wb = 0;                         // per token row: windows * bw (the scalar level: nb)
   int offset = 0;                     // 8 (symmetric 4-bit: unsigned nibbles) or 0
+  int level = kScalar;                // the call's dispatch level (the rounding's instructions)
   std::vector<int8_t> a;
   std::vector<float> sx;    // [m, wb]
   std::vector<float> cb;    // [m, wb], empty when offset is 0
@@ -166,7 +167,7 @@ std::vector<int> ValueOrder(int k, int kp, int gs, int bits, int level) {
 void PrepareRows(const float* x, int k, const GroupedWeight& w, const std::vector<int>& order, int i0, int i1,
                  GroupedActs& g) {
   if (g.bw == 0) {  // the scalar level and panels: natural order
-    QuantizeBlocks(x, k, i0, i1, g.a.data(), g.sx.data());
+    QuantizeBlocks(x, k, i0, i1, g.a.data(), g.sx.data(), g.level);
     if (w.zero)
       for (int i = i0; i < i1; ++i)
         for (int v = 0; v < k; ++v) g.xsum[static_cast<size_t>(i) * g.gp + v / w.gs] += x[static_cast<size_t>(i) * k + v];
@@ -186,7 +187,7 @@ void PrepareRows(const float* x, int k, const GroupedWeight& w, const std::vecto
   sx.resize(g.nb);
   for (int i = i0; i < i1; ++i) {
     const float* xi = x + static_cast<size_t>(i) * k;
-    QuantizeBlocks(xi, k, 0, 1, q.data(), sx.data());
+    QuantizeBlocks(xi, k, 0, 1, q.data(), sx.data(), g.level);
     int8_t* a = g.a.data() + static_cast<size_t>(i) * g.kp;
     for (int b = 0; b < g.kp; ++b) a[b] = order[b] < 0 ? 0 : q[order[b]];
     const size_t r = static_cast<size_t>(i) * g.wb;
@@ -211,6 +212,7 @@ void PrepareActs(ffi::ThreadPool& pool, int threads, const float* x, int m, int 
                  bool panel, GroupedActs& g) {
   const int gs = w.gs;
   g.m = m;
+  g.level = level;
   g.nb = k / 32;
   g.gp = (w.groups + 7) / 8 * 8;
   const bool simd = level != kScalar && !panel;
