@@ -26,6 +26,7 @@ def convert(src: Path, dst: Path, precision: str) -> Path:
     qtype, file_type = PRECISIONS[precision]
     reader = gguf.GGUFReader(src, "r")
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    dst.parent.mkdir(parents=True, exist_ok=True)  # a fresh machine has no cache folder yet
     tmp = dst.with_suffix(".partial")
     writer = gguf.GGUFWriter(tmp, arch)
     for field in reader.fields.values():
