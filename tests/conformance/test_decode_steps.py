@@ -161,3 +161,17 @@ def test_context_broadcasting_bf16_sampling_and_scanned_layers(saved_case):
                 compile=False, progress=False)
     kw = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=[])
     assert torch.equal(m.generate(ids, decode_steps=4, **kw), m.generate(ids, decode_steps=1, **kw))
+
+
+def test_bf16_decode_loop_gathers_the_table_inside_the_loop(saved_case):
+    """The multi-step program of a bf16 model compiles with nx's options so that XLA:CPU does not
+    hoist an f32 copy of the whole embedding table out of the loop (written at every call)."""
+    from nx import xla_options
+
+    _, path = saved_case(CASES[1])  # tied embeddings: the table is the lm head too
+    m = nx.load("llama", path, batch_size=1, amp="bf16", n_positions=[32], context_length_estimate=[16],
+                compile=False, progress=False)
+    key = ProgramKey(1, 1, 32, False, steps=4)
+    text = m.programs.lower(key).compile(xla_options.compiler_options("cpu", loop=True)).as_text()
+    entry = text.split("\nENTRY", 1)[1]  # what runs once a call, around the loop
+    assert "while(" in entry and f"f32[{CASES[1].vocab},{m.spec.hidden_size}]" not in entry

@@ -16,6 +16,16 @@ def test_avx512_cpus_get_512_bit_vectors(monkeypatch):
     assert xla_options.compiler_options("cpu") == EXACT
 
 
+def test_cpu_decode_loops_keep_their_invariants_inside(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(xla_options, "cpu_flags", lambda: {"avx2"})
+    loop = xla_options.compiler_options("cpu", loop=True)
+    assert loop == {**EXACT, "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+    assert xla_options.compiler_options("gpu", loop=True) == EXACT
+    monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=foo")
+    assert "xla_disable_hlo_passes" not in xla_options.compiler_options("cpu", loop=True)
+
+
 def test_other_platforms_and_user_flags_are_left_alone(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.setattr(xla_options, "cpu_flags", lambda: {"avx512f"})

@@ -310,7 +310,7 @@ class ProgramSet:
             return program
         if self.on_missing is not None:
             self.on_missing(key)
-        options = xla_options.compiler_options(self.placement.device.platform)
+        options = xla_options.compiler_options(self.placement.device.platform, loop=key.steps > 1)
 
         def compile() -> executables.Program:
             lowered = self.lower(key)

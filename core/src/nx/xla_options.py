@@ -1,6 +1,9 @@
 """XLA compiler options nx sets per program (never process-wide, so other jax code is unaffected).
 
 On x86 CPUs with AVX-512, programs are vectorized for 512-bit registers (XLA:CPU defaults to 256).
+Multi-step decode programs (a while loop of decode steps) compile on the CPU without XLA's
+loop-invariant code motion: it hoists the f32 copy of a bf16 embedding table that XLA:CPU gathers
+from out of the loop, so every call wrote the whole table (a third of a bf16 SmolLM2 step's time).
 Every program rounds where it says it rounds (no XLA "excess precision"), so 16-bit results do not
 depend on how XLA fused a program; not set for PJRT plugins (Neuron), which may reject XLA debug
 options. The measurements are in BENCHMARKS.md.
@@ -14,6 +17,8 @@ import functools
 import os
 
 VECTOR_WIDTH = "xla_cpu_prefer_vector_width"
+DISABLED_PASSES = "xla_disable_hlo_passes"
+LOOP_HOISTING = "while-loop-invariant-code-motion"
 EXCESS_PRECISION = "xla_allow_excess_precision"
 EXACT_ROUNDING_PLATFORMS = ("cpu", "gpu", "cuda")  # XLA's own backends; plugins (Neuron) may reject it
 
@@ -37,10 +42,13 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def compiler_options(platform: str) -> dict[str, int | bool]:
-    """Options for `Lowered.compile(compiler_options=...)` of a program running on `platform`."""
+def compiler_options(platform: str, loop: bool = False) -> dict[str, int | bool | str]:
+    """Options for `Lowered.compile(compiler_options=...)` of a program running on `platform`;
+    `loop`: the program runs decode steps in a while loop (``decode_steps`` > 1)."""
     user = os.environ.get("XLA_FLAGS", "")
-    options: dict[str, int | bool] = {}
+    options: dict[str, int | bool | str] = {}
+    if platform == "cpu" and loop and DISABLED_PASSES not in user:
+        options[DISABLED_PASSES] = LOOP_HOISTING
     if platform in EXACT_ROUNDING_PLATFORMS and EXCESS_PRECISION not in user:
         options[EXCESS_PRECISION] = False
     if platform == "cpu" and VECTOR_WIDTH not in user and "avx512f" in cpu_flags():
