@@ -12,7 +12,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -191,6 +193,8 @@ inline void SumRows(Terms& t) {
 struct Job {
   std::atomic<int> next{0};
   std::atomic<int> done{0};
+  std::atomic<int> joined{0};  // warm helpers that asked to join (the first `helpers` may)
+  int helpers = 0;
   int chunks = 0;
   int rows_per_chunk = 0;
   int n = 0;
@@ -207,10 +211,67 @@ struct Job {
   }
 };
 
+// Warm helpers: pool tasks that, after a one-token-row product, spin for the next job for
+// `SpinNs` before giving their thread back. A batch-1 decode step's products come tens of
+// microseconds apart and last about as long, and a pool thread woken from sleep starts ~20 us late,
+// after the caller has claimed most chunks (BENCHMARKS.md, "Warm helpers for one-row products").
+// One job is offered at a time; a caller that finds the slot taken schedules plain pool tasks.
+struct Warm {
+  std::atomic<Job*> slot{nullptr};
+  std::atomic<int> inside{0};    // helpers between reading the slot and leaving the job they read
+  std::atomic<int> spinners{0};  // helpers scheduled and not yet returned
+};
+
+inline Warm& GlobalWarm() {
+  static Warm w;
+  return w;
+}
+
+inline int64_t NowNs() {
+  timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec;
+}
+
+// How long a warm helper waits for the next job: $NX_KERNELS_SPIN_US microseconds (default 200;
+// 0: no warm helpers).
+inline int64_t SpinNs() {
+  static const int64_t ns = [] {
+    const char* v = std::getenv("NX_KERNELS_SPIN_US");
+    return (v && *v ? std::max<int64_t>(0, std::atoll(v)) : 200) * 1000;
+  }();
+  return ns;
+}
+
+inline void Pause() {
+#ifdef NX_X86
+  _mm_pause();
+#endif
+}
+
+inline void Help(Warm& w) {
+  int64_t last = NowNs();
+  for (int i = 0;; ++i) {
+    w.inside.fetch_add(1, std::memory_order_seq_cst);
+    Job* j = w.slot.load(std::memory_order_seq_cst);
+    const bool helped = j && j->joined.fetch_add(1, std::memory_order_relaxed) < j->helpers;
+    if (helped) j->RunChunks();
+    w.inside.fetch_sub(1, std::memory_order_release);
+    if (helped || (i & 63) == 0) {
+      const int64_t now = NowNs();
+      if (helped) last = now;
+      else if (now - last > SpinNs()) break;
+    }
+    Pause();
+  }
+  w.spinners.fetch_sub(1, std::memory_order_seq_cst);
+}
+
 // `align`: chunks start at multiples of it (the kernels' register tiles); `fewest`: rows a part
-// gets at least (matmuls: 16).
+// gets at least (matmuls: 16); `warm`: the job is a one-token-row product, run by warm helpers.
 inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work_per_row,
-                         std::function<void(int, int)> body, int align = 4, int fewest = 16) {
+                         std::function<void(int, int)> body, int align = 4, int fewest = 16,
+                         bool warm = false) {
   // Below ~64k multiply-adds a second thread costs more than it saves.
   const int64_t min_rows = std::max<int64_t>(fewest, 65536 / std::max<int64_t>(1, work_per_row));
   int parts = threads;
@@ -227,13 +288,22 @@ inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work
   job->rows_per_chunk = ((n + job->chunks - 1) / job->chunks + align - 1) / align * align;
   job->chunks = (n + job->rows_per_chunk - 1) / job->rows_per_chunk;
   job->body = std::move(body);
-  for (int i = 1; i < parts; ++i) pool.Schedule([job] { job->RunChunks(); });
-  job->RunChunks();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) {
-#ifdef NX_X86
-    _mm_pause();
-#endif
+  job->helpers = parts - 1;
+  Warm& w = GlobalWarm();
+  Job* expected = nullptr;
+  if (warm && SpinNs() > 0 && w.slot.compare_exchange_strong(expected, job.get(), std::memory_order_seq_cst)) {
+    for (int have = w.spinners.load(std::memory_order_seq_cst); have < parts - 1; ++have) {
+      w.spinners.fetch_add(1, std::memory_order_seq_cst);
+      pool.Schedule([&w] { Help(w); });
+    }
+    job->RunChunks();
+    w.slot.store(nullptr, std::memory_order_seq_cst);
+    while (w.inside.load(std::memory_order_seq_cst) != 0) Pause();  // a helper may still hold the job
+  } else {
+    for (int i = 1; i < parts; ++i) pool.Schedule([job] { job->RunChunks(); });
+    job->RunChunks();
   }
+  while (job->done.load(std::memory_order_acquire) < job->chunks) Pause();
 }
 
 // Loops over a register tile's accumulators, unrolled before GCC decides where arrays live: left to

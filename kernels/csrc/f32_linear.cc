@@ -186,7 +186,7 @@ ffi::Error F32MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   Prepare(x.typed_data(), m, k, a);
   const float* wp = w.typed_data();
   ParallelRows(pool, n, Threads(pool, threads), static_cast<int64_t>(m) * k,
-               [&](int j0, int j1) { Dot(path, a, wp, j0, j1, yp, n); });
+               [&](int j0, int j1) { Dot(path, a, wp, j0, j1, yp, n); }, 4, 16, m == 1);
   return ffi::Error::Success();
 }
 

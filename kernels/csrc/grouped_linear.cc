@@ -1043,7 +1043,7 @@ ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
       for (int i0 = 0; i0 < m; i0 += tile)
         for (int u = c0; u < c1; ++u) row(g, w, u * unit, i0, std::min(m, i0 + tile), yp, n);
     }
-  });
+  }, 4, 16, m == 1);
   return ffi::Error::Success();
 }
 

@@ -317,7 +317,7 @@ ffi::Error S8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
         }
       }
     }
-  });
+  }, 4, 16, m == 1);
   return ffi::Error::Success();
 }
 

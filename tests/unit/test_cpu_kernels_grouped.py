@@ -208,6 +208,39 @@ def test_threads_do_not_change_results():
     np.testing.assert_array_equal(np.asarray(f[0](x)), np.asarray(f[1](x)))
 
 
+
+def test_one_row_chains_from_many_threads_share_the_warm_helpers():
+    """One-row products (run by warm helpers that spin for the next job) chained from several host
+    threads at once, so the helpers' one offered job is contended and callers fall back to plain
+    pool tasks: each chain gives what it gives alone on one thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import nx_kernels_cpu
+
+    w = _weight(1536, 576, 4, 32, False, True)
+    wf = jnp.asarray(np.random.default_rng(3).standard_normal((1536, 576)).astype(np.float32) * 0.02)
+
+    def chain(threads):
+        def f(x):
+            for i in range(12):  # each call waits for the last, as a decode step's products do
+                if i % 2:
+                    y = nx_kernels_cpu.f32_matmul(x, wf, threads=threads)
+                else:
+                    y = nx_kernels_cpu.grouped_matmul(x, w.q, w.scale, bits=4, group_size=32, threads=threads)
+                x = x + 1e-3 * y[:, :576]
+            return x
+
+        return jax.jit(f)
+
+    xs = [np.random.default_rng(i).standard_normal((1, 576)).astype(np.float32) for i in range(8)]
+    alone = chain(1)
+    ref = [np.asarray(alone(x)) for x in xs]
+    together = chain(4)  # more helpers than this machine's pool may have
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: np.asarray(together(x)), xs * 3))
+    for i, g in enumerate(got):
+        np.testing.assert_array_equal(g, ref[i % len(xs)])
+
 def _lowered(x, w):
     return jax.jit(lambda x: ops.lm_head(x, w)).lower(x).as_text()
 

@@ -54,7 +54,7 @@ import numpy as np
 __all__ = ["LEVELS", "__version__", "bf16_matmul", "decode_attention", "f32_matmul", "grouped_matmul", "isa", "s8_dot",
            "s8_matmul"]
 
-__version__ = "0.6.0"
+__version__ = "0.6.1"
 
 #: Dispatch levels, in the library's numbering.
 LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512_bf16": 3}
