@@ -30,7 +30,7 @@ from tests.cases.llama import CASES
 from tests.conftest import char_tokenizer, hf_greedy, left_padded
 
 CASE = CASES[0]
-OPTS = dict(n_positions=[32, 64], context_length_estimate=[16], progress=False)
+OPTS = dict(n_positions=[32, 64], context_length_estimate=[16], decode_steps=1, progress=False)  # one-step program names
 PROMPT = [[5, 9, 77, 31, 2, 140, 66, 12, 201]]
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -441,7 +441,7 @@ def test_cli_compile_then_generate_from_the_artifact(ckpt, tmp_path):
     ])
     assert res.exit_code == 0, res.output
     assert "compiled 4 programs" in res.stderr  # 3 buckets + the last chunk of 33..64-token prompts
-    assert artifacts.is_artifact(out) and (hlo / "decode_b1_w64.hlo.pb").exists()
+    assert artifacts.is_artifact(out) and (hlo / "decode_b1_w64_k8.hlo.pb").exists()  # the default decode_steps
 
     compiles: list[str] = []
 

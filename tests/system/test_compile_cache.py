@@ -22,7 +22,7 @@ from tests.cases.llama import CASES
 from tests.conftest import assert_same_greedy, left_padded
 
 CASE = CASES[0]
-OPTS = dict(batch_size=2, n_positions=[32, 64], context_length_estimate=[16], progress=False)
+OPTS = dict(batch_size=2, n_positions=[32, 64], context_length_estimate=[16], decode_steps=1, progress=False)
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -245,7 +245,7 @@ def test_cli_cache_info_and_clear(saved_case, tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["cache", "info"])
     assert res.exit_code == 0 and f"{n} programs" in res.output and str(tmp_path) in res.output
     res = CliRunner().invoke(main, ["compile", "llama", path, "--out", str(tmp_path / "art"), "--batch-size", "2",
-                                    "--n-positions", "32,64", "--context-length-estimate", "16"])
+                                    "--n-positions", "32,64", "--context-length-estimate", "16", "--decode-steps", "1"])
     assert res.exit_code == 0, res.output
     # the artifact adds the prefill of the last 16-token chunk of 33..64-token prompts (64 positions)
     assert f"({n} of {n + 1} programs from the compile cache)" in res.stderr

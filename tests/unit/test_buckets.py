@@ -17,7 +17,7 @@ def cfg(**kw) -> RuntimeConfig:
 def test_default_keys_are_a_prefill_per_prompt_bucket_and_a_decode_per_position_bucket():
     c = cfg(batch_size=4, prompt_batch_size=2, n_positions=[64, 256], context_length_estimate=[16, 128])
     assert buckets.default_keys(c) == [
-        ProgramKey(2, 16, 64), ProgramKey(2, 128, 256), ProgramKey(4, 1, 64), ProgramKey(4, 1, 256)]
+        ProgramKey(2, 16, 64), ProgramKey(2, 128, 256), ProgramKey(4, 1, 64, steps=8), ProgramKey(4, 1, 256, steps=8)]
     assert ProgramKey(2, 16, 64).name == "prefill_b2_t16_w64"
     assert ProgramKey(4, 1, 256, True).name == "decode_b4_w256_sample"
 
@@ -76,7 +76,7 @@ def test_decode_windows_and_request_keys():
     c = cfg(n_positions=[32, 64], context_length_estimate=[16])
     assert buckets.decode_window(c, 31) == 32 and buckets.decode_window(c, 32) == 64
     assert buckets.decode_windows(c, 30, 4) == [32, 64]  # slots 30, 31, 32 are fed back
-    assert buckets.request_keys(c, 10, 8) == [ProgramKey(1, 16, 32), ProgramKey(1, 1, 32)]
+    assert buckets.request_keys(c, 10, 8) == [ProgramKey(1, 16, 32), ProgramKey(1, 1, 32, steps=8)]
     assert buckets.request_keys(c, 10, 8, sample=True)[0].sample
 
 
@@ -84,7 +84,7 @@ def test_multi_step_decode_keys_and_blocks():
     """decode_steps=k: one k-step decode program per window, each call cut at the window's end
     (so every step attends over the window a one-step call would) and at the steps still wanted."""
     c = cfg(n_positions=[32, 64], context_length_estimate=[16], decode_steps=4)
-    assert c.decode_steps == 4 and cfg(n_positions=[32]).decode_steps == 1
+    assert c.decode_steps == 4 and cfg(n_positions=[32]).decode_steps == 8
     assert buckets.default_keys(c)[1:] == [ProgramKey(1, 1, 32, steps=4), ProgramKey(1, 1, 64, steps=4)]
     assert buckets.request_keys(c, 10, 30)[1:] == [ProgramKey(1, 1, 32, steps=4), ProgramKey(1, 1, 64, steps=4)]
     assert ProgramKey(1, 1, 64, steps=4).name == "decode_b1_w64_k4"

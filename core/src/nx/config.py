@@ -119,7 +119,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("quant", None, "Store weights quantized: s8 = int8 (per-output-channel scales), s4 = 4-bit (scales per "
            "group of 32 inputs), gguf = a GGUF file's Q8_0/Q4_x/Q6_K blocks as they are (by default only when "
            "f32 weights would not fit), f32 = none.", anything, "--quant", baked=True),
-    Option("decode_steps", 1, "Decode steps per program call: generate/stream run up to this many tokens per row "
+    Option("decode_steps", 8, "Decode steps per program call: generate/stream run up to this many tokens per row "
            "in one call (a loop on the device, stopping when every row has met EOS), cutting host round trips; "
            "1 = one call per token.", positive_int, "--decode-steps", baked=True),
     Option("device_memory", None, "Bytes per device for the fit check (default: what the device reports).",
@@ -171,7 +171,7 @@ class RuntimeConfig:
     tp_degree: int = 1
     devices: tuple[int, ...] | None = None  # device ids to run on (default: the first tp_degree)
     unroll: int | None = None  # layers per scanned block (None: every layer unrolled; see nx.scan)
-    decode_steps: int = 1  # decode steps per program call of generate / stream (see buckets.decode_block)
+    decode_steps: int = 8  # decode steps per program call of generate / stream (see buckets.decode_block)
 
     @classmethod
     def build(cls, **options: Any) -> RuntimeConfig:
