@@ -111,3 +111,15 @@ def test_too_long_is_one_clear_line(saved_case):
     res = CliRunner().invoke(main, ["bench", "llama", path, "--prompt-lengths", "60", "--new-tokens", "8",
                                     "--n-positions", "64"])
     assert res.exit_code == 2 and "--n-positions 68" in res.stderr and "Traceback" not in res.output
+
+
+def test_block_latency_is_a_block_time_over_its_steps():
+    """With k decode steps a call, tokens reach the host k at a time: each step's latency is its
+    block's time over k, not the near-zero gaps inside a block."""
+    from nx.bench import StepTimes
+
+    s = StepTimes(2, 0.1, [0.08, 0.0, 0.0, 0.0, 0.04, 0.0], block=4).summary()
+    assert s["latency_p50_ms"] == pytest.approx(20.0) and s["latency_p99_ms"] == pytest.approx(20.0)
+    assert s["decode_tokens_per_s"] == pytest.approx(2 * 6 / 0.12)
+    one = StepTimes(2, 0.1, [0.08, 0.0, 0.0, 0.0, 0.04, 0.0]).summary()
+    assert one["latency_p50_ms"] == pytest.approx(0.0)

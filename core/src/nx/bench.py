@@ -10,9 +10,10 @@ prompt length a prompt of random token ids is generated greedily for exactly `ne
 yields each step's tokens once they reach the host; the timestamps give time to first token
 (prefill + first token), the per-step decode latencies and the aggregate decode rate. Random ids
 mean no tokenizer is needed: the programs do the same work whatever the ids are.
-With ``decode_steps`` k > 1 (``--decode-steps``) tokens reach the host k at a time: the
-per-step latencies are then the gaps between tokens (near zero inside a block, a whole block's
-time at its first token); the aggregate rate means the same as with k = 1.
+With ``decode_steps`` k > 1 (the default 8, ``--decode-steps``) tokens reach the host k at a time:
+each step's latency is then its block's time over the block's k steps (the gaps between tokens
+are near zero inside a block and a whole block's time at its first token); the aggregate rate
+means the same as with k = 1.
 
 Bytes per decode step are the parameter bytes (every leaf of the parameter tree; a decode step
 reads every weight once for the whole batch, except that an untied embedding table is only
@@ -66,11 +67,13 @@ DEFAULT_NEW_TOKENS = 128
 @dataclass
 class StepTimes:
     """Timestamps of one greedy run: `ttft_s` from the call to the first token on the host, then
-    the gap before each following step's tokens (`steps_s`, one per decode step)."""
+    the gap before each following step's tokens (`steps_s`, one per decode step); `block`: the
+    decode steps one program call runs (the latencies average the gaps over each such block)."""
 
     rows: int
     ttft_s: float
     steps_s: list[float]
+    block: int = 1
 
     @property
     def decode_s(self) -> float:
@@ -90,24 +93,29 @@ class StepTimes:
         }
         if steps.size and self.decode_s > 0:
             out["decode_tokens_per_s"] = self.rows * steps.size / self.decode_s
-            out["latency_p50_ms"] = float(np.percentile(steps, 50) * 1e3)
-            out["latency_p99_ms"] = float(np.percentile(steps, 99) * 1e3)
+            k = max(1, self.block)
+            blocks = [steps[i : i + k] for i in range(0, steps.size, k)]
+            latency = np.concatenate([np.full(b.size, b.mean()) for b in blocks])
+            out["latency_p50_ms"] = float(np.percentile(latency, 50) * 1e3)
+            out["latency_p99_ms"] = float(np.percentile(latency, 99) * 1e3)
         return out
 
 
-def time_steps(steps: Callable[[], Any], rows: int) -> StepTimes:
-    """Timestamp every item `steps()` yields (each must already be on the host when yielded)."""
+def time_steps(steps: Callable[[], Any], rows: int, block: int = 1) -> StepTimes:
+    """Timestamp every item `steps()` yields (each must already be on the host when yielded);
+    `block`: the decode steps one program call runs."""
     t0 = time.perf_counter()
     stamps = [time.perf_counter() for _ in steps()]
     if not stamps:
         raise ConfigError("the run produced no tokens; ask for at least one new token")
-    return StepTimes(rows, stamps[0] - t0, list(np.diff(stamps)))
+    return StepTimes(rows, stamps[0] - t0, list(np.diff(stamps)), block)
 
 
 def time_stream(model: Any, ids: np.ndarray, new_tokens: int) -> StepTimes:
     """Greedy `model.stream` of exactly `new_tokens` tokens (EOS banned), timestamped per step."""
     rows = model.config.batch_size
-    return time_steps(lambda: model.stream(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens), rows)
+    return time_steps(lambda: model.stream(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens), rows,
+                      getattr(model.config, "decode_steps", 1))
 
 
 def tree_nbytes(tree: Any) -> int:
