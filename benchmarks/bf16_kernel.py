@@ -55,7 +55,7 @@ def main() -> None:
             if only and (n, k) not in only:
                 continue
             count = max(1, int(np.ceil(args.stream_mb * 2**20 / (2 * n * k))))
-            ws = [jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16) for _ in range(count)]
+            ws = [kernel_bench.weight(rng.standard_normal((n, k), np.float32).astype(jnp.bfloat16)) for _ in range(count)]
             for m in (int(r) for r in args.rows.split(",")):
                 x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
                 runs = {name: kernel_bench.runner(fn, x, ws, "off" if name == "xla" else None) for name, fn in variants.items()}

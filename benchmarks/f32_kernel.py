@@ -67,7 +67,7 @@ def main() -> None:
                 continue
             nbytes = 4 * n * k
             copies = int(min(64, max(1, np.ceil(args.min_mb * 1e6 / nbytes))))
-            ws = [jnp.asarray(rng.standard_normal((n, k), np.float32) * 0.02) for _ in range(copies)]
+            ws = [kernel_bench.weight(rng.standard_normal((n, k), np.float32) * 0.02) for _ in range(copies)]
             for m in [int(r) for r in args.rows.split(",")]:
                 x = jnp.asarray(rng.standard_normal((m, k), np.float32))
                 fns = {}

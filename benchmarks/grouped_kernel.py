@@ -22,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import kernel_bench
 import numpy as np
 
 SHAPES = [(2048, 2048), (8192, 2048), (2048, 8192)]  # [out, in]: attention / MLP up / MLP down of a 1B llama
@@ -38,7 +39,7 @@ def _weight(n: int, k: int, seed: int = 0, panel: bool = False, bits: int = 4):
     scale = rng.uniform(1e-3, 1e-1, (n, k // 32)).astype(np.float16)
     if panel:
         q, scale = to_panels(q, bits), to_panels(scale)
-    return QuantizedWeight(jnp.asarray(q), jnp.asarray(scale), bits=bits, group_size=32, panel=panel)
+    return QuantizedWeight(kernel_bench.weight(q), kernel_bench.weight(scale), bits=bits, group_size=32, panel=panel)
 
 
 def _time(f, x, ws, repeats: int) -> tuple[float, float]:

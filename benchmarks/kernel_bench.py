@@ -1,6 +1,6 @@
 """What the kernel microbenchmarks share (`bf16_kernel.py`, `s8_kernel.py`, `f32_kernel.py`): the
-matrix shapes of decode, a timed chain of matmuls, and another build of the kernel library as a
-baseline in the same process (A/B without reinstalling)."""
+matrix shapes of decode, weights placed as nx places them, a timed chain of matmuls, and another
+build of the kernel library as a baseline in the same process (A/B without reinstalling)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ SHAPES = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)],
     "1b": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (128256, 2048)],
 }
+
+
+def weight(a) -> jax.Array:
+    """A host weight on the CPU device as `nx.load` puts it there: in a `nx.memory.WeightArena`
+    (huge pages; ``NX_HUGE_PAGES=0``: plain pages)."""
+    from nx.memory import WeightArena
+
+    return jax.device_put(WeightArena().copy(np.asarray(a)), jax.devices("cpu")[0])
 
 
 def runner(fn, x, ws, env=None):

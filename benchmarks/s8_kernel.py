@@ -62,8 +62,8 @@ def main() -> None:
             if only and (n, k) not in only:
                 continue
             count = min(args.max_count, max(1, int(np.ceil(args.stream_mb * 2**20 / (n * k)))))
-            ws = [QuantizedWeight(jnp.asarray(rng.integers(-128, 128, (n, k), dtype=np.int8)),
-                                  jnp.asarray(rng.uniform(1e-3, 1e-1, n).astype(np.float32))) for _ in range(count)]
+            ws = [QuantizedWeight(kernel_bench.weight(rng.integers(-128, 128, (n, k), dtype=np.int8)),
+                                  kernel_bench.weight(rng.uniform(1e-3, 1e-1, n).astype(np.float32))) for _ in range(count)]
             for m in (int(r) for r in args.rows.split(",")):
                 x = jnp.asarray(rng.standard_normal((m, k), np.float32))
                 runs = {name: kernel_bench.runner(fn, x, ws, "off" if name == "xla" else None) for name, fn in variants.items()}

@@ -1,12 +1,16 @@
 """The seed's sizing rule, checked before any weight is read: weights plus KV cache must fit in
-per-device memory times the tensor-parallel degree; and handing freed host memory back while
-weights are placed."""
+per-device memory times the tensor-parallel degree; handing freed host memory back while weights
+are placed; and the huge-page host memory the CPU backend's weights live in (`WeightArena`)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import mmap
 import os
+
+import numpy as np
 
 from nx.errors import ResourceError
 from nx.family import WeightMap
@@ -81,3 +85,60 @@ def return_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+#: A `WeightArena`'s shared chunk; a tensor above a quarter of it gets a mapping of its own.
+ARENA_CHUNK = 64 << 20
+HUGE_PAGE = 2 << 20
+ALIGN = 64
+
+
+class WeightArena:
+    """Host memory for weights the CPU backend reads in place, on transparent huge pages.
+
+    Contract: `copy(a)` returns a C-contiguous copy of `a` starting at a 64-byte boundary inside an
+    anonymous private mapping aligned to 2 MiB and advised ``MADV_HUGEPAGE`` (Linux; plain pages
+    where the advice does not exist or transparent huge pages are off). `jax.device_put` of such an
+    array on a CPU device aliases it rather than copying, so XLA:CPU's kernels read the weights from
+    huge pages. A mapping lives as long as any array in it; nothing may write to an array once it
+    is placed (XLA takes it as immutable). ``NX_HUGE_PAGES=0`` turns the advice off.
+
+    Why: XLA's allocator puts each weight on 4 KiB pages, and a batch-1 decode step on these VMs lost
+    ~5-10% of its time to TLB misses while streaming them (BENCHMARKS.md, "Weights on huge pages").
+    """
+
+    def __init__(self) -> None:
+        self._chunk: np.ndarray | None = None
+        self._used = 0
+
+    @staticmethod
+    def advised() -> bool:
+        """Whether new mappings are advised to use huge pages here."""
+        return hasattr(mmap, "MADV_HUGEPAGE") and os.environ.get("NX_HUGE_PAGES", "1") != "0"
+
+    @classmethod
+    def _map(cls, nbytes: int) -> np.ndarray:
+        """`nbytes` (rounded up to 2 MiB) of fresh zeroed memory starting at a 2 MiB boundary."""
+        size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+        m = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+        raw = np.frombuffer(m, np.uint8)
+        start = -raw.ctypes.data % HUGE_PAGE  # a multiple of the 4 KiB page, as madvise needs
+        if cls.advised():
+            with contextlib.suppress(OSError):  # a kernel without transparent huge pages: plain pages
+                m.madvise(mmap.MADV_HUGEPAGE, start, size)
+        return raw[start : start + size]  # the view keeps the mapping alive
+
+    def copy(self, a: np.ndarray) -> np.ndarray:
+        """A copy of `a` in the arena (see the class docstring)."""
+        a = np.asarray(a)
+        n = a.nbytes
+        if n > ARENA_CHUNK // 4:
+            block = self._map(n)[:n]
+        else:
+            if self._chunk is None or self._used + n > self._chunk.nbytes:
+                self._chunk, self._used = self._map(ARENA_CHUNK), 0
+            block = self._chunk[self._used : self._used + n]
+            self._used += -(-max(n, 1) // ALIGN) * ALIGN
+        out = block.view(a.dtype).reshape(a.shape)
+        out[...] = a
+        return out

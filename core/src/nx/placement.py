@@ -3,7 +3,7 @@
 `Placement` owns the 1-D ``tp`` mesh; `place_params` turns a host parameter tree into device
 arrays laid out for tensor parallelism (re-layout, optional quantization, scanned-layer stacking,
 casting to the compute dtype), releasing each host array once it is placed so the host never
-holds the model twice.
+holds the model twice. On CPU devices the weights live in a `nx.memory.WeightArena` (huge pages).
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ class Placement:
         return NamedSharding(self.mesh, spec)
 
     @staticmethod
-    def place(a: np.ndarray, where: NamedSharding) -> jax.Array:
-        """Put a host array on the mesh; each process supplies only the shards it holds."""
-        return jax.make_array_from_callback(a.shape, where, lambda idx: a[idx])
+    def place(a: np.ndarray, where: NamedSharding, arena: memory.WeightArena | None = None) -> jax.Array:
+        """Put a host array on the mesh; each process supplies only the shards it holds. With an
+        `arena` (CPU devices), each shard is copied into it first and the devices read it in place."""
+        return jax.make_array_from_callback(a.shape, where, lambda idx: a[idx] if arena is None else arena.copy(a[idx]))
 
     def put(self, a: Any) -> jax.Array:
         """A small host value, replicated over the mesh (program inputs)."""
@@ -110,10 +111,11 @@ class Placement:
             specs["layers"] = scan.stack_specs(specs["layers"], unroll)
         leaves, tree = jax.tree.flatten(params, is_leaf=is_quantized)
         del params  # `leaves` is now the only holder of the host arrays
+        arena = memory.WeightArena() if self.device.platform == "cpu" else None
         placed, freed = [], 0
         for i, where in enumerate(tree.flatten_up_to(specs)):
             a, leaves[i] = self.cast(leaves[i]), None  # peak host memory: one tensor, not the model
-            placed.append(jax.tree.map(lambda x, ps: self.place(x, self.sharding(ps)), a, where))
+            placed.append(jax.tree.map(lambda x, ps: self.place(x, self.sharding(ps), arena), a, where))
             freed += sum(x.nbytes for x in jax.tree.leaves(a))
             del a
             if freed >= memory.TRIM_BYTES:  # the freed heap back to the OS now and then, not per tensor
