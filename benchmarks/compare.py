@@ -34,8 +34,11 @@ not count).
 
 Order: HF first, then one round per llama.cpp precision (its nx precisions, then llama.cpp at
 it), ``--passes`` times in turn, each pass starting with a short memory probe. The memory's speed
-on these machines drifts by a third over minutes, so a ratio's two sides run minutes apart and
-rows report the medians over passes (with every pass's figures).
+on these machines drifts by a third over minutes, so a ratio's two sides run minutes apart. Each
+figure is the best of its runs over all passes (``--statistic best``, the default; ``median`` is
+the other choice), for every engine alike: the memory also slows by up to a third for seconds at a
+time, which only ever lowers a run's figure (BENCHMARKS.md, "Memory slowdowns are episodes"). Every
+run's and pass's figures are kept in the JSON.
 
 Every figure is printed with its ratio to each peer, and everything is written as JSON
 (``--out``, default benchmarks/results/compare.json). A requested peer that is not installed is
@@ -164,10 +167,35 @@ def prompt_ids(tokenizer: Any, rows: int, length: int) -> np.ndarray:
     return np.asarray([ids[r * stride : r * stride + length] for r in range(rows)], np.int64)
 
 
-def pick_median(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """The run whose `key` is the median (an actual run, so its figures belong together)."""
+#: How a figure is chosen from its timed runs (``--statistic``): ``best`` (the fastest run) or
+#: ``median``. Best by default: on these VMs the memory slows by up to a third for seconds at a time
+#: whatever runs (BENCHMARKS.md, "Memory slowdowns are episodes"), and a slowdown only ever lowers a
+#: run's figure, so the fastest of several runs is what each engine does undisturbed.
+STATISTIC = "best"
+
+
+def use_statistic(name: str) -> None:
+    """Set `STATISTIC` (``best`` or ``median``) for the figures measured from now on."""
+    global STATISTIC
+    STATISTIC = name
+
+
+def choose(values: list[float], higher_is_better: bool = True) -> float:
+    """`values` summed up by `STATISTIC`: the best one, or the median."""
+    if STATISTIC == "median":
+        return statistics.median(values)
+    return max(values) if higher_is_better else min(values)
+
+
+def pick(runs: list[dict[str, Any]], key: str, higher_is_better: bool = True) -> dict[str, Any]:
+    """The run `STATISTIC` picks by `key`: the best, or the median (an actual run, so its figures
+    belong together)."""
     order = sorted(runs, key=lambda r: r[key])
-    out = dict(order[(len(order) - 1) // 2])
+    if STATISTIC == "median":
+        chosen = order[(len(order) - 1) // 2]
+    else:
+        chosen = order[-1] if higher_is_better else order[0]
+    out = dict(chosen)
     out[f"all_{key}"] = [r[key] for r in runs]
     return out
 
@@ -184,12 +212,12 @@ def cpu_steal_s() -> float:
 
 
 def measure(run_once, repeats: int) -> dict[str, Any]:
-    """Warm up once, then `repeats` timed runs; the median run by decode rate. Records the 1-minute
+    """Warm up once, then `repeats` timed runs; the run `STATISTIC` picks by decode rate. Records the 1-minute
     load average before and after, so a row measured while other jobs ran can be spotted, and the
     CPU time the hypervisor stole meanwhile (``steal_s``: on these VMs it makes a step's outliers)."""
     run_once(warmup=True)
     before, steal = os.getloadavg()[0], cpu_steal_s()
-    out = pick_median([run_once(warmup=False).summary() for _ in range(repeats)], "decode_tokens_per_s")
+    out = pick([run_once(warmup=False).summary() for _ in range(repeats)], "decode_tokens_per_s")
     out["load_average_1m"] = [before, os.getloadavg()[0]]
     out["steal_s"] = cpu_steal_s() - steal
     return out
@@ -198,7 +226,7 @@ def measure(run_once, repeats: int) -> dict[str, Any]:
 def measure_ttft(first_token, repeats: int) -> dict[str, Any]:
     first_token()  # warm-up
     times = [first_token() for _ in range(repeats)]
-    return {"ttft128_s": statistics.median(times), "all_ttft128_s": times}
+    return {"ttft128_s": choose(times, higher_is_better=False), "all_ttft128_s": times}
 
 
 # ---- engines -----------------------------------------------------------------------------------
@@ -392,6 +420,11 @@ def run_llama_tools(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
         log(f"llama-bench {precision}: batch 1 decode and {args.ttft_prompt_tokens}-token prompt")
         steal = cpu_steal_s()
         row = llama_tools.bench(args.llama_dir, path, args.threads, args.new_tokens, args.ttft_prompt_tokens, args.repeats)
+        if row.get("all_decode_tokens_per_s"):  # llama-bench's repetitions, summed up as nx's runs are
+            row["decode_tokens_per_s"] = choose(row["all_decode_tokens_per_s"])
+        if row.get("all_prompt_tokens_per_s"):
+            row["prompt_tokens_per_s"] = choose(row["all_prompt_tokens_per_s"])
+            row["ttft128_s"] = args.ttft_prompt_tokens / row["prompt_tokens_per_s"]
         row.update(engine="llama.cpp", tool="llama-bench", precision=precision, batch=1, gguf=str(path),
                    weight_bytes=size, bytes_per_token=size, n_threads=args.threads, steal_s=cpu_steal_s() - steal)
         rows_out.append(row)
@@ -505,18 +538,20 @@ def rounds(args) -> list[argparse.Namespace]:
 
 def merge_passes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per engine, tool, precision and batch from its passes (`--passes`): each ratio
-    metric, the round's memory speed and the median decode rate's row otherwise, the stolen CPU time
-    summed; every pass's decode rate, memory speed and steal kept (``passes_*``)."""
+    metric by `STATISTIC` (rates the highest, times the lowest, or medians), the round's memory
+    speed's median, the picked decode rate's row otherwise, the stolen CPU time summed; every
+    pass's decode rate, memory speed and steal kept (``passes_*``)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["engine"], r.get("tool"), r["precision"], r["batch"]), []).append(r)
     out = []
     for runs in groups.values():
-        row = dict(pick_median(runs, "decode_tokens_per_s"))
-        for m in (*RATIO_METRICS, "bandwidth_gbs_at_round"):
+        row = dict(pick(runs, "decode_tokens_per_s"))
+        for m in RATIO_METRICS:
             values = [r[m] for r in runs if r.get(m) is not None]
             if values:
-                row[m] = statistics.median(values)
+                row[m] = choose(values, higher_is_better=m == "decode_tokens_per_s")
+        row["bandwidth_gbs_at_round"] = statistics.median(r["bandwidth_gbs_at_round"] for r in runs)
         row["passes_decode_tokens_per_s"] = [r["decode_tokens_per_s"] for r in runs]
         row["passes_bandwidth_gbs"] = [r["bandwidth_gbs_at_round"] for r in runs]
         steal = [r["steal_s"] for r in runs if r.get("steal_s") is not None]
@@ -648,18 +683,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the decode runs")
     ap.add_argument("--ttft-prompt-tokens", type=int, default=128, help="prompt length of the TTFT runs")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median), after one warm-up")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure, after one warm-up")
+    ap.add_argument("--statistic", choices=("best", "median"), default="best",
+                    help="each figure from its runs and passes: the fastest (default) or the median")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp / torch / probe threads")
     ap.add_argument("--bandwidth-gb", type=float, default=1.0, help="size of the bandwidth probe's array")
     ap.add_argument("--llama-cpp-extra-bufts", choices=("auto", "on", "off"), default="auto",
                     help="llama.cpp AMX/repacked kernels for quantized weights (auto: off on CPUs with AMX, "
                     "where they crash)")
     ap.add_argument("--passes", type=int, default=1,
-                    help="runs of each round (nx, then llama.cpp), alternating; rows report the medians")
+                    help="runs of each round (nx, then llama.cpp), alternating; rows report --statistic over them")
     ap.add_argument("--no-nx-bench", action="store_true", help="skip the fresh-process nx bench (compile, RSS)")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nx-bench", help="converted GGUFs")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "compare.json")
     args = ap.parse_args(argv)
+    use_statistic(args.statistic)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.llama_cpp_precisions = [p.strip() for p in args.llama_cpp_precisions.split(",") if p.strip()]

@@ -32,6 +32,7 @@ def bench(llama_dir: Path, gguf: Path, threads: int, new_tokens: int, ttft_token
     pp = next(r for r in out if r["n_prompt"] > 0 and r["n_gen"] == 0)
     return {"decode_tokens_per_s": tg["avg_ts"], "all_decode_tokens_per_s": tg.get("samples_ts"),
             "ttft128_s": ttft_tokens / pp["avg_ts"], "prompt_tokens_per_s": pp["avg_ts"],
+            "all_prompt_tokens_per_s": pp.get("samples_ts"),
             "build": out[0].get("build_commit"), "cpu_info": out[0].get("cpu_info")}
 
 

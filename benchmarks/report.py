@@ -73,8 +73,9 @@ def render(data: dict, note: str | None) -> str:
         ]
     out += [
         f"{title}, greedy, exactly {s['new_tokens']} new tokens per row (EOS banned), decode prompt "
-        f"{s['prompt_tokens']} tokens, TTFT prompt {s['ttft_prompt_tokens']} tokens, median of {s['repeats']} runs "
-        "after one warm-up.",
+        f"{s['prompt_tokens']} tokens, TTFT prompt {s['ttft_prompt_tokens']} tokens, "
+        f"{'median' if s.get('statistic', 'median') == 'median' else 'best'} of {s['repeats']} runs after one warm-up"
+        f"{' in each of ' + str(s.get('passes', 1)) + ' passes' if s.get('passes', 1) > 1 else ''}.",
         "",
         data["note"],
         "",
@@ -114,7 +115,8 @@ def render(data: dict, note: str | None) -> str:
         "probe's peak for the precision's dot instructions (f32 FMA, bf16 dot, int8 dot). load 1m: the 1-minute "
         "load average before / after the row's timed runs (above the core count, other jobs shared the cores). "
         "memory GB/s: the memory probe at the start of each pass of the row's round (`--passes`); the row's "
-        "figures are the medians over its passes.",
+        "figures are the best (or, with `--statistic median`, the median) over its runs and passes, for every "
+        "engine alike (BENCHMARKS.md, \"Memory slowdowns are episodes\").",
         "",
         "![decode tokens/s](benchmarks/results/decode.png)",
         "",
