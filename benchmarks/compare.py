@@ -187,16 +187,17 @@ def choose(values: list[float], higher_is_better: bool = True) -> float:
     return max(values) if higher_is_better else min(values)
 
 
-def pick(runs: list[dict[str, Any]], key: str, higher_is_better: bool = True) -> dict[str, Any]:
+def pick(runs: list[dict[str, Any]], key: str, higher_is_better: bool = True, record: bool = True) -> dict[str, Any]:
     """The run `STATISTIC` picks by `key`: the best, or the median (an actual run, so its figures
-    belong together)."""
+    belong together); with `record`, every run's `key` as ``all_<key>``."""
     order = sorted(runs, key=lambda r: r[key])
     if STATISTIC == "median":
         chosen = order[(len(order) - 1) // 2]
     else:
         chosen = order[-1] if higher_is_better else order[0]
     out = dict(chosen)
-    out[f"all_{key}"] = [r[key] for r in runs]
+    if record:
+        out[f"all_{key}"] = [r[key] for r in runs]
     return out
 
 
@@ -546,7 +547,7 @@ def merge_passes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["engine"], r.get("tool"), r["precision"], r["batch"]), []).append(r)
     out = []
     for runs in groups.values():
-        row = dict(pick(runs, "decode_tokens_per_s"))
+        row = pick(runs, "decode_tokens_per_s", record=False)  # its own runs stay in all_*
         for m in RATIO_METRICS:
             values = [r[m] for r in runs if r.get(m) is not None]
             if values:
