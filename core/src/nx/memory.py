@@ -120,7 +120,7 @@ class WeightArena:
     def _map(cls, nbytes: int) -> np.ndarray:
         """`nbytes` (rounded up to 2 MiB) of fresh zeroed memory starting at a 2 MiB boundary."""
         size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-        m = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+        m = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # fileno -1: anonymous
         raw = np.frombuffer(m, np.uint8)
         start = -raw.ctypes.data % HUGE_PAGE  # a multiple of the 4 KiB page, as madvise needs
         if cls.advised():
