@@ -37,8 +37,9 @@ it), ``--passes`` times in turn, each pass starting with a short memory probe. T
 on these machines drifts by a third over minutes, so a ratio's two sides run minutes apart. Each
 figure is the best of its runs over all passes (``--statistic best``, the default; ``median`` is
 the other choice), for every engine alike: the memory also slows by up to a third for seconds at a
-time, which only ever lowers a run's figure (BENCHMARKS.md, "Memory slowdowns are episodes"). Every
-run's and pass's figures are kept in the JSON.
+time, which only ever lowers a run's figure (BENCHMARKS.md, "Memory slowdowns are episodes").
+llama-batched-bench runs ``--repeats`` times a pass, as nx does, so every row chooses from as many
+runs. Every run's and pass's figures are kept in the JSON.
 
 Every figure is printed with its ratio to each peer, and everything is written as JSON
 (``--out``, default benchmarks/results/compare.json). A requested peer that is not installed is
@@ -432,8 +433,11 @@ def run_llama_tools(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
         if others:
             log(f"llama-batched-bench {precision}: batches {others}")
             steal = cpu_steal_s()
-            for b, r in llama_tools.batched(args.llama_dir, path, args.threads, args.prompt_tokens, args.new_tokens,
-                                            others).items():
+            # `repeats` runs, as many as nx's rows get (llama-batched-bench repeats nothing itself)
+            runs = [llama_tools.batched(args.llama_dir, path, args.threads, args.prompt_tokens, args.new_tokens, others)
+                    for _ in range(args.repeats)]
+            for b in others:
+                r = pick([run[b] for run in runs], "decode_tokens_per_s")
                 r.update(engine="llama.cpp", tool="llama-batched-bench", precision=precision, batch=b, gguf=str(path),
                          weight_bytes=size, bytes_per_token=size / b, n_threads=args.threads,
                          steal_s=cpu_steal_s() - steal)
