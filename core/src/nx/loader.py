@@ -203,26 +203,14 @@ def _sizes(family: Family, spec, config: RuntimeConfig, per_device: int | None) 
     return weights, cache, per_device or memory.device_memory(devs[0]), devs
 
 
-#: The environment variable with which a user keeps (or sets) jax's own choice of CPU dispatch.
-ASYNC_DISPATCH_ENV = "JAX_CPU_ENABLE_ASYNC_DISPATCH"
-
-
 def ensure_cpu_devices(config: RuntimeConfig) -> None:
-    """If jax has not started yet: make enough host devices for tensor parallelism on CPU, and have
-    the CPU client run single-device programs on the calling thread (jax's
-    ``jax_cpu_enable_async_dispatch=False``) unless ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` is set.
-
-    Why inline: dispatched asynchronously, a program runs on the client's own pool while its
-    kernels split work onto XLA's intra-op pool, four busy threads on two cores; inline, decode ran
-    5-15% faster at every precision measured (BENCHMARKS.md, "CPU programs run inline")."""
+    """Make enough host devices for tensor parallelism on CPU, if jax has not started yet."""
 
     if config.backend != "cpu" or xla_bridge.backends_are_initialized() or distributed.num_processes() > 1:
         return
     need = max(config.tp_degree, 1 + max(config.devices or (0,)))
     if need > 1 and need > jax.config.jax_num_cpu_devices:
         jax.config.update("jax_num_cpu_devices", need)
-    if ASYNC_DISPATCH_ENV not in os.environ:
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def check_memory(family: Family, spec, config: RuntimeConfig, per_device: int | None, quant: Any = None) -> None:
