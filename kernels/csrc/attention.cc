@@ -12,7 +12,9 @@
 // in another order than XLA's and exp is a polynomial: results equal the XLA path's to f32 rounding.
 // Why: XLA:CPU runs decode's two small attention dots as general matrix products (~10-20 us each a
 // layer on the EPYC) and copies the window out of the cache first; this reads the cache where it
-// lies, once (BENCHMARKS.md, "Decode attention kernel").
+// lies, once (BENCHMARKS.md, "Decode attention kernel"), and only the positions a row's mask allows
+// (Live): a decode window is a shape bucket, mostly unfilled, and at batch 8 the cache read is the
+// step's largest cost after the weights.
 //
 // Dispatch (`level`, fixed when the program is traced; common.h): 2-3 AVX-512F (16 positions or
 // head dims a vector, exp by polynomial and scalef); 0-1 scalar. Cache rows are split over XLA's
@@ -41,7 +43,38 @@ struct Problem {
   const void* v = nullptr;
   const bool* mask = nullptr;
   float* out = nullptr;
+  // Per batch row: positions [lo, hi) hold every position its tokens may see (whole vectors of 16
+  // at the SIMD level, from 0), or the whole window where none may (Live).
+  std::vector<int> lo, hi;
 };
+
+// The live range of each batch row: the first and last positions any of its tokens' masks allow,
+// widened to whole vectors of `align` positions (within W); a row with a token whose mask allows
+// none keeps the whole window (that token's softmax is uniform over it, as XLA's). Why: positions outside it score -1e30
+// and weigh exactly 0, so skipping them changes no bit of the result, and a decode window is a
+// bucket that the filled positions only reach at its end (the cache read is most of the kernel's
+// time at batch 8).
+void Live(Problem& pr, int align) {
+  const int W = pr.window;
+  pr.lo.assign(pr.batch, 0);
+  pr.hi.assign(pr.batch, W);
+  for (int b = 0; b < pr.batch; ++b) {
+    int first = W, last = -1;
+    bool blind = false;  // a token that may see nothing
+    for (int t = 0; t < pr.tokens && !blind; ++t) {
+      const bool* m = pr.mask + (static_cast<size_t>(b) * pr.tokens + t) * W;
+      int p = 0, e = W - 1;
+      while (p < W && !m[p]) ++p;
+      while (e > p && !m[e]) --e;
+      blind = p == W;
+      first = std::min(first, p);
+      last = std::max(last, e);
+    }
+    if (blind) continue;
+    pr.lo[b] = first / align * align;
+    pr.hi[b] = std::min(W, (last + align) / align * align);
+  }
+}
 
 inline float Bf16ToFloat(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -64,12 +97,12 @@ inline float Cache(const Problem& pr, const void* c, size_t i) {
   return pr.bf16 ? Bf16ToFloat(static_cast<const uint16_t*>(c)[i]) : static_cast<const float*>(c)[i];
 }
 
-// Softmax of s [W] in place (e, rounded to bf16 where the caches are), its total returned.
-inline float Softmax(const Problem& pr, float* s) {
+// Softmax of s [p0, p1) in place (e, rounded to bf16 where the caches are), its total returned.
+inline float Softmax(const Problem& pr, float* s, int p0, int p1) {
   float mx = kNegInf;
-  for (int p = 0; p < pr.window; ++p) mx = std::max(mx, s[p]);
+  for (int p = p0; p < p1; ++p) mx = std::max(mx, s[p]);
   float total = 0.0f;
-  for (int p = 0; p < pr.window; ++p) {
+  for (int p = p0; p < p1; ++p) {
     const float e = std::exp(s[p] - mx);
     total += e;
     s[p] = pr.bf16 ? RoundBf16(e) : e;
@@ -78,21 +111,21 @@ inline float Softmax(const Problem& pr, float* s) {
 }
 
 void RowScalar(const Problem& pr, int r, std::vector<float>& s) {
-  const int b = r % pr.batch, W = pr.window, D = pr.dim, P = pr.positions;
+  const int b = r % pr.batch, W = pr.window, D = pr.dim, P = pr.positions, p0 = pr.lo[b], p1 = pr.hi[b];
   s.resize(static_cast<size_t>(W));
   for (int j = 0; j < pr.queries; ++j) {
     const float* q = pr.q + (static_cast<size_t>(r) * pr.queries + j) * D;
     const bool* m = pr.mask + (static_cast<size_t>(b) * pr.tokens + j % pr.tokens) * W;
-    for (int p = 0; p < W; ++p) {
+    for (int p = p0; p < p1; ++p) {
       float acc = 0.0f;
       for (int d = 0; d < D; ++d) acc += q[d] * Cache(pr, pr.k, (static_cast<size_t>(r) * D + d) * P + p);
       s[p] = m[p] ? acc * pr.scale : kNegInf;
     }
-    const float total = Softmax(pr, s.data());
+    const float total = Softmax(pr, s.data(), p0, p1);
     float* o = pr.out + (static_cast<size_t>(r) * pr.queries + j) * D;
     for (int d = 0; d < D; ++d) {
       float acc = 0.0f;
-      for (int p = 0; p < W; ++p) acc += s[p] * Cache(pr, pr.v, (static_cast<size_t>(r) * P + p) * D + d);
+      for (int p = p0; p < p1; ++p) acc += s[p] * Cache(pr, pr.v, (static_cast<size_t>(r) * P + p) * D + d);
       o[d] = acc / total;
     }
   }
@@ -134,14 +167,14 @@ __attribute__((target(NX_ATTN_TARGET))) inline __m512 Exp16(__m512 x) {
 // s (L1), so the cache streams in once.
 template <bool BF, int QN>
 __attribute__((target(NX_ATTN_TARGET))) void Scores(const Problem& pr, int r, int j0, float* s, int ws) {
-  const int b = r % pr.batch, W = pr.window, D = pr.dim, P = pr.positions;
+  const int b = r % pr.batch, W = pr.window, D = pr.dim, P = pr.positions, p0 = pr.lo[b], p1 = pr.hi[b];
   const float* q = pr.q + (static_cast<size_t>(r) * pr.queries + j0) * D;
-  std::memset(s, 0, sizeof(float) * QN * ws);
+  NX_UNROLL for (int i = 0; i < QN; ++i) std::memset(s + i * ws + p0, 0, sizeof(float) * (p1 - p0));
   for (int d = 0; d < D; ++d) {
     __m512 qd[QN];
     NX_UNROLL for (int i = 0; i < QN; ++i) qd[i] = _mm512_set1_ps(q[i * D + d]);
     const size_t row = (static_cast<size_t>(r) * D + d) * P;
-    for (int p = 0; p < W; p += 16) {
+    for (int p = p0; p < p1; p += 16) {
       const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
       const __m512 kv = Load16<BF>(pr.k, row + p, m);
       NX_UNROLL for (int i = 0; i < QN; ++i) {
@@ -153,7 +186,7 @@ __attribute__((target(NX_ATTN_TARGET))) void Scores(const Problem& pr, int r, in
   const __m512 scale = _mm512_set1_ps(pr.scale), neg = _mm512_set1_ps(kNegInf);
   NX_UNROLL for (int i = 0; i < QN; ++i) {
     const bool* mrow = pr.mask + (static_cast<size_t>(b) * pr.tokens + (j0 + i) % pr.tokens) * W;
-    for (int p = 0; p < W; p += 16) {
+    for (int p = p0; p < p1; p += 16) {
       const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
       const __m128i bytes = _mm_maskz_loadu_epi8(m, mrow + p);
       const __mmask16 seen = _mm_test_epi8_mask(bytes, bytes);
@@ -163,17 +196,18 @@ __attribute__((target(NX_ATTN_TARGET))) void Scores(const Problem& pr, int r, in
   }
 }
 
-// Softmax of s [ws] (positions from W on are ignored and left 0), its total returned.
-__attribute__((target(NX_ATTN_TARGET))) float Softmax16(const Problem& pr, float* s, int ws) {
+// Softmax of s [p0, p1) (p0 a multiple of 16; positions from W on are ignored and left 0), its
+// total returned.
+__attribute__((target(NX_ATTN_TARGET))) float Softmax16(const Problem& pr, float* s, int p0, int p1) {
   const int W = pr.window;
   __m512 mx = _mm512_set1_ps(kNegInf);
-  for (int p = 0; p < ws; p += 16) {
+  for (int p = p0; p < p1; p += 16) {
     const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
     mx = _mm512_mask_max_ps(mx, m, mx, _mm512_loadu_ps(s + p));
   }
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
   __m512 total = _mm512_setzero_ps();
-  for (int p = 0; p < ws; p += 16) {
+  for (int p = p0; p < p1; p += 16) {
     const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
     const __m512 e = _mm512_maskz_mov_ps(m, Exp16(_mm512_sub_ps(_mm512_loadu_ps(s + p), top)));
     total = _mm512_add_ps(total, e);
@@ -195,10 +229,10 @@ __attribute__((target(NX_ATTN_TARGET))) float Softmax16(const Problem& pr, float
 template <bool BF, int QN, int DN>
 __attribute__((target(NX_ATTN_TARGET))) void Values(const Problem& pr, int r, int j0, int d0, const float* s, int ws,
                                                     const float* total) {
-  const int W = pr.window, D = pr.dim, P = pr.positions;
+  const int b = r % pr.batch, D = pr.dim, P = pr.positions;
   __m512 acc[QN][DN];
   NX_UNROLL for (int i = 0; i < QN; ++i) NX_UNROLL for (int u = 0; u < DN; ++u) acc[i][u] = _mm512_setzero_ps();
-  for (int p = 0; p < W; ++p) {
+  for (int p = pr.lo[b]; p < pr.hi[b]; ++p) {
     __m512 vv[DN];
     const size_t at = (static_cast<size_t>(r) * P + p) * D + d0;
     NX_UNROLL for (int u = 0; u < DN; ++u) vv[u] = Load16<BF>(pr.v, at + 16 * u, 0xFFFF);
@@ -217,8 +251,9 @@ __attribute__((target(NX_ATTN_TARGET))) void Values(const Problem& pr, int r, in
 template <bool BF, int QN>
 __attribute__((target(NX_ATTN_TARGET))) void Queries(const Problem& pr, int r, int j0, float* s, int ws) {
   Scores<BF, QN>(pr, r, j0, s, ws);
+  const int b = r % pr.batch;
   float total[QN];
-  for (int i = 0; i < QN; ++i) total[i] = Softmax16(pr, s + i * ws, ws);
+  for (int i = 0; i < QN; ++i) total[i] = Softmax16(pr, s + i * ws, pr.lo[b], pr.hi[b]);
   int d0 = 0;
   for (; d0 + 64 <= pr.dim; d0 += 64) Values<BF, QN, 4>(pr, r, j0, d0, s, ws, total);
   for (; d0 < pr.dim; d0 += 16) Values<BF, QN, 1>(pr, r, j0, d0, s, ws, total);
@@ -272,9 +307,14 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   pr.mask = mask.typed_data();
   pr.out = out->typed_data();
   void (*row)(const Problem&, int, std::vector<float>&) = RowScalar;
+  int align = 1;
 #ifdef NX_X86
-  if (ClampLevel(level) >= kAvx512Vnni && pr.dim % 16 == 0) row = pr.bf16 ? RowAvx512<true> : RowAvx512<false>;  // whole vectors of head dims
+  if (ClampLevel(level) >= kAvx512Vnni && pr.dim % 16 == 0) {  // whole vectors of head dims
+    row = pr.bf16 ? RowAvx512<true> : RowAvx512<false>;
+    align = 16;
+  }
 #endif
+  Live(pr, align);
   // a part of the pool at least kPartWork multiply-adds: batch 1 of a small model (~0.3M in all)
   // runs on the caller, which measured faster than waking a helper (BENCHMARKS.md)
   constexpr int64_t kPartWork = int64_t{1} << 18;

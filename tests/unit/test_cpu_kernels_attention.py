@@ -2,7 +2,7 @@
 (`nx.ops.attention.attend` over `cache_windows`): at every level it runs (AVX-512 and the scalar
 loops), f32 and bf16 caches, query groups 1..9 (the kernel's chunks of 4 and their tails), head dims
 that are and are not whole vectors, windows shorter than the cache with vector tails, padded and
-fully masked rows, one thread or the pool alike; `attend_cache` chooses it only where it applies,
+fully masked rows, one thread or the pool alike; positions outside a row's mask unread; `attend_cache` chooses it only where it applies,
 and programs for other platforms keep XLA's dots.
 
 Tolerance: scores and weighted values are f32 sums in another order than XLA's and exp is a
@@ -80,6 +80,33 @@ def test_kernel_matches_the_f64_contract(shape, level, bf16):
     # bf16 weights: the kernel's e and the f64 one may round to neighbouring bf16 values (2**-8)
     tol = (2**-7 if bf16 else 2e-6) * np.abs(v).max()
     np.testing.assert_allclose(outs[0], ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_kernel_reads_only_the_live_positions(level, bf16):
+    """Rows read only the positions their masks allow (widened to vectors of 16): NaN in a cache's
+    positions outside them leaves the output finite and equal to the clean cache's, bit for bit."""
+    import nx_kernels_cpu
+
+    shape = (3, 1, 2, 3, 32, 160, 128)
+    q, k, v, _ = _case(shape, bf16, seed=7)
+    b, w = shape[0], shape[-1]
+    slot, pad = np.array([69, 127, 20]), np.array([35, 0, 20])  # live: [32, 80), [0, 128), [16, 32)
+    mask = np.array(attention.causal_padding_mask(jnp.asarray(slot, jnp.int32), jnp.asarray(pad, jnp.int32), 1, w))
+    dt = jnp.bfloat16 if bf16 else jnp.float32
+    f = jax.jit(lambda q, k, v, m: nx_kernels_cpu.decode_attention(q, k, v, m, scale=0.125, level=level, threads=0))
+    clean = np.asarray(f(q, jnp.asarray(k, dt), jnp.asarray(v, dt), mask))
+    dirty_k, dirty_v = k.copy(), v.copy()
+    for r in range(k.shape[0]):
+        lo, hi = {0: (32, 80), 1: (0, 128), 2: (16, 32)}[r % b]
+        dirty_k[r, :, :lo] = dirty_k[r, :, hi:] = np.nan
+        dirty_v[r, :lo] = dirty_v[r, hi:] = np.nan
+    dirty = np.asarray(f(q, jnp.asarray(dirty_k, dt), jnp.asarray(dirty_v, dt), mask))
+    assert np.isfinite(dirty).all()
+    np.testing.assert_array_equal(dirty, clean)
+    tol = (2**-7 if bf16 else 2e-6) * np.abs(v).max()
+    np.testing.assert_allclose(clean, _reference(q, k, v, mask, 0.125, bf16), rtol=0, atol=tol)
 
 
 def _attend(q, k, v, mask, kvh, bias=None, every=1):
