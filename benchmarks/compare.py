@@ -403,13 +403,32 @@ def run_llama_cpp(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
         log(f"llama.cpp {precision}: time to first token")
         row.update(measure_ttft(first, args.repeats))
         row.update(engine="llama.cpp", precision=precision, batch=1, load_s=load_s, gguf=str(path),
-                   weight_bytes=path.stat().st_size, bytes_per_token=path.stat().st_size, n_threads=args.threads,
+                   weight_bytes=path.stat().st_size, n_threads=args.threads,
+                   bytes_per_token=path.stat().st_size + llama_kv_bytes(path, args.prompt_tokens + 1, args.new_tokens),
                    extra_bufts=args.llama_cpp_extra_bufts)
         rows_out.append(row)
         if hasattr(llm, "close"):
             llm.close()
         del llm
     return rows_out
+
+
+def llama_kv_bytes(path: Path, first: int, new_tokens: int) -> float:
+    """Mean bytes of llama.cpp's f16 KV cache a decode step of one sequence attends to, its steps
+    attending first, first + 1, ... positions (from the GGUF's attention metadata), as
+    `nx.bench.bytes_per_step` counts nx's."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    arch = str(bytes(fields["general.architecture"].parts[-1]), "utf-8")
+
+    def num(key: str) -> int:
+        return int(fields[f"{arch}.{key}"].parts[-1][0])
+
+    heads = num("attention.head_count")
+    kv_heads = num("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in fields else heads
+    per_position = 2 * 2 * num("block_count") * kv_heads * (num("embedding_length") // heads)  # K and V, f16
+    return per_position * (first + (new_tokens - 1) / 2)
 
 
 def run_llama_tools(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
@@ -427,8 +446,10 @@ def run_llama_tools(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
         if row.get("all_prompt_tokens_per_s"):
             row["prompt_tokens_per_s"] = choose(row["all_prompt_tokens_per_s"])
             row["ttft128_s"] = args.ttft_prompt_tokens / row["prompt_tokens_per_s"]
+        # llama-bench's decode starts from an empty cache; llama-batched-bench's after the prompt
+        kv = llama_kv_bytes(path, 1, args.new_tokens)
         row.update(engine="llama.cpp", tool="llama-bench", precision=precision, batch=1, gguf=str(path),
-                   weight_bytes=size, bytes_per_token=size, n_threads=args.threads, steal_s=cpu_steal_s() - steal)
+                   weight_bytes=size, bytes_per_token=size + kv, n_threads=args.threads, steal_s=cpu_steal_s() - steal)
         rows_out.append(row)
         if others:
             log(f"llama-batched-bench {precision}: batches {others}")
@@ -439,7 +460,8 @@ def run_llama_tools(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
             for b in others:
                 r = pick([run[b] for run in runs], "decode_tokens_per_s")
                 r.update(engine="llama.cpp", tool="llama-batched-bench", precision=precision, batch=b, gguf=str(path),
-                         weight_bytes=size, bytes_per_token=size / b, n_threads=args.threads,
+                         weight_bytes=size, n_threads=args.threads,
+                         bytes_per_token=size / b + llama_kv_bytes(path, args.prompt_tokens + 1, args.new_tokens),
                          steal_s=cpu_steal_s() - steal)
                 rows_out.append(r)
     return rows_out

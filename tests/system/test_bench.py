@@ -80,9 +80,10 @@ def test_figures_are_positive_and_consistent(report, saved_case):
                 assert p[key] > 0 and math.isfinite(p[key]), key
             assert p["latency_p50_ms"] <= p["latency_p99_ms"]
             assert math.isclose(p["decode_tokens_per_s"], b * (NEW - 1) / p["decode_s"], rel_tol=1e-9)
-            # one 64-position bucket: every decode step attends to the whole cache
-            assert p["kv_bytes_per_step"] == run["kv_cache_bytes"]
-            assert p["bytes_per_step"] == run["weight_bytes"] + run["kv_cache_bytes"]
+            # step t attends the prompt and t positions of the 64 the cache holds
+            seen = [p["prompt_tokens"] + t for t in range(1, NEW)]
+            assert math.isclose(p["kv_bytes_per_step"], run["kv_cache_bytes"] * sum(seen) / len(seen) / 64)
+            assert p["bytes_per_step"] == run["weight_bytes"] + p["kv_bytes_per_step"]
             assert math.isclose(p["bytes_per_token"], p["bytes_per_step"] / b, rel_tol=1e-9)
             gbs = p["bytes_per_step"] * p["decode_steps"] / p["decode_s"] / 1e9
             assert math.isclose(p["bandwidth_gbs"], gbs, rel_tol=1e-9)

@@ -17,8 +17,9 @@ means the same as with k = 1.
 
 Bytes per decode step are the parameter bytes (every leaf of the parameter tree; a decode step
 reads every weight once for the whole batch, except that an untied embedding table is only
-gathered from, so for such models this is an upper bound) plus the KV cache bytes the step
-attends to (its position bucket's share of the cache: padding slots are masked, not skipped).
+gathered from, so for such models this is an upper bound) plus the KV cache bytes of the
+positions the step attends to (the filled ones: the least any attention must read; the CPU
+attention kernel reads only those, XLA's path the whole position bucket).
 Achieved bandwidth is those bytes times the decode steps over the decode time.
 
 Compilation goes through a new, empty compile cache (`nx.compile_cache`) in a temporary directory,
@@ -128,10 +129,9 @@ def bytes_per_step(model: Any, prompt_tokens: int, new_tokens: int) -> dict[str,
     """Weight bytes and mean KV-cache bytes one decode step reads (see the module docstring)."""
     weights = tree_nbytes(model.params)
     cache = tree_nbytes(model.caches)
-    # step t feeds the token at slot prompt + t - 1
-    windows = [buckets.decode_window(model.config, prompt_tokens + t - 1) for t in range(1, new_tokens)]
-    windows = windows or [model.config.n_positions[0]]
-    kv = float(np.mean([cache * w / model.config.max_positions for w in windows]))
+    # step t feeds the token at slot prompt + t - 1 and attends slots 0 ... prompt + t - 1
+    seen = [prompt_tokens + t for t in range(1, new_tokens)] or [prompt_tokens]
+    kv = float(np.mean([cache * min(n, model.config.max_positions) / model.config.max_positions for n in seen]))
     return {"weight_bytes_per_step": weights, "kv_bytes_per_step": kv, "bytes_per_step": weights + kv}
 
 
