@@ -567,7 +567,7 @@ def merge_passes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per engine, tool, precision and batch from its passes (`--passes`): each ratio
     metric by `STATISTIC` (rates the highest, times the lowest, or medians), the round's memory
     speed's median, the picked decode rate's row otherwise, the stolen CPU time summed; every
-    pass's decode rate, memory speed and steal kept (``passes_*``)."""
+    pass's ratio metrics, memory speed and steal kept (``passes_*``)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["engine"], r.get("tool"), r["precision"], r["batch"]), []).append(r)
@@ -578,6 +578,7 @@ def merge_passes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[m] for r in runs if r.get(m) is not None]
             if values:
                 row[m] = choose(values, higher_is_better=m == "decode_tokens_per_s")
+                row[f"passes_{m}"] = values
         row["bandwidth_gbs_at_round"] = statistics.median(r["bandwidth_gbs_at_round"] for r in runs)
         row["passes_decode_tokens_per_s"] = [r["decode_tokens_per_s"] for r in runs]
         row["passes_bandwidth_gbs"] = [r["bandwidth_gbs_at_round"] for r in runs]
