@@ -109,8 +109,9 @@ def render(data: dict, note: str | None) -> str:
         "loaded with `quant=\"gguf\"` (the same blocks llama.cpp runs). Each nx row is compared with llama.cpp at "
         "the same precision (s8 with q8_0, s4 with q4_0) and batch.",
         "",
-        "MB/token: bytes a decode step reads per generated token (weights / batch; nx adds the KV cache its "
-        "position bucket attends; llama.cpp: the GGUF file size). % memory roof: achieved bytes/s over the "
+        "MB/token: bytes a decode step reads per generated token (weights / batch, plus the KV cache of the "
+        "positions a row's step attends: nx's cache dtype, llama.cpp's f16; weights: nx's parameters, "
+        "llama.cpp's GGUF file size). % memory roof: achieved bytes/s over the "
         "bandwidth probe. % compute roof: one multiply-accumulate per weight and token row, over the compute "
         "probe's peak for the precision's dot instructions (f32 FMA, bf16 dot, int8 dot). load 1m: the 1-minute "
         "load average before / after the row's timed runs (above the core count, other jobs shared the cores). "
