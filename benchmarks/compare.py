@@ -457,11 +457,11 @@ def run_llama_tools(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
             # `repeats` runs, as many as nx's rows get (llama-batched-bench repeats nothing itself)
             runs = [llama_tools.batched(args.llama_dir, path, args.threads, args.prompt_tokens, args.new_tokens, others)
                     for _ in range(args.repeats)]
+            kv = llama_kv_bytes(path, args.prompt_tokens + 1, args.new_tokens)
             for b in others:
                 r = pick([run[b] for run in runs], "decode_tokens_per_s")
                 r.update(engine="llama.cpp", tool="llama-batched-bench", precision=precision, batch=b, gguf=str(path),
-                         weight_bytes=size, n_threads=args.threads,
-                         bytes_per_token=size / b + llama_kv_bytes(path, args.prompt_tokens + 1, args.new_tokens),
+                         weight_bytes=size, bytes_per_token=size / b + kv, n_threads=args.threads,
                          steal_s=cpu_steal_s() - steal)
                 rows_out.append(r)
     return rows_out

@@ -50,10 +50,10 @@ struct Problem {
 
 // The live range of each batch row: the first and last positions any of its tokens' masks allow,
 // widened to whole vectors of `align` positions (within W); a row with a token whose mask allows
-// none keeps the whole window (that token's softmax is uniform over it, as XLA's). Why: positions outside it score -1e30
-// and weigh exactly 0, so skipping them changes no bit of the result, and a decode window is a
-// bucket that the filled positions only reach at its end (the cache read is most of the kernel's
-// time at batch 8).
+// none keeps the whole window (that token's softmax is uniform over it, as XLA's). Why: positions
+// outside it score -1e30 and weigh exactly 0, so skipping them changes no bit of the result, and a
+// decode window is a bucket that the filled positions only reach at its end (the cache read is
+// most of the kernel's time at batch 8).
 void Live(Problem& pr, int align) {
   const int W = pr.window;
   pr.lo.assign(pr.batch, 0);
