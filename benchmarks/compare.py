@@ -417,17 +417,12 @@ def llama_kv_bytes(path: Path, first: int, new_tokens: int) -> float:
     """Mean bytes of llama.cpp's f16 KV cache a decode step of one sequence attends to, its steps
     attending first, first + 1, ... positions (from the GGUF's attention metadata), as
     `nx.bench.bytes_per_step` counts nx's."""
-    import gguf
+    from nx.checkpoint import gguf_config, gguf_reader
 
-    fields = gguf.GGUFReader(path).fields
-    arch = str(bytes(fields["general.architecture"].parts[-1]), "utf-8")
-
-    def num(key: str) -> int:
-        return int(fields[f"{arch}.{key}"].parts[-1][0])
-
-    heads = num("attention.head_count")
-    kv_heads = num("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in fields else heads
-    per_position = 2 * 2 * num("block_count") * kv_heads * (num("embedding_length") // heads)  # K and V, f16
+    cfg = gguf_config(gguf_reader(path))
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    per_position = 2 * 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim  # K, V; f16
     return per_position * (first + (new_tokens - 1) / 2)
 
 
