@@ -1,7 +1,7 @@
 """Microbenchmark of nx-kernels-cpu's grouped kernel (s4 / GGUF Q4_0 layout: 4-bit symmetric, groups
-of 32, f16 scales; ``--bits 8``: Q8_0's int8 groups of 32) at the 1B llama shapes, and of XLA's dequantized path for prompt rows.
+of 32, f16 scales; ``--bits 8``: Q8_0's int8 groups of 32) at the 1B llama's (or SmolLM2's) shapes, and of XLA's dequantized path for prompt rows.
 
-    python benchmarks/grouped_kernel.py [--rows 1,8,16,128] [--xla-rows 16,128,1024] [--repeats 7] [--level avx2] [--threads 1]
+    python benchmarks/grouped_kernel.py [--shapes 1b|smollm2] [--rows 1,8,16,128] [--xla-rows 16,128,1024] [--repeats 7] [--level avx2] [--threads 1]
         [--copies 24] [--layouts rows,panel] [--bits 8]
 
 Prints one line per (shape, rows, path): median and best wall ms of `--repeats` timed calls (after a
@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import kernel_bench
 import numpy as np
 
-SHAPES = [(2048, 2048), (8192, 2048), (2048, 8192)]  # [out, in]: attention / MLP up / MLP down of a 1B llama
+# [out, in]: attention / MLP up / MLP down of a 1B llama; SmolLM2-135M's fused qkv, o, gate+up, down
+SHAPES = {"1b": [(2048, 2048), (8192, 2048), (2048, 8192)],
+          "smollm2": [(960, 576), (576, 576), (3072, 576), (576, 1536)]}
 
 
 def _weight(n: int, k: int, seed: int = 0, panel: bool = False, bits: int = 4):
@@ -65,13 +67,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="the kernel's threads (default 0: XLA's pool)")
     ap.add_argument("--copies", type=int, default=1, help="distinct weights a shape, timed in turn (24: from memory)")
     ap.add_argument("--layouts", default="rows,panel", help="weight layouts the kernel reads: rows, panel")
+    ap.add_argument("--shapes", default="1b", choices=sorted(SHAPES), help="the model whose matrices to time")
     ap.add_argument("--bits", type=int, default=4, choices=(4, 8), help="4: s4 / Q4_0; 8: grouped s8 / Q8_0")
     args = ap.parse_args()
     import nx_kernels_cpu
 
     from nx.ops import quant
 
-    for n, k in SHAPES:
+    for n, k in SHAPES[args.shapes]:
         kern = jax.jit(lambda x, w: nx_kernels_cpu.grouped_matmul(
             x, w.q, w.scale, bits=w.bits, group_size=32, level=args.level, threads=args.threads, panel=w.panel))
         weights = {layout: [_weight(n, k, seed, layout == "panel", args.bits) for seed in range(args.copies)]
@@ -88,7 +91,7 @@ def main() -> None:
                     f = jax.jit(quant.matmul)  # traced now, with the kernels off
                 med, t = _time(f, x, ws, repeats=args.repeats)
                 os.environ.pop("NX_CPU_KERNELS", None)
-                print(f"{n}x{k} m={m:4d} {name:12s} median {med * 1e3:8.2f} ms, best {t * 1e3:8.2f} ms "
+                print(f"{n}x{k} m={m:4d} {name:12s} median {med * 1e3:8.3f} ms, best {t * 1e3:8.3f} ms "
                       f"{gb / t:6.1f} GB/s {m * n * k / t / 1e9:7.1f} GMAC/s", flush=True)
 
 

@@ -162,6 +162,12 @@ __attribute__((target(NX_ATTN_TARGET))) inline __m512 Exp16(__m512 x) {
   return _mm512_maskz_scalef_ps(live, p, n);
 }
 
+// How many head dims ahead Scores prefetches the keys (into L1; past the row's last dim, the next
+// row's first). Why: each line of keys feeds a few loads, multiply-adds and stores per query, and
+// at that pace the hardware prefetchers stay too few lines ahead: the kernel read its caches at
+// ~20 GB/s, ~40 with this (BENCHMARKS.md, "Prefetch in the grouped tiles and the attention kernel").
+constexpr int kAheadD = 8;
+
 // Queries [j0, j0 + QN) of cache row r: scores into s [QN][ws] (ws: W rounded up to 16). The keys
 // are read in their memory order (a head dim's positions, then the next dim's), the sums kept in
 // s (L1), so the cache streams in once.
@@ -170,7 +176,14 @@ __attribute__((target(NX_ATTN_TARGET))) void Scores(const Problem& pr, int r, in
   const int b = r % pr.batch, W = pr.window, D = pr.dim, P = pr.positions, p0 = pr.lo[b], p1 = pr.hi[b];
   const float* q = pr.q + (static_cast<size_t>(r) * pr.queries + j0) * D;
   NX_UNROLL for (int i = 0; i < QN; ++i) std::memset(s + i * ws + p0, 0, sizeof(float) * (p1 - p0));
+  const int nr = r + 1 < pr.rows ? r + 1 : r, nb = nr % pr.batch;
   for (int d = 0; d < D; ++d) {
+    if (j0 == 0) {  // the live keys kAheadD head dims on, in this row or the next
+      const int dd = d + kAheadD, rr = dd < D ? r : nr, pa = dd < D ? p0 : pr.lo[nb], pz = dd < D ? p1 : pr.hi[nb];
+      constexpr int kBytes = BF ? 2 : 4;
+      const char* line = static_cast<const char*>(pr.k) + ((static_cast<size_t>(rr) * D + dd % D) * P + pa) * kBytes;
+      for (int l = 0; l < (pz - pa) * kBytes; l += 64) _mm_prefetch(line + l, _MM_HINT_T0);
+    }
     __m512 qd[QN];
     NX_UNROLL for (int i = 0; i < QN; ++i) qd[i] = _mm512_set1_ps(q[i * D + d]);
     const size_t row = (static_cast<size_t>(r) * D + d) * P;

@@ -563,6 +563,19 @@ struct Packed {
   const void* ds;
   const void* zs;
   size_t s0;
+
+  // Block b + kAhead / (64 Bits)'s bytes into L1, in tiles of several token rows and for 4-bit
+  // weights. Why: a tile's work per block keeps the core's own loads and the hardware prefetchers
+  // only a few blocks ahead of the stream, far below the memory's speed (BENCHMARKS.md, "Prefetch in
+  // the grouped tiles and the attention kernel"); the scales' stream (1/8 of the bytes) needs none.
+  static constexpr int kAhead = 8192;
+  template <int Bits, int T>
+  inline void Prefetch(int b) const {
+    if constexpr (T > 1 || Bits == 4) {
+      const char* qa = reinterpret_cast<const char*>(q) + 64 * Bits * static_cast<size_t>(b) + kAhead;
+      for (int e = 0; e < Bits; ++e) _mm_prefetch(qa + 64 * e, _MM_HINT_T0);
+    }
+  }
 };
 
 // AVX-512 VNNI: panels of 16 rows, 8 token rows a tile (32 registers).
@@ -616,17 +629,26 @@ struct PanelVnni {
   // Block b of token rows [i0, i0 + T) into acc: u[e] lane r holds values 4e ... 4e + 3 of row r's
   // block as unsigned bytes, the signed values plus Off (8: symmetric 4-bit nibbles, 128: int8 with
   // its sign bit flipped, 0: affine 4-bit nibbles as they are), Off times the block's term sum taken
-  // off in int32 (exact: |dot| <= 32 * 255 * 127).
+  // off in int32 (exact: |dot| <= 32 * 255 * 127). The token rows' dot chains are interleaved step by
+  // step. Why: one row's 8 dependent vpdpbusd at a time left the core waiting on their latency.
   template <int T, bool Zero, int Off>
   __attribute__((target(NX_AVX512))) static inline void Dots(const GroupedActs& g, const __m512i* u, __m512 d16,
                                                              __m512 z16, int i0, int b, __m512* acc) {
+    const int8_t* a = g.a.data() + static_cast<size_t>(i0) * g.kp + 32 * b;
+    __m512i dot[T];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+      dot[t] = Off ? _mm512_set1_epi32(-Off * g.asum[static_cast<size_t>(i0 + t) * g.nb + b]) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; ++e)
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t)
+        dot[t] = _mm512_dpbusd_epi32(dot[t], u[e], _mm512_set1_epi32(Load4(a + t * static_cast<size_t>(g.kp) + 4 * e)));
+#pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
       const size_t i = static_cast<size_t>(i0 + t);
-      const int8_t* a = g.a.data() + i * g.kp + 32 * b;
-      __m512i dot = Off ? _mm512_set1_epi32(-Off * g.asum[i * g.nb + b]) : _mm512_setzero_si512();
-      for (int e = 0; e < 8; ++e) dot = _mm512_dpbusd_epi32(dot, u[e], _mm512_set1_epi32(Load4(a + 4 * e)));
       const __m512 scale = _mm512_mul_ps(d16, _mm512_set1_ps(g.sx[i * g.wb + b]));
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), scale, acc[t]);
       if constexpr (Zero) acc[t] = _mm512_fmadd_ps(z16, _mm512_set1_ps(g.xsum[i * g.gp + b]), acc[t]);
     }
   }
@@ -681,6 +703,7 @@ struct PanelVnni {
     for (int u = 0; u < T; ++u) acc[u] = _mm512_setzero_ps();
     for (int b = 0; b < g.nb; ++b) {
       const uint8_t* qb = pk.q + 64 * Bits * static_cast<size_t>(b);
+      pk.Prefetch<Bits, T>(b);
       __m512i s[Bits];
       for (int e = 0; e < Bits; ++e) s[e] = _mm512_loadu_si512(qb + 64 * e);
       const size_t at = pk.s0 + 16 * static_cast<size_t>(b);
@@ -817,6 +840,7 @@ struct PanelAvx2 {
     for (int u = 0; u < T; ++u) acc[u] = _mm256_setzero_ps();
     for (int b = 0; b < g.nb; ++b) {
       const uint8_t* qb = pk.q + 64 * Bits * static_cast<size_t>(b);
+      pk.Prefetch<Bits, T>(b);
       __m256i s[Bits];
       for (int e = 0; e < Bits; ++e) s[e] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * e));
       const size_t at = pk.s0 + 16 * static_cast<size_t>(b);

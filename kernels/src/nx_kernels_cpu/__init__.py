@@ -45,6 +45,7 @@ weights below the memory's speed (BENCHMARKS.md, "CPU kernels").
 from __future__ import annotations
 
 import ctypes
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import jax
@@ -54,7 +55,10 @@ import numpy as np
 __all__ = ["LEVELS", "__version__", "bf16_matmul", "decode_attention", "f32_matmul", "grouped_matmul", "isa", "s8_dot",
            "s8_matmul"]
 
-__version__ = "0.6.1"
+try:  # the installed distribution's version: one source of truth (pyproject.toml)
+    __version__ = version("nx-kernels-cpu")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 #: Dispatch levels, in the library's numbering.
 LEVELS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512_bf16": 3}
