@@ -40,6 +40,11 @@ def main() -> None:
     layers, heads, group, dim = MODELS[args.model]
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     rng = np.random.default_rng(0)
+
+    def cache(shape):  # bf16 as its uint16 bits, as nx's caches pass them (no copy in the call)
+        c = jnp.asarray(rng.standard_normal(shape), dtype)
+        return jax.lax.bitcast_convert_type(c, jnp.uint16) if args.bf16 else c
+
     f = jax.jit(lambda q, k, v, m: nx_kernels_cpu.decode_attention(q, k, v, m, scale=dim ** -0.5,
                                                                    threads=args.threads))
     for batch in (int(b) for b in args.batch.split(",")):
@@ -49,10 +54,6 @@ def main() -> None:
             live = max(1, int(window * args.filled))
             mask = jnp.asarray(np.arange(window)[None, None, :] < live).repeat(batch, 0)
             q = jnp.asarray(rng.standard_normal((rows, group, dim)), jnp.float32)
-            def cache(shape):  # bf16 as its uint16 bits, as nx's caches pass them (no copy in the call)
-                c = jnp.asarray(rng.standard_normal(shape), dtype)
-                return jax.lax.bitcast_convert_type(c, jnp.uint16) if args.bf16 else c
-
             caches = [(cache((rows, dim, positions)), cache((rows, positions, dim))) for _ in range(layers)]
             for k, v in caches:
                 jax.block_until_ready(f(q, k, v, mask))
