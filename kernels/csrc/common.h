@@ -216,6 +216,10 @@ struct Job {
 // microseconds apart and last about as long, and a pool thread woken from sleep starts ~20 us late,
 // after the caller has claimed most chunks (BENCHMARKS.md, "Warm helpers for one-row products").
 // One job is offered at a time; a caller that finds the slot taken schedules plain pool tasks.
+// Only products under `WarmWork` multiply-adds start helpers; a larger one-row product takes a
+// helper that is spinning already. A model whose products are all large never keeps a helper
+// spinning, which would hold a core that XLA's pool tasks then wait for (BENCHMARKS.md, "Warm
+// helpers only where products are small").
 struct Warm {
   std::atomic<Job*> slot{nullptr};
   std::atomic<int> inside{0};    // helpers between reading the slot and leaving the job they read
@@ -241,6 +245,16 @@ inline int64_t SpinNs() {
     return (v && *v ? std::max<int64_t>(0, std::atoll(v)) : 200) * 1000;
   }();
   return ns;
+}
+
+// The multiply-adds under which a one-row product starts warm helpers: $NX_KERNELS_WARM_WORK
+// (default 2^20).
+inline int64_t WarmWork() {
+  static const int64_t work = [] {
+    const char* v = std::getenv("NX_KERNELS_WARM_WORK");
+    return v && *v ? std::max<int64_t>(0, std::atoll(v)) : int64_t{1} << 20;
+  }();
+  return work;
 }
 
 inline void Pause() {
@@ -291,10 +305,16 @@ inline void ParallelRows(ffi::ThreadPool& pool, int n, int threads, int64_t work
   job->helpers = parts - 1;
   Warm& w = GlobalWarm();
   Job* expected = nullptr;
-  if (warm && SpinNs() > 0 && w.slot.compare_exchange_strong(expected, job.get(), std::memory_order_seq_cst)) {
+  const bool start = static_cast<int64_t>(n) * work_per_row < WarmWork();
+  if (warm && SpinNs() > 0 && (start || w.spinners.load(std::memory_order_seq_cst) > 0) &&
+      w.slot.compare_exchange_strong(expected, job.get(), std::memory_order_seq_cst)) {
     for (int have = w.spinners.load(std::memory_order_seq_cst); have < parts - 1; ++have) {
-      w.spinners.fetch_add(1, std::memory_order_seq_cst);
-      pool.Schedule([&w] { Help(w); });
+      if (start) {
+        w.spinners.fetch_add(1, std::memory_order_seq_cst);
+        pool.Schedule([&w] { Help(w); });
+      } else {
+        pool.Schedule([job] { job->RunChunks(); });
+      }
     }
     job->RunChunks();
     w.slot.store(nullptr, std::memory_order_seq_cst);

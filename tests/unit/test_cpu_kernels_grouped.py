@@ -212,18 +212,20 @@ def test_threads_do_not_change_results():
 def test_one_row_chains_from_many_threads_share_the_warm_helpers():
     """One-row products (run by warm helpers that spin for the next job) chained from several host
     threads at once, so the helpers' one offered job is contended and callers fall back to plain
-    pool tasks: each chain gives what it gives alone on one thread."""
+    pool tasks: each chain gives what it gives alone on one thread. The f32 products are above
+    the size that starts helpers (`WarmWork`, 2^20 multiply-adds): they take a spinning helper,
+    or plain pool tasks where none spins (the first call of a chain)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import nx_kernels_cpu
 
     w = _weight(1536, 576, 4, 32, False, True)
-    wf = jnp.asarray(np.random.default_rng(3).standard_normal((1536, 576)).astype(np.float32) * 0.02)
+    wf = jnp.asarray(np.random.default_rng(3).standard_normal((2048, 576)).astype(np.float32) * 0.02)
 
     def chain(threads):
         def f(x):
             for i in range(12):  # each call waits for the last, as a decode step's products do
-                if i % 2:
+                if i % 2 == 0:
                     y = nx_kernels_cpu.f32_matmul(x, wf, threads=threads)
                 else:
                     y = nx_kernels_cpu.grouped_matmul(x, w.q, w.scale, bits=4, group_size=32, threads=threads)
