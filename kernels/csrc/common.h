@@ -237,23 +237,23 @@ inline int64_t NowNs() {
   return static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec;
 }
 
+// $name as a non-negative integer, or `fallback` where it is unset or empty.
+inline int64_t EnvCount(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::max<int64_t>(0, std::atoll(v)) : fallback;
+}
+
 // How long a warm helper waits for the next job: $NX_KERNELS_SPIN_US microseconds (default 200;
 // 0: no warm helpers).
 inline int64_t SpinNs() {
-  static const int64_t ns = [] {
-    const char* v = std::getenv("NX_KERNELS_SPIN_US");
-    return (v && *v ? std::max<int64_t>(0, std::atoll(v)) : 200) * 1000;
-  }();
+  static const int64_t ns = EnvCount("NX_KERNELS_SPIN_US", 200) * 1000;
   return ns;
 }
 
 // The multiply-adds under which a one-row product starts warm helpers: $NX_KERNELS_WARM_WORK
 // (default 2^20).
 inline int64_t WarmWork() {
-  static const int64_t work = [] {
-    const char* v = std::getenv("NX_KERNELS_WARM_WORK");
-    return v && *v ? std::max<int64_t>(0, std::atoll(v)) : int64_t{1} << 20;
-  }();
+  static const int64_t work = EnvCount("NX_KERNELS_WARM_WORK", int64_t{1} << 20);
   return work;
 }
 
