@@ -7,11 +7,14 @@ the kernel (`nx_kernels_cpu.bf16_matmul`) and once through XLA's dot (`nx.ops.li
 traced with ``NX_CPU_KERNELS=off``). The two are timed alternately (``--repeats`` rounds) and the
 medians printed: ms per matrix, weight GB/s and GMAC/s.
 
-``--threads N`` caps the kernels' threads (0: XLA's intra-op pool). ``--baseline LIB.so`` adds
+``--out bf16`` (default) times products whose results are rounded to bf16, as ``amp="bf16"``'s layers
+round them (the kernel as it stores, XLA in a convert after its dot); ``--out f32`` keeps f32 results
+(lm heads, tensor-parallel partial sums). ``--threads N`` caps the kernels' threads (0: XLA's intra-op pool). ``--baseline LIB.so`` adds
 another build of the kernel library (e.g. the one before a change, copied aside), registered under
 its own FFI target and timed in the same rounds.
 
     python benchmarks/bf16_kernel.py [--model smollm2,1b] [--rows 1,4,8,16] [--repeats 5] [--baseline SO]
+    python benchmarks/bf16_kernel.py --rows 16,32,64,128,256,512,1024     # prompt chunks: the panels
 """
 
 from __future__ import annotations
@@ -34,20 +37,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="the kernels' threads (0: XLA's pool)")
     ap.add_argument("--baseline", default="", help="another libnx_kernels_cpu.so to time alongside")
     ap.add_argument("--shapes", default="", help="only these n x k, e.g. 576x576,8192x2048")
+    ap.add_argument("--out", default="bf16", choices=("bf16", "f32"), help="the products' result dtype")
     args = ap.parse_args()
     import nx_kernels_cpu
 
     linear = importlib.import_module("nx.ops.linear")
+    out = jnp.bfloat16 if args.out == "bf16" else jnp.float32
     variants = {
-        "kernel": lambda x, w: nx_kernels_cpu.bf16_matmul(x, w, threads=args.threads),
-        "xla": lambda x, w: linear.project(x, w, jnp.float32),
+        "kernel": lambda x, w: nx_kernels_cpu.bf16_matmul(x, w, threads=args.threads, dtype=out),
+        "xla": lambda x, w: linear.project(x, w, out),
     }
     if args.baseline:
         other = kernel_bench.baseline(args.baseline, "NxBf16Matmul", 3, args.threads)
         variants["baseline"] = lambda x, w: other(x, w, n=w.shape[0])
     only = {tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s}
     rng = np.random.default_rng(0)
-    print(f"isa {nx_kernels_cpu.isa()}; ms per matrix, weight GB/s, GMAC/s; medians of {args.repeats}")
+    print(f"isa {nx_kernels_cpu.isa()}, {args.out} results; ms per matrix, weight GB/s, GMAC/s; medians of {args.repeats}")
     head = " | ".join(f"{name + ' ms':>11} {'GB/s':>6} {'GMAC/s':>7}" for name in variants)
     print(f"{'model':8} {'n x k':>12} {'m':>3} | {head} | {'xla/kernel':>10}")
     for model in args.model.split(","):

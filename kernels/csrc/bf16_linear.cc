@@ -1,31 +1,33 @@
-// nx-kernels-cpu: bf16 linear layers for nx's decode (amp="bf16"), called from XLA:CPU through the
-// typed FFI.
+// nx-kernels-cpu: bf16 linear layers for nx's decode and prompts (amp="bf16"), called from XLA:CPU
+// through the typed FFI.
 //
-// Contract: y = x @ w.T in f32 [m, n] for w bf16 [n, k] (rows along the outputs, as nx stores
-// weights) and x bf16 or f32 [m, k]; products are exact (bf16 x bf16 fits in f32; f32 x bf16 inside
-// a fused multiply-add, but rounded once in the scalar path) and the sums are f32, in another order
-// than XLA's: results equal the XLA path's (nx.ops.linear._products, f32 accumulation) to f32
-// summation error, not bit for bit.
+// Contract: y = x @ w.T [m, n] for w bf16 [n, k] (rows along the outputs, as nx stores weights) and
+// x bf16 or f32 [m, k]; products are exact (bf16 x bf16 fits in f32; f32 x bf16 inside a fused
+// multiply-add, but rounded once in the scalar path) and the sums are f32, in another order than
+// XLA's: results equal the XLA path's (nx.ops.linear._products, f32 accumulation) to f32 summation
+// error, not bit for bit. y is f32, or bf16: the same f32 sums rounded to nearest even (F32ToBf16,
+// XLA's convert) as they are stored, so the layer needs no rounding pass of its own.
 // bf16 subnormals may be flushed to zero at level 3 (vdpbf16ps does).
 //
 // Dispatch (`level`, fixed when the program is traced; common.h):
 //   3 AVX512_BF16, bf16 x: vdpbf16ps, 32 bf16 products per instruction (16 f32 lanes, a pair each);
+//     from PanelFrom() x rows (prompt chunks) as outer products over packed x panels (below);
 //   2-3 AVX-512F (f32 x at level 3): each 32-bf16 weight vector widened by shifts into its even and
 //     odd elements as f32 (w << 16, w & 0xffff0000), fused multiply-adds with x rows stored as f32
 //     in the same even/odd order per block (prepared once per call);
 //   1 AVX2 + FMA: the same on 16-bf16 blocks (scalar without FMA);
 //   0 scalar.
-// Any number of x rows; nx sends up to 16 (decode batches up to 16, nx.ops.cpu_kernels
-// .BF16_MAX_ROWS). Weight rows stream from memory once per call: up to 2 x rows one weight row
-// after another (the order the hardware prefetcher follows best, BENCHMARKS.md "CPU kernels"); from
-// 3 x rows (kTileRows), at level 3, register tiles (tiles.h, as the f32 kernel's) of 4 weight rows
-// x up to 6 x rows (tinyBLAS's scheme: every weight and x block loaded once per k-step for the
-// whole tile), all x rows served while a tile of weight rows is in cache and the next tile
-// prefetched, so batch 16 costs about the same weight traffic as batch 1; levels 1-2 keep 4 weight
-// rows x up to 4 (AVX-512F) or 2 (AVX2) x rows. Output rows are split over XLA's intra-op threads
-// (ParallelRows).
+// Any number of x rows (nx.ops.cpu_kernels.BF16_MAX_ROWS and its siblings say how many nx sends).
+// Weight rows stream from memory once per call: up to 2 x rows one weight row after another (the
+// order the hardware prefetcher follows best, BENCHMARKS.md "CPU kernels"); from 3 x rows
+// (kTileRows), at level 3, register tiles (tiles.h, as the f32 kernel's) of 4 weight rows x up to 6
+// x rows (tinyBLAS's scheme: every weight and x block loaded once per k-step for the whole tile),
+// all x rows served while a tile of weight rows is in cache and the next tile prefetched, so batch
+// 16 costs about the same weight traffic as batch 1; levels 1-2 keep 4 weight rows x up to 4
+// (AVX-512F) or 2 (AVX2) x rows. Output rows are split over XLA's intra-op threads (ParallelRows).
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -46,6 +48,20 @@ inline float Bf16ToF32(uint16_t v) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// f32 -> bf16, rounded to nearest even (NaN kept quiet), as XLA's convert: results stored as bf16.
+inline uint16_t F32ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// Columns [j0, j1) of the f32 rows y [m, ldy] into the bf16 rows out [m, ldy].
+void RoundColumns(const float* y, int m, int ldy, int j0, int j1, uint16_t* out) {
+  for (int r = 0; r < m; ++r)
+    for (int j = j0; j < j1; ++j) out[static_cast<size_t>(r) * ldy + j] = F32ToBf16(y[static_cast<size_t>(r) * ldy + j]);
 }
 
 // The activations as the chosen dot reads them: rows [m, kp], kp = k rounded up to 32, zero padded.
@@ -279,13 +295,169 @@ struct Bf16Dot {
   }
 };
 
+// ---- AVX512_BF16 panels: prompts ----
+//
+// From PanelFrom() x rows (prompt chunks), outer products instead of dots. x is packed once a call
+// into panels of 32 rows (a last one of 16 where at most 16 rows remain), [k / 2][rows] pairs of
+// bf16, one 32-bit lane a row; each k-pair step loads a panel's 2 vectors once and multiplies them
+// by kPanelNr weight pairs, each broadcast from its row (vdpbf16ps, whose pair sum is the dot's
+// k-reduction): 2 x 12 accumulators of 16 rows x 1 output, 2 + 12 loads a 24 dots, no horizontal
+// sums, and the 12 weight rows (12 x 2k bytes) stay in L1 while every panel passes by; the first
+// panel's pass prefetches the next 12 rows. Every thread of the call packs a share of the panels
+// first (16 rows at a time, transposed in registers). Why: the dot tiles above reload both operands
+// every k-step and sum each accumulator horizontally; at 128 rows they ran no faster than XLA's
+// GEMM (BENCHMARKS.md, "bf16 prompt panels").
+constexpr int kPanelNr = 12;
+// NX_UNROLL for loops over up to kPanelNr weight rows.
+#define NX_UNROLL_NR _Pragma("GCC unroll 16")
+
+// x packed as panels; filled by the call's threads together (Pack).
+struct Panels {
+  const uint16_t* x = nullptr;
+  int m = 0, k = 0, pairs = 0;
+  std::vector<uint32_t> data;  // 32-row panels, then a 16-row one if the rest fits it
+  std::atomic<int> next{0}, done{0};  // 16-row groups claimed, packed
+
+  Panels(const uint16_t* x_, int m_, int k_) : x(x_), m(m_), k(k_), pairs((k_ + 1) / 2) {
+    data.resize(static_cast<size_t>(Rows()) * pairs);
+  }
+  int Lanes(int r0) const { return m - r0 <= 16 ? 16 : 32; }
+  int Rows() const { return m % 32 > 16 ? (m + 31) / 32 * 32 : (m + 15) / 16 * 16; }
+  int Groups() const { return (m + 15) / 16; }
+  const uint32_t* At(int r0) const { return data.data() + static_cast<size_t>(r0) * pairs; }
+  // Claims 16-row groups until none is left, then waits for the others' (each thread of the job).
+  void Pack() {
+    for (int g; (g = next.fetch_add(1, std::memory_order_relaxed)) < Groups();) {
+      PackGroup(16 * g);
+      done.fetch_add(1, std::memory_order_release);
+    }
+    while (done.load(std::memory_order_acquire) < Groups()) Pause();
+  }
+  void PackGroup(int g0);
+};
+
+__attribute__((target(NX_AVX512F))) void Panels::PackGroup(int g0) {
+  const int r0 = g0 / 32 * 32, lanes = Lanes(r0), off = g0 - r0, rn = std::min(16, m - g0);
+  uint32_t* out = data.data() + static_cast<size_t>(r0) * pairs + off;
+  const int whole = rn == 16 ? k / 32 : 0;  // 16 x 16 pair blocks, transposed in registers
+  for (int q = 0; q < whole; ++q) {
+    __m512 r[16];
+    for (int t = 0; t < 16; ++t) r[t] = _mm512_loadu_ps(x + static_cast<size_t>(g0 + t) * k + 32 * q);
+    Transpose16(r);
+    for (int t = 0; t < 16; ++t) _mm512_storeu_ps(out + static_cast<size_t>(16 * q + t) * lanes, r[t]);
+  }
+  for (int t = 0; t < 16; ++t) {  // the rest: pairs one at a time, rows past m zero
+    const uint16_t* xr = x + static_cast<size_t>(g0 + t) * k;
+    for (int p = 16 * whole; p < pairs; ++p) {
+      uint32_t v = 0;
+      if (t < rn) {
+        std::memcpy(&v, xr + 2 * p, 2);
+        if (2 * p + 1 < k) v |= static_cast<uint32_t>(xr[2 * p + 1]) << 16;
+      }
+      out[static_cast<size_t>(p) * lanes + t] = v;
+    }
+  }
+}
+
+// F32ToBf16 on 16 lanes.
+__attribute__((target(NX_AVX512F), always_inline)) inline __m256i RoundBf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// Weight rows [j, j + NR) against the panel of x rows [r0, r0 + 16 RA) (RA vectors of 16 lanes),
+// y stored as f32 or (`bf16`) rounded to bf16; `next` (or null): the rows to prefetch.
+template <int RA, int NR>
+__attribute__((target(NX_AVX512BF16))) void PanelTile(const Panels& pn, const uint16_t* w, int j, int r0, void* y,
+                                                      int ldy, bool bf16, const uint16_t* next) {
+  const int k = pn.k, full = k / 2;
+  const uint32_t* xp = pn.At(r0);
+  __m512 acc[RA][NR];
+  NX_UNROLL_NR for (int i = 0; i < RA; ++i)
+    NX_UNROLL_NR for (int c = 0; c < NR; ++c) acc[i][c] = _mm512_setzero_ps();
+  const uint16_t* wr[NR];
+  NX_UNROLL_NR for (int c = 0; c < NR; ++c) wr[c] = w + static_cast<size_t>(j + c) * k;
+  for (int p = 0; p < full; ++p) {
+    if (next && (p & 15) == 0)  // one cache line of each next row per 16 pairs
+      NX_UNROLL_NR for (int c = 0; c < NR; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(c) * k + 2 * p), _MM_HINT_T0);
+    __m512bh a[RA];
+    NX_UNROLL_NR for (int i = 0; i < RA; ++i) a[i] = (__m512bh)_mm512_loadu_si512(xp + (static_cast<size_t>(p) * RA + i) * 16);
+    NX_UNROLL_NR for (int c = 0; c < NR; ++c) {
+      uint32_t v;
+      std::memcpy(&v, wr[c] + 2 * p, 4);
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(v));
+      NX_UNROLL_NR for (int i = 0; i < RA; ++i) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], a[i], b);
+    }
+  }
+  if (full * 2 < k) {  // odd k: the last weight element alone (its pair's other half is x's zero)
+    __m512bh a[RA];
+    NX_UNROLL_NR for (int i = 0; i < RA; ++i) a[i] = (__m512bh)_mm512_loadu_si512(xp + (static_cast<size_t>(full) * RA + i) * 16);
+    NX_UNROLL_NR for (int c = 0; c < NR; ++c) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(wr[c][k - 1]);
+      NX_UNROLL_NR for (int i = 0; i < RA; ++i) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], a[i], b);
+    }
+  }
+  // acc[i][c] lane t is y[r0 + 16 i + t, j + c]: transposed to rows of NR outputs
+  const __mmask16 cols = static_cast<__mmask16>((1u << NR) - 1);
+  NX_UNROLL_NR for (int i = 0; i < RA; ++i) {
+    __m512 r[16];
+    NX_UNROLL_NR for (int c = 0; c < 16; ++c) r[c] = c < NR ? acc[i][c] : _mm512_setzero_ps();
+    Transpose16(r);
+    const int rn = std::min(16, pn.m - r0 - 16 * i);
+    for (int t = 0; t < rn; ++t) {
+      const size_t o = static_cast<size_t>(r0 + 16 * i + t) * ldy + j;
+      if (bf16)
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + o, cols, RoundBf16(r[t]));
+      else
+        _mm512_mask_storeu_ps(static_cast<float*>(y) + o, cols, r[t]);
+    }
+  }
+}
+
+// PanelTile<RA, nr> for nr in 1 ... NR, chosen at run time (the last weight rows of a part).
+template <int RA, int NR>
+__attribute__((target(NX_AVX512BF16))) void PanelTiles(int nr, const Panels& pn, const uint16_t* w, int j, int r0,
+                                                       void* y, int ldy, bool bf16, const uint16_t* next) {
+  if constexpr (NR > 1)
+    if (nr < NR) return PanelTiles<RA, NR - 1>(nr, pn, w, j, r0, y, ldy, bf16, next);
+  PanelTile<RA, NR>(pn, w, j, r0, y, ldy, bf16, next);
+}
+
+// y[u, j] for every x row u and the weight rows j in [j0, j1), f32 or rounded to bf16: each group
+// of kPanelNr weight rows against every panel while the group is in L1.
+__attribute__((target(NX_AVX512BF16))) void DotPanels(const Panels& pn, const uint16_t* w, int j0, int j1, void* y,
+                                                      int ldy, bool bf16) {
+  for (int j = j0; j < j1; j += kPanelNr) {
+    const int nr = std::min(kPanelNr, j1 - j);
+    const uint16_t* next = j + 2 * kPanelNr <= j1 ? w + static_cast<size_t>(j + kPanelNr) * pn.k : nullptr;
+    for (int r0 = 0; r0 < pn.m; r0 += 32) {
+      const uint16_t* pf = r0 == 0 ? next : nullptr;
+      if (pn.Lanes(r0) == 32)
+        PanelTiles<2, kPanelNr>(nr, pn, w, j, r0, y, ldy, bf16, pf);
+      else
+        PanelTiles<1, kPanelNr>(nr, pn, w, j, r0, y, ldy, bf16, pf);
+    }
+  }
+}
+
 #endif  // NX_X86
 
-enum class Path { kScalar, kAvx2, kAvx512, kBf16 };
+enum class Path { kScalar, kAvx2, kAvx512, kBf16, kPanels };
 
-Path Choose(int level, bool x_bf16) {
+// From this many x rows on, the level-3 path runs panels (above) rather than dot tiles.
+int PanelFrom() {
+  static const int rows = static_cast<int>(EnvCount("NX_KERNELS_PANEL_FROM", 16));
+  return rows;
+}
+
+Path Choose(int level, bool x_bf16, int m) {
 #ifdef NX_X86
-  if (level >= kAvx512Bf16 && x_bf16) return Path::kBf16;
+  if (level >= kAvx512Bf16 && x_bf16) return m >= PanelFrom() ? Path::kPanels : Path::kBf16;
   if (level >= kAvx512Vnni) return Path::kAvx512;
   if (level >= kAvx2 && HasFma()) return Path::kAvx2;
 #endif
@@ -304,18 +476,33 @@ void Dot(Path path, const Acts& a, const uint16_t* w, int j0, int j1, float* y, 
 }
 
 ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> w,
-                          ffi::ResultBuffer<ffi::F32> y, int32_t level, int32_t threads) {
+                          ffi::Result<ffi::AnyBuffer> y, int32_t level, int32_t threads) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const bool x_bf16 = x.element_type() == ffi::DataType::BF16;
   if (!x_bf16 && x.element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("nx_kernels_cpu bf16_matmul: x must be bf16 or f32");
+  const bool y_bf16 = y->element_type() == ffi::DataType::BF16;
+  if (!y_bf16 && y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("nx_kernels_cpu bf16_matmul: y must be f32 or bf16");
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("nx_kernels_cpu bf16_matmul: x [m, k], w [n, k] expected");
   const int m = static_cast<int>(xd[0]), k = static_cast<int>(xd[1]), n = static_cast<int>(wd[0]);
-  float* yp = y->typed_data();
   if (m == 0 || n == 0) return ffi::Error::Success();
-  const Path path = Choose(ClampLevel(level), x_bf16);
+  const Path path = Choose(ClampLevel(level), x_bf16, m);
+  const uint16_t* wp = w.typed_data();
+  const int parts = Threads(pool, threads);
+  const int64_t work = static_cast<int64_t>(m) * k;
+#ifdef NX_X86
+  if (path == Path::kPanels) {
+    Panels pn(static_cast<const uint16_t*>(x.untyped_data()), m, k);
+    ParallelRows(pool, n, parts, work, [&](int j0, int j1) {
+      pn.Pack();
+      DotPanels(pn, wp, j0, j1, y->untyped_data(), n, y_bf16);
+    }, kPanelNr);
+    return ffi::Error::Success();
+  }
+#endif
   Acts a;
   if (path == Path::kBf16) {
     PrepareBf16(static_cast<const uint16_t*>(x.untyped_data()), m, k, a);
@@ -326,9 +513,12 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
     else
       PrepareF32(static_cast<const float*>(x.untyped_data()), m, k, block, a);
   }
-  const uint16_t* wp = w.typed_data();
-  ParallelRows(pool, n, Threads(pool, threads), static_cast<int64_t>(m) * k,
-               [&](int j0, int j1) { Dot(path, a, wp, j0, j1, yp, n); });
+  std::vector<float> sums(y_bf16 ? static_cast<size_t>(m) * n : 0);  // f32, rounded by column block
+  float* yp = y_bf16 ? sums.data() : static_cast<float*>(y->untyped_data());
+  ParallelRows(pool, n, parts, work, [&](int j0, int j1) {
+    Dot(path, a, wp, j0, j1, yp, n);
+    if (y_bf16) RoundColumns(yp, m, n, j0, j1, static_cast<uint16_t*>(y->untyped_data()));
+  });
   return ffi::Error::Success();
 }
 
@@ -339,6 +529,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NxBf16Matmul, Bf16MatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("level")
                                   .Attr<int32_t>("threads"));

@@ -486,30 +486,7 @@ __attribute__((target(NX_AVX512))) void TileVnni(const GroupedActs& g, const Gro
 // one activation broadcast serves P rows, and the transposed weight serves the tile's T token rows.
 // A panel past n reads zero rows (copied) and stores only its first n - j0 outputs.
 
-// r[i] lane t -> r[t] lane i, for 16 (AVX-512) or 8 (AVX2) rows.
-__attribute__((target(NX_AVX512))) inline void Transpose16(__m512* r) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int h = 0; h < 16; h += 8)
-    for (int i = 0; i < 4; ++i) {
-      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
-      t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xdd);
-    }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
-    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
-  }
-}
-
+// r[i] lane t -> r[t] lane i, for 8 rows (AVX2; Transpose16 in common.h for 16).
 __attribute__((target(NX_AVX2))) inline void Transpose8(__m256* r) {
   __m256 t[8];
   for (int i = 0; i < 8; i += 2) {

@@ -1,4 +1,4 @@
-"""nx-kernels-cpu's bf16 kernel (``amp="bf16"`` decode matmuls) against an f64 reference and the
+"""nx-kernels-cpu's bf16 kernel (``amp="bf16"`` decode and prompt matmuls) against an f64 reference and the
 pure-XLA path: at every dispatch level this CPU runs, inside jit, scan and shard_map, only on the cpu
 platform, and greedy tokens of a whole bf16 model.
 
@@ -10,6 +10,7 @@ bound of f32 summation, ``k * 2**-24 * (|x| @ |w|.T)`` (XLA's as well); sums tha
 from __future__ import annotations
 
 import importlib
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,61 @@ def test_every_row_count_up_to_16(level, m, xdtype):
     _check(outs[0], x, w)
 
 
+#: [m, k, n] for the prompt panels (from 16 rows at avx512_bf16 with bf16 x): whole 32-row panels and
+#: a 16-row last one, rows past m in both, k odd and not a multiple of 32, n not a multiple of 12.
+PANEL_SHAPES = [(16, 576, 960), (17, 576, 37), (31, 100, 12), (32, 1536, 25), (33, 33, 13), (48, 64, 11),
+                (100, 77, 130), (128, 576, 576)]
+
+
+@pytest.mark.skipif("avx512_bf16" not in LEVELS, reason="the prompt panels run at the avx512_bf16 level")
+@pytest.mark.parametrize("shape", PANEL_SHAPES, ids=str)
+def test_prompt_panels_within_f32_summation_error(shape):
+    """Prompt chunks (the panels' outer products): the same bound, one thread or several alike."""
+    import nx_kernels_cpu
+
+    x, w = _random(*shape, seed=shape[0])
+    x = jnp.asarray(x, jnp.bfloat16)
+    outs = [np.asarray(jax.jit(lambda x, w, t=t: nx_kernels_cpu.bf16_matmul(x, w, threads=t))(x, w)) for t in (0, 1)]
+    assert outs[0].shape == (shape[0], shape[2]) and outs[0].dtype == np.float32
+    np.testing.assert_array_equal(outs[0], outs[1])
+    _check(outs[0], x, w)
+
+
+@pytest.mark.parametrize("xdtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 33, 128])
+def test_bf16_results_are_the_f32_sums_rounded(level, m, xdtype):
+    """``dtype=bf16``: the kernel's own f32 sums rounded to nearest even (ml_dtypes' rounding, as
+    XLA's convert), bit for bit, on every path (row tiles, panels, the lower levels)."""
+    import ml_dtypes
+    import nx_kernels_cpu
+
+    x, w = _random(m, 200, 61, seed=m)
+    x = jnp.asarray(x, xdtype)
+    f32 = np.asarray(jax.jit(lambda x, w: nx_kernels_cpu.bf16_matmul(x, w, level=level))(x, w))
+    got = np.asarray(jax.jit(lambda x, w: nx_kernels_cpu.bf16_matmul(x, w, level=level, dtype=jnp.bfloat16))(x, w))
+    assert got.dtype == jnp.bfloat16 and got.shape == (m, 61)
+    np.testing.assert_array_equal(got.view(np.uint16), f32.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+def test_bf16_results_keep_nan_and_inf():
+    import nx_kernels_cpu
+
+    for m in (3, 40):  # row tiles, panels
+        x = jnp.asarray([[np.nan, 1.0], [np.inf, 1.0], [1e38, 1e38]] * (m // 3) + [[1.0, 1.0]] * (m % 3), jnp.bfloat16)
+        w = jnp.asarray([[1.0, 0.0], [1.0, 1.0]], jnp.bfloat16)
+        got = np.asarray(nx_kernels_cpu.bf16_matmul(x, w, dtype=jnp.bfloat16), np.float32)
+        assert np.isnan(got[0]).all() and (got[1] == np.inf).all()
+        np.testing.assert_allclose(got[2], [1e38, 2e38], rtol=2**-8)
+
+
+def test_result_dtype_is_checked():
+    import nx_kernels_cpu
+
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        nx_kernels_cpu.bf16_matmul(jnp.zeros((1, 4), jnp.bfloat16), jnp.zeros((2, 4), jnp.bfloat16), dtype=jnp.float16)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_exact_sums_are_exact(level):
     """Small integers: every partial sum is exact in f32, whatever the order: bit for bit."""
@@ -100,7 +156,7 @@ def test_exact_sums_are_exact(level):
     assert_exact_integer_sums(nx_kernels_cpu.bf16_matmul, jnp.bfloat16, 1000, level)
 
 
-@pytest.mark.parametrize("rows", sorted({1, 2, 3, 4, 5, 8, 13, cpu_kernels.BF16_MAX_ROWS}))
+@pytest.mark.parametrize("rows", sorted({1, 2, 3, 4, 5, 8, 13, 16, 40, cpu_kernels.BF16_MAX_ROWS}))
 @pytest.mark.parametrize("level", LEVELS)
 def test_project_equals_the_xla_path(monkeypatch, level, rows):
     """`nx.ops.linear.project` (bf16 in, f32 out) with the kernel and on XLA's dots: both within f32
@@ -119,8 +175,26 @@ def test_project_equals_the_xla_path(monkeypatch, level, rows):
     assert (np.abs(got - ref).reshape(rows, -1) <= 2 * 576 * U * (np.abs(xf) @ np.abs(wf).T)).all()
 
 
-def _lowered(x, w, **kw):
-    return jax.jit(lambda x, w: linear.project(x, w, jnp.bfloat16)).trace(x, w).lower(**kw).as_text()
+@pytest.mark.parametrize("rows", sorted({1, 8, 16, 100, cpu_kernels.BF16_MAX_ROWS}))
+def test_project_to_bf16_equals_the_xla_path(monkeypatch, rows):
+    """`nx.ops.linear.project` to bf16 (the layers of ``amp="bf16"``; the kernel rounds as it stores,
+    prompt chunks run its panels) against XLA's dot and rounding: both round
+    sums within f32 summation error of each other, so they differ by at most one bf16 ulp where a
+    sum lies that close to a rounding boundary, and are equal elsewhere."""
+    x, w = _random(rows, 576, 300, seed=rows)
+    x = jnp.asarray(x, jnp.bfloat16).reshape(rows, 1, 576)
+    f = jax.jit(lambda x, w: linear.project(x, w, jnp.bfloat16))
+    assert TARGET in f.trace(x, w).lower().as_text()
+    got = np.asarray(f(x, w), np.float32)
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    ref = np.asarray(jax.jit(lambda x, w: linear.project(x, w, jnp.bfloat16))(x, w), np.float32)
+    assert got.shape == ref.shape == (rows, 1, 300)
+    np.testing.assert_allclose(got, ref, rtol=2**-7, atol=0)
+    assert (got == ref).mean() > 0.99
+
+
+def _lowered(x, w, dtype=jnp.bfloat16, **kw):
+    return jax.jit(lambda x, w: linear.project(x, w, dtype)).trace(x, w).lower(**kw).as_text()
 
 
 def test_dispatch_and_off_switch(monkeypatch):
@@ -138,6 +212,9 @@ def test_dispatch_and_off_switch(monkeypatch):
         assert TARGET in _lowered(rows, w)  # the row limit in any leading shape
         f32 = jnp.zeros((cpu_kernels.BF16_NARROW_MAX_ROWS + 1, 64), jnp.float32)
         assert TARGET not in _lowered(f32, w)  # f32 activations: the narrow limit at every level
+        f32_out = partial(_lowered, dtype=jnp.float32)  # an f32 result (lm heads, tensor-parallel sums)
+        assert TARGET in f32_out(jnp.zeros((limit, 64), jnp.bfloat16), w)
+        assert TARGET not in f32_out(many, w)
     monkeypatch.delenv(cpu_kernels.ENV)
     assert_chosen_when_lowered(TARGET, _lowered, x, w, LEVELS, monkeypatch)
 

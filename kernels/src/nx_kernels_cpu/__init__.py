@@ -16,9 +16,10 @@ weighted by the group scales (``scale`` f32 or f16 ``[n, k / group_size]``) and 
 groups in f32, plus ``zero [n, k / group_size]`` (f32 or f16) times each group's sum of ``x``.
 ``group_size`` must be a multiple of 32 that divides 512 (32 ... 512) or a multiple of 512.
 
-`bf16_matmul(x, w)` is nx's bf16 linear layer (``nx.ops.linear`` under ``amp="bf16"``): f32
+`bf16_matmul(x, w, dtype=)` is nx's bf16 linear layer (``nx.ops.linear`` under ``amp="bf16"``):
 ``x [m, k] @ w.T`` for a bf16 ``w [n, k]`` and a bf16 or f32 ``x``, exact products summed in f32
-(another order than XLA's: equal to f32 summation error).
+(another order than XLA's: equal to f32 summation error), returned as f32 or rounded to bf16 (the
+layer's output dtype: no separate rounding pass).
 
 `f32_matmul(x, w)` is nx's f32 linear layer (``nx.ops.linear`` at the default precision): f32
 ``x [m, k] @ w.T`` for f32 ``w [n, k]``, fused multiply-adds summed in f32 (another order than
@@ -133,12 +134,16 @@ def grouped_matmul(x, q, scale, zero=None, *, bits: int, group_size: int, level:
     return call(x, q, scale, zero, level=_level(level), **attrs)
 
 
-def bf16_matmul(x, w, *, level: str | None = None, threads: int = 0):
-    """f32 ``[m, n]``: ``x [m, k]`` (bf16 or f32; other dtypes cast to f32) times bf16 ``w [n, k]`` transposed."""
+def bf16_matmul(x, w, *, level: str | None = None, threads: int = 0, dtype=jnp.float32):
+    """``[m, n]`` in `dtype` (f32, or bf16: the f32 sums rounded to nearest even): ``x [m, k]`` (bf16 or
+    f32; other dtypes cast to f32) times bf16 ``w [n, k]`` transposed."""
     if x.dtype not in (jnp.bfloat16, jnp.float32):
         x = jnp.asarray(x, jnp.float32)
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"dtype {dtype}: float32 or bfloat16 expected")
     m, n = x.shape[0], w.shape[0]
-    call = jax.ffi.ffi_call(_BF16, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call(_BF16, jax.ShapeDtypeStruct((m, n), dtype), vmap_method="sequential")
     return call(x, jnp.asarray(w, jnp.bfloat16), level=_level(level), threads=np.int32(threads))
 
 

@@ -28,14 +28,16 @@ Q6_K's 16 stays on XLA), scales and offsets f32 or f16, and up to `GROUPED_MAX_R
 prompts run the kernel too
 (cache-blocked; more rows stay on XLA's dequantized dot, as fast there).
 
-`bf16_matmul(x, w, xla)` returns f32 ``x @ w.T`` for a plain bf16 ``w [out, in]`` (``amp="bf16"``
-weights) and a bf16 or f32 ``x`` through the package's bf16 kernel (AVX512_BF16 ``vdpbf16ps``,
-AVX-512F or AVX2 fused multiply-adds: exact products summed in f32, in another order than XLA's),
-or None where it does not apply. A plain array does not say which backend it is for, so the
-kernel is staged with `jax.lax.platform_dependent`: programs lowered for the cpu platform call it,
-any other platform gets ``xla(x, w)`` (the caller's pure-XLA path; the FFI target exists only for
-cpu). It applies for at most `BF16_MAX_ROWS` token rows, a 2-D bf16 ``w``, a bf16 or f32 ``x``,
-and when `enabled`.
+`bf16_matmul(x, w, xla, dtype)` returns ``x @ w.T`` in `dtype` for a plain bf16 ``w [out, in]``
+(``amp="bf16"`` weights) and a bf16 or f32 ``x`` through the package's bf16 kernel (AVX512_BF16
+``vdpbf16ps`` register tiles for decode and panels for prompts, AVX-512F or AVX2 fused
+multiply-adds: exact products summed in f32, in another order than XLA's; a bf16 result rounded to
+nearest even as the kernel stores it), or None where it does not apply. A plain array does not say
+which backend it is for, so the kernel is staged with `jax.lax.platform_dependent`: programs lowered
+for the cpu platform call it, any other platform gets ``xla(x, w)`` (the caller's pure-XLA path; the
+FFI target exists only for cpu). It applies for a 2-D bf16 ``w``, a bf16 or f32 ``x``, when
+`enabled`, and for at most `BF16_MAX_ROWS` token rows with bf16 ``x`` at the ``avx512_bf16``
+level (`BF16_TILES_MAX_ROWS` with an nx-kernels-cpu before 0.7), `BF16_NARROW_MAX_ROWS` otherwise.
 
 `f32_matmul(x, w, xla)` is the same for an f32 ``w [out, in]`` and an f32 ``x`` (the default
 precision's linear layers and lm head, a tied embedding table included) through the package's f32
@@ -68,6 +70,8 @@ kernels (issue #22)", "Grouped and 4-bit CPU kernels", "bf16 CPU kernel", "f32 d
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -98,10 +102,14 @@ GROUPED_MAX_ROWS = 256
 #: #22's targets on this CPU, fifth round"); beyond, not measured.
 PANEL_MAX_ROWS = 1024
 #: Most token rows a bf16 call sends to the kernel at the ``avx512_bf16`` level with bf16 x (decode
-#: batches and prompt chunks): its `vdpbf16ps` register tiles beat XLA's bf16 dot at every row count
-#: 1-64 on the 2-core EPYC, and tie from 128 rows (BENCHMARKS.md, "bf16 kernel up to 16 rows",
-#: "f32 kernel: register tiles, and the bf16 kernel to 64 rows"); more rows stay on XLA's GEMM.
-BF16_MAX_ROWS = 64
+#: batches and prompt chunks): its `vdpbf16ps` register tiles (below 16 rows) and prompt panels (from
+#: 16) beat XLA's bf16 dot at every row count 1-128 on the 2-core EPYC; from 256 rows XLA's GEMM ties
+#: or wins, and more rows stay on it (BENCHMARKS.md, "bf16 prompt panels").
+BF16_MAX_ROWS = 128
+#: The same for an nx-kernels-cpu before 0.7 (register tiles only, f32 results): they beat XLA's
+#: bf16 dot at 1-64 rows and tie from 128 (BENCHMARKS.md, "f32 kernel: register tiles, and the bf16
+#: kernel to 64 rows").
+BF16_TILES_MAX_ROWS = 64
 #: The same at the lower levels (AVX-512F or AVX2 multiply-adds on widened weights, or f32 x):
 #: measured faster than XLA up to decode's 16 rows only.
 BF16_NARROW_MAX_ROWS = 16
@@ -124,6 +132,8 @@ except ImportError as exc:  # not installed (or not built for this machine): the
     _IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
 else:
     _IMPORT_ERROR = None
+#: Whether the installed package's bf16 kernel rounds its results to bf16 and runs prompt panels (0.7).
+_BF16_OUT = _kernels is not None and "dtype" in inspect.signature(_kernels.bf16_matmul).parameters
 
 
 def mode() -> str:
@@ -245,7 +255,7 @@ def _typed_like(y: Any, *operands: Any) -> Any:
 
 def _staged(kernel: Callable[..., Any], x: Any, w: Any, xla: Callable[[Any, Any], Any], rows: int) -> Any:
     """``kernel(x [rows, k], w, level=, threads=)`` in programs lowered for the cpu platform, typed and
-    shaped as ``xla(x, w)`` (``[..., n]`` f32), which any other platform runs."""
+    shaped as ``xla(x, w)`` (``[..., n]``, in the kernel's dtype), which any other platform runs."""
     level, threads = mode(), _threads()
 
     def cpu(x, w):
@@ -264,15 +274,23 @@ def _rows(x: Any, w: Any, dtypes: tuple, max_rows: int, min_rows: int = 1) -> in
     return rows if max(1, min_rows) <= rows <= max_rows and enabled() else None
 
 
-def bf16_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
-    """f32 ``x @ w.T`` (``[..., n]``) for a bf16 array ``w [n, k]`` and a bf16 or f32 ``x [..., k]``:
-    the kernel in programs lowered for the cpu platform, ``xla(x, w)`` (which must return the same
-    shape, f32) on any other; None where the kernel does not apply (see the module docstring)."""
+def bf16_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any], dtype: Any = jnp.float32) -> Any:
+    """``x @ w.T`` (``[..., n]``) in `dtype` for a bf16 array ``w [n, k]`` and a bf16 or f32 ``x [..., k]``:
+    the kernel in programs lowered for the cpu platform (a bf16 `dtype` rounded by the kernel as it
+    stores: no separate rounding pass), ``xla(x, w)`` (f32, then cast) on any other; None where the
+    kernel does not apply (see the module docstring)."""
     if not (hasattr(w, "dtype") and w.dtype == jnp.bfloat16):
         return None
-    wide = x.dtype == jnp.bfloat16 and _level() == "avx512_bf16"
-    rows = _rows(x, w, (jnp.bfloat16, jnp.float32), BF16_MAX_ROWS if wide else BF16_NARROW_MAX_ROWS)
-    return None if rows is None else _staged(_kernels.bf16_matmul, x, w, xla, rows)
+    out = jnp.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 and _BF16_OUT else jnp.float32
+    if x.dtype == jnp.bfloat16 and _level() == "avx512_bf16":
+        limit = BF16_MAX_ROWS if _BF16_OUT else BF16_TILES_MAX_ROWS
+    else:
+        limit = BF16_NARROW_MAX_ROWS
+    rows = _rows(x, w, (jnp.bfloat16, jnp.float32), limit)
+    if rows is None:
+        return None
+    kernel = functools.partial(_kernels.bf16_matmul, dtype=out) if _BF16_OUT else _kernels.bf16_matmul
+    return _staged(kernel, x, w, lambda x, w: xla(x, w).astype(out), rows).astype(dtype)
 
 
 def f32_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:

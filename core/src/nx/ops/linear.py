@@ -14,16 +14,18 @@ SMALL_ROWS = 16  # up to this many token rows, products run as ``w @ x.T``
 
 def project(x: jnp.ndarray, w, dtype) -> jnp.ndarray:
     """``x @ w.T`` in `dtype` for ``w [out, in]`` (or an int8 `nx.ops.quant.QuantizedWeight`),
-    accumulated in f32. The formulation depends on the row count, because XLA:CPU's matmul paths
-    differ that much (BENCHMARKS.md, "Design measurements behind nx.ops"); bf16 weights with up to
-    `cpu_kernels.BF16_MAX_ROWS` token rows run nx-kernels-cpu's kernel on the cpu platform where it is
-    installed (XLA:CPU has no fast bf16 matrix-vector path; BENCHMARKS.md, "bf16 CPU kernel"), and
-    so do f32 weights and activations with 2 to `cpu_kernels.F32_MAX_ROWS` token rows (XLA's f32
-    dot runs below the machine's FMA and memory speed there; BENCHMARKS.md, "f32 kernel: register
-    tiles, and the bf16 kernel to 64 rows")."""
+    accumulated in f32 and rounded once. The formulation depends on the row count, because XLA:CPU's
+    matmul paths differ that much (BENCHMARKS.md, "Design measurements behind nx.ops"). On the cpu
+    platform where nx-kernels-cpu is installed:
+    - bf16 weights with up to `cpu_kernels.BF16_MAX_ROWS` token rows run its bf16 kernel, which also
+      rounds a bf16 result (XLA:CPU has no fast bf16 matrix-vector path, and its bf16 GEMM runs
+      below the kernel's panels; BENCHMARKS.md, "bf16 CPU kernel", "bf16 prompt panels");
+    - f32 weights and activations with 2 to `cpu_kernels.F32_MAX_ROWS` token rows run its f32 kernel
+      (XLA's f32 dot runs below the machine's FMA and memory speed there; BENCHMARKS.md, "f32
+      kernel: register tiles, and the bf16 kernel to 64 rows")."""
     if quant.is_quantized(w):
         return quant.matmul(x, w).astype(dtype)
-    y = cpu_kernels.bf16_matmul(x, w, _xla)  # _xla: off the cpu platform
+    y = cpu_kernels.bf16_matmul(x, w, _xla, dtype)  # _xla: off the cpu platform
     if y is None:
         y = cpu_kernels.f32_matmul(x, w, _xla)
     return (_xla(x, w) if y is None else y).astype(dtype)
@@ -66,10 +68,10 @@ def row_parallel_linear(x: jnp.ndarray, p: dict, axis: str | None = None) -> jnp
     """A linear whose input dim is split over tensor-parallel `axis`: partial products are summed
     with one all-reduce before the (replicated) bias is added. Plain `linear` when `axis` is None.
     Partial products are summed in f32 and rounded once, so the tp degree cannot change rounding."""
-    y = project(x, p["w"], jnp.float32)
-    if axis is not None:
-        y = lax.psum(y, axis)
-    y = y.astype(x.dtype)
+    if axis is None:
+        y = project(x, p["w"], x.dtype)
+    else:
+        y = lax.psum(project(x, p["w"], jnp.float32), axis).astype(x.dtype)
     if p.get("b") is not None:
         y = y + p["b"]
     return y
