@@ -64,6 +64,23 @@ void RoundColumns(const float* y, int m, int ldy, int j0, int j1, uint16_t* out)
     for (int j = j0; j < j1; ++j) out[static_cast<size_t>(r) * ldy + j] = F32ToBf16(y[static_cast<size_t>(r) * ldy + j]);
 }
 
+// silu(g) * u as nx's XLA path rounds it (SiluMul, below, in vectors), for the paths without panels.
+inline float SiluMulScalar(float g, float u) {
+  g = Bf16ToF32(F32ToBf16(g));
+  const float a = Bf16ToF32(F32ToBf16(g * (1.0f / (1.0f + std::exp(-g)))));
+  return a * Bf16ToF32(F32ToBf16(u));
+}
+
+// y [m, n / 2] bf16 = silu(gate) * up for the f32 sums [m, n] of the weight's halves [gate; up].
+void GluColumns(const float* sums, int m, int n, uint16_t* y) {
+  const int half = n / 2;
+  for (int r = 0; r < m; ++r)
+    for (int j = 0; j < half; ++j) {
+      const float* row = sums + static_cast<size_t>(r) * n;
+      y[static_cast<size_t>(r) * half + j] = F32ToBf16(SiluMulScalar(row[j], row[half + j]));
+    }
+}
+
 // The activations as the chosen dot reads them: rows [m, kp], kp = k rounded up to 32, zero padded.
 //   bf16 (level 3, bf16 x): the bf16 bits as given;
 //   f32 split by `block` (32 at AVX-512, 16 at AVX2): in each block the even elements then the odd
@@ -369,22 +386,54 @@ __attribute__((target(NX_AVX512F), always_inline)) inline __m256i RoundBf16(__m5
   return _mm512_cvtepi32_epi16(r);
 }
 
-// Weight rows [j, j + NR) against the panel of x rows [r0, r0 + 16 RA) (RA vectors of 16 lanes),
-// y stored as f32 or (`bf16`) rounded to bf16; `next` (or null): the rows to prefetch.
-template <int RA, int NR>
-__attribute__((target(NX_AVX512BF16))) void PanelTile(const Panels& pn, const uint16_t* w, int j, int r0, void* y,
-                                                      int ldy, bool bf16, const uint16_t* next) {
+// f32 lanes rounded to bf16 (nearest even, NaN kept, subnormals flushed: vcvtneps2bf16), as f32 again.
+__attribute__((target(NX_AVX512BF16), always_inline)) inline __m512 Bf16Values(__m512 v) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// silu(g) * u as nx's XLA path rounds it (nx.ops.linear.gated_linear): g and u rounded to bf16 (the
+// products' results), silu in f32 as g * (1 / (1 + exp(-g))) rounded to bf16, then the product in
+// f32 (rounded to bf16 by the caller's store). exp: Exp16 (common.h), whose polynomial may differ
+// from XLA's by an f32 ulp, so a result can sit one bf16 ulp away where silu lies at a rounding
+// boundary; the intermediate roundings flush subnormals (below 1.2e-38) to zero.
+__attribute__((target(NX_AVX512BF16), always_inline)) inline __m512 SiluMul(__m512 g, __m512 u) {
+  g = Bf16Values(g);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = Exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(89.0f)));
+  const __m512 a = Bf16Values(_mm512_mul_ps(g, _mm512_div_ps(one, _mm512_add_ps(one, e))));
+  return _mm512_mul_ps(a, Bf16Values(u));
+}
+
+// Where a panel tile's results go: y [m, ldy] as f32 or (`bf16`) rounded to bf16; with `glu`
+// (bf16 only), y[:, j] = silu(x @ w[j]) * (x @ w[half + j]) for the weight's two halves [gate; up].
+struct PanelOut {
+  void* y;
+  int ldy;
+  bool bf16;
+  bool glu;
+  int half;
+};
+
+// The panel of x rows [r0, r0 + 16 RA) (RA vectors of 16 lanes) against G outputs from column j:
+// weight rows [j, j + G), or with GLU also the up rows [half + j, half + j + G) (NR = 2G, a gate and
+// its up in the same tile); `prefetch`: the next G outputs' rows, during this tile.
+template <int RA, int G, bool GLU>
+__attribute__((target(NX_AVX512BF16))) void PanelTile(const Panels& pn, const uint16_t* w, int j, int r0,
+                                                      const PanelOut& out, bool prefetch) {
+  constexpr int NR = GLU ? 2 * G : G;
   const int k = pn.k, full = k / 2;
   const uint32_t* xp = pn.At(r0);
   __m512 acc[RA][NR];
   NX_UNROLL_NR for (int i = 0; i < RA; ++i)
     NX_UNROLL_NR for (int c = 0; c < NR; ++c) acc[i][c] = _mm512_setzero_ps();
   const uint16_t* wr[NR];
-  NX_UNROLL_NR for (int c = 0; c < NR; ++c) wr[c] = w + static_cast<size_t>(j + c) * k;
+  NX_UNROLL_NR for (int c = 0; c < NR; ++c) wr[c] = w + static_cast<size_t>(c < G ? j + c : out.half + j + c - G) * k;
+  const size_t ahead = static_cast<size_t>(G) * k;  // the next tile's rows
   for (int p = 0; p < full; ++p) {
-    if (next && (p & 15) == 0)  // one cache line of each next row per 16 pairs
+    if (prefetch && (p & 15) == 0)  // one cache line of each next row per 16 pairs
       NX_UNROLL_NR for (int c = 0; c < NR; ++c)
-        _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<size_t>(c) * k + 2 * p), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr[c] + ahead + 2 * p), _MM_HINT_T0);
     __m512bh a[RA];
     NX_UNROLL_NR for (int i = 0; i < RA; ++i) a[i] = (__m512bh)_mm512_loadu_si512(xp + (static_cast<size_t>(p) * RA + i) * 16);
     NX_UNROLL_NR for (int c = 0; c < NR; ++c) {
@@ -402,45 +451,51 @@ __attribute__((target(NX_AVX512BF16))) void PanelTile(const Panels& pn, const ui
       NX_UNROLL_NR for (int i = 0; i < RA; ++i) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], a[i], b);
     }
   }
-  // acc[i][c] lane t is y[r0 + 16 i + t, j + c]: transposed to rows of NR outputs
-  const __mmask16 cols = static_cast<__mmask16>((1u << NR) - 1);
+  // acc[i][c] lane t is output (r0 + 16 i + t, j + c) (GLU: c < G the gate, c + G its up):
+  // transposed to rows of G outputs
+  const __mmask16 cols = static_cast<__mmask16>((1u << G) - 1);
   NX_UNROLL_NR for (int i = 0; i < RA; ++i) {
     __m512 r[16];
-    NX_UNROLL_NR for (int c = 0; c < 16; ++c) r[c] = c < NR ? acc[i][c] : _mm512_setzero_ps();
+    NX_UNROLL_NR for (int c = 0; c < 16; ++c) {
+      if (c >= G) r[c] = _mm512_setzero_ps();
+      else if constexpr (GLU) r[c] = SiluMul(acc[i][c], acc[i][c + G]);
+      else r[c] = acc[i][c];
+    }
     Transpose16(r);
     const int rn = std::min(16, pn.m - r0 - 16 * i);
     for (int t = 0; t < rn; ++t) {
-      const size_t o = static_cast<size_t>(r0 + 16 * i + t) * ldy + j;
-      if (bf16)
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + o, cols, RoundBf16(r[t]));
+      const size_t o = static_cast<size_t>(r0 + 16 * i + t) * out.ldy + j;
+      if (out.bf16)
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + o, cols, RoundBf16(r[t]));
       else
-        _mm512_mask_storeu_ps(static_cast<float*>(y) + o, cols, r[t]);
+        _mm512_mask_storeu_ps(static_cast<float*>(out.y) + o, cols, r[t]);
     }
   }
 }
 
-// PanelTile<RA, nr> for nr in 1 ... NR, chosen at run time (the last weight rows of a part).
-template <int RA, int NR>
-__attribute__((target(NX_AVX512BF16))) void PanelTiles(int nr, const Panels& pn, const uint16_t* w, int j, int r0,
-                                                       void* y, int ldy, bool bf16, const uint16_t* next) {
-  if constexpr (NR > 1)
-    if (nr < NR) return PanelTiles<RA, NR - 1>(nr, pn, w, j, r0, y, ldy, bf16, next);
-  PanelTile<RA, NR>(pn, w, j, r0, y, ldy, bf16, next);
+// PanelTile<RA, g, GLU> for g in 1 ... G, chosen at run time (the last outputs of a part).
+template <int RA, int G, bool GLU>
+__attribute__((target(NX_AVX512BF16))) void PanelTiles(int g, const Panels& pn, const uint16_t* w, int j, int r0,
+                                                       const PanelOut& out, bool prefetch) {
+  if constexpr (G > 1)
+    if (g < G) return PanelTiles<RA, G - 1, GLU>(g, pn, w, j, r0, out, prefetch);
+  PanelTile<RA, G, GLU>(pn, w, j, r0, out, prefetch);
 }
 
-// y[u, j] for every x row u and the weight rows j in [j0, j1), f32 or rounded to bf16: each group
-// of kPanelNr weight rows against every panel while the group is in L1.
-__attribute__((target(NX_AVX512BF16))) void DotPanels(const Panels& pn, const uint16_t* w, int j0, int j1, void* y,
-                                                      int ldy, bool bf16) {
-  for (int j = j0; j < j1; j += kPanelNr) {
-    const int nr = std::min(kPanelNr, j1 - j);
-    const uint16_t* next = j + 2 * kPanelNr <= j1 ? w + static_cast<size_t>(j + kPanelNr) * pn.k : nullptr;
+// Outputs [j0, j1) for every x row, G (kPanelNr, or half of it with GLU) at a time: each group of
+// kPanelNr weight rows against every panel while the group is in L1.
+template <bool GLU>
+__attribute__((target(NX_AVX512BF16))) void DotPanels(const Panels& pn, const uint16_t* w, int j0, int j1,
+                                                      const PanelOut& out) {
+  constexpr int G = GLU ? kPanelNr / 2 : kPanelNr;
+  for (int j = j0; j < j1; j += G) {
+    const int g = std::min(G, j1 - j);
+    const bool next = j + 2 * G <= j1;
     for (int r0 = 0; r0 < pn.m; r0 += 32) {
-      const uint16_t* pf = r0 == 0 ? next : nullptr;
       if (pn.Lanes(r0) == 32)
-        PanelTiles<2, kPanelNr>(nr, pn, w, j, r0, y, ldy, bf16, pf);
+        PanelTiles<2, G, GLU>(g, pn, w, j, r0, out, next && r0 == 0);
       else
-        PanelTiles<1, kPanelNr>(nr, pn, w, j, r0, y, ldy, bf16, pf);
+        PanelTiles<1, G, GLU>(g, pn, w, j, r0, out, next && r0 == 0);
     }
   }
 }
@@ -476,9 +531,10 @@ void Dot(Path path, const Acts& a, const uint16_t* w, int j0, int j1, float* y, 
 }
 
 ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::BF16> w,
-                          ffi::Result<ffi::AnyBuffer> y, int32_t level, int32_t threads) {
+                          ffi::Result<ffi::AnyBuffer> y, int32_t level, int32_t threads, int32_t glu) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
+  const auto yd = y->dimensions();
   const bool x_bf16 = x.element_type() == ffi::DataType::BF16;
   if (!x_bf16 && x.element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("nx_kernels_cpu bf16_matmul: x must be bf16 or f32");
@@ -487,19 +543,28 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("nx_kernels_cpu bf16_matmul: y must be f32 or bf16");
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("nx_kernels_cpu bf16_matmul: x [m, k], w [n, k] expected");
+  if (glu != 0 && (glu != 1 || !y_bf16 || wd[0] % 2))
+    return ffi::Error::InvalidArgument("nx_kernels_cpu bf16_matmul: glu 1 (silu) needs an even n and a bf16 y");
   const int m = static_cast<int>(xd[0]), k = static_cast<int>(xd[1]), n = static_cast<int>(wd[0]);
+  const int outs = glu ? n / 2 : n;  // y's columns
+  if (yd.size() != 2 || yd[0] != m || yd[1] != outs)
+    return ffi::Error::InvalidArgument("nx_kernels_cpu bf16_matmul: y [m, n] (glu: [m, n / 2]) expected");
   if (m == 0 || n == 0) return ffi::Error::Success();
   const Path path = Choose(ClampLevel(level), x_bf16, m);
   const uint16_t* wp = w.typed_data();
   const int parts = Threads(pool, threads);
-  const int64_t work = static_cast<int64_t>(m) * k;
+  const int64_t work = static_cast<int64_t>(m) * k * (glu ? 2 : 1);
 #ifdef NX_X86
   if (path == Path::kPanels) {
     Panels pn(static_cast<const uint16_t*>(x.untyped_data()), m, k);
-    ParallelRows(pool, n, parts, work, [&](int j0, int j1) {
+    const PanelOut out{y->untyped_data(), outs, y_bf16, glu != 0, outs};
+    ParallelRows(pool, outs, parts, work, [&](int j0, int j1) {
       pn.Pack();
-      DotPanels(pn, wp, j0, j1, y->untyped_data(), n, y_bf16);
-    }, kPanelNr);
+      if (glu)
+        DotPanels<true>(pn, wp, j0, j1, out);
+      else
+        DotPanels<false>(pn, wp, j0, j1, out);
+    }, glu ? kPanelNr / 2 : kPanelNr);
     return ffi::Error::Success();
   }
 #endif
@@ -515,10 +580,12 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
   }
   std::vector<float> sums(y_bf16 ? static_cast<size_t>(m) * n : 0);  // f32, rounded by column block
   float* yp = y_bf16 ? sums.data() : static_cast<float*>(y->untyped_data());
+  uint16_t* rounded = static_cast<uint16_t*>(y->untyped_data());
   ParallelRows(pool, n, parts, work, [&](int j0, int j1) {
     Dot(path, a, wp, j0, j1, yp, n);
-    if (y_bf16) RoundColumns(yp, m, n, j0, j1, static_cast<uint16_t*>(y->untyped_data()));
+    if (y_bf16 && !glu) RoundColumns(yp, m, n, j0, j1, rounded);
   });
+  if (glu) GluColumns(yp, m, n, rounded);
   return ffi::Error::Success();
 }
 
@@ -531,4 +598,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NxBf16Matmul, Bf16MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("level")
-                                  .Attr<int32_t>("threads"));
+                                  .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("glu"));

@@ -383,6 +383,25 @@ __attribute__((target(NX_AVX512F))) inline void Transpose16(__m512* r) {
   }
 }
 
+// exp(x) for x <= 89 (Cephes' expf polynomial on x - n ln 2, scaled by 2^n): 0 below -87.3, where
+// exp leaves the normal floats, inf above ~88.7 (the attention kernel's softmax, the bf16 kernel's
+// silu).
+__attribute__((target(NX_AVX512F))) inline __m512 Exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+
 // [sum(v0), ..., sum(v{RM - 1})] into out[0, RM), RM <= 4: added to it (`add`) or stored; the
 // register tiles' epilogue (tiles.h). The accumulators go by value: an array's address would keep
 // GCC storing them to the stack at every k-step.

@@ -148,6 +148,82 @@ def test_result_dtype_is_checked():
         nx_kernels_cpu.bf16_matmul(jnp.zeros((1, 4), jnp.bfloat16), jnp.zeros((2, 4), jnp.bfloat16), dtype=jnp.float16)
 
 
+def _glu_reference(x, w):
+    """silu(gate) * up rounded as nx's XLA path rounds it, from exact (f64) sums: each half's sums
+    to bf16, silu in f32 to bf16, the product in f32 to bf16."""
+    import ml_dtypes
+
+    bf = ml_dtypes.bfloat16
+    h = (_f64(x) @ _f64(w).T).astype(np.float32).astype(bf).astype(np.float32)
+    g, u = np.split(h, 2, axis=-1)
+    a = (g * (np.float32(1) / (np.float32(1) + np.exp(-g)))).astype(bf).astype(np.float32)
+    return (a * u).astype(bf).astype(np.float32)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("shape", [(1, 576, 3072), (8, 100, 26), (16, 576, 3072), (33, 77, 14), (128, 64, 30)],
+                         ids=str)
+def test_glu_is_silu_of_the_gate_times_the_up(level, shape):
+    """``glu="silu"`` (a gated MLP's first layer): the XLA path's roundings of silu(gate) * up from
+    sums within f32 summation error, so within 2 bf16 ulps of the reference from exact sums (a sum
+    or silu that lies at a rounding boundary may round either way), and equal in most places.
+    Output columns not a multiple of the panels' 6 per tile, every row tail; one thread or several
+    alike."""
+    import nx_kernels_cpu
+
+    m, k, n = shape
+    x, w = _random(m, k, n, seed=n)
+    x = jnp.asarray(x / np.abs(x).max(axis=1, keepdims=True), jnp.bfloat16)  # sums of a few units: silu's curve
+    outs = [np.asarray(jax.jit(lambda x, w, t=t: nx_kernels_cpu.bf16_matmul(
+        x, w, level=level, threads=t, dtype=jnp.bfloat16, glu="silu"))(x, w)) for t in (0, 1)]
+    assert outs[0].shape == (m, n // 2) and outs[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(outs[0].view(np.uint16), outs[1].view(np.uint16))
+    got, ref = outs[0].astype(np.float32), _glu_reference(x, w)
+    np.testing.assert_allclose(got, ref, rtol=2**-6, atol=2**-6 * np.abs(ref).max())
+    assert (got == ref).mean() > 0.95
+
+
+def test_glu_keeps_nan_and_large_gates():
+    """silu of a large negative gate is 0 (exp(-g) overflows), of a large positive one the gate."""
+    import nx_kernels_cpu
+
+    for m in (4, 40):  # row tiles, panels
+        gates = [[np.nan], [-1e30], [1e30], [-3.0]]
+        x = jnp.asarray([gates[i % 4] + [1.0] for i in range(m)], jnp.bfloat16)
+        w = jnp.asarray([[1.0, 0.0], [0.0, 1.0]], jnp.bfloat16)  # gate = x[:, 0], up = x[:, 1]
+        got = np.asarray(nx_kernels_cpu.bf16_matmul(x, w, dtype=jnp.bfloat16, glu="silu"), np.float32)[:, 0]
+        assert np.isnan(got[0]) and got[1] == 0 and np.isclose(got[2], 1e30, rtol=2**-7)
+        np.testing.assert_allclose(got[3], -3.0 / (1 + np.exp(3.0)), rtol=2**-7)
+
+
+def test_glu_arguments_are_checked():
+    import nx_kernels_cpu
+
+    x, w = jnp.zeros((16, 4), jnp.bfloat16), jnp.zeros((6, 4), jnp.bfloat16)
+    for kw in (dict(glu="gelu", dtype=jnp.bfloat16), dict(glu="silu"), dict(glu="silu", dtype=jnp.bfloat16, w=w[:5])):
+        with pytest.raises(ValueError, match="glu"):
+            nx_kernels_cpu.bf16_matmul(x, kw.pop("w", w), **kw)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 100, cpu_kernels.BF16_MAX_ROWS])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_linear_equals_the_xla_path(monkeypatch, rows, bias):
+    """`nx.ops.linear.gated_linear` (a gated MLP's first layer) through the kernel (prompt rows) and
+    on XLA's path: the same roundings, so equal but where a sum lies at a rounding boundary."""
+    x, w = _random(rows, 576, 400, seed=rows)
+    x = jnp.asarray(x / np.abs(x).max(axis=1, keepdims=True), jnp.bfloat16).reshape(rows, 1, 576)
+    p = {"w": w, "b": jnp.asarray(np.linspace(-1, 1, 400), jnp.bfloat16) if bias else None}
+    f = jax.jit(lambda x, p: linear.gated_linear(x, p, "silu"))
+    glu = "glu = 1" in f.trace(x, p).lower().as_text()
+    assert glu == (not bias and rows >= cpu_kernels.BF16_GLU_MIN_ROWS and "avx512_bf16" in LEVELS)
+    got = np.asarray(f(x, p), np.float32)
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    ref = np.asarray(jax.jit(lambda x, p: linear.gated_linear(x, p, "silu"))(x, p), np.float32)
+    assert got.shape == ref.shape == (rows, 1, 200)
+    np.testing.assert_allclose(got, ref, rtol=2**-6, atol=2**-6 * np.abs(ref).max())
+    assert (got == ref).mean() > 0.95
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_exact_sums_are_exact(level):
     """Small integers: every partial sum is exact in f32, whatever the order: bit for bit."""

@@ -19,7 +19,8 @@ groups in f32, plus ``zero [n, k / group_size]`` (f32 or f16) times each group's
 `bf16_matmul(x, w, dtype=)` is nx's bf16 linear layer (``nx.ops.linear`` under ``amp="bf16"``):
 ``x [m, k] @ w.T`` for a bf16 ``w [n, k]`` and a bf16 or f32 ``x``, exact products summed in f32
 (another order than XLA's: equal to f32 summation error), returned as f32 or rounded to bf16 (the
-layer's output dtype: no separate rounding pass).
+layer's output dtype: no separate rounding pass); ``glu="silu"`` returns ``silu(gate) * up`` of a
+fused ``[gate; up]`` weight instead (a gated MLP's first layer, no pass over its output).
 
 `f32_matmul(x, w)` is nx's f32 linear layer (``nx.ops.linear`` at the default precision): f32
 ``x [m, k] @ w.T`` for f32 ``w [n, k]``, fused multiply-adds summed in f32 (another order than
@@ -134,17 +135,27 @@ def grouped_matmul(x, q, scale, zero=None, *, bits: int, group_size: int, level:
     return call(x, q, scale, zero, level=_level(level), **attrs)
 
 
-def bf16_matmul(x, w, *, level: str | None = None, threads: int = 0, dtype=jnp.float32):
+def bf16_matmul(x, w, *, level: str | None = None, threads: int = 0, dtype=jnp.float32, glu: str | None = None):
     """``[m, n]`` in `dtype` (f32, or bf16: the f32 sums rounded to nearest even): ``x [m, k]`` (bf16 or
-    f32; other dtypes cast to f32) times bf16 ``w [n, k]`` transposed."""
+    f32; other dtypes cast to f32) times bf16 ``w [n, k]`` transposed.
+
+    ``glu="silu"``: ``w`` holds two halves ``[gate; up]`` and the result is bf16 ``[m, n / 2]``,
+    ``silu(gate) * up`` rounded as nx's XLA path rounds it (each half's sums to bf16, silu in f32 to
+    bf16, the product to bf16), computed from the sums as they leave the registers."""
     if x.dtype not in (jnp.bfloat16, jnp.float32):
         x = jnp.asarray(x, jnp.float32)
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"dtype {dtype}: float32 or bfloat16 expected")
     m, n = x.shape[0], w.shape[0]
+    if glu is not None:
+        if glu != "silu" or dtype != jnp.bfloat16 or n % 2:
+            raise ValueError(f"glu {glu!r} with dtype {dtype} and {n} weight rows: glu='silu' takes dtype=bfloat16 "
+                             "and an even number of weight rows ([gate; up])")
+        n //= 2
     call = jax.ffi.ffi_call(_BF16, jax.ShapeDtypeStruct((m, n), dtype), vmap_method="sequential")
-    return call(x, jnp.asarray(w, jnp.bfloat16), level=_level(level), threads=np.int32(threads))
+    return call(x, jnp.asarray(w, jnp.bfloat16), level=_level(level), threads=np.int32(threads),
+                glu=np.int32(glu is not None))
 
 
 def f32_matmul(x, w, *, level: str | None = None, threads: int = 0):

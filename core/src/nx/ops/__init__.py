@@ -13,7 +13,7 @@ from nx.ops.attention import (
     update_caches,
 )
 from nx.ops.embedding import embed, logits
-from nx.ops.linear import linear, lm_head, row_parallel_linear
+from nx.ops.linear import gated_linear, linear, lm_head, row_parallel_linear
 from nx.ops.mlp import mlp
 from nx.ops.norms import layer_norm, norm, rms_norm
 from nx.ops.rotary import apply_rotary, rope_inv_freq, rotary_tables
@@ -30,6 +30,7 @@ __all__ = [
     "cache_windows",
     "causal_padding_mask",
     "embed",
+    "gated_linear",
     "logits",
     "layer_norm",
     "linear",

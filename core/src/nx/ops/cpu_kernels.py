@@ -39,6 +39,11 @@ FFI target exists only for cpu). It applies for a 2-D bf16 ``w``, a bf16 or f32 
 `enabled`, and for at most `BF16_MAX_ROWS` token rows with bf16 ``x`` at the ``avx512_bf16``
 level (`BF16_TILES_MAX_ROWS` with an nx-kernels-cpu before 0.7), `BF16_NARROW_MAX_ROWS` otherwise.
 
+`bf16_glu(x, w, act, xla)` is a gated MLP's first layer, ``act(x @ Wg.T) * (x @ Wu.T)`` for a fused
+bf16 ``w = [Wg; Wu]``, through the same kernel's prompt panels with ``act`` (silu) and the product
+applied as the sums leave the registers, for `BF16_GLU_MIN_ROWS` to `BF16_MAX_ROWS` bf16 token rows
+at the ``avx512_bf16`` level; staged like `bf16_matmul`.
+
 `f32_matmul(x, w, xla)` is the same for an f32 ``w [out, in]`` and an f32 ``x`` (the default
 precision's linear layers and lm head, a tied embedding table included) through the package's f32
 kernel (AVX-512F or AVX2 fused multiply-adds over tiles of weight and token rows, the weights
@@ -106,6 +111,10 @@ PANEL_MAX_ROWS = 1024
 #: 16) beat XLA's bf16 dot at every row count 1-128 on the 2-core EPYC; from 256 rows XLA's GEMM ties
 #: or wins, and more rows stay on it (BENCHMARKS.md, "bf16 prompt panels").
 BF16_MAX_ROWS = 128
+#: Fewest token rows a gated MLP's first layer sends to the bf16 kernel with its silu and product
+#: (`bf16_glu`): where the prompt panels start (nx-kernels-cpu's ``NX_KERNELS_PANEL_FROM`` default);
+#: decode's few rows keep XLA's pass over their small output.
+BF16_GLU_MIN_ROWS = 16
 #: The same for an nx-kernels-cpu before 0.7 (register tiles only, f32 results): they beat XLA's
 #: bf16 dot at 1-64 rows and tie from 128 (BENCHMARKS.md, "f32 kernel: register tiles, and the bf16
 #: kernel to 64 rows").
@@ -132,8 +141,11 @@ except ImportError as exc:  # not installed (or not built for this machine): the
     _IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
 else:
     _IMPORT_ERROR = None
-#: Whether the installed package's bf16 kernel rounds its results to bf16 and runs prompt panels (0.7).
-_BF16_OUT = _kernels is not None and "dtype" in inspect.signature(_kernels.bf16_matmul).parameters
+#: What the installed package's bf16 kernel takes: results rounded to bf16 and prompt panels (0.7),
+#: a gated MLP's first layer with its silu and product (0.8).
+_BF16_PARAMS = inspect.signature(_kernels.bf16_matmul).parameters if _kernels is not None else {}
+_BF16_OUT = "dtype" in _BF16_PARAMS
+_BF16_GLU = "glu" in _BF16_PARAMS
 
 
 def mode() -> str:
@@ -253,14 +265,16 @@ def _typed_like(y: Any, *operands: Any) -> Any:
     return jax.lax.pcast(y, tuple(sorted(axes)), to="varying") if axes else y
 
 
-def _staged(kernel: Callable[..., Any], x: Any, w: Any, xla: Callable[[Any, Any], Any], rows: int) -> Any:
+def _staged(kernel: Callable[..., Any], x: Any, w: Any, xla: Callable[[Any, Any], Any], rows: int,
+            n: int | None = None) -> Any:
     """``kernel(x [rows, k], w, level=, threads=)`` in programs lowered for the cpu platform, typed and
-    shaped as ``xla(x, w)`` (``[..., n]``, in the kernel's dtype), which any other platform runs."""
+    shaped as ``xla(x, w)`` (``[..., n]``, n the weight's rows unless given, in the kernel's dtype),
+    which any other platform runs."""
     level, threads = mode(), _threads()
 
     def cpu(x, w):
         y = kernel(x.reshape(rows, -1), w, level=None if level == "auto" else level, threads=threads)
-        return _typed_like(y, x, w).reshape(*x.shape[:-1], w.shape[0])
+        return _typed_like(y, x, w).reshape(*x.shape[:-1], w.shape[0] if n is None else n)
 
     return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla)
 
@@ -291,6 +305,25 @@ def bf16_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any], dtype: Any = jnp
         return None
     kernel = functools.partial(_kernels.bf16_matmul, dtype=out) if _BF16_OUT else _kernels.bf16_matmul
     return _staged(kernel, x, w, lambda x, w: xla(x, w).astype(out), rows).astype(dtype)
+
+
+def bf16_glu(x: Any, w: Any, act: str, xla: Callable[[Any, Any], Any]) -> Any:
+    """``act(x @ Wg.T) * (x @ Wu.T)`` (``[..., n / 2]``, bf16) for a bf16 array ``w = [Wg; Wu]`` (``[n, k]``, a
+    gated MLP's fused first layer) and a bf16 ``x [..., k]``, through the bf16 kernel's prompt panels
+    (each half's sums rounded to bf16, ``act`` in f32 rounded to bf16, the product rounded to bf16,
+    as ``xla(x, w)``, the caller's path, rounds them), or None where that does not apply: ``act``
+    ``silu``, `BF16_GLU_MIN_ROWS` to `BF16_MAX_ROWS` token rows at the ``avx512_bf16`` level, and
+    `enabled`. Why: the pass of XLA's own over the products' output took 107 us a layer of a 128-token
+    SmolLM2 prompt, for 0.2 M values (BENCHMARKS.md, "Gated MLP in the bf16 kernel")."""
+    if act != "silu" or not _BF16_GLU or not (hasattr(w, "dtype") and w.dtype == jnp.bfloat16):
+        return None
+    if x.dtype != jnp.bfloat16 or _level() != "avx512_bf16" or w.ndim != 2 or w.shape[0] % 2:
+        return None
+    rows = _rows(x, w, (jnp.bfloat16,), BF16_MAX_ROWS, BF16_GLU_MIN_ROWS)
+    if rows is None:
+        return None
+    kernel = functools.partial(_kernels.bf16_matmul, dtype=jnp.bfloat16, glu=act)
+    return _staged(kernel, x, w, xla, rows, w.shape[0] // 2)
 
 
 def f32_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:

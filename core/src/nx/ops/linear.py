@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nx.ops import cpu_kernels, quant
+from nx.ops.activations import activation
 
 SPLIT_BELOW = 1 << 19  # weights below this many elements: one-row products split in two (two threads)
 SMALL_ROWS = 16  # up to this many token rows, products run as ``w @ x.T``
@@ -62,6 +63,27 @@ def linear(x: jnp.ndarray, p: dict) -> jnp.ndarray:
     if p.get("b") is not None:
         y = y + p["b"]
     return y
+
+
+def gated_linear(x: jnp.ndarray, p: dict, act: str) -> jnp.ndarray:
+    """``act(x @ Wg.T) * (x @ Wu.T)`` in x's dtype for ``p = {"w": [Wg; Wu]}`` (a gated MLP's gate and
+    up fused as ``[2 * inter, in]``, plus an optional bias ``b``): each product rounded to x's dtype
+    as `linear` rounds it, ``act`` computed in f32 and rounded (`nx.ops.activations.activation`), the
+    product of the two rounded. Prompt chunks of bf16 weights run it inside nx-kernels-cpu's bf16
+    kernel on the cpu platform (`cpu_kernels.bf16_glu`), everything else as written here."""
+
+    def xla(x: jnp.ndarray, w: jnp.ndarray, bias: jnp.ndarray | None = None) -> jnp.ndarray:
+        h = project(x, w, x.dtype)
+        if bias is not None:
+            h = h + bias
+        gate, up = jnp.split(h, 2, axis=-1)
+        return activation(act)(gate) * up
+
+    if p.get("b") is None:
+        y = cpu_kernels.bf16_glu(x, p["w"], act, xla)
+        if y is not None:
+            return y
+    return xla(x, p["w"], p.get("b"))
 
 
 def row_parallel_linear(x: jnp.ndarray, p: dict, axis: str | None = None) -> jnp.ndarray:
