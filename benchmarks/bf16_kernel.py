@@ -11,7 +11,8 @@ medians printed: ms per matrix, weight GB/s and GMAC/s.
 round them (the kernel as it stores, XLA in a convert after its dot); ``--out f32`` keeps f32 results
 (lm heads, tensor-parallel partial sums). ``--threads N`` caps the kernels' threads (0: XLA's intra-op pool). ``--baseline LIB.so`` adds
 another build of the kernel library (e.g. the one before a change, copied aside), registered under
-its own FFI target and timed in the same rounds.
+its own FFI target and timed in the same rounds, with f32 results; ``--baseline-glu`` for a build
+of nx-kernels-cpu 0.8 or later, whose handler takes the ``glu`` attribute.
 
     python benchmarks/bf16_kernel.py [--model smollm2,1b] [--rows 1,4,8,16] [--repeats 5] [--baseline SO]
     python benchmarks/bf16_kernel.py --rows 16,32,64,128,256,512,1024     # prompt chunks: the panels
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--stream-mb", type=float, default=96.0, help="weight bytes per timed run (>= the LLC)")
     ap.add_argument("--threads", type=int, default=0, help="the kernels' threads (0: XLA's pool)")
     ap.add_argument("--baseline", default="", help="another libnx_kernels_cpu.so to time alongside")
+    ap.add_argument("--baseline-glu", action="store_true", help="the baseline takes the glu attribute (0.8+)")
     ap.add_argument("--shapes", default="", help="only these n x k, e.g. 576x576,8192x2048")
     ap.add_argument("--out", default="bf16", choices=("bf16", "f32"), help="the products' result dtype")
     args = ap.parse_args()
@@ -48,7 +50,8 @@ def main() -> None:
         "xla": lambda x, w: linear.project(x, w, out),
     }
     if args.baseline:
-        other = kernel_bench.baseline(args.baseline, "NxBf16Matmul", 3, args.threads)
+        attrs = {"glu": 0} if args.baseline_glu else {}
+        other = kernel_bench.baseline(args.baseline, "NxBf16Matmul", 3, args.threads, **attrs)
         variants["baseline"] = lambda x, w: other(x, w, n=w.shape[0])
     only = {tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s}
     rng = np.random.default_rng(0)

@@ -53,15 +53,17 @@ def runner(fn, x, ws, env=None):
     return lambda: jax.block_until_ready(f(x, ws))
 
 
-def baseline(path: str, symbol: str, level: int, threads: int):
+def baseline(path: str, symbol: str, level: int, threads: int, **attrs: int):
     """The FFI handler `symbol` (e.g. ``NxS8Matmul``) of another ``libnx_kernels_cpu.so`` at `path`,
-    registered under its own target: ``call(*operands, n=)`` returns its f32 ``[m, n]``."""
+    registered under its own target: ``call(*operands, n=)`` returns its f32 ``[m, n]``. `attrs`: the
+    handler's other int32 attributes, where that build has them."""
     target = f"bench_baseline_{symbol}"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(ctypes.CDLL(path), symbol)), platform="cpu")
+    extra = {name: np.int32(v) for name, v in attrs.items()}
 
     def call(*operands, n: int):
         out = jax.ShapeDtypeStruct((operands[0].shape[0], n), jnp.float32)
-        return jax.ffi.ffi_call(target, out)(*operands, level=np.int32(level), threads=np.int32(threads))
+        return jax.ffi.ffi_call(target, out)(*operands, level=np.int32(level), threads=np.int32(threads), **extra)
 
     return call
 
