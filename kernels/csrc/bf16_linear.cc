@@ -405,18 +405,16 @@ __attribute__((target(NX_AVX512BF16), always_inline)) inline __m512 SiluMul(__m5
   return _mm512_mul_ps(a, Bf16Values(u));
 }
 
-// Where a panel tile's results go: y [m, ldy] as f32 or (`bf16`) rounded to bf16; with `glu`
-// (bf16 only), y[:, j] = silu(x @ w[j]) * (x @ w[half + j]) for the weight's two halves [gate; up].
+// Where a panel tile's results go: y [m, ldy] as f32 or (`bf16`) rounded to bf16. With GLU (bf16
+// only) y[:, j] = silu(x @ w[j]) * (x @ w[ldy + j]): the weight's halves [gate; up] are ldy rows each.
 struct PanelOut {
   void* y;
   int ldy;
   bool bf16;
-  bool glu;
-  int half;
 };
 
 // The panel of x rows [r0, r0 + 16 RA) (RA vectors of 16 lanes) against G outputs from column j:
-// weight rows [j, j + G), or with GLU also the up rows [half + j, half + j + G) (NR = 2G, a gate and
+// weight rows [j, j + G), or with GLU also the up rows [ldy + j, ldy + j + G) (NR = 2G, a gate and
 // its up in the same tile); `prefetch`: the next G outputs' rows, during this tile.
 template <int RA, int G, bool GLU>
 __attribute__((target(NX_AVX512BF16))) void PanelTile(const Panels& pn, const uint16_t* w, int j, int r0,
@@ -428,7 +426,7 @@ __attribute__((target(NX_AVX512BF16))) void PanelTile(const Panels& pn, const ui
   NX_UNROLL_NR for (int i = 0; i < RA; ++i)
     NX_UNROLL_NR for (int c = 0; c < NR; ++c) acc[i][c] = _mm512_setzero_ps();
   const uint16_t* wr[NR];
-  NX_UNROLL_NR for (int c = 0; c < NR; ++c) wr[c] = w + static_cast<size_t>(c < G ? j + c : out.half + j + c - G) * k;
+  NX_UNROLL_NR for (int c = 0; c < NR; ++c) wr[c] = w + static_cast<size_t>(c < G ? j + c : out.ldy + j + c - G) * k;
   const size_t ahead = static_cast<size_t>(G) * k;  // the next tile's rows
   for (int p = 0; p < full; ++p) {
     if (prefetch && (p & 15) == 0)  // one cache line of each next row per 16 pairs
@@ -553,12 +551,12 @@ ffi::Error Bf16MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
   const Path path = Choose(ClampLevel(level), x_bf16, m);
   const uint16_t* wp = w.typed_data();
   const int parts = Threads(pool, threads);
-  const int64_t work = static_cast<int64_t>(m) * k * (glu ? 2 : 1);
+  const int64_t work = static_cast<int64_t>(m) * k;  // per weight row
 #ifdef NX_X86
   if (path == Path::kPanels) {
     Panels pn(static_cast<const uint16_t*>(x.untyped_data()), m, k);
-    const PanelOut out{y->untyped_data(), outs, y_bf16, glu != 0, outs};
-    ParallelRows(pool, outs, parts, work, [&](int j0, int j1) {
+    const PanelOut out{y->untyped_data(), outs, y_bf16};
+    ParallelRows(pool, outs, parts, work * (n / outs), [&](int j0, int j1) {  // an output: 1 or 2 rows
       pn.Pack();
       if (glu)
         DotPanels<true>(pn, wp, j0, j1, out);
