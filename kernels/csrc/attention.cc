@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -220,14 +221,15 @@ __attribute__((target(NX_ATTN_TARGET))) float Softmax16(const Problem& pr, float
   return _mm512_reduce_add_ps(total);
 }
 
-// out[r, j0 + i, d0 .. d0 + 16 DN) for QN queries from their weights e (s [QN][ws]).
+// out[r, j0 + i, d0 .. d0 + 16 DN) for QN queries from their weights e (s [QN][ws]) at positions
+// [p0, p1).
 template <bool BF, int QN, int DN>
 __attribute__((target(NX_ATTN_TARGET))) void Values(const Problem& pr, int r, int j0, int d0, const float* s, int ws,
-                                                    const float* total) {
-  const int b = r % pr.batch, D = pr.dim, P = pr.positions;
+                                                    const float* total, int p0, int p1) {
+  const int D = pr.dim, P = pr.positions;
   __m512 acc[QN][DN];
   NX_UNROLL for (int i = 0; i < QN; ++i) NX_UNROLL for (int u = 0; u < DN; ++u) acc[i][u] = _mm512_setzero_ps();
-  for (int p = pr.lo[b]; p < pr.hi[b]; ++p) {
+  for (int p = p0; p < p1; ++p) {
     __m512 vv[DN];
     const size_t at = (static_cast<size_t>(r) * P + p) * D + d0;
     NX_UNROLL for (int u = 0; u < DN; ++u) vv[u] = Load16<BF>(pr.v, at + 16 * u, 0xFFFF);
@@ -250,8 +252,8 @@ __attribute__((target(NX_ATTN_TARGET))) void Queries(const Problem& pr, int r, i
   float total[QN];
   for (int i = 0; i < QN; ++i) total[i] = Softmax16(pr, s + i * ws, pr.lo[b], pr.hi[b]);
   int d0 = 0;
-  for (; d0 + 64 <= pr.dim; d0 += 64) Values<BF, QN, 4>(pr, r, j0, d0, s, ws, total);
-  for (; d0 < pr.dim; d0 += 16) Values<BF, QN, 1>(pr, r, j0, d0, s, ws, total);
+  for (; d0 + 64 <= pr.dim; d0 += 64) Values<BF, QN, 4>(pr, r, j0, d0, s, ws, total, pr.lo[b], pr.hi[b]);
+  for (; d0 < pr.dim; d0 += 16) Values<BF, QN, 1>(pr, r, j0, d0, s, ws, total, pr.lo[b], pr.hi[b]);
 }
 
 template <bool BF>
@@ -267,19 +269,151 @@ void RowAvx512(const Problem& pr, int r, std::vector<float>& s) {
     }
   }
 }
+
+// Lanes [0, n) of a vector of 16 (none for n <= 0).
+inline __mmask16 LanesBelow(int n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// Prompt scores of QN queries [j0, j0 + QN) of cache row r at positions [p0, p1) (p0 a multiple
+// of 16, p1 of 16 or W) into s [QN][ws], scaled and masked as `Scores`. Each step keeps 2 x QN
+// sums of 16 positions in registers over every head dim, so one load of 32 keys feeds 2 QN
+// multiply-adds. Why: a prompt's queries are many; `Scores` adds into s in memory once per head
+// dim, which suits a decode row's few queries.
+template <bool BF, int QN>
+__attribute__((target(NX_ATTN_TARGET))) void PromptScores(const Problem& pr, int r, int j0, int p0, int p1, float* s,
+                                                          int ws) {
+  const int b = r % pr.batch, W = pr.window, D = pr.dim, P = pr.positions;
+  const float* q = pr.q + (static_cast<size_t>(r) * pr.queries + j0) * D;
+  const __m512 scale = _mm512_set1_ps(pr.scale), neg = _mm512_set1_ps(kNegInf);
+  for (int p = p0; p < p1; p += 32) {
+    const __mmask16 m0 = LanesBelow(W - p), m1 = p + 16 < p1 ? LanesBelow(W - p - 16) : 0;
+    __m512 acc[QN][2];
+    _Pragma("GCC unroll 16") for (int i = 0; i < QN; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const size_t at = static_cast<size_t>(r) * D * P + p;
+    for (int d = 0; d < D; ++d) {
+      const __m512 k0 = Load16<BF>(pr.k, at + static_cast<size_t>(d) * P, m0);
+      const __m512 k1 = Load16<BF>(pr.k, at + static_cast<size_t>(d) * P + 16, m1);
+      _Pragma("GCC unroll 16") for (int i = 0; i < QN; ++i) {
+        const __m512 qd = _mm512_set1_ps(q[i * D + d]);
+        acc[i][0] = _mm512_fmadd_ps(qd, k0, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(qd, k1, acc[i][1]);
+      }
+    }
+    _Pragma("GCC unroll 16") for (int i = 0; i < QN; ++i) {
+      const bool* mrow = pr.mask + (static_cast<size_t>(b) * pr.tokens + (j0 + i) % pr.tokens) * W + p;
+      for (int h = 0; h < 2; ++h) {
+        const __mmask16 m = h ? m1 : m0;
+        if (h && p + 16 >= p1) break;
+        const __m128i bytes = _mm_maskz_loadu_epi8(m, mrow + 16 * h);
+        const __mmask16 seen = _mm_test_epi8_mask(bytes, bytes);
+        _mm512_storeu_ps(s + i * ws + p + 16 * h, _mm512_mask_blend_ps(seen, neg, _mm512_mul_ps(acc[i][h], scale)));
+      }
+    }
+  }
+}
+
+// Queries [j0, j0 + QN) of cache row r over positions [p0, p1): scores, softmax and values.
+template <bool BF, int QN>
+__attribute__((target(NX_ATTN_TARGET))) void PromptQueries(const Problem& pr, int r, int j0, int p0, int p1,
+                                                           float* s, int ws) {
+  static_assert(QN % 6 == 0, "values run 6 queries at a time");
+  PromptScores<BF, QN>(pr, r, j0, p0, p1, s, ws);
+  float total[QN];
+  for (int i = 0; i < QN; ++i) total[i] = Softmax16(pr, s + i * ws, p0, p1);
+  for (int i = 0; i < QN; i += 6) {
+    int d0 = 0;
+    for (; d0 + 64 <= pr.dim; d0 += 64) Values<BF, 6, 4>(pr, r, j0 + i, d0, s + i * ws, ws, total + i, p0, p1);
+    for (; d0 < pr.dim; d0 += 16) Values<BF, 6, 1>(pr, r, j0 + i, d0, s + i * ws, ws, total + i, p0, p1);
+  }
+}
+
+// One tile of the prompt path's work (below): queries [j0, j1) of cache row r. Queries whose mask
+// allows no position get the values' mean over the whole window (XLA's uniform softmax of all
+// -1e30 scores), from `blind` (this row's, filled once); the others attend over the positions any
+// of them may see (first / last: per token of the row's batch row, W where none).
+template <bool BF>
+__attribute__((target(NX_ATTN_TARGET))) void PromptTile(const Problem& pr, const std::vector<int>& first,
+                                                        const std::vector<int>& last, int r, int j0, int j1,
+                                                        std::vector<float>& s, std::vector<float>& blind,
+                                                        int& blind_row) {
+  constexpr int kQ = 12;
+  const int b = r % pr.batch, T = pr.tokens, W = pr.window, D = pr.dim, ws = (W + 15) / 16 * 16;
+  int lo = W, hi = 0;
+  bool any_blind = false;
+  for (int j = j0; j < j1; ++j) {
+    const int t = b * T + j % T;
+    if (first[t] == W) {
+      any_blind = true;
+    } else {
+      lo = std::min(lo, first[t]);
+      hi = std::max(hi, last[t] + 1);
+    }
+  }
+  if (lo < hi) {
+    lo = lo / 16 * 16;
+    hi = std::min(ws, (hi + 15) / 16 * 16);
+    s.resize(static_cast<size_t>(kQ) * ws);
+    if (j1 - j0 == kQ) {
+      PromptQueries<BF, kQ>(pr, r, j0, lo, hi, s.data(), ws);
+    } else {  // the row's last queries: decode's tiles of up to 4
+      for (int j = j0; j < j1; j += 4) {
+        const int n = std::min(4, j1 - j);
+        float total[4];
+        switch (n) {
+          case 4: PromptScores<BF, 4>(pr, r, j, lo, hi, s.data(), ws); break;
+          case 3: PromptScores<BF, 3>(pr, r, j, lo, hi, s.data(), ws); break;
+          case 2: PromptScores<BF, 2>(pr, r, j, lo, hi, s.data(), ws); break;
+          default: PromptScores<BF, 1>(pr, r, j, lo, hi, s.data(), ws);
+        }
+        for (int i = 0; i < n; ++i) total[i] = Softmax16(pr, s.data() + i * ws, lo, hi);
+        for (int i = 0; i < n; ++i)
+          for (int d0 = 0; d0 < D; d0 += 16) Values<BF, 1, 1>(pr, r, j + i, d0, s.data() + i * ws, ws, total + i, lo, hi);
+      }
+    }
+  }
+  if (!any_blind) return;
+  if (blind_row != r) {  // the mean of the window's values, as XLA's sum of weight-1 rows over W
+    blind.assign(D, 0.0f);
+    for (int p = 0; p < W; ++p)
+      for (int d = 0; d < D; ++d) blind[d] += Cache(pr, pr.v, (static_cast<size_t>(r) * pr.positions + p) * D + d);
+    for (int d = 0; d < D; ++d) blind[d] /= static_cast<float>(W);
+    blind_row = r;
+  }
+  for (int j = j0; j < j1; ++j)
+    if (first[b * T + j % T] == W)
+      std::memcpy(pr.out + (static_cast<size_t>(r) * pr.queries + j) * D, blind.data(), sizeof(float) * D);
+}
 #endif  // NX_X86
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, float scale, int32_t bf16,
-                               int32_t level, int32_t threads) {
+// The first and last positions each token's mask allows ([B * T] each; first = W where none).
+void TokenRanges(const Problem& pr, std::vector<int>& first, std::vector<int>& last) {
+  const int W = pr.window, n = pr.batch * pr.tokens;
+  first.assign(n, W);
+  last.assign(n, -1);
+  for (int t = 0; t < n; ++t) {
+    const bool* m = pr.mask + static_cast<size_t>(t) * W;
+    int p = 0, e = W - 1;
+    while (p < W && !m[p]) ++p;
+    if (p == W) continue;
+    while (!m[e]) --e;
+    first[t] = p;
+    last[t] = e;
+  }
+}
+
+// Validates the shared arguments of both handlers into `pr` (an InvalidArgument naming the
+// contract when they do not fit it).
+ffi::Error Parse(Problem& pr, const char* name, ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k, ffi::AnyBuffer& v,
+                 ffi::Buffer<ffi::PRED>& mask, ffi::ResultBuffer<ffi::F32>& out, float scale, int32_t bf16) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  const auto bad = [] {
+  const auto bad = [name] {
     return ffi::Error::InvalidArgument(
-        "nx_kernels_cpu decode_attention: q f32 [R, J, D]; k [R, D, P] and v [R, P, D], both f32 or both "
+        std::string("nx_kernels_cpu ") + name +
+        ": q f32 [R, J, D]; k [R, D, P] and v [R, P, D], both f32 or both "
         "uint16 holding bf16 (bf16 = 1); mask bool [B, T, W] with R a multiple of B, J of T, and W <= P");
   };
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3) return bad();
-  Problem pr;
   pr.rows = static_cast<int>(qd[0]);
   pr.queries = static_cast<int>(qd[1]);
   pr.dim = static_cast<int>(qd[2]);
@@ -301,6 +435,14 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   pr.v = v.untyped_data();
   pr.mask = mask.typed_data();
   pr.out = out->typed_data();
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, float scale, int32_t bf16,
+                               int32_t level, int32_t threads) {
+  Problem pr;
+  if (auto err = Parse(pr, "decode_attention", q, k, v, mask, out, scale, bf16); err.failure()) return err;
   void (*row)(const Problem&, int, std::vector<float>&) = RowScalar;
   int align = 1;
 #ifdef NX_X86
@@ -322,7 +464,59 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   return ffi::Error::Success();
 }
 
+// The prompt path: the same contract for many query tokens a row. Work items are tiles of 12
+// queries of one cache row, each attending over the positions its own tokens may see (a causal
+// prompt's early tiles read few keys), dealt to the threads so that each chunk pairs early tiles
+// with late ones. Why: XLA's path masks and exponentiates every query's whole window and runs
+// its two dots as general matrix products over f32 score arrays (BENCHMARKS.md, "Prompt
+// attention kernel"); at the scalar levels the decode path's rows serve.
+ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, float scale, int32_t bf16,
+                               int32_t level, int32_t threads) {
+  Problem pr;
+  if (auto err = Parse(pr, "prompt_attention", q, k, v, mask, out, scale, bf16); err.failure()) return err;
+#ifdef NX_X86
+  if (ClampLevel(level) >= kAvx512Vnni && pr.dim % 16 == 0) {
+    std::vector<int> first, last;
+    TokenRanges(pr, first, last);
+    constexpr int kQ = 12;
+    const int tiles = (pr.queries + kQ - 1) / kQ;
+    const auto tile = pr.bf16 ? PromptTile<true> : PromptTile<false>;
+    const int64_t work = 2LL * kQ * pr.window * pr.dim;
+    ParallelRows(pool, pr.rows * tiles, Threads(pool, threads), work, [&](int i0, int i1) {
+      thread_local std::vector<float> s, blind;
+      int blind_row = -1;
+      for (int i = i0; i < i1; ++i) {
+        const int r = i / tiles, n = i % tiles, t = n % 2 ? tiles - 1 - n / 2 : n / 2;  // 0, last, 1, ...
+        const int j0 = t * kQ;
+        tile(pr, first, last, r, j0, std::min(pr.queries, j0 + kQ), s, blind, blind_row);
+      }
+    }, /*align=*/2, /*fewest=*/1);
+    return ffi::Error::Success();
+  }
+#endif
+  Live(pr, 1);
+  ParallelRows(pool, pr.rows, Threads(pool, threads), 2LL * pr.queries * pr.window * pr.dim, [&](int r0, int r1) {
+    thread_local std::vector<float> s;
+    for (int r = r0; r < r1; ++r) RowScalar(pr, r, s);
+  }, /*align=*/1, /*fewest=*/1);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NxPromptAttention, PromptAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("bf16")
+                                  .Attr<int32_t>("level")
+                                  .Attr<int32_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NxDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()

@@ -1,9 +1,11 @@
-"""nx-kernels-cpu's decode attention kernel against an f64 reference and the pure-XLA path
-(`nx.ops.attention.attend` over `cache_windows`): at every level it runs (AVX-512 and the scalar
-loops), f32 and bf16 caches, query groups 1..9 (the kernel's chunks of 4 and their tails), head dims
-that are and are not whole vectors, windows shorter than the cache with vector tails, padded and
-fully masked rows, one thread or the pool alike; positions outside a row's mask unread; `attend_cache` chooses it only where it applies,
-and programs for other platforms keep XLA's dots.
+"""nx-kernels-cpu's decode and prompt attention kernels against an f64 reference and the pure-XLA
+path (`nx.ops.attention.attend` over `cache_windows`): at every level they run (AVX-512 and the
+scalar loops), f32 and bf16 caches, query groups 1..9 (the decode kernel's chunks of 4 and their
+tails), prompts of several tokens (the prompt kernel's tiles of 12 and their tails, causal ranges
+per tile, blocked XLA prompts), head dims that are and are not whole vectors, windows shorter than
+the cache with vector tails, padded and fully masked rows, one thread or the pool alike; positions
+outside the masks unread; `attend_cache` chooses each only where it applies, and programs for
+other platforms keep XLA's dots.
 
 Tolerance: scores and weighted values are f32 sums in another order than XLA's and exp is a
 polynomial, so the outputs (weighted means of the values) agree to a few f32 ulps of max|v|."""
@@ -20,6 +22,7 @@ from nx.ops import attention, cpu_kernels
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=str(cpu_kernels.unavailable_reason()))
 
 TARGET = "nx_kernels_cpu_decode_attention"
+PROMPT_TARGET = "nx_kernels_cpu_prompt_attention"
 LEVELS = ["scalar"] + (["avx512_vnni"] if (cpu_kernels.isa() or "").startswith("avx512") else [])
 #: (batch, tokens, kv heads, queries per kv head, head dim, positions, window)
 SHAPES = [
@@ -30,6 +33,19 @@ SHAPES = [
     (1, 1, 2, 2, 24, 20, 5),  # a head dim that is no whole vector: the scalar loops at every level
     (1, 1, 1, 1, 80, 16, 1),  # one position
 ]
+#: prompts: several tokens a row
+PROMPT_SHAPES = [
+    (1, 40, 3, 3, 64, 128, 96),  # SmolLM2's heads: 120 queries, 10 tiles of 12
+    (2, 37, 2, 2, 32, 128, 100),  # 74 queries a row: 6 tiles and a tail of 2, a window with a vector tail
+    (1, 120, 1, 3, 64, 256, 240),  # 360 queries: causal ranges from a few vectors to the window
+    (2, 5, 1, 3, 24, 20, 12),  # a head dim that is no whole vector: the scalar loops at every level
+]
+
+
+def _kernel(name):
+    import nx_kernels_cpu
+
+    return getattr(nx_kernels_cpu, name)
 
 
 def _case(shape, bf16: bool, seed: int = 0):
@@ -62,20 +78,21 @@ def _reference(q, k, v, mask, scale, bf16):
     return np.einsum("rjp,rpd->rjd", e, v[:, :w].astype(np.float64)) / total
 
 
+CASES = [("decode_attention", s) for s in SHAPES] + [("prompt_attention", s) for s in SHAPES + PROMPT_SHAPES]
+
+
 @pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_kernel_matches_the_f64_contract(shape, level, bf16):
-    import nx_kernels_cpu
-
+@pytest.mark.parametrize("kernel,shape", CASES, ids=str)
+def test_kernel_matches_the_f64_contract(kernel, shape, level, bf16):
     q, k, v, mask = _case(shape, bf16, seed=sum(shape))
     dt = jnp.bfloat16 if bf16 else jnp.float32
     kc, vc = jnp.asarray(k, dt), jnp.asarray(v, dt)
-    f = jax.jit(lambda q, k, v, m, t: nx_kernels_cpu.decode_attention(q, k, v, m, scale=0.125, level=level, threads=t),
-                static_argnums=4)
+    fn = _kernel(kernel)
+    f = jax.jit(lambda q, k, v, m, t: fn(q, k, v, m, scale=0.125, level=level, threads=t), static_argnums=4)
     outs = [np.asarray(f(q, kc, vc, mask, t)) for t in (0, 1)]
     assert outs[0].shape == q.shape and outs[0].dtype == np.float32
-    np.testing.assert_array_equal(outs[0], outs[1])  # each cache row by one thread, in one order
+    np.testing.assert_array_equal(outs[0], outs[1])  # each cache row (tile) by one thread, in one order
     ref = _reference(q, k, v, mask, 0.125, bf16)
     # bf16 weights: the kernel's e and the f64 one may round to neighbouring bf16 values (2**-8)
     tol = (2**-7 if bf16 else 2e-6) * np.abs(v).max()
@@ -109,6 +126,30 @@ def test_kernel_reads_only_the_live_positions(level, bf16):
     np.testing.assert_allclose(clean, _reference(q, k, v, mask, 0.125, bf16), rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
+@pytest.mark.parametrize("level", LEVELS)
+def test_prompt_kernel_reads_only_the_live_positions(level, bf16):
+    """A prompt's queries read only the positions their masks allow (widened to vectors of 16):
+    NaN before the left padding's end and after the last token leaves the output finite and equal
+    to the clean cache's, bit for bit."""
+    shape = (1, 50, 2, 3, 32, 160, 128)
+    q, k, v, _ = _case(shape, bf16, seed=11)
+    slot, pad = np.array([46]), np.array([32])  # tokens at 46 .. 95: live [32, 96)
+    mask = np.array(attention.causal_padding_mask(jnp.asarray(slot, jnp.int32), jnp.asarray(pad, jnp.int32), 50, 128))
+    dt = jnp.bfloat16 if bf16 else jnp.float32
+    fn = _kernel("prompt_attention")
+    f = jax.jit(lambda q, k, v, m: fn(q, k, v, m, scale=0.125, level=level, threads=0))
+    clean = np.asarray(f(q, jnp.asarray(k, dt), jnp.asarray(v, dt), mask))
+    dirty_k, dirty_v = k.copy(), v.copy()
+    dirty_k[:, :, :32] = dirty_k[:, :, 96:] = np.nan
+    dirty_v[:, :32] = dirty_v[:, 96:] = np.nan
+    dirty = np.asarray(f(q, jnp.asarray(dirty_k, dt), jnp.asarray(dirty_v, dt), mask))
+    assert np.isfinite(dirty).all()
+    np.testing.assert_array_equal(dirty, clean)
+    tol = (2**-7 if bf16 else 2e-6) * np.abs(v).max()
+    np.testing.assert_allclose(clean, _reference(q, k, v, mask, 0.125, bf16), rtol=0, atol=tol)
+
+
 def _attend(q, k, v, mask, kvh, bias=None, every=1):
     return jax.jit(lambda q, k, v, m: attention.attend_cache(q, (k, v), m, 0.125, kvh, every, bias))(q, k, v, mask)
 
@@ -126,17 +167,21 @@ def _model_layout(shape, bf16, seed=1):
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape", [s for s in SHAPES if s[1] == 1], ids=str)
+@pytest.mark.parametrize("shape", [s for s in SHAPES + PROMPT_SHAPES if s[4] % 16 == 0]
+                         + [(1, 512, 1, 2, 32, 1024, 1024)], ids=str)  # (the last: XLA's blocked prompt path)
 def test_attend_cache_equals_the_xla_path(monkeypatch, shape, bf16):
-    """`attend_cache` through the kernel and with ``NX_CPU_KERNELS=off`` (XLA's window copy and dots)."""
+    """`attend_cache` through the kernel and with ``NX_CPU_KERNELS=off`` (XLA's window copy and
+    dots); queries whose masks allow nothing are left out (XLA's blocked prompt path averages a
+    block's keys for them, the kernels the window's, and neither reaches a real token)."""
     kvh = shape[2]
     q, k, v, mask = _model_layout(shape, bf16)
     lowered = jax.jit(lambda q, k, v, m: attention.attend_cache(q, (k, v), m, 0.125, kvh)).lower(q, k, v, mask)
-    assert TARGET in lowered.as_text()
-    got = np.asarray(_attend(q, k, v, mask, kvh).astype(jnp.float32))
+    assert (TARGET if shape[1] == 1 else PROMPT_TARGET) in lowered.as_text()
+    seen = np.asarray(mask).any(-1)  # [B, T]
+    got = np.asarray(_attend(q, k, v, mask, kvh).astype(jnp.float32))[seen]
     monkeypatch.setenv(cpu_kernels.ENV, "off")
-    ref = np.asarray(_attend(q, k, v, mask, kvh).astype(jnp.float32))
-    assert got.shape == ref.shape == (shape[0], 1, q.shape[2] * q.shape[3])
+    ref = np.asarray(_attend(q, k, v, mask, kvh).astype(jnp.float32))[seen]
+    assert got.shape == ref.shape == (seen.sum(), q.shape[2] * q.shape[3])
     vmax = float(np.abs(np.asarray(jax.lax.bitcast_convert_type(v, jnp.bfloat16) if bf16 else v, np.float32)).max())
     # bf16 outputs: one rounding of each path's f32 result (2**-8), and the weights' roundings
     np.testing.assert_allclose(got, ref, rtol=0, atol=(2**-6 if bf16 else 4e-6) * vmax)
@@ -152,24 +197,27 @@ def test_dispatch(monkeypatch):
     q, k, v, mask = _model_layout(shape, False)
     assert TARGET in _lowered(q, k, v, mask, 2)
     q2, k2, v2, mask2 = _model_layout((2, 2, 2, 2, 32, 40, 24), False)
-    assert TARGET not in _lowered(q2, k2, v2, mask2, 2)  # prompts (two tokens a row): XLA's dots
+    prompt = _lowered(q2, k2, v2, mask2, 2)  # prompts (two tokens a row): the prompt kernel
+    assert PROMPT_TARGET in prompt and TARGET not in prompt
     bias = jnp.zeros((2, 4, 24), jnp.float32)
     assert TARGET not in _lowered(q, k, v, mask, 2, bias=bias)  # ALiBi: XLA
     assert TARGET not in _lowered(q, k, v, mask[:1], 2, every=2)  # context broadcasting: XLA
     f16 = jax.lax.bitcast_convert_type(k.astype(jnp.float16), jnp.uint16)
     assert TARGET not in _lowered(q.astype(jnp.float16), f16, f16.transpose(0, 2, 1), mask, 2)  # f16 caches: XLA
     assert TARGET not in _lowered(q.astype(jnp.bfloat16), k, v, mask, 2)  # mixed dtypes: XLA
+    assert PROMPT_TARGET not in _lowered(q2, k2, v2, mask2[:1], 2, every=2)
     monkeypatch.setenv(cpu_kernels.ENV, "off")
-    assert TARGET not in _lowered(q, k, v, mask, 2)
+    assert TARGET not in _lowered(q, k, v, mask, 2) and PROMPT_TARGET not in _lowered(q2, k2, v2, mask2, 2)
     monkeypatch.setenv(cpu_kernels.ENV, "avx2")  # not measured faster than XLA there
-    assert TARGET not in _lowered(q, k, v, mask, 2)
+    assert TARGET not in _lowered(q, k, v, mask, 2) and PROMPT_TARGET not in _lowered(q2, k2, v2, mask2, 2)
     monkeypatch.setenv(cpu_kernels.ENV, "scalar")  # the scalar loops, for tests
-    assert TARGET in _lowered(q, k, v, mask, 2)
+    assert TARGET in _lowered(q, k, v, mask, 2) and PROMPT_TARGET in _lowered(q2, k2, v2, mask2, 2)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_other_platforms_lower_the_xla_path(platform):
-    q, k, v, mask = _model_layout((1, 1, 2, 2, 32, 40, 24), False)
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_other_platforms_lower_the_xla_path(platform, tokens):
+    q, k, v, mask = _model_layout((1, tokens, 2, 2, 32, 40, 24), False)
     f = jax.jit(lambda q, k, v, m: attention.attend_cache(q, (k, v), m, 0.125, 2))
     text = jax.export.export(f, platforms=[platform])(q, k, v, mask).mlir_module()
-    assert TARGET not in text and "dot_general" in text
+    assert TARGET not in text and PROMPT_TARGET not in text and "dot_general" in text

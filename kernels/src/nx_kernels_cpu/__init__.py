@@ -32,6 +32,8 @@ queries of batch row b that read kv head h), keys ``k [R, D, P]`` (transposed) a
 ``v [R, P, D]`` (f32, or bf16 / their uint16 bits), ``mask`` bool ``[B, T, W]`` (query ``j`` is
 token ``j % T``; only the first ``W <= P`` positions are read, in place); f32 ``[R, J, D]``, the
 softmax-weighted values (weights rounded to bf16 for bf16 caches, as XLA's path does).
+`prompt_attention` takes the same arguments and returns the same for a prompt's many query
+tokens: tiles of queries, each over only the positions its tokens' masks allow.
 
 `level` selects the instructions: ``"avx512_bf16"``, ``"avx512_vnni"``, ``"avx2"`` or ``"scalar"``
 (each implies the ones after it; the s8 kernels run ``avx512_bf16`` as ``avx512_vnni``, the bf16
@@ -54,8 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LEVELS", "__version__", "bf16_matmul", "decode_attention", "f32_matmul", "grouped_matmul", "isa", "s8_dot",
-           "s8_matmul"]
+__all__ = ["LEVELS", "__version__", "bf16_matmul", "decode_attention", "f32_matmul", "grouped_matmul", "isa",
+           "prompt_attention", "s8_dot", "s8_matmul"]
 
 try:  # the installed distribution's version: one source of truth (pyproject.toml)
     __version__ = version("nx-kernels-cpu")
@@ -72,6 +74,7 @@ _GROUPED = "nx_kernels_cpu_grouped_matmul"
 _BF16 = "nx_kernels_cpu_bf16_matmul"
 _F32 = "nx_kernels_cpu_f32_matmul"
 _ATTENTION = "nx_kernels_cpu_decode_attention"
+_PROMPT_ATTENTION = "nx_kernels_cpu_prompt_attention"
 
 _lib = ctypes.CDLL(str(Path(__file__).with_name("libnx_kernels_cpu.so")))
 _lib.nx_kernels_cpu_isa.restype = ctypes.c_int
@@ -83,6 +86,7 @@ jax.ffi.register_ffi_target(_GROUPED, jax.ffi.pycapsule(_lib.NxGroupedMatmul), p
 jax.ffi.register_ffi_target(_BF16, jax.ffi.pycapsule(_lib.NxBf16Matmul), platform="cpu")
 jax.ffi.register_ffi_target(_F32, jax.ffi.pycapsule(_lib.NxF32Matmul), platform="cpu")
 jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(_lib.NxDecodeAttention), platform="cpu")
+jax.ffi.register_ffi_target(_PROMPT_ATTENTION, jax.ffi.pycapsule(_lib.NxPromptAttention), platform="cpu")
 
 
 def isa() -> str:
@@ -169,12 +173,21 @@ def f32_matmul(x, w, *, level: str | None = None, threads: int = 0):
 def decode_attention(q, k, v, mask, *, scale: float, level: str | None = None, threads: int = 0):
     """f32 ``[R, J, D]``: attention of ``q [R, J, D]`` over the caches ``k [R, D, P]``, ``v [R, P, D]``
     (both f32, or both bf16 or uint16 bf16 bits) where ``mask [B, T, W]`` allows (see the module docstring)."""
+    return _attention(_ATTENTION, q, k, v, mask, scale, level, threads)
+
+
+def prompt_attention(q, k, v, mask, *, scale: float, level: str | None = None, threads: int = 0):
+    """`decode_attention` for a prompt's many query tokens a row (tiles of queries, causal ranges)."""
+    return _attention(_PROMPT_ATTENTION, q, k, v, mask, scale, level, threads)
+
+
+def _attention(target, q, k, v, mask, scale, level, threads):
     if k.dtype != v.dtype or k.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16):
         raise ValueError(f"caches f32, bf16 or uint16 (bf16 bits) of one dtype expected; got {k.dtype}, {v.dtype}")
     bf16 = k.dtype != jnp.float32
     if k.dtype == jnp.bfloat16:
         k, v = jax.lax.bitcast_convert_type(k, jnp.uint16), jax.lax.bitcast_convert_type(v, jnp.uint16)
     q = jnp.asarray(q, jnp.float32)
-    call = jax.ffi.ffi_call(_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     return call(q, k, v, jnp.asarray(mask, jnp.bool_), scale=np.float32(scale), bf16=np.int32(bf16),
                 level=_level(level), threads=np.int32(threads))

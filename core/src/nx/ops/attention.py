@@ -116,9 +116,10 @@ def attend_cache(
     bias: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """`attend` over the first ``mask.shape[-1]`` positions of one layer's ``(K, V)`` caches
-    (`cache_windows`, with `every`). Decode's one query token a row runs nx-kernels-cpu's attention
-    kernel on the cpu platform where it applies (`cpu_kernels.decode_attention`): it reads the
-    window in place, where XLA's two small dots copy it out and run as general matrix products."""
+    (`cache_windows`, with `every`). On the cpu platform nx-kernels-cpu's attention kernels run
+    where they apply (`cpu_kernels.cache_attention`): they read the window in place, where XLA's
+    two dots copy it out and run as general matrix products, and a prompt's queries read only the
+    keys their masks allow, where XLA's path scores, masks and exponentiates the whole window."""
     window = mask.shape[-1]
 
     def xla(q, caches, mask):
@@ -126,7 +127,7 @@ def attend_cache(
 
     out = None
     if bias is None and every == 1:
-        out = cpu_kernels.decode_attention(q, caches, mask, scale, xla)
+        out = cpu_kernels.cache_attention(q, caches, mask, scale, xla)
     return xla(q, caches, mask) if out is None else out
 
 

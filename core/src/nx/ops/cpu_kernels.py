@@ -50,13 +50,18 @@ kernel (AVX-512F or AVX2 fused multiply-adds over tiles of weight and token rows
 streamed once with software prefetch; sums in another order than XLA's, so equal to f32 summation
 error), for `F32_MIN_ROWS` (1; 2 at ``avx2``) to `F32_MAX_ROWS` token rows.
 
-`decode_attention(q, caches, mask, scale, xla)` is nx's attention of one query token a row over
-the KV cache (``nx.ops.attention.attend`` over ``cache_windows``) through the package's attention
-kernel (AVX-512F: scores, softmax and the weighted values of each cache row in one pass, reading
-the window where it lies in the cache instead of a copy of it), or None where it does not apply:
-one token a row (decode, and a prompt's last layer), f32 caches with f32 queries or bf16 ones
-(uint16 bits) with bf16 queries, no ALiBi bias, every batch row its own cache row, the AVX-512
-levels (``scalar`` forced runs its scalar loops, for tests), and `enabled`. Staged like
+`cache_attention(q, caches, mask, scale, xla)` is nx's attention over the KV cache
+(``nx.ops.attention.attend`` over ``cache_windows``) through the package's attention kernels
+(AVX-512F), or None where they do not apply. One query token a row (decode, and a prompt's last
+layer) runs the decode kernel: scores, softmax and the weighted values of each cache row in one
+pass, reading the window where it lies in the cache instead of a copy of it. More tokens (prompt
+chunks; nx-kernels-cpu 0.9+) run the prompt kernel: tiles of 12 queries, each over the positions
+its tokens' masks allow, with sums kept in registers. A query whose mask allows nothing (a left
+pad's) gets the values' mean over the whole window, as an unblocked XLA softmax gives; XLA's
+blocked prompt path (`attend`) gives the mean over the block's keys there, and neither reaches a
+real token. Both need f32 caches with f32 queries or bf16 ones (uint16 bits) with bf16 queries, no
+ALiBi bias, every batch row its own cache row, the AVX-512 levels (``scalar`` forced runs their
+scalar loops, for tests), and `enabled`. Staged like
 `bf16_matmul`: ``xla(q, caches, mask)`` off the cpu platform.
 
 ``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
@@ -338,18 +343,19 @@ def f32_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
     return None if rows is None else _staged(_kernels.f32_matmul, x, w, xla, rows)
 
 
-def decode_attention(q: Any, caches: tuple, mask: Any, scale: float, xla: Callable[[Any, tuple, Any], Any]) -> Any:
-    """Attention of ``q [B, 1, H, d]`` over one layer's whole ``(K, V)`` caches where ``mask
-    [B, 1, W]`` allows (``[B, 1, H * d]`` in q's dtype): the kernel in programs lowered for the cpu
+def cache_attention(q: Any, caches: tuple, mask: Any, scale: float, xla: Callable[[Any, tuple, Any], Any]) -> Any:
+    """Attention of ``q [B, T, H, d]`` over one layer's whole ``(K, V)`` caches where ``mask
+    [B, T, W]`` allows (``[B, T, H * d]`` in q's dtype): the kernel in programs lowered for the cpu
     platform, ``xla(q, caches, mask)`` on any other; None where the kernel does not apply (see the
-    module docstring)."""
+    module docstring). One token a row runs the decode kernel, more the prompt kernel."""
     k, v = caches
     b, t, h, d = q.shape
     f32 = q.dtype == jnp.float32 and k.dtype == jnp.float32
     bf16 = q.dtype == jnp.bfloat16 and k.dtype == jnp.uint16
-    if t != 1 or not (f32 or bf16) or k.ndim != 3 or k.shape[0] % b or h % (k.shape[0] // b):
+    if not (f32 or bf16) or k.ndim != 3 or k.shape[0] % b or h % (k.shape[0] // b):
         return None
-    if not (enabled() and hasattr(_kernels, "decode_attention")):  # (an nx-kernels-cpu before 0.6 lacks it)
+    kernel = getattr(_kernels, "decode_attention" if t == 1 else "prompt_attention", None)
+    if not enabled() or kernel is None:  # (decode: nx-kernels-cpu 0.6+, prompts: 0.9+)
         return None
     if not _level().startswith("avx512") and mode() != "scalar":  # AVX2: not measured faster than XLA
         return None
@@ -359,10 +365,9 @@ def decode_attention(q: Any, caches: tuple, mask: Any, scale: float, xla: Callab
     level, threads = mode(), _threads()
 
     def cpu(q, k, v, mask):
-        qr = q.reshape(b, kvh, g, d).transpose(1, 0, 2, 3).reshape(rows, g, d)
-        o = _kernels.decode_attention(qr, k, v, mask, scale=scale, level=None if level == "auto" else level,
-                                      threads=threads)
-        o = _typed_like(o, q, k, v, mask).reshape(kvh, b, g, d).astype(q.dtype)
-        return o.transpose(1, 0, 2, 3).reshape(b, 1, h * d)
+        qr = q.reshape(b, t, kvh, g, d).transpose(2, 0, 3, 1, 4).reshape(rows, g * t, d)
+        o = kernel(qr, k, v, mask, scale=scale, level=None if level == "auto" else level, threads=threads)
+        o = _typed_like(o, q, k, v, mask).reshape(kvh, b, g, t, d).astype(q.dtype)
+        return o.transpose(1, 3, 0, 2, 4).reshape(b, t, h * d)
 
     return jax.lax.platform_dependent(q, k, v, mask, cpu=cpu, default=lambda q, k, v, mask: xla(q, (k, v), mask))
