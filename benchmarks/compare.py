@@ -234,9 +234,11 @@ def measure_ttft(first_token, repeats: int) -> dict[str, Any]:
 # ---- engines -----------------------------------------------------------------------------------
 def nx_source(gguf: Path, precision: str, args) -> tuple[Path, dict[str, Any]]:
     """The file nx loads for `precision` and its `nx.load` options (see the module docstring)."""
+    kv = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
     if precision in ("q8_0", "q4_0"):
-        return args.files[precision], {"quant": "gguf"}
-    return gguf, {"amp": "bf16" if precision == "bf16" else "f32", "quant": precision if precision in ("s8", "s4") else "f32"}
+        return args.files[precision], {"quant": "gguf", **kv}
+    return gguf, {"amp": "bf16" if precision == "bf16" else "f32", "quant": precision if precision in ("s8", "s4") else "f32",
+                  **kv}
 
 
 def run_nx(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
@@ -435,14 +437,16 @@ def run_llama_tools(gguf: Path, args, tokenizer) -> list[dict[str, Any]]:
         size = path.stat().st_size
         log(f"llama-bench {precision}: batch 1 decode and {args.ttft_prompt_tokens}-token prompt")
         steal = cpu_steal_s()
-        row = llama_tools.bench(args.llama_dir, path, args.threads, args.new_tokens, args.ttft_prompt_tokens, args.repeats)
+        row = llama_tools.bench(args.llama_dir, path, args.threads, args.new_tokens, args.ttft_prompt_tokens, args.repeats,
+                                depth=args.prompt_tokens if args.llama_bench_depth else 0)
         if row.get("all_decode_tokens_per_s"):  # llama-bench's repetitions, summed up as nx's runs are
             row["decode_tokens_per_s"] = choose(row["all_decode_tokens_per_s"])
         if row.get("all_prompt_tokens_per_s"):
             row["prompt_tokens_per_s"] = choose(row["all_prompt_tokens_per_s"])
             row["ttft128_s"] = args.ttft_prompt_tokens / row["prompt_tokens_per_s"]
-        # llama-bench's decode starts from an empty cache; llama-batched-bench's after the prompt
-        kv = llama_kv_bytes(path, 1, args.new_tokens)
+        # llama-bench's decode starts from an empty cache (with --llama-bench-depth after the
+        # prompt); llama-batched-bench's after the prompt
+        kv = llama_kv_bytes(path, args.prompt_tokens if args.llama_bench_depth else 1, args.new_tokens)
         row.update(engine="llama.cpp", tool="llama-bench", precision=precision, batch=1, gguf=str(path),
                    weight_bytes=size, bytes_per_token=size + kv, n_threads=args.threads, steal_s=cpu_steal_s() - steal)
         rows_out.append(row)
@@ -706,6 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt length of the decode runs")
     ap.add_argument("--ttft-prompt-tokens", type=int, default=128, help="prompt length of the TTFT runs")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--kv-dtype", choices=("f32", "bf16", "f16"), default=None,
+                    help="nx's KV-cache dtype (nx.load kv_dtype; default: each precision's amp)")
+    ap.add_argument("--llama-bench-depth", action="store_true",
+                    help="llama-bench decodes after --prompt-tokens of context (-d), as nx does; default: from an "
+                         "empty cache (long-context runs want this)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure, after one warm-up")
     ap.add_argument("--statistic", choices=("best", "median"), default="best",
                     help="each figure from its runs and passes: the fastest (default) or the median")

@@ -3,7 +3,7 @@ decode and prompt processing) and ``llama-batched-bench`` (decode of several seq
 built by ``../shared/tools/build-llama-cpp.sh`` for this CPU (pass its folder as ``--llama-dir``).
 
 Rows have compare.py's fields: ``decode_tokens_per_s`` (llama-bench's ``tg`` after an empty
-prompt at batch 1; llama-batched-bench's ``S_TG``, all sequences together, after a
+prompt at batch 1, or after `depth` tokens of context; llama-batched-bench's ``S_TG``, all sequences together, after a
 `prompt_tokens`-token prompt each at batch > 1) and, at batch 1, ``ttft128_s`` (the prompt of
 `ttft_tokens` tokens over llama-bench's ``pp`` rate: the time to encode it, as nx's TTFT figure
 is the prompt program plus choosing one token).
@@ -24,10 +24,18 @@ def _run(cmd: list[str]) -> str:
     return res.stdout
 
 
-def bench(llama_dir: Path, gguf: Path, threads: int, new_tokens: int, ttft_tokens: int, repeats: int) -> dict[str, Any]:
-    """Batch-1 decode tok/s (``tg``) and the ``ttft_tokens`` prompt's encode time from llama-bench."""
-    out = json.loads(_run([str(llama_dir / "llama-bench"), "-m", str(gguf), "-p", str(ttft_tokens), "-n",
-                           str(new_tokens), "-t", str(threads), "-r", str(repeats), "-o", "json"]))
+def bench(llama_dir: Path, gguf: Path, threads: int, new_tokens: int, ttft_tokens: int, repeats: int,
+          depth: int = 0) -> dict[str, Any]:
+    """Batch-1 decode tok/s (``tg``, after `depth` tokens of context: ``-d``) and the
+    ``ttft_tokens`` prompt's encode time (from an empty cache) from llama-bench."""
+    def run(*flags: str) -> list[dict[str, Any]]:
+        return json.loads(_run([str(llama_dir / "llama-bench"), "-m", str(gguf), *flags, "-t", str(threads), "-r",
+                                str(repeats), "-o", "json"]))
+
+    if depth:
+        out = run("-p", str(ttft_tokens), "-n", "0") + run("-p", "0", "-n", str(new_tokens), "-d", str(depth))
+    else:
+        out = run("-p", str(ttft_tokens), "-n", str(new_tokens))
     tg = next(r for r in out if r["n_gen"] > 0 and r["n_prompt"] == 0)
     pp = next(r for r in out if r["n_prompt"] > 0 and r["n_gen"] == 0)
     return {"decode_tokens_per_s": tg["avg_ts"], "all_decode_tokens_per_s": tg.get("samples_ts"),

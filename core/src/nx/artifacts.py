@@ -370,6 +370,8 @@ def check_options(contents: Contents, options: dict) -> None:
             given = tuple(buckets.position_buckets(given))
         elif key == "context_length_estimate":
             given = tuple(buckets.context_buckets(given, list(runtime.n_positions)))
+        elif key == "kv_dtype":
+            given = None if given == runtime.amp else given
         elif key == "quant":
             given = as_config(given).to_dict() if as_config(given) else None  # "f32": no quantization
             if given and given.get("dequant_dtype") is None and quant:

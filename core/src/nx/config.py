@@ -110,6 +110,10 @@ OPTIONS: tuple[Option, ...] = (
            optional(int_list), "--context-length-estimate", baked=True),
     Option("amp", "f32", "Compute and KV-cache dtype (automatic mixed precision): f32, bf16 or f16.", choice(*AMP),
            "--amp", baked=True),
+    Option("kv_dtype", None, "KV-cache dtype: f32, bf16 or f16 (default: amp's). A 16-bit cache under f32 compute "
+           "halves the cache's memory and what each decode step reads at long context; keys and values are rounded "
+           "once as they are written, and attention's weights to the cache dtype (as llama.cpp's f16 cache does).",
+           optional(choice(*AMP)), "--kv-dtype", baked=True),
     Option("backend", "cpu", "PJRT platform the programs run on: cpu, cuda, neuron.", text, "--backend", baked=True),
     Option("tp_degree", 1, "Tensor-parallel degree: devices the weights and KV cache are sharded over.", positive_int,
            "--tp", baked=True),
@@ -172,6 +176,12 @@ class RuntimeConfig:
     devices: tuple[int, ...] | None = None  # device ids to run on (default: the first tp_degree)
     unroll: int | None = None  # layers per scanned block (None: every layer unrolled; see nx.scan)
     decode_steps: int = 8  # decode steps per program call of generate / stream (see buckets.decode_block)
+    kv_dtype: str | None = None  # the KV cache's dtype where it differs from amp's (None: amp's)
+
+    @property
+    def cache_dtype(self) -> str:
+        """The KV cache's dtype name: `kv_dtype`, or `amp` where that is None."""
+        return self.kv_dtype or self.amp
 
     @classmethod
     def build(cls, **options: Any) -> RuntimeConfig:
@@ -186,15 +196,16 @@ class RuntimeConfig:
             raise ConfigError(f"devices={list(devices)} must name tp_degree={o['tp_degree']} distinct device ids")
         pos = buckets.position_buckets(o["n_positions"])
         ctx = buckets.context_buckets(o["context_length_estimate"], pos)
+        kv = None if o["kv_dtype"] == o["amp"] else o["kv_dtype"]  # one spelling of each layout
         return cls(batch_size, tuple(pos), tuple(ctx), o["amp"], o["backend"], pbs, o["tp_degree"], devices, o["unroll"],
-                   o["decode_steps"])
+                   o["decode_steps"], kv)
 
     def baked(self, quant: dict | None) -> dict[str, Any]:
         """The baked options as `nx.load` would normalize them (artifact option checks compare these)."""
         return {"batch_size": self.batch_size, "prompt_batch_size": self.prompt_batch_size,
                 "n_positions": self.n_positions, "context_length_estimate": self.context_buckets, "amp": self.amp,
                 "backend": self.backend, "tp_degree": self.tp_degree, "devices": self.devices, "unroll": self.unroll,
-                "decode_steps": self.decode_steps, "quant": quant}
+                "decode_steps": self.decode_steps, "quant": quant, "kv_dtype": self.kv_dtype}
 
     @property
     def max_positions(self) -> int:

@@ -43,10 +43,10 @@ def _attention(spec: ModelSpec, p: dict, h: jnp.ndarray, cache: LayerCache, ctx:
     if spec.positions == "rope":
         q = ops.apply_rotary(q, ctx.rotary, spec.rope)
         k = ops.apply_rotary(k, ctx.rotary, spec.rope)
-    cache = ops.update_caches(cache, k, v, ctx.slot, ctx.first, ctx.rep)
+    cache = ops.update_caches(cache, k, v, ctx.slot, ctx.first, ctx.rep, ctx.kv_dtype)
     q, mask = _select(q, only), _select(ctx.mask, only)
     read = cache if ctx.first is None else ops.cache_row(cache, ctx.first[0], spec.kv_heads)
-    o = ops.attend_cache(q, read, mask, spec.scale, spec.kv_heads, ctx.rep, ctx.bias)
+    o = ops.attend_cache(q, read, mask, spec.scale, spec.kv_heads, ctx.rep, ctx.bias, ctx.kv_dtype)
     return ops.row_parallel_linear(o, p[N.O], ctx.tp_axis), cache
 
 
@@ -120,6 +120,7 @@ class _Context(NamedTuple):
     tp_axis: str | None  # mesh axis name when running one tensor-parallel shard
     rep: int  # cache rows per token row: > 1 when one prompt row fills several (context broadcasting)
     first: jnp.ndarray | None  # [1]: the batch row an insert writes and reads (None: token row i is row i*rep)
+    kv_dtype: jnp.dtype | None  # the caches' values (None: the compute dtype's)
 
 
 def step(
@@ -132,6 +133,7 @@ def step(
     vocab_size: int | None = None,
     unroll: int | None = None,
     insert: bool = False,
+    kv_dtype=None,
 ):
     """Run the decoder on ``inp.tokens``; return (logits ``[B, vocab]`` f32, updated caches).
 
@@ -144,6 +146,7 @@ def step(
     (its share of heads and MLP width) and `vocab_size` the model's full vocabulary.
 
     With `unroll` (a block size, see `nx.scan`) the layers run as a ``lax.scan`` over stacked blocks.
+    `kv_dtype`: the dtype of the caches' values (`nx.config` ``kv_dtype``; None: the compute dtype).
     """
     b, t = inp.tokens.shape
     slot = inp.slot
@@ -163,7 +166,7 @@ def step(
     rep = 1 if insert else caches[0][0].shape[-3] // (spec.kv_heads * b)
     rotary = ops.rotary_tables(positions, spec.rope, window) if spec.positions == "rope" else None
     mask = ops.causal_padding_mask(slot, inp.pad, t, window)
-    ctx = _Context(slot, rotary, mask, bias, window, tp_axis, rep, inp.row[None] if insert else None)
+    ctx = _Context(slot, rotary, mask, bias, window, tp_axis, rep, inp.row[None] if insert else None, kv_dtype)
     if unroll is None:
         # the last layer computes only the token whose logits are returned (see `layer`)
         only = [None] * (len(caches) - 1) + [inp.last if t > 1 else None]

@@ -38,7 +38,8 @@ class KVCache:
         self.shapes = shapes
         #: partition spec of every cache array: split over whole kv heads (after a scanned block's axis)
         self.spec = P(*([None] * (1 if unroll else 0)), sharding.AXIS, None, None)
-        self.stored_dtype = ops.cache_dtype(placement.dtype)  # 16-bit floats as their uint16 bits
+        self.dtype = placement.kv_dtype  # the values' dtype
+        self.stored_dtype = ops.cache_dtype(self.dtype)  # 16-bit floats as their uint16 bits
         #: held while a program reads and replaces the arrays (they are donated)
         self.lock = threading.RLock()
         self._free = list(range(batch))

@@ -104,7 +104,7 @@ load.__signature__ = config_mod.signature(  # type: ignore[attr-defined]
 load.__doc__ = load.__doc__.format(options=config_mod.options_doc())  # type: ignore[union-attr]
 log = logging.getLogger("nx")
 RUNTIME_OPTIONS = ("batch_size", "prompt_batch_size", "n_positions", "context_length_estimate", "amp", "backend",
-                   "tp_degree", "devices", "unroll", "decode_steps")
+                   "tp_degree", "devices", "unroll", "decode_steps", "kv_dtype")
 
 
 def load_artifact(path: str | os.PathLike, family: str | None = None, options: dict | None = None,
@@ -199,7 +199,8 @@ def _sizes(family: Family, spec, config: RuntimeConfig, per_device: int | None) 
     """(unquantized weight bytes, KV cache bytes, bytes per device, the devices) of a load."""
     devs = select_devices(config)
     itemsize = jnp.dtype(AMP_DTYPES[config.amp]).itemsize
-    weights, cache = memory.estimate_bytes(spec, family.weights(spec), config.batch_size, config.max_positions, itemsize)
+    weights, cache = memory.estimate_bytes(spec, family.weights(spec), config.batch_size, config.max_positions, itemsize,
+                                           jnp.dtype(AMP_DTYPES[config.cache_dtype]).itemsize)
     return weights, cache, per_device or memory.device_memory(devs[0]), devs
 
 

@@ -17,10 +17,12 @@ from nx.family import WeightMap
 from nx.spec import ModelSpec
 
 
-def estimate_bytes(spec: ModelSpec, weight_map: WeightMap, batch_size: int, positions: int, itemsize: int) -> tuple[int, int]:
-    """(weight bytes, KV cache bytes) the loaded model will occupy on its devices in total."""
+def estimate_bytes(spec: ModelSpec, weight_map: WeightMap, batch_size: int, positions: int, itemsize: int,
+                   cache_itemsize: int | None = None) -> tuple[int, int]:
+    """(weight bytes, KV cache bytes) the loaded model will occupy on its devices in total (the
+    cache's values `cache_itemsize` bytes each; default: `itemsize`)."""
     weights = sum(math.prod(w.shape) for w in weight_map.values()) * itemsize
-    cache = 2 * spec.n_layers * batch_size * positions * spec.kv_heads * spec.head_dim * itemsize
+    cache = 2 * spec.n_layers * batch_size * positions * spec.kv_heads * spec.head_dim * (cache_itemsize or itemsize)
     return weights, cache
 
 

@@ -224,6 +224,7 @@ class NxModel:
         s, c = self.spec, self.config
         return (
             f"NxModel(family={self.family.name!r}, layers={s.n_layers}, hidden={s.hidden_size}, "
-            f"batch_size={c.batch_size}, n_positions={list(c.n_positions)}, amp={c.amp!r}, backend={c.backend!r}, "
+            f"batch_size={c.batch_size}, n_positions={list(c.n_positions)}, amp={c.amp!r}, "
+            f"{f'kv_dtype={c.kv_dtype!r}, ' if c.kv_dtype else ''}backend={c.backend!r}, "
             f"tp_degree={c.tp_degree})"
         )

@@ -53,6 +53,7 @@ class Placement:
     def __init__(self, config: RuntimeConfig) -> None:
         self.config = config
         self.dtype = AMP_DTYPES[config.amp]
+        self.kv_dtype = AMP_DTYPES[config.cache_dtype]
         self.mesh = Mesh(np.array(select_devices(config)), (sharding.AXIS,))
         self.device = self.mesh.devices.flat[0]
         self.devices = list(self.mesh.devices.flat)

@@ -111,7 +111,8 @@ class ProgramSet:
 
         def forward(params, caches, inp):
             axis = sharding.AXIS if tp > 1 else None
-            return decoder.step(local, params, caches, inp, key.window, axis, spec.vocab_size, unroll, key.insert)
+            return decoder.step(local, params, caches, inp, key.window, axis, spec.vocab_size, unroll, key.insert,
+                                kv.dtype)
 
         if tp > 1:
             forward = jax.shard_map(
@@ -259,6 +260,7 @@ class ProgramSet:
             "program": program_name(key),
             "spec": repr(self.spec),
             "amp": self.placement.config.amp,
+            "kv_dtype": self.placement.config.cache_dtype,  # (f16 and bf16 caches are both uint16 arrays)
             "unroll": self.unroll,
             "tp": self.placement.tp,
             "inputs": [f"{jax.typeof(a).str_short()} {a.sharding}" for a in leaves],

@@ -45,9 +45,10 @@ class NxGroup(click.Group):
 
 #: click type of each load option that has a CLI flag (others are plain strings).
 FLAG_TYPES = {"batch_size": int, "prompt_batch_size": int, "tp_degree": int, "unroll": int, "decode_steps": int,
-               "amp": click.Choice(list(config.AMP)), "quant": click.Choice(list(config.QUANT))}
-DEFAULT_FLAGS = ("n_positions", "context_length_estimate", "amp", "backend", "tp_degree", "unroll", "decode_steps",
-                 "quant")
+               "amp": click.Choice(list(config.AMP)), "kv_dtype": click.Choice(list(config.AMP)),
+               "quant": click.Choice(list(config.QUANT))}
+DEFAULT_FLAGS = ("n_positions", "context_length_estimate", "amp", "kv_dtype", "backend", "tp_degree", "unroll",
+                 "decode_steps", "quant")
 
 
 #: --quant's sub-options, added after --quant wherever it is (see `quant_config`).

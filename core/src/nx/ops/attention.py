@@ -30,21 +30,25 @@ def cache_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.uint16) if dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating) else dtype
 
 
-def _stored(x: jnp.ndarray, cache: jnp.ndarray) -> jnp.ndarray:
-    """Keys or values as the cache stores them (16-bit floats bit for bit as uint16)."""
+def _stored(x: jnp.ndarray, cache: jnp.ndarray, dtype=None) -> jnp.ndarray:
+    """Keys or values as a cache of `dtype` values (default: x's) stores them: rounded to `dtype`,
+    16-bit floats bit for bit as uint16."""
+    dtype = jnp.dtype(x.dtype if dtype is None else dtype)
     if cache.dtype == x.dtype:
         return x
     if cache.dtype != jnp.uint16:
         return x.astype(cache.dtype)
-    if cache_dtype(x.dtype) != jnp.uint16:  # the bits of which 16-bit float? (not a value cast)
-        raise TypeError(f"a uint16 cache holds 16-bit float bits; keys and values must be bf16 or f16, got {x.dtype}")
-    return lax.bitcast_convert_type(x, jnp.uint16)
+    if cache_dtype(dtype) != jnp.uint16:  # the bits of which 16-bit float? (not a value cast)
+        raise TypeError(f"a uint16 cache holds 16-bit float bits; its dtype must be bf16 or f16, got {dtype}")
+    return lax.bitcast_convert_type(x.astype(dtype), jnp.uint16)
 
 
-def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarray, first=None, rep: int = 1) -> tuple:
+def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarray, first=None, rep: int = 1,
+                  dtype=None) -> tuple:
     """Write keys and values ``[b, T, kvh, d]`` into one layer's ``(K, V)`` caches: token row ``i``
     at positions ``slot[i] ..`` of batch rows ``first[i] .. first[i] + rep - 1`` (default
-    ``first[i] = i * rep``; `rep` > 1 when one prompt row fills several batch rows).
+    ``first[i] = i * rep``; `rep` > 1 when one prompt row fills several batch rows), rounded to the
+    caches' `dtype` (default: the keys').
 
     Every write is in place (see `cache_dtype`): decode steps scatter each row's token at its own
     position (continuous batching), an insert writes its row, and a prompt of several rows (which
@@ -56,18 +60,18 @@ def update_caches(caches: tuple, k: jnp.ndarray, v: jnp.ndarray, slot: jnp.ndarr
         # one token per row (decode): one scatter per cache, row k*batch+i at slot[i]
         rows, at = jnp.arange(kvh * b, dtype=jnp.int32), jnp.tile(slot, kvh)
         keys, values = (x[:, 0].transpose(1, 0, 2).reshape(kvh * b, d) for x in (k, v))
-        return kc.at[rows, :, at].set(_stored(keys, kc)), vc.at[rows, at, :].set(_stored(values, vc))
+        return kc.at[rows, :, at].set(_stored(keys, kc, dtype)), vc.at[rows, at, :].set(_stored(values, vc, dtype))
     zero = jnp.zeros((), jnp.int32)
     if first is None and t > 1:
         # a prompt (prefill): its rows share one slot, so one in-place write of every row per cache
         keys = jnp.repeat(k, rep, axis=0).transpose(2, 0, 3, 1).reshape(kvh * b * rep, d, t)
         values = jnp.repeat(v, rep, axis=0).transpose(2, 0, 1, 3).reshape(kvh * b * rep, t, d)
-        return (lax.dynamic_update_slice(kc, _stored(keys, kc), (zero, zero, slot[0])),
-                lax.dynamic_update_slice(vc, _stored(values, vc), (zero, slot[0], zero)))
+        return (lax.dynamic_update_slice(kc, _stored(keys, kc, dtype), (zero, zero, slot[0])),
+                lax.dynamic_update_slice(vc, _stored(values, vc, dtype), (zero, slot[0], zero)))
     for i in range(b):
         row = jnp.int32(i * rep) if first is None else first[i]
-        ki = _stored(jnp.repeat(k[i].transpose(1, 2, 0)[:, None], rep, axis=1), kc)  # [kvh, rep, d, T]
-        vi = _stored(jnp.repeat(v[i].transpose(1, 0, 2)[:, None], rep, axis=1), vc)  # [kvh, rep, T, d]
+        ki = _stored(jnp.repeat(k[i].transpose(1, 2, 0)[:, None], rep, axis=1), kc, dtype)  # [kvh, rep, d, T]
+        vi = _stored(jnp.repeat(v[i].transpose(1, 0, 2)[:, None], rep, axis=1), vc, dtype)  # [kvh, rep, T, d]
         for h in range(kvh):  # batch rows of one kv head are contiguous: one in-place write each
             at = h * batch + row
             kc = lax.dynamic_update_slice(kc, ki[h], (at, zero, slot[i]))
@@ -114,20 +118,25 @@ def attend_cache(
     kv_heads: int,
     every: int = 1,
     bias: jnp.ndarray | None = None,
+    dtype=None,
 ) -> jnp.ndarray:
     """`attend` over the first ``mask.shape[-1]`` positions of one layer's ``(K, V)`` caches
-    (`cache_windows`, with `every`). On the cpu platform nx-kernels-cpu's attention kernels run
+    (`cache_windows`, with `every`) of `dtype` values (default: q's). Caches of another dtype than
+    q's: the scores in the wider of the two, the softmax's weights rounded to the caches' dtype as
+    for a model computing in it, the output in q's dtype. On the cpu platform nx-kernels-cpu's attention kernels run
     where they apply (`cpu_kernels.cache_attention`): they read the window in place, where XLA's
     two dots copy it out and run as general matrix products, and a prompt's queries read only the
     keys their masks allow, where XLA's path scores, masks and exponentiates the whole window."""
     window = mask.shape[-1]
 
+    dtype = jnp.dtype(q.dtype if dtype is None else dtype)
+
     def xla(q, caches, mask):
-        return attend(q, *cache_windows(caches, window, kv_heads, every, q.dtype), mask, scale, bias)
+        return attend(q, *cache_windows(caches, window, kv_heads, every, dtype), mask, scale, bias)
 
     out = None
     if bias is None and every == 1:
-        out = cpu_kernels.cache_attention(q, caches, mask, scale, xla)
+        out = cpu_kernels.cache_attention(q, caches, mask, scale, xla, dtype)
     return xla(q, caches, mask) if out is None else out
 
 
@@ -150,7 +159,8 @@ def attend(
     values ``[kvh * B, W, d]``).
 
     Query head ``h`` reads kv head ``h // (H // kvh)``. `bias` (ALiBi) is ``[B, H, W]``. Returns
-    ``[B, T, H * d]``. Softmax runs in f32.
+    ``[B, T, H * d]`` in q's dtype. Softmax runs in f32; scores take the wider of q's and the keys'
+    dtypes, and the weights are rounded to the values' dtype before their dot.
 
     A prompt of more than `QUERY_BLOCK` tokens (a multiple of it) attends one block of queries at
     a time, bounding its f32 scores to ``H * QUERY_BLOCK * W`` per row; block ``i`` leaves out the
@@ -176,8 +186,10 @@ def _attend(q, k_cache, v_cache, mask, scale, bias):
     kvh = rows // b
     g = h // kvh
     qr = q.reshape(b, t, kvh, g, d).transpose(2, 0, 3, 1, 4).reshape(rows, g * t, d)
+    wide = jnp.promote_types(q.dtype, k_cache.dtype)
     batched = ((0,), (0,))
-    s = lax.dot_general(qr, k_cache, (((2,), (1,)), batched), preferred_element_type=jnp.float32)
+    s = lax.dot_general(qr.astype(wide), k_cache.astype(wide), (((2,), (1,)), batched),
+                        preferred_element_type=jnp.float32)
     s = s.reshape(kvh, b, g, t, w) * scale
     if bias is not None:
         s = s + bias.reshape(b, kvh, g, w).transpose(1, 0, 2, 3)[:, :, :, None, :]
@@ -187,5 +199,5 @@ def _attend(q, k_cache, v_cache, mask, scale, bias):
     total = jnp.sum(e, axis=-1, keepdims=True)
     e = e.astype(v_cache.dtype).reshape(rows, g * t, w)
     o = lax.dot_general(e, v_cache, (((2,), (1,)), batched), preferred_element_type=jnp.float32)
-    o = (o.reshape(kvh, b, g, t, d) / total).astype(v_cache.dtype)
+    o = (o.reshape(kvh, b, g, t, d) / total).astype(q.dtype)
     return o.transpose(1, 3, 0, 2, 4).reshape(b, t, h * d)

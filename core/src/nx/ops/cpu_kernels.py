@@ -59,7 +59,7 @@ chunks; nx-kernels-cpu 0.9+) run the prompt kernel: tiles of 12 queries, each ov
 its tokens' masks allow, with sums kept in registers. A query whose mask allows nothing (a left
 pad's) gets the values' mean over the whole window, as an unblocked XLA softmax gives; XLA's
 blocked prompt path (`attend`) gives the mean over the block's keys there, and neither reaches a
-real token. Both need f32 caches with f32 queries or bf16 ones (uint16 bits) with bf16 queries, no
+real token. Both need f32 caches with f32 queries or bf16 ones (uint16 bits) with bf16 or f32 queries (``kv_dtype``), no
 ALiBi bias, every batch row its own cache row, the AVX-512 levels (``scalar`` forced runs their
 scalar loops, for tests), and `enabled`. Staged like
 `bf16_matmul`: ``xla(q, caches, mask)`` off the cpu platform.
@@ -343,15 +343,18 @@ def f32_matmul(x: Any, w: Any, xla: Callable[[Any, Any], Any]) -> Any:
     return None if rows is None else _staged(_kernels.f32_matmul, x, w, xla, rows)
 
 
-def cache_attention(q: Any, caches: tuple, mask: Any, scale: float, xla: Callable[[Any, tuple, Any], Any]) -> Any:
-    """Attention of ``q [B, T, H, d]`` over one layer's whole ``(K, V)`` caches where ``mask
-    [B, T, W]`` allows (``[B, T, H * d]`` in q's dtype): the kernel in programs lowered for the cpu
-    platform, ``xla(q, caches, mask)`` on any other; None where the kernel does not apply (see the
-    module docstring). One token a row runs the decode kernel, more the prompt kernel."""
+def cache_attention(q: Any, caches: tuple, mask: Any, scale: float, xla: Callable[[Any, tuple, Any], Any],
+                    dtype: Any = None) -> Any:
+    """Attention of ``q [B, T, H, d]`` over one layer's whole ``(K, V)`` caches of `dtype` values
+    (default: q's) where ``mask [B, T, W]`` allows (``[B, T, H * d]`` in q's dtype): the kernel in
+    programs lowered for the cpu platform, ``xla(q, caches, mask)`` on any other; None where the
+    kernel does not apply (see the module docstring). One token a row runs the decode kernel, more
+    the prompt kernel."""
     k, v = caches
     b, t, h, d = q.shape
+    dtype = jnp.dtype(q.dtype if dtype is None else dtype)
     f32 = q.dtype == jnp.float32 and k.dtype == jnp.float32
-    bf16 = q.dtype == jnp.bfloat16 and k.dtype == jnp.uint16
+    bf16 = q.dtype in (jnp.bfloat16, jnp.float32) and dtype == jnp.bfloat16 and k.dtype == jnp.uint16
     if not (f32 or bf16) or k.ndim != 3 or k.shape[0] % b or h % (k.shape[0] // b):
         return None
     kernel = getattr(_kernels, "decode_attention" if t == 1 else "prompt_attention", None)
