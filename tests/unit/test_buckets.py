@@ -22,6 +22,16 @@ def test_default_keys_are_a_prefill_per_prompt_bucket_and_a_decode_per_position_
     assert ProgramKey(4, 1, 256, True).name == "decode_b4_w256_sample"
 
 
+def test_default_prompt_buckets_stop_at_1024():
+    """Prompts beyond 1024 tokens run in chunks of 1024 by default (no padding to the next power of
+    two; chunks within the CPU kernels' row limits)."""
+    assert cfg(n_positions=512).context_buckets == (16, 32, 64, 128, 256, 512)
+    assert cfg(n_positions=4096).context_buckets == (16, 32, 64, 128, 256, 512, 1024)
+    assert list(buckets.prompt_chunks(cfg(n_positions=4096), 3072)) == [(0, 1024, 1024), (1024, 1024, 2048),
+                                                                        (2048, 1024, 4096)]
+    assert cfg(n_positions=4096, context_length_estimate=4096).context_buckets[-1] == 4096  # as asked
+
+
 @pytest.mark.parametrize(
     ("length", "chunks"),
     [
@@ -150,6 +160,7 @@ def test_nx_load_signature_and_cli_flags_come_from_the_schema():
         ([64], [16, 32, 48, 64]),
         ([100], [16, 32, 48, 64, 80, 96, 100]),
         ([10], [10]),
+        ([1024, 4096], [16, 32, 48, 64, 80, 96, 112, 128, 256, 512, 1024]),  # longer prompts: chunks of 1024
     ],
 )
 def test_serving_prompt_buckets_step_by_16_up_to_128_then_double(positions, expected):

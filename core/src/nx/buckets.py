@@ -10,6 +10,11 @@ from nx.errors import BucketError, ConfigError
 
 MIN_POSITION_BUCKET = 128
 MIN_CONTEXT_BUCKET = 16
+#: The largest default prompt bucket: longer prompts run in chunks of it. Why: a prompt just over a
+#: power of two no longer pads to the next one, chunks stay within the CPU kernels' row limits, and
+#: a 3072-token prompt on SmolLM2 took half the time in chunks of 1024 as in one 4096-token call
+#: (BENCHMARKS.md, "Long prompts in chunks of 1024").
+MAX_DEFAULT_CONTEXT_BUCKET = 1024
 #: How hints name the option, for Python and the command line alike.
 N_POSITIONS = "n_positions (--n-positions on the command line)"
 
@@ -48,8 +53,10 @@ def position_buckets(n_positions: int | Sequence[int]) -> list[int]:
 
 
 def context_buckets(estimate: int | Sequence[int] | None, positions: list[int]) -> list[int]:
-    """Prefill lengths; by default powers of two from 16 up to the largest position bucket."""
-    buckets = parse(positions[-1] if estimate is None else estimate, "context_length_estimate", MIN_CONTEXT_BUCKET)
+    """Prefill lengths; by default powers of two from 16 up to the largest position bucket or
+    `MAX_DEFAULT_CONTEXT_BUCKET`, whichever is smaller."""
+    default = min(positions[-1], MAX_DEFAULT_CONTEXT_BUCKET)
+    buckets = parse(default if estimate is None else estimate, "context_length_estimate", MIN_CONTEXT_BUCKET)
     if buckets[-1] > positions[-1]:
         raise ConfigError(
             f"context_length_estimate {buckets[-1]} exceeds the largest n_positions bucket {positions[-1]}; "
@@ -65,11 +72,11 @@ SERVING_FINE_UP_TO = 128
 
 def serving_context_buckets(positions: list[int]) -> list[int]:
     """The prompt buckets `nx serve` uses unless told otherwise: every multiple of 16 tokens up to
-    128, then powers of two up to the largest position bucket.
+    128, then powers of two up to the largest position bucket or `MAX_DEFAULT_CONTEXT_BUCKET`.
 
     Why: every insert pads its prompt to a bucket while the running rows wait, so a server pays
     for padding on every request; fine steps where chat prompts are (BENCHMARKS.md, "Serving")."""
-    top = positions[-1]
+    top = min(positions[-1], MAX_DEFAULT_CONTEXT_BUCKET)
     fine = list(range(SERVING_STEP, min(SERVING_FINE_UP_TO, top) + 1, SERVING_STEP))
     return sorted(set(fine) | {b for b in _powers_of_two(MIN_CONTEXT_BUCKET, top) if b > SERVING_FINE_UP_TO} | {top})
 

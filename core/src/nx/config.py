@@ -106,7 +106,7 @@ OPTIONS: tuple[Option, ...] = (
            "an int means powers of two up to it; the largest is the longest sequence.", int_list,
            "--n-positions", baked=True),
     Option("context_length_estimate", None, "Prompt buckets (prompt lengths a prefill program encodes at once): an int "
-           "or a list; longer prompts run in chunks. Default: powers of two up to n_positions.",
+           "or a list; longer prompts run in chunks. Default: powers of two up to n_positions, at most 1024.",
            optional(int_list), "--context-length-estimate", baked=True),
     Option("amp", "f32", "Compute and KV-cache dtype (automatic mixed precision): f32, bf16 or f16.", choice(*AMP),
            "--amp", baked=True),
