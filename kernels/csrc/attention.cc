@@ -503,30 +503,22 @@ ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   return ffi::Error::Success();
 }
 
+// Both handlers' arguments and attributes: one contract, two ways of computing it.
+auto AttentionBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::PRED>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<float>("scale")
+      .Attr<int32_t>("bf16")
+      .Attr<int32_t>("level")
+      .Attr<int32_t>("threads");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NxPromptAttention, PromptAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int32_t>("bf16")
-                                  .Attr<int32_t>("level")
-                                  .Attr<int32_t>("threads"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NxDecodeAttention, DecodeAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int32_t>("bf16")
-                                  .Attr<int32_t>("level")
-                                  .Attr<int32_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NxPromptAttention, PromptAttentionImpl, AttentionBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NxDecodeAttention, DecodeAttentionImpl, AttentionBinding());
