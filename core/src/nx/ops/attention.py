@@ -123,12 +123,13 @@ def attend_cache(
     """`attend` over the first ``mask.shape[-1]`` positions of one layer's ``(K, V)`` caches
     (`cache_windows`, with `every`) of `dtype` values (default: q's). Caches of another dtype than
     q's: the scores in the wider of the two, the softmax's weights rounded to the caches' dtype as
-    for a model computing in it, the output in q's dtype. On the cpu platform nx-kernels-cpu's attention kernels run
-    where they apply (`cpu_kernels.cache_attention`): they read the window in place, where XLA's
-    two dots copy it out and run as general matrix products, and a prompt's queries read only the
-    keys their masks allow, where XLA's path scores, masks and exponentiates the whole window."""
-    window = mask.shape[-1]
+    for a model computing in it, the output in q's dtype.
 
+    On the cpu platform nx-kernels-cpu's attention kernels run where they apply
+    (`cpu_kernels.cache_attention`): they read the window in place, where XLA's two dots copy it
+    out and run as general matrix products, and a prompt's queries read only the keys their masks
+    allow, where XLA's path scores, masks and exponentiates the whole window."""
+    window = mask.shape[-1]
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
 
     def xla(q, caches, mask):

@@ -50,7 +50,7 @@ kernel (AVX-512F or AVX2 fused multiply-adds over tiles of weight and token rows
 streamed once with software prefetch; sums in another order than XLA's, so equal to f32 summation
 error), for `F32_MIN_ROWS` (1; 2 at ``avx2``) to `F32_MAX_ROWS` token rows.
 
-`cache_attention(q, caches, mask, scale, xla)` is nx's attention over the KV cache
+`cache_attention(q, caches, mask, scale, xla, dtype)` is nx's attention over the KV cache
 (``nx.ops.attention.attend`` over ``cache_windows``) through the package's attention kernels
 (AVX-512F), or None where they do not apply. One query token a row (decode, and a prompt's last
 layer) runs the decode kernel: scores, softmax and the weighted values of each cache row in one
@@ -59,9 +59,10 @@ chunks; nx-kernels-cpu 0.9+) run the prompt kernel: tiles of 12 queries, each ov
 its tokens' masks allow, with sums kept in registers. A query whose mask allows nothing (a left
 pad's) gets the values' mean over the whole window, as an unblocked XLA softmax gives; XLA's
 blocked prompt path (`attend`) gives the mean over the block's keys there, and neither reaches a
-real token. Both need f32 caches with f32 queries or bf16 ones (uint16 bits) with bf16 or f32 queries (``kv_dtype``), no
-ALiBi bias, every batch row its own cache row, the AVX-512 levels (``scalar`` forced runs their
-scalar loops, for tests), and `enabled`. Staged like
+real token. Both need f32 caches with f32 queries, or bf16 caches (uint16 bits, `dtype` bf16) with
+bf16 queries or f32 ones (``kv_dtype="bf16"`` under f32 compute), no ALiBi bias, every batch row
+its own cache row, the AVX-512 levels (``scalar`` forced runs their scalar loops, for tests), and
+`enabled`. Staged like
 `bf16_matmul`: ``xla(q, caches, mask)`` off the cpu platform.
 
 ``NX_CPU_KERNELS``: ``auto`` (default: the best level the CPU has), ``off`` (the pure-XLA path),
