@@ -55,6 +55,17 @@ struct Problem {
 // outside it score -1e30 and weigh exactly 0, so skipping them changes no bit of the result, and a
 // decode window is a bucket that the filled positions only reach at its end (the cache read is
 // most of the kernel's time at batch 8).
+// The first and last of the W positions mask row `m` allows; false where it allows none.
+inline bool TokenRange(const bool* m, int W, int& first, int& last) {
+  int p = 0, e = W - 1;
+  while (p < W && !m[p]) ++p;
+  if (p == W) return false;
+  while (!m[e]) --e;
+  first = p;
+  last = e;
+  return true;
+}
+
 void Live(Problem& pr, int align) {
   const int W = pr.window;
   pr.lo.assign(pr.batch, 0);
@@ -62,12 +73,10 @@ void Live(Problem& pr, int align) {
   for (int b = 0; b < pr.batch; ++b) {
     int first = W, last = -1;
     bool blind = false;  // a token that may see nothing
-    for (int t = 0; t < pr.tokens && !blind; ++t) {
-      const bool* m = pr.mask + (static_cast<size_t>(b) * pr.tokens + t) * W;
-      int p = 0, e = W - 1;
-      while (p < W && !m[p]) ++p;
-      while (e > p && !m[e]) --e;
-      blind = p == W;
+    for (int t = 0; t < pr.tokens; ++t) {
+      int p, e;
+      blind = !TokenRange(pr.mask + (static_cast<size_t>(b) * pr.tokens + t) * W, W, p, e);
+      if (blind) break;
       first = std::min(first, p);
       last = std::max(last, e);
     }
@@ -135,6 +144,12 @@ void RowScalar(const Problem& pr, int r, std::vector<float>& s) {
 #ifdef NX_X86
 #define NX_ATTN_TARGET "avx512f,avx512bw,avx512vl"
 
+// Lanes [0, n) of a vector of 16 (none for n <= 0): the positions from p of a window of W are
+// LanesBelow(W - p).
+inline __mmask16 LanesBelow(int n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // 16 cache values at c[i ..] as f32 (lanes outside `m` zero).
 template <bool BF>
 __attribute__((target(NX_ATTN_TARGET))) inline __m512 Load16(const void* c, size_t i, __mmask16 m) {
@@ -171,7 +186,7 @@ __attribute__((target(NX_ATTN_TARGET))) void Scores(const Problem& pr, int r, in
     NX_UNROLL for (int i = 0; i < QN; ++i) qd[i] = _mm512_set1_ps(q[i * D + d]);
     const size_t row = (static_cast<size_t>(r) * D + d) * P;
     for (int p = p0; p < p1; p += 16) {
-      const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
+      const __mmask16 m = LanesBelow(W - p);
       const __m512 kv = Load16<BF>(pr.k, row + p, m);
       NX_UNROLL for (int i = 0; i < QN; ++i) {
         float* si = s + i * ws + p;
@@ -183,7 +198,7 @@ __attribute__((target(NX_ATTN_TARGET))) void Scores(const Problem& pr, int r, in
   NX_UNROLL for (int i = 0; i < QN; ++i) {
     const bool* mrow = pr.mask + (static_cast<size_t>(b) * pr.tokens + (j0 + i) % pr.tokens) * W;
     for (int p = p0; p < p1; p += 16) {
-      const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
+      const __mmask16 m = LanesBelow(W - p);
       const __m128i bytes = _mm_maskz_loadu_epi8(m, mrow + p);
       const __mmask16 seen = _mm_test_epi8_mask(bytes, bytes);
       float* si = s + i * ws + p;
@@ -198,13 +213,13 @@ __attribute__((target(NX_ATTN_TARGET))) float Softmax16(const Problem& pr, float
   const int W = pr.window;
   __m512 mx = _mm512_set1_ps(kNegInf);
   for (int p = p0; p < p1; p += 16) {
-    const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
+    const __mmask16 m = LanesBelow(W - p);
     mx = _mm512_mask_max_ps(mx, m, mx, _mm512_loadu_ps(s + p));
   }
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
   __m512 total = _mm512_setzero_ps();
   for (int p = p0; p < p1; p += 16) {
-    const __mmask16 m = p + 16 <= W ? 0xFFFF : static_cast<__mmask16>((1u << (W - p)) - 1);
+    const __mmask16 m = LanesBelow(W - p);
     const __m512 e = _mm512_maskz_mov_ps(m, Exp16(_mm512_sub_ps(_mm512_loadu_ps(s + p), top)));
     total = _mm512_add_ps(total, e);
     // bf16 caches: e rounded to bf16, ties to even (vcvtneps2bf16 needs AVX512_BF16; the integer
@@ -268,11 +283,6 @@ void RowAvx512(const Problem& pr, int r, std::vector<float>& s) {
       default: Queries<BF, 1>(pr, r, j, s.data(), ws);
     }
   }
-}
-
-// Lanes [0, n) of a vector of 16 (none for n <= 0).
-inline __mmask16 LanesBelow(int n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
 }
 
 // Prompt scores of QN queries [j0, j0 + QN) of cache row r at positions [p0, p1) (p0 a multiple
@@ -391,15 +401,7 @@ void TokenRanges(const Problem& pr, std::vector<int>& first, std::vector<int>& l
   const int W = pr.window, n = pr.batch * pr.tokens;
   first.assign(n, W);
   last.assign(n, -1);
-  for (int t = 0; t < n; ++t) {
-    const bool* m = pr.mask + static_cast<size_t>(t) * W;
-    int p = 0, e = W - 1;
-    while (p < W && !m[p]) ++p;
-    if (p == W) continue;
-    while (!m[e]) --e;
-    first[t] = p;
-    last[t] = e;
-  }
+  for (int t = 0; t < n; ++t) TokenRange(pr.mask + static_cast<size_t>(t) * W, W, first[t], last[t]);
 }
 
 // Validates the shared arguments of both handlers into `pr` (an InvalidArgument naming the
@@ -438,11 +440,8 @@ ffi::Error Parse(Problem& pr, const char* name, ffi::Buffer<ffi::F32>& q, ffi::A
   return ffi::Error::Success();
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, float scale, int32_t bf16,
-                               int32_t level, int32_t threads) {
-  Problem pr;
-  if (auto err = Parse(pr, "decode_attention", q, k, v, mask, out, scale, bf16); err.failure()) return err;
+// The decode path: every cache row's queries over its batch row's live range, a row per thread.
+ffi::Error DecodeRows(ffi::ThreadPool& pool, Problem& pr, int32_t level, int32_t threads) {
   void (*row)(const Problem&, int, std::vector<float>&) = RowScalar;
   int align = 1;
 #ifdef NX_X86
@@ -462,6 +461,14 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
     for (int r = r0; r < r1; ++r) row(pr, r, s);
   }, /*align=*/1, fewest);
   return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, float scale, int32_t bf16,
+                               int32_t level, int32_t threads) {
+  Problem pr;
+  if (auto err = Parse(pr, "decode_attention", q, k, v, mask, out, scale, bf16); err.failure()) return err;
+  return DecodeRows(pool, pr, level, threads);
 }
 
 // The prompt path: the same contract for many query tokens a row. Work items are tiles of 12
@@ -495,12 +502,7 @@ ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
     return ffi::Error::Success();
   }
 #endif
-  Live(pr, 1);
-  ParallelRows(pool, pr.rows, Threads(pool, threads), 2LL * pr.queries * pr.window * pr.dim, [&](int r0, int r1) {
-    thread_local std::vector<float> s;
-    for (int r = r0; r < r1; ++r) RowScalar(pr, r, s);
-  }, /*align=*/1, /*fewest=*/1);
-  return ffi::Error::Success();
+  return DecodeRows(pool, pr, level, threads);
 }
 
 // Both handlers' arguments and attributes: one contract, two ways of computing it.
